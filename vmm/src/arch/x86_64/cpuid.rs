@@ -1,0 +1,213 @@
+//! Per-vCPU CPUID, derived from what KVM supports on this host: each vCPU gets its own APIC ID
+//! and a topology of `num_cpus` single-threaded cores in one package, so that the guest's view
+//! agrees with the MP table.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// What the host's KVM can do that CPUID should advertise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuidOptions {
+    pub cpu_index: u8,
+    pub num_cpus: u8,
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC emulates the TSC deadline timer, which
+    /// spares the guest a timer-calibration dance and an MSR round trip per timer.
+    pub tsc_deadline: bool,
+}
+
+const LEAF_VENDOR: u32 = 0x0;
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE: u32 = 0x4;
+const LEAF_PMU: u32 = 0xa;
+const LEAF_TOPOLOGY: u32 = 0xb;
+const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
+
+const ECX_X2APIC: u32 = 1 << 21;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+const CLFLUSH_LINE_8_BYTES: u32 = 8;
+
+const TOPOLOGY_LEVEL_SMT: u32 = 1;
+const TOPOLOGY_LEVEL_CORE: u32 = 2;
+
+/// Bits needed to number `n` things: the x2APIC ID shift of a topology level.
+fn bits_for(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    entries
+        .iter()
+        .find(|e| e.function == LEAF_VENDOR)
+        .map(|e| {
+            let mut v = [0u8; 12];
+            v[0..4].copy_from_slice(&e.ebx.to_le_bytes());
+            v[4..8].copy_from_slice(&e.edx.to_le_bytes());
+            v[8..12].copy_from_slice(&e.ecx.to_le_bytes());
+            &v == b"AuthenticAMD" || &v == b"HygonGenuine"
+        })
+        .unwrap_or(false)
+}
+
+/// Rewrites the host-supported `entries` in place for one vCPU.
+pub fn normalize(entries: &mut [kvm_cpuid_entry2], opts: CpuidOptions) {
+    let amd = is_amd(entries);
+    let apic_id = opts.cpu_index as u32;
+    let cpus = opts.num_cpus.max(1) as u32;
+    for e in entries.iter_mut() {
+        match e.function {
+            LEAF_FEATURES => {
+                e.ebx = (apic_id << 24) | (cpus.min(255) << 16) | (CLFLUSH_LINE_8_BYTES << 8);
+                e.ecx |= ECX_HYPERVISOR | ECX_X2APIC;
+                if opts.tsc_deadline {
+                    e.ecx |= ECX_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !ECX_TSC_DEADLINE;
+                }
+                if cpus > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            LEAF_CACHE if !amd => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { cpus - 1 } else { 0 };
+                e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((cpus - 1).min(63)) << 26);
+            }
+            // No virtual PMU: the guest then leaves the performance counters alone instead of
+            // probing MSRs that would only exit to KVM.
+            LEAF_PMU => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
+                let (shift, count, level) = match e.index {
+                    0 => (0, 1, TOPOLOGY_LEVEL_SMT),
+                    1 => (bits_for(cpus), cpus, TOPOLOGY_LEVEL_CORE),
+                    _ => (0, 0, 0),
+                };
+                e.eax = shift;
+                e.ebx = count;
+                e.ecx = (level << 8) | (e.index & 0xff);
+                e.edx = apic_id;
+            }
+            LEAF_AMD_SIZES if amd => {
+                e.ecx = (bits_for(cpus) << 12) | (cpus - 1);
+            }
+            LEAF_AMD_TOPOLOGY if amd => {
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    fn vendor(name: &[u8; 12]) -> kvm_cpuid_entry2 {
+        let w = |i: usize| u32::from_le_bytes(name[i..i + 4].try_into().unwrap());
+        kvm_cpuid_entry2 {
+            function: 0,
+            eax: 0x1f,
+            ebx: w(0),
+            edx: w(4),
+            ecx: w(8),
+            ..Default::default()
+        }
+    }
+
+    fn find(es: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
+        *es.iter().find(|e| e.function == f && e.index == i).unwrap()
+    }
+
+    fn host(v: &[u8; 12]) -> Vec<kvm_cpuid_entry2> {
+        let mut pmu = entry(LEAF_PMU, 0);
+        pmu.eax = 0x0803_0802;
+        let mut l3 = entry(LEAF_CACHE, 3);
+        l3.eax = (3 << 5) | 3;
+        vec![
+            vendor(v),
+            entry(LEAF_FEATURES, 0),
+            entry(LEAF_CACHE, 0),
+            l3,
+            pmu,
+            entry(LEAF_TOPOLOGY, 0),
+            entry(LEAF_TOPOLOGY, 1),
+            entry(LEAF_TOPOLOGY, 2),
+            entry(LEAF_AMD_SIZES, 0),
+            entry(LEAF_AMD_TOPOLOGY, 0),
+        ]
+    }
+
+    #[test]
+    fn each_vcpu_gets_its_apic_id_and_the_cpu_count() {
+        for idx in 0..4u8 {
+            let mut es = host(b"GenuineIntel");
+            normalize(&mut es, CpuidOptions { cpu_index: idx, num_cpus: 4, tsc_deadline: true });
+            let f = find(&es, LEAF_FEATURES, 0);
+            assert_eq!(f.ebx >> 24, idx as u32);
+            assert_eq!((f.ebx >> 16) & 0xff, 4);
+            assert_ne!(f.ecx & ECX_HYPERVISOR, 0);
+            assert_ne!(f.ecx & ECX_TSC_DEADLINE, 0);
+            assert_ne!(f.ecx & ECX_X2APIC, 0);
+            assert_ne!(f.edx & EDX_HTT, 0);
+            for sub in 0..3 {
+                assert_eq!(find(&es, LEAF_TOPOLOGY, sub).edx, idx as u32);
+            }
+            let core = find(&es, LEAF_TOPOLOGY, 1);
+            assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (2, 4, TOPOLOGY_LEVEL_CORE));
+            let smt = find(&es, LEAF_TOPOLOGY, 0);
+            assert_eq!((smt.eax, smt.ebx, (smt.ecx >> 8) & 0xff), (0, 1, TOPOLOGY_LEVEL_SMT));
+            assert_eq!((find(&es, LEAF_TOPOLOGY, 2).ecx >> 8) & 0xff, 0, "end of levels");
+            assert_eq!(find(&es, LEAF_CACHE, 0).eax >> 26, 3);
+            assert_eq!((find(&es, LEAF_CACHE, 3).eax >> 14) & 0xfff, 3, "L3 shared by all");
+            assert_eq!(find(&es, LEAF_PMU, 0).eax, 0);
+            assert_eq!(find(&es, LEAF_AMD_SIZES, 0).ecx, 0, "AMD leaves untouched on Intel");
+        }
+    }
+
+    #[test]
+    fn amd_core_count_and_extended_apic_id() {
+        let mut es = host(b"AuthenticAMD");
+        normalize(&mut es, CpuidOptions { cpu_index: 2, num_cpus: 3, tsc_deadline: false });
+        assert_eq!(find(&es, LEAF_AMD_SIZES, 0).ecx, (2 << 12) | 2);
+        assert_eq!(find(&es, LEAF_AMD_TOPOLOGY, 0).eax, 2);
+        assert_eq!(find(&es, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn single_cpu_has_no_htt() {
+        let mut es = host(b"GenuineIntel");
+        es[1].edx = EDX_HTT;
+        normalize(&mut es, CpuidOptions { cpu_index: 0, num_cpus: 1, tsc_deadline: true });
+        assert_eq!(find(&es, LEAF_FEATURES, 0).edx & EDX_HTT, 0);
+        assert_eq!(find(&es, LEAF_TOPOLOGY, 1).eax, 0);
+    }
+
+    #[test]
+    fn bits_for_counts() {
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(bits_for), [0, 1, 2, 2, 3, 3, 4]);
+    }
+}

@@ -1,0 +1,4 @@
+//! Putting a Linux kernel, its initramfs and its command line into guest memory.
+
+pub mod cmdline;
+pub mod kernel;

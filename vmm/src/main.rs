@@ -1,0 +1,100 @@
+//! The `ember` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use vmm::config::VmConfig;
+use vmm::vstate::vcpu::GuestExit;
+
+/// Exit status when the guest kernel panicked (ember's own failures exit 1).
+const EXIT_GUEST_PANIC: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "A microVM sandbox for running untrusted code")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// ELF vmlinux to boot [default: $EMBER_HOME/vmlinux]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// initramfs (cpio, optionally compressed) for the kernel to unpack
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel parameters appended to ember's defaults
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB (a multiple of 2)
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// On exit, print VM exits by reason and boot timings to stderr
+    #[arg(long)]
+    stats: bool,
+}
+
+fn default_kernel() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("EMBER_HOME") {
+        Some(home) => Ok(PathBuf::from(home).join("vmlinux")),
+        None => bail!("no kernel given: pass --kernel PATH or set EMBER_HOME to a directory holding vmlinux"),
+    }
+}
+
+fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let cfg = VmConfig {
+        kernel: match args.kernel {
+            Some(k) => k,
+            None => default_kernel()?,
+        },
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+    };
+    let vm = vmm::builder::build(&cfg, Box::new(std::io::stdout())).context("cannot build the VM")?;
+    let outcome = vmm::runtime::run(vm, started, true).context("cannot run the VM")?;
+    if args.stats {
+        eprint!("{}", outcome.stats.report());
+    }
+    Ok(match outcome.exit {
+        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) => ExitCode::SUCCESS,
+        GuestExit::Panic(line) => {
+            eprintln!("ember: the guest kernel panicked: {line}");
+            ExitCode::from(EXIT_GUEST_PANIC)
+        }
+        GuestExit::Failure(reason) => bail!("the VM failed: {reason}"),
+    })
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args, started),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("ember: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

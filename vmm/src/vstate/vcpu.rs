@@ -1,0 +1,252 @@
+//! A vCPU: its boot-time configuration and the thread loop around KVM_RUN.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+use kvm_bindings::{kvm_run, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::arch::x86_64::cpuid::{normalize, CpuidOptions};
+use crate::arch::x86_64::interrupts::set_lint;
+use crate::arch::x86_64::msr::boot_msr_list;
+use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs};
+use crate::devices::bus::{lock, PioBus};
+use crate::stats::ExitCounts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("cannot create vCPU {index}: {source}")]
+    Create { index: u8, source: kvm_ioctls::Error },
+    #[error("cannot configure vCPU {index}: {what} failed: {source}")]
+    Configure { index: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {index}: KVM refused MSR {msr:#x}")]
+    Msr { index: u8, msr: u32 },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest asked for a reset through the i8042 (a reboot with `reboot=k`).
+    Reset,
+    /// A triple fault: KVM_EXIT_SHUTDOWN.
+    TripleFault,
+    /// KVM reported a system event (PSCI-style shutdown or reset) of this type.
+    SystemEvent(u32),
+    /// The guest kernel panicked; its panic line.
+    Panic(String),
+    /// The VMM could not go on running the guest.
+    Failure(String),
+}
+
+/// Where vCPU threads report why the VM must stop; the first report wins.
+pub struct ExitSignal {
+    reason: Mutex<Option<GuestExit>>,
+    pub evt: EventFd,
+}
+
+impl ExitSignal {
+    pub fn new(evt: EventFd) -> Self {
+        Self { reason: Mutex::new(None), evt }
+    }
+
+    pub fn report(&self, exit: GuestExit) {
+        let mut reason = lock(&self.reason);
+        if reason.is_none() {
+            *reason = Some(exit);
+        }
+        if let Err(e) = self.evt.write(1) {
+            tracing::error!("cannot signal the VM's exit: {e}");
+        }
+    }
+
+    pub fn take(&self) -> Option<GuestExit> {
+        lock(&self.reason).take()
+    }
+}
+
+/// What a vCPU thread shares with the rest of the VMM.
+pub struct VcpuContext {
+    pub bus: Arc<PioBus>,
+    pub stop: Arc<AtomicBool>,
+    pub exit: Arc<ExitSignal>,
+}
+
+thread_local! {
+    /// The running vCPU's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Setting immediate_exit makes a KVM_RUN that is about to start return at once, so a kick
+    // that lands between the stop check and the ioctl is not lost; one that lands inside
+    // KVM_RUN interrupts it with EINTR.
+    KVM_RUN.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is set by this thread to its own vCPU's mapped kvm_run and
+            // cleared before that mapping goes away.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| result = register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal));
+    result
+}
+
+pub struct Vcpu {
+    fd: VcpuFd,
+    index: u8,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(index as u64)
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Self { fd, index })
+    }
+
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets CPUID, MSRs, FPU and LAPIC; the boot vCPU also gets the 64-bit entry state.
+    /// The others wait in the in-kernel LAPIC for the boot vCPU's INIT/SIPI.
+    pub fn configure(&self, kvm: &Kvm, num_cpus: u8, entry: u64) -> Result<(), VcpuError> {
+        let index = self.index;
+        let cfg = |what| move |source| VcpuError::Configure { index, what, source };
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
+        normalize(
+            cpuid.as_mut_slice(),
+            CpuidOptions { cpu_index: index, num_cpus, tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer) },
+        );
+        self.fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
+        let msrs = boot_msr_list();
+        let written = self.fd.set_msrs(&msrs).map_err(cfg("KVM_SET_MSRS"))?;
+        if let Some(refused) = msrs.as_slice().get(written) {
+            return Err(VcpuError::Msr { index, msr: refused.index });
+        }
+        self.fd.set_fpu(&boot_fpu()).map_err(cfg("KVM_SET_FPU"))?;
+        let mut lapic = self.fd.get_lapic().map_err(cfg("KVM_GET_LAPIC"))?;
+        set_lint(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(cfg("KVM_SET_LAPIC"))?;
+        if index == 0 {
+            self.fd.set_regs(&boot_regs(entry)).map_err(cfg("KVM_SET_REGS"))?;
+            let sregs = self.fd.get_sregs().map_err(cfg("KVM_GET_SREGS"))?;
+            self.fd.set_sregs(&boot_sregs(sregs)).map_err(cfg("KVM_SET_SREGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the guest until the VM is stopped, handling the exits that need the VMM.
+    pub fn run(mut self, ctx: &VcpuContext) -> ExitCounts {
+        let mut counts = ExitCounts::default();
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        while !ctx.stop.load(Ordering::Acquire) {
+            let next = match self.fd.run() {
+                Ok(exit) => handle_exit(exit, ctx, &mut counts),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    counts.add("interrupted", "");
+                    Next::Run
+                }
+                Err(e) => Next::Stop(GuestExit::Failure(format!("KVM_RUN failed on vCPU {}: {e}", self.index))),
+            };
+            let exit = match next {
+                Next::Run => continue,
+                Next::Stop(exit) => exit,
+                Next::InternalError => {
+                    // SAFETY: KVM filled in the `internal` member for KVM_EXIT_INTERNAL_ERROR.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    GuestExit::Failure(format!(
+                        "KVM could not run vCPU {} (internal error, suberror {suberror}): the host's KVM \
+                         cannot run this guest",
+                        self.index
+                    ))
+                }
+            };
+            ctx.exit.report(exit);
+            break;
+        }
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        counts
+    }
+}
+
+/// What a vCPU thread does after an exit.
+enum Next {
+    Run,
+    Stop(GuestExit),
+    /// Described by the caller, which can read `kvm_run` once the exit's borrow has ended.
+    InternalError,
+}
+
+fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, counts: &mut ExitCounts) -> Next {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            let who = ctx.bus.write(port, data);
+            counts.add("pio-write", who.unwrap_or("unclaimed"));
+            Next::Run
+        }
+        VcpuExit::IoIn(port, data) => {
+            let who = ctx.bus.read(port, data);
+            counts.add("pio-read", who.unwrap_or("unclaimed"));
+            Next::Run
+        }
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            counts.add("mmio-read", "unclaimed");
+            Next::Run
+        }
+        VcpuExit::MmioWrite(..) => {
+            counts.add("mmio-write", "unclaimed");
+            Next::Run
+        }
+        VcpuExit::Intr => {
+            counts.add("interrupted", "");
+            Next::Run
+        }
+        VcpuExit::Shutdown => {
+            counts.add("shutdown", "");
+            Next::Stop(GuestExit::TripleFault)
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            counts.add("system-event", "");
+            Next::Stop(GuestExit::SystemEvent(kind))
+        }
+        VcpuExit::Hlt => {
+            counts.add("hlt", "");
+            Next::Stop(GuestExit::Failure("a vCPU halted outside the in-kernel irqchip's control".into()))
+        }
+        VcpuExit::InternalError => {
+            counts.add("internal-error", "");
+            Next::InternalError
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            counts.add("fail-entry", "");
+            Next::Stop(GuestExit::Failure(format!(
+                "KVM could not enter the guest on host CPU {cpu} (hardware entry failure reason {reason:#x})"
+            )))
+        }
+        other => {
+            counts.add("unexpected", "");
+            Next::Stop(GuestExit::Failure(format!("unexpected VM exit: {other:?}")))
+        }
+    }
+}
