@@ -1,0 +1,51 @@
+# Helpers for end-to-end suites run by busybox sh inside the nested harness.
+# A suite defines case_* functions and ends with `run_cases "$0"`; each case runs in a fresh
+# directory, and prints "ok NAME" or "FAILED NAME" with the evidence, then a summary line.
+
+status=0
+
+# expect_status N: the last command's status (saved by run_case's wrapper) was N.
+expect_status() {
+  [ "$status" = "$1" ] && return 0
+  echo "    expected exit status $1, got $status"
+  return 1
+}
+
+# expect_in FILE TEXT: FILE contains TEXT.
+expect_in() {
+  grep -qF -- "$2" "$1" && return 0
+  echo "    expected '$2' in $1"
+  return 1
+}
+
+run_cases() {
+  passed=0
+  failed=0
+  for name in $(sed -n 's/^\(case_[a-z0-9_]*\)() *{.*/\1/p' "$1"); do
+    dir=$(mktemp -d)
+    cd "$dir" || exit 1
+    start=$(cut -d' ' -f1 /proc/uptime)
+    if (
+      # ember's status is kept for expect_status, and never stops the case by itself.
+      ember() { command ember "$@"; status=$?; return 0; }
+      "$name"
+    ) >case.log 2>&1; then
+      result=ok
+      passed=$((passed + 1))
+    else
+      result=FAILED
+      failed=$((failed + 1))
+    fi
+    end=$(cut -d' ' -f1 /proc/uptime)
+    echo "$result ${name#case_} ($(awk "BEGIN{printf \"%.1f\", $end-$start}") s)"
+    if [ "$result" = FAILED ]; then
+      sed 's/^/    /' case.log
+      for f in out err; do
+        [ -f "$f" ] && { echo "    --- $f:"; tail -n 20 "$f" | sed 's/^/    | /'; }
+      done
+    fi
+    cd / && rm -rf "$dir"
+  done
+  echo "$passed passed, $failed failed"
+  [ "$failed" = 0 ]
+}
