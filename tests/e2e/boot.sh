@@ -21,12 +21,21 @@ case_guest_panic_is_not_success() {
 
 case_two_vcpus_come_up() {
   ember run --vcpus 2 --initrd "$INITRD" --cmdline ember_test=cpus >out 2>err
-  expect_status 0 && expect_in out "guest: cpus online: 0-1" && expect_in out "guest: processors: 2"
+  expect_status 0 && expect_in out "guest: cpus online: 0-1" && expect_in out "guest: processors: 2" &&
+    expect_in out "guest: packages: 1" && expect_in out "guest: cores per package: 2 " &&
+    expect_in out "guest: apic ids: 0 1 "
 }
 
 case_four_vcpus_come_up() {
   ember run --vcpus 4 --mem-mib 512 --initrd "$INITRD" --cmdline ember_test=cpus >out 2>err
-  expect_status 0 && expect_in out "guest: cpus online: 0-3"
+  expect_status 0 && expect_in out "guest: cpus online: 0-3" && expect_in out "guest: packages: 1" &&
+    expect_in out "guest: apic ids: 0 1 2 3 "
+}
+
+case_guest_uses_kvmclock_tsc_deadline_and_x2apic() {
+  ember run --initrd "$INITRD" --cmdline "ember_test=clock" >out 2>err
+  expect_status 0 && expect_in out "guest: clocksource: kvm-clock" && expect_in out "TSC deadline timer available" &&
+    expect_in out "x2apic enabled"
 }
 
 case_missing_kernel_is_named() {

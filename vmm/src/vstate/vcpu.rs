@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use kvm_bindings::{kvm_run, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
@@ -22,6 +22,8 @@ pub enum VcpuError {
     Create { index: u8, source: kvm_ioctls::Error },
     #[error("cannot configure vCPU {index}: {what} failed: {source}")]
     Configure { index: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {index}: more CPUID entries than KVM accepts")]
+    CpuidTooLarge { index: u8 },
     #[error("vCPU {index}: KVM refused MSR {msr:#x}")]
     Msr { index: u8, msr: u32 },
     #[error("cannot install the vCPU kick signal handler: {0}")]
@@ -129,13 +131,21 @@ impl Vcpu {
     pub fn configure(&self, kvm: &Kvm, num_cpus: u8, entry: u64) -> Result<(), VcpuError> {
         let index = self.index;
         let cfg = |what| move |source| VcpuError::Configure { index, what, source };
-        let mut cpuid = kvm
+        let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(cfg("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut entries = supported.as_slice().to_vec();
         normalize(
-            cpuid.as_mut_slice(),
+            &mut entries,
             CpuidOptions { cpu_index: index, num_cpus, tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer) },
         );
+        for e in &entries {
+            tracing::trace!(
+                "vCPU {index} CPUID {:#x}/{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                e.function, e.index, e.eax, e.ebx, e.ecx, e.edx
+            );
+        }
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::CpuidTooLarge { index })?;
         self.fd.set_cpuid2(&cpuid).map_err(cfg("KVM_SET_CPUID2"))?;
         let msrs = boot_msr_list();
         let written = self.fd.set_msrs(&msrs).map_err(cfg("KVM_SET_MSRS"))?;

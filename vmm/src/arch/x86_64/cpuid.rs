@@ -23,6 +23,8 @@ const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
+const LEAF_AMD_FEATURES: u32 = 0x8000_0001;
+const ECX_AMD_TOPOEXT: u32 = 1 << 22;
 const ECX_X2APIC: u32 = 1 << 21;
 const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -55,9 +57,34 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
         .unwrap_or(false)
 }
 
-/// Rewrites the host-supported `entries` in place for one vCPU.
-pub fn normalize(entries: &mut [kvm_cpuid_entry2], opts: CpuidOptions) {
+/// KVM_CPUID_FLAG_SIGNIFCANT_INDEX: the entry is selected by ECX as well as EAX.
+const FLAG_SIGNIFICANT_INDEX: u32 = 1;
+/// Subleaves of the topology leaves ember describes: SMT, core, and the terminating level.
+const TOPOLOGY_SUBLEAVES: u32 = 3;
+
+/// KVM may report only subleaf 0 of the topology leaves; the guest needs the core level too,
+/// or it takes every vCPU for a package of its own.
+fn add_topology_subleaves(entries: &mut Vec<kvm_cpuid_entry2>, leaf: u32) {
+    if !entries.iter().any(|e| e.function == leaf) {
+        return;
+    }
+    for index in 0..TOPOLOGY_SUBLEAVES {
+        if !entries.iter().any(|e| e.function == leaf && e.index == index) {
+            entries.push(kvm_cpuid_entry2 {
+                function: leaf,
+                index,
+                flags: FLAG_SIGNIFICANT_INDEX,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Rewrites the host-supported `entries` for one vCPU.
+pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, opts: CpuidOptions) {
     let amd = is_amd(entries);
+    add_topology_subleaves(entries, LEAF_TOPOLOGY);
+    add_topology_subleaves(entries, LEAF_TOPOLOGY_V2);
     let apic_id = opts.cpu_index as u32;
     let cpus = opts.num_cpus.max(1) as u32;
     for e in entries.iter_mut() {
@@ -100,11 +127,17 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], opts: CpuidOptions) {
                 e.ecx = (level << 8) | (e.index & 0xff);
                 e.edx = apic_id;
             }
+            // With TOPOEXT the guest reads its topology from leaf 0xB and 0x8000001E, which
+            // describe it exactly; without it, AMD guests fall back to guessing from 0x80000008.
+            LEAF_AMD_FEATURES if amd => {
+                e.ecx |= ECX_AMD_TOPOEXT;
+            }
             LEAF_AMD_SIZES if amd => {
                 e.ecx = (bits_for(cpus) << 12) | (cpus - 1);
             }
             LEAF_AMD_TOPOLOGY if amd => {
                 e.eax = apic_id;
+                // Core ID, and one thread per core (bits 15:8 hold threads per core - 1).
                 e.ebx = apic_id & 0xff;
                 e.ecx = 0;
                 e.edx = 0;
@@ -154,8 +187,7 @@ mod tests {
             l3,
             pmu,
             entry(LEAF_TOPOLOGY, 0),
-            entry(LEAF_TOPOLOGY, 1),
-            entry(LEAF_TOPOLOGY, 2),
+            entry(LEAF_AMD_FEATURES, 0),
             entry(LEAF_AMD_SIZES, 0),
             entry(LEAF_AMD_TOPOLOGY, 0),
         ]
@@ -195,6 +227,21 @@ mod tests {
         assert_eq!(find(&es, LEAF_AMD_SIZES, 0).ecx, (2 << 12) | 2);
         assert_eq!(find(&es, LEAF_AMD_TOPOLOGY, 0).eax, 2);
         assert_eq!(find(&es, LEAF_FEATURES, 0).ecx & ECX_TSC_DEADLINE, 0);
+        assert_ne!(find(&es, LEAF_AMD_FEATURES, 0).ecx & ECX_AMD_TOPOEXT, 0);
+        let core = find(&es, LEAF_TOPOLOGY, 1);
+        assert_eq!((core.eax, core.ebx, core.edx), (2, 3, 2));
+    }
+
+    #[test]
+    fn missing_topology_subleaves_are_added_once() {
+        let mut es = host(b"GenuineIntel");
+        normalize(&mut es, CpuidOptions { cpu_index: 1, num_cpus: 2, tsc_deadline: true });
+        normalize(&mut es, CpuidOptions { cpu_index: 1, num_cpus: 2, tsc_deadline: true });
+        let topo: Vec<_> = es.iter().filter(|e| e.function == LEAF_TOPOLOGY).collect();
+        assert_eq!(topo.len(), 3);
+        assert!(topo.iter().all(|e| e.flags & FLAG_SIGNIFICANT_INDEX != 0 || e.index == 0));
+        assert!(!es.iter().any(|e| e.function == LEAF_TOPOLOGY_V2), "absent leaves stay absent");
+        assert_eq!(find(&es, LEAF_AMD_FEATURES, 0).ecx & ECX_AMD_TOPOEXT, 0, "not on Intel");
     }
 
     #[test]
