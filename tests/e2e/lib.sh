@@ -26,8 +26,8 @@ run_cases() {
     cd "$dir" || exit 1
     start=$(cut -d' ' -f1 /proc/uptime)
     if (
-      # ember's status is kept for expect_status, and never stops the case by itself.
-      ember() { command ember "$@"; status=$?; return 0; }
+      # ember's status is kept for expect_status.
+      ember() { command ember "$@"; status=$?; return $status; }
       "$name"
     ) >case.log 2>&1; then
       result=ok

@@ -3,7 +3,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::Kvm;
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::{IoEventAddress, Kvm};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::load_cmdline;
@@ -14,10 +15,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::{boot_params, gdt, layout, mptable, paging};
 use crate::boot::{cmdline, kernel};
 use crate::config::VmConfig;
-use crate::devices::bus::{BusError, PioBus};
+use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORTS};
 use crate::devices::legacy::serial::{ConsoleOut, ConsoleWatch, SerialDevice, COM1_IRQ, COM1_PORT, COM1_PORTS};
 use crate::devices::legacy::EventFdTrigger;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::notify::QueueNotifier;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::disk::{self, DiskError};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
@@ -45,6 +51,14 @@ pub enum BuildError {
     Bus(#[from] BusError),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("only one drive can be the root filesystem, but {0} are marked root=on")]
+    SeveralRoots(usize),
+    #[error("{0} virtio devices requested; ember has interrupt lines for at most {1}")]
+    TooManyDevices(usize, usize),
+    #[error("cannot register the notification of virtio queue {queue} at {addr:#x}: {source}")]
+    IoEvent { queue: usize, addr: u64, source: kvm_ioctls::Error },
 }
 
 /// A VM ready for its first KVM_RUN.
@@ -54,8 +68,11 @@ pub struct BuiltVm {
     pub vm: Vm,
     pub ram: GuestRam,
     pub kvm: Kvm,
-    pub bus: Arc<PioBus>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// Device event handlers for the VMM's event loop.
+    pub subscribers: Vec<Box<dyn MutEventSubscriber + Send>>,
     pub console: Arc<ConsoleWatch>,
     pub reset_evt: EventFd,
 }
@@ -71,11 +88,10 @@ fn eventfd() -> Result<EventFd, BuildError> {
 
 /// Writes everything the kernel expects to find in memory at its 64-bit entry point.
 /// Returns the entry address.
-fn load_guest(cfg: &VmConfig, ram: &GuestRam) -> Result<u64, BuildError> {
+fn load_guest(cfg: &VmConfig, ram: &GuestRam, cmdline: &linux_loader::cmdline::Cmdline) -> Result<u64, BuildError> {
     let mem = &ram.memory;
     let loaded = kernel::load_kernel(mem, &cfg.kernel)?;
-    let cmdline = cmdline::build(cfg.cmdline.as_deref())?;
-    load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), &cmdline)
+    load_cmdline(mem, GuestAddress(layout::CMDLINE_ADDR), cmdline)
         .map_err(|e| BuildError::GuestWrite { what: "the command line", reason: e.to_string() })?;
     let cmdline_len = cmdline.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
     let initrd = match &cfg.initrd {
@@ -104,13 +120,82 @@ fn load_guest(cfg: &VmConfig, ram: &GuestRam) -> Result<u64, BuildError> {
     Ok(loaded.entry)
 }
 
+/// Where the n-th virtio device lives and which interrupt line it raises.
+fn virtio_slot(index: usize) -> cmdline::MmioDevice {
+    cmdline::MmioDevice {
+        base: layout::VIRTIO_MMIO_START + index as u64 * MMIO_WINDOW,
+        size: MMIO_WINDOW,
+        irq: layout::VIRTIO_IRQ_FIRST + index as u32,
+    }
+}
+
+/// Block device name the guest gives the n-th virtio-blk device (vda, vdb, ..., vdz, vdaa).
+fn vd_name(index: usize) -> String {
+    let letter = |i: usize| (b'a' + i as u8) as char;
+    if index < 26 {
+        format!("vd{}", letter(index))
+    } else {
+        format!("vd{}{}", letter(index / 26 - 1), letter(index % 26))
+    }
+}
+
+/// Wires a virtio device into the VM at `slot`: its interrupt through an irqfd, its queue
+/// notifications through ioeventfds, its registers on the MMIO bus.
+fn attach_virtio(
+    vm: &Vm,
+    ram: &GuestRam,
+    mmio: &mut Bus,
+    name: &'static str,
+    slot: cmdline::MmioDevice,
+    device: Box<dyn VirtioDevice>,
+) -> Result<QueueNotifier, BuildError> {
+    let irq_evt = eventfd()?;
+    vm.register_irqfd(&irq_evt, slot.irq)?;
+    let mut queue_evts = Vec::new();
+    for queue in 0..device.queue_max_sizes().len() {
+        let evt = eventfd()?;
+        let addr = slot.base + QUEUE_NOTIFY;
+        vm.fd
+            .register_ioevent(&evt, &IoEventAddress::Mmio(addr), queue as u32)
+            .map_err(|source| BuildError::IoEvent { queue, addr, source })?;
+        queue_evts.push(evt);
+    }
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        ram.memory.clone(),
+        Arc::new(Interrupt::new(irq_evt)),
+    )));
+    mmio.insert(name, slot.base, slot.size, transport.clone())?;
+    Ok(QueueNotifier { transport, queue_evts })
+}
+
 /// Builds the VM; console output goes to `console_sink`.
 pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Result<BuiltVm, BuildError> {
     // Cheap checks first, so that bad input fails before memory is allocated.
     mptable::build(cfg.vcpus)?;
+    let roots = cfg.drives.iter().filter(|d| d.root).count();
+    if roots > 1 {
+        return Err(BuildError::SeveralRoots(roots));
+    }
+    let max_devices = (layout::VIRTIO_IRQ_LAST - layout::VIRTIO_IRQ_FIRST + 1) as usize;
+    if cfg.drives.len() > max_devices {
+        return Err(BuildError::TooManyDevices(cfg.drives.len(), max_devices));
+    }
     let kvm = kvm::open(cfg.vcpus)?;
+    let disks = cfg
+        .drives
+        .iter()
+        .map(|d| disk::open(&d.path, d.read_only))
+        .collect::<Result<Vec<_>, _>>()?;
+    let slots: Vec<_> = (0..disks.len()).map(virtio_slot).collect();
+    let root = cfg.drives.iter().position(|d| d.root).map(|i| cmdline::RootDevice {
+        name: vd_name(i),
+        read_only: cfg.drives[i].read_only,
+    });
+    let cmdline = cmdline::build(cfg.cmdline.as_deref(), &slots, root.as_ref())?;
+
     let ram = memory::create(cfg.mem_mib)?;
-    let entry = load_guest(cfg, &ram)?;
+    let entry = load_guest(cfg, &ram, &cmdline)?;
     let vm = Vm::new(&kvm, &ram)?;
 
     let console = Arc::new(ConsoleWatch::default());
@@ -123,9 +208,16 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
     let reset_evt = eventfd()?;
     let reset_trigger = EventFdTrigger(reset_evt.try_clone().map_err(BuildError::EventFd)?);
     let i8042 = Arc::new(Mutex::new(I8042(I8042Device::new(reset_trigger))));
-    let mut bus = PioBus::default();
-    bus.insert("serial", COM1_PORT, COM1_PORTS, serial.clone())?;
-    bus.insert("i8042", I8042_PORT, I8042_PORTS, i8042)?;
+    let mut pio = Bus::default();
+    pio.insert("serial", COM1_PORT, COM1_PORTS, serial.clone())?;
+    pio.insert("i8042", I8042_PORT, I8042_PORTS, i8042)?;
+
+    let mut mmio = Bus::default();
+    let mut subscribers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
+    for (disk, slot) in disks.into_iter().zip(slots) {
+        let notifier = attach_virtio(&vm, &ram, &mut mmio, "virtio-blk", slot, Box::new(Block::new(disk)))?;
+        subscribers.push(Box::new(notifier));
+    }
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for index in 0..cfg.vcpus {
@@ -133,5 +225,29 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
         vcpu.configure(&kvm, cfg.vcpus, entry)?;
         vcpus.push(vcpu);
     }
-    Ok(BuiltVm { vcpus, vm, ram, kvm, bus: Arc::new(bus), serial, console, reset_evt })
+    Ok(BuiltVm {
+        vcpus,
+        vm,
+        ram,
+        kvm,
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        serial,
+        subscribers,
+        console,
+        reset_evt,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_slots_and_names() {
+        assert_eq!(virtio_slot(0), cmdline::MmioDevice { base: 0xd000_0000, size: 0x1000, irq: 5 });
+        assert_eq!(virtio_slot(2).base, 0xd000_2000);
+        assert_eq!(virtio_slot(18).irq, 23);
+        assert_eq!([0, 1, 25, 26, 27].map(vd_name), ["vda", "vdb", "vdz", "vdaa", "vdab"]);
+    }
 }

@@ -1,6 +1,7 @@
 //! What a VM is made of, as the user asked for it.
 
 use std::path::PathBuf;
+use std::str::FromStr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -10,4 +11,61 @@ pub struct VmConfig {
     pub cmdline: Option<String>,
     pub mem_mib: u64,
     pub vcpus: u8,
+    /// virtio-blk disks, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
+    pub drives: Vec<DriveConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The guest mounts this drive as its root filesystem.
+    pub root: bool,
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={value}: expected on or off")),
+    }
+}
+
+/// `path=FILE[,ro=on|off][,root=on|off]`, as `--drive` takes it.
+impl FromStr for DriveConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut path = None;
+        let (mut read_only, mut root) = (false, false);
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not KEY=VALUE"))?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "ro" => read_only = on_off(key, value)?,
+                "root" => root = on_off(key, value)?,
+                _ => return Err(format!("unknown or empty drive option '{part}' (known: path, ro, root)")),
+            }
+        }
+        let path = path.ok_or("a drive needs path=FILE")?;
+        Ok(Self { path, read_only, root })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_options() {
+        let d: DriveConfig = "path=/x/y.qcow2,ro=on,root=on".parse().unwrap();
+        assert_eq!(d, DriveConfig { path: "/x/y.qcow2".into(), read_only: true, root: true });
+        let d: DriveConfig = "path=disk.img".parse().unwrap();
+        assert_eq!(d, DriveConfig { path: "disk.img".into(), read_only: false, root: false });
+        assert!("ro=on".parse::<DriveConfig>().unwrap_err().contains("path="));
+        assert!("path=a,ro=maybe".parse::<DriveConfig>().unwrap_err().contains("on or off"));
+        assert!("path=a,cache=none".parse::<DriveConfig>().unwrap_err().contains("unknown"));
+        assert!("path=".parse::<DriveConfig>().is_err());
+        assert!("path=a,bogus".parse::<DriveConfig>().unwrap_err().contains("KEY=VALUE"));
+    }
 }

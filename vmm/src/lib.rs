@@ -9,6 +9,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod disk;
 pub mod runtime;
 pub mod stats;
 pub mod vstate;

@@ -42,6 +42,10 @@ struct RunArgs {
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     vcpus: u8,
+    /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on]; repeatable, the guest sees them
+    /// as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as / (rw unless ro=on)
+    #[arg(long = "drive", value_name = "OPTIONS")]
+    drives: Vec<vmm::config::DriveConfig>,
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
@@ -65,6 +69,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
+        drives: args.drives,
     };
     let vm = vmm::builder::build(&cfg, Box::new(std::io::stdout())).context("cannot build the VM")?;
     let outcome = vmm::runtime::run(vm, started, true).context("cannot run the VM")?;

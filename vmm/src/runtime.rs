@@ -62,7 +62,8 @@ pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutc
     install_kick_handler()?;
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(RunError::EventFd)?;
     let ctx = Arc::new(VcpuContext {
-        bus: vm.bus.clone(),
+        pio: vm.pio.clone(),
+        mmio: vm.mmio.clone(),
         stop: Arc::new(AtomicBool::new(false)),
         exit: Arc::new(ExitSignal::new(exit_evt.try_clone().map_err(RunError::EventFd)?)),
     });
@@ -80,7 +81,10 @@ pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutc
         }
     }
 
-    let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, .. } = vm;
+    let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, subscribers, .. } = vm;
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let thread_ctx = ctx.clone();

@@ -13,7 +13,7 @@ use crate::arch::x86_64::cpuid::{normalize, CpuidOptions};
 use crate::arch::x86_64::interrupts::set_lint;
 use crate::arch::x86_64::msr::boot_msr_list;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs};
-use crate::devices::bus::{lock, PioBus};
+use crate::devices::bus::{lock, Bus};
 use crate::stats::ExitCounts;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,8 @@ impl ExitSignal {
 
 /// What a vCPU thread shares with the rest of the VMM.
 pub struct VcpuContext {
-    pub bus: Arc<PioBus>,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
     pub stop: Arc<AtomicBool>,
     pub exit: Arc<ExitSignal>,
 }
@@ -210,22 +211,23 @@ enum Next {
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext, counts: &mut ExitCounts) -> Next {
     match exit {
         VcpuExit::IoOut(port, data) => {
-            let who = ctx.bus.write(port, data);
+            let who = ctx.pio.write(port as u64, data);
             counts.add("pio-write", who.unwrap_or("unclaimed"));
             Next::Run
         }
         VcpuExit::IoIn(port, data) => {
-            let who = ctx.bus.read(port, data);
+            let who = ctx.pio.read(port as u64, data);
             counts.add("pio-read", who.unwrap_or("unclaimed"));
             Next::Run
         }
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
-            counts.add("mmio-read", "unclaimed");
+        VcpuExit::MmioRead(addr, data) => {
+            let who = ctx.mmio.read(addr, data);
+            counts.add("mmio-read", who.unwrap_or("unclaimed"));
             Next::Run
         }
-        VcpuExit::MmioWrite(..) => {
-            counts.add("mmio-write", "unclaimed");
+        VcpuExit::MmioWrite(addr, data) => {
+            let who = ctx.mmio.write(addr, data);
+            counts.add("mmio-write", who.unwrap_or("unclaimed"));
             Next::Run
         }
         VcpuExit::Intr => {

@@ -34,3 +34,8 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Interrupt pins of the IOAPIC that KVM's in-kernel irqchip offers.
 pub const IOAPIC_PINS: u8 = 24;
+/// virtio-mmio device windows, one page each, at the bottom of the MMIO hole's upper part.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// IOAPIC pins for virtio devices: 0-4 are the legacy ISA devices' (COM1 is 4).
+pub const VIRTIO_IRQ_FIRST: u32 = 5;
+pub const VIRTIO_IRQ_LAST: u32 = IOAPIC_PINS as u32 - 1;

@@ -4,22 +4,22 @@
 use vm_superio::I8042Device;
 
 use super::EventFdTrigger;
-use crate::devices::bus::PioDevice;
+use crate::devices::bus::BusDevice;
 
 /// Ports 0x60..0x64: data at offset 0, command/status at offset 4.
-pub const I8042_PORT: u16 = 0x60;
-pub const I8042_PORTS: u16 = 5;
+pub const I8042_PORT: u64 = 0x60;
+pub const I8042_PORTS: u64 = 5;
 
 pub struct I8042(pub I8042Device<EventFdTrigger>);
 
-impl PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [b] = data {
             *b = self.0.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let [b] = data {
             if let Err(e) = self.0.write(offset as u8, *b) {
                 tracing::error!("cannot signal the guest's reset request: {e}");

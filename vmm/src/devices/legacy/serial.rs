@@ -16,10 +16,10 @@ use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 
 use super::EventFdTrigger;
-use crate::devices::bus::{lock, PioDevice};
+use crate::devices::bus::{lock, BusDevice};
 
-pub const COM1_PORT: u16 = 0x3f8;
-pub const COM1_PORTS: u16 = 8;
+pub const COM1_PORT: u64 = 0x3f8;
+pub const COM1_PORTS: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 
 const PANIC_MARKER: &str = "Kernel panic - not syncing";
@@ -88,8 +88,8 @@ pub type Uart = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
 pub struct SerialDevice(pub Uart);
 
-impl PioDevice for SerialDevice {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let [b] = data {
             *b = self.0.read(offset as u8);
         } else {
@@ -97,7 +97,7 @@ impl PioDevice for SerialDevice {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let [b] = data {
             if let Err(e) = self.0.write(offset as u8, *b) {
                 tracing::warn!("serial write failed: {e:?}");

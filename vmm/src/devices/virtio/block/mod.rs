@@ -1,0 +1,144 @@
+//! virtio-blk: a disk for the guest, over a [`DiskBackend`] (raw file or copy-on-write overlay).
+//! Requests are served on the event loop thread when the guest notifies the queue, never on a
+//! vCPU thread.
+
+pub mod request;
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use self::request::{execute, Limits, SECTOR_SIZE};
+use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX};
+use crate::disk::DiskBackend;
+
+pub const QUEUE_SIZE: u16 = 256;
+/// Two descriptors of every chain hold the header and the status byte.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+const SIZE_MAX: u32 = 1 << 20;
+const CONFIG_LEN: usize = 24;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+pub struct Block {
+    disk: Box<dyn DiskBackend>,
+    id: Vec<u8>,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    pub fn new(disk: Box<dyn DiskBackend>) -> Self {
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if disk.read_only() {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        // struct virtio_blk_config: capacity (sectors), size_max, seg_max, geometry, blk_size.
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        let id = disk.id();
+        Self { disk, id, avail_features, acked_features: 0, config, active: None }
+    }
+
+    /// Serves every request the guest has made available, then interrupts it if it wants.
+    fn serve(active: &mut Active, disk: &mut dyn DiskBackend, id: &[u8]) -> Result<(), virtio_queue::Error> {
+        let limits = Limits { seg_max: SEG_MAX, size_max: SIZE_MAX };
+        let mem = &active.mem;
+        loop {
+            active.queue.disable_notification(mem)?;
+            while let Some(chain) = active.queue.iter(mem)?.next() {
+                let head = chain.head_index();
+                let done = execute(mem, chain, disk, id, limits);
+                active.queue.add_used(mem, head, done.used_len)?;
+            }
+            if !active.queue.enable_notification(mem)? {
+                break;
+            }
+        }
+        if active.queue.needs_notification(mem)? {
+            active.interrupt.signal(INT_VRING);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| self.config.get(o as usize))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-blk: write to read-only config at {offset:#x} ignored");
+    }
+
+    fn activate(&mut self, mem: GuestMemoryMmap, queues: Vec<Queue>, interrupt: Arc<Interrupt>) -> Result<(), ActivateError> {
+        let n = queues.len();
+        let Some(mut queue) = queues.into_iter().next().filter(|_| n == 1) else {
+            return Err(ActivateError::QueueCount(n, 1));
+        };
+        queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        self.active = Some(Active { mem, queue, interrupt });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut().filter(|_| index == 0) else {
+            return;
+        };
+        if let Err(e) = Self::serve(active, self.disk.as_mut(), &self.id) {
+            // A ring the guest corrupted: stop serving it until the driver resets the device.
+            tracing::warn!("virtio-blk: queue broken by the guest, device stopped: {e}");
+            self.active = None;
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,259 @@
+//! Host-side microbenchmark of raw files against qcow2 overlays, through the same
+//! [`DiskBackend`] calls the block device makes. Prints figures; checks nothing.
+//!
+//!     cargo test --release -p ember --lib disk::bench -- --ignored --nocapture
+//!
+//! EMBER_DISK_BENCH_DIR picks the directory (default /tmp), EMBER_DISK_BENCH_MIB the disk size
+//! (default 1024). Files are in the page cache (hot): what is measured is ember's and imago's
+//! overhead on top of the kernel's, which is the case for a shared base image.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::tempdir::TempDir;
+
+use super::test_util::{guest_memory, slices};
+use super::{open, overlay, DiskBackend};
+
+/// Cluster size of the overlays under test (EMBER_DISK_BENCH_CLUSTER, default ember's).
+fn cluster_size() -> u64 {
+    std::env::var("EMBER_DISK_BENCH_CLUSTER").map(|s| s.parse().unwrap()).unwrap_or(super::qcow2::CLUSTER_SIZE)
+}
+
+fn create(base: &Path, top: &Path) {
+    overlay::create_with_cluster_size(base, top, cluster_size()).unwrap();
+}
+
+const MIB: u64 = 1 << 20;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    SeqRead,
+    RandRead,
+    SeqWrite,
+    RandWrite,
+}
+
+/// Runs OP over DISK (SIZE bytes) for at most BUDGET; returns MiB/s. Writes are timed into the
+/// page cache; the flush after them (device-bound, the same bytes for both kinds) is not.
+fn run(disk: &mut dyn DiskBackend, size: u64, op: Op, budget: Duration) -> f64 {
+    let mem = guest_memory(MIB as usize);
+    mem.write_slice(&vec![0xabu8; MIB as usize], GuestAddress(0)).unwrap();
+    let (len, random) = match op {
+        Op::SeqRead | Op::SeqWrite => (MIB, false),
+        Op::RandRead | Op::RandWrite => (4096, true),
+    };
+    let write = matches!(op, Op::SeqWrite | Op::RandWrite);
+    let bufs = slices(&mem, &[(0, len as usize)]);
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let blocks = size / len;
+    let start = Instant::now();
+    let mut done = 0u64;
+    let mut i = 0;
+    while i < blocks && (i % 64 != 0 || start.elapsed() < budget) {
+        let off = if random { rng.next() % blocks * len } else { i * len };
+        if write {
+            disk.write_vectored(off, &bufs).unwrap();
+        } else {
+            disk.read_vectored(off, &bufs).unwrap();
+        }
+        done += len;
+        i += 1;
+    }
+    let rate = done as f64 / MIB as f64 / start.elapsed().as_secs_f64();
+    if write {
+        disk.flush().unwrap();
+    }
+    rate
+}
+
+fn make_data_file(path: &Path, size: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut rng = Rng(7);
+    let mut chunk = vec![0u8; MIB as usize];
+    for _ in 0..size / MIB {
+        for w in chunk.chunks_mut(8) {
+            w.copy_from_slice(&rng.next().to_le_bytes());
+        }
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// Best of ROUNDS alternating runs of A and B.
+fn best_of(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> (f64, f64) {
+    let (mut ba, mut bb) = (0f64, 0f64);
+    for _ in 0..rounds {
+        ba = ba.max(a());
+        bb = bb.max(b());
+    }
+    (ba, bb)
+}
+
+#[test]
+#[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
+fn raw_vs_overlay() {
+    let root = std::env::var("EMBER_DISK_BENCH_DIR").unwrap_or("/tmp".into());
+    let size = std::env::var("EMBER_DISK_BENCH_MIB").map(|s| s.parse().unwrap()).unwrap_or(1024) * MIB;
+    let dir = TempDir::new_with_prefix(format!("{root}/ember-disk-bench-")).unwrap();
+    let d = dir.as_path();
+    let base = d.join("base.raw");
+    make_data_file(&base, size);
+    let budget = Duration::from_secs(1);
+    let rounds = 3;
+    println!(
+        "disk {} MiB in {root}, overlay clusters {} KiB; MiB/s, best of {rounds}, hot page cache",
+        size / MIB,
+        cluster_size() >> 10
+    );
+
+    // Reads: the base itself, an overlay with nothing in it (reads pass through to the base),
+    // and an overlay holding all the data itself.
+    let empty = d.join("empty.qcow2");
+    create(&base, &empty);
+    let full = d.join("full.qcow2");
+    create(&base, &full);
+    run(open(&full, false).unwrap().as_mut(), size, Op::SeqWrite, Duration::from_secs(600));
+    for (name, op) in [("1 MiB seq read", Op::SeqRead), ("4 KiB rand read", Op::RandRead)] {
+        let mut raw = open(&base, true).unwrap();
+        let mut ov = open(&empty, true).unwrap();
+        let mut own = open(&full, true).unwrap();
+        let (r, o) = best_of(rounds, || run(raw.as_mut(), size, op, budget), || run(ov.as_mut(), size, op, budget));
+        let (r2, w) = best_of(rounds, || run(raw.as_mut(), size, op, budget), || run(own.as_mut(), size, op, budget));
+        let r = r.max(r2);
+        println!(
+            "{name:17} raw {r:6.0} | overlay, data in base {o:6.0} = {:.2}x | overlay, data in overlay {w:6.0} = {:.2}x",
+            o / r,
+            w / r
+        );
+    }
+
+    for (name, op) in [("1 MiB seq write", Op::SeqWrite), ("4 KiB rand write", Op::RandWrite)] {
+        // First touch: a fresh sparse raw file against a fresh overlay. Rewrite: the same once
+        // every block has been written (by one sequential pass).
+        let mut n = 0;
+        let mut fresh = |overlay_kind: bool| -> (f64, f64) {
+            n += 1;
+            let path = d.join(format!("w{n}.{}", if overlay_kind { "qcow2" } else { "raw" }));
+            if overlay_kind {
+                create(&base, &path);
+            } else {
+                sparse_file(&path, size);
+            }
+            let mut disk = open(&path, false).unwrap();
+            let first = run(disk.as_mut(), size, op, budget);
+            run(disk.as_mut(), size, Op::SeqWrite, Duration::from_secs(600));
+            let again = run(disk.as_mut(), size, op, budget);
+            drop(disk);
+            std::fs::remove_file(&path).unwrap();
+            (first, again)
+        };
+        let mut best = [0f64; 4];
+        for _ in 0..rounds {
+            let (rf, ra) = fresh(false);
+            let (of, oa) = fresh(true);
+            for (b, v) in best.iter_mut().zip([rf, ra, of, oa]) {
+                *b = b.max(v);
+            }
+        }
+        let [rf, ra, of, oa] = best;
+        println!(
+            "{name:17} first touch: raw {rf:6.0} overlay {of:6.0} = {:.2}x | rewrite: raw {ra:6.0} overlay {oa:6.0} = {:.2}x",
+            of / rf,
+            oa / ra
+        );
+    }
+}
+
+/// Opening an overlay holding 1 GiB of writes (scattered 64 KiB writes) on a 4 GiB base.
+#[test]
+#[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
+fn open_time() {
+    let root = std::env::var("EMBER_DISK_BENCH_DIR").unwrap_or("/tmp".into());
+    let dir = TempDir::new_with_prefix(format!("{root}/ember-disk-bench-")).unwrap();
+    let d = dir.as_path();
+    let base = d.join("base.raw");
+    // 4 GiB base: 256 MiB of data, the rest a hole (an ext4 image is mostly free space).
+    make_data_file(&base, 256 * MIB);
+    std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(4096 * MIB).unwrap();
+    let top = d.join("top.qcow2");
+    create(&base, &top);
+    {
+        let mut disk = open(&top, false).unwrap();
+        let mem = guest_memory(65536);
+        let bufs = slices(&mem, &[(0, 65536)]);
+        let mut rng = Rng(99);
+        let mut written = std::collections::HashSet::new();
+        while written.len() < 16384 {
+            let cluster = rng.next() % (4096 * 16);
+            if written.insert(cluster) {
+                disk.write_vectored(cluster * 65536, &bufs).unwrap();
+            }
+        }
+        disk.flush().unwrap();
+    }
+    let meta = std::fs::metadata(&top).unwrap();
+    println!(
+        "overlay: {} MiB file, {} MiB allocated",
+        meta.len() / MIB,
+        std::os::unix::fs::MetadataExt::blocks(&meta) * 512 / MIB
+    );
+    for (label, ro) in [("read-write", false), ("read-only", true)] {
+        let n = 50;
+        let mut times: Vec<Duration> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let disk = open(&top, ro).unwrap();
+                let e = t.elapsed();
+                drop(disk);
+                e
+            })
+            .collect();
+        times.sort();
+        println!("open {label:10} (hot cache): median {:?}, max {:?}", times[n / 2], times[n - 1]);
+    }
+    // Cold: only where we may drop the page cache (root).
+    let drop_caches = || std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok();
+    if drop_caches() {
+        let t = Instant::now();
+        let disk = open(&top, false).unwrap();
+        println!("open read-write (cold cache): {:?}", t.elapsed());
+        drop(disk);
+    } else {
+        println!("(cannot drop the page cache here; no cold-cache figure)");
+    }
+}
+
+
+#[test]
+#[ignore]
+fn tmp_profile() {
+    let dir = TempDir::new_with_prefix("/tmp/ember-disk-bench-").unwrap();
+    let d = dir.as_path();
+    let base = d.join("base.raw");
+    sparse_file(&base, 1024 * MIB);
+    let top = d.join("w.qcow2");
+    create(&base, &top);
+    let mut ov_disk = open(&top, false).unwrap();
+    run(ov_disk.as_mut(), 1024 * MIB, Op::SeqWrite, Duration::from_secs(30));
+    let op = if std::env::var("TMP_OP").as_deref() == Ok("read") { Op::RandRead } else { Op::RandWrite };
+    let r = run(ov_disk.as_mut(), 1024 * MIB, op, Duration::from_secs(3));
+    println!("overlay rand rewrite {r:.0} MiB/s");
+}

@@ -1,0 +1,274 @@
+//! Disks: what a virtio-blk device reads and writes.
+//!
+//! Every sandbox boots from one shared, read-only base image (a raw ext4 file) and writes only
+//! to its own thin qcow2 overlay; a fork freezes an overlay and stacks a new one on it
+//! (base ← frozen overlay ← overlay). [`open`] gives the device a [`DiskBackend`] for either
+//! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] goes through the imago
+//! crate and opens the whole backing chain read-only. [`overlay`] creates, inspects and
+//! flattens overlays (`ember disk ...`). `README.md` next to this file says why qcow2 and imago.
+
+pub mod overlay;
+pub mod qcow2;
+pub mod raw;
+
+#[cfg(test)]
+mod bench;
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod test_util;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use vm_memory::VolatileSlice;
+
+/// A disk as the block device sees it: a flat array of bytes.
+pub trait DiskBackend: Send {
+    /// Size in bytes (a multiple of 512).
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Reads exactly the total length of `bufs` starting at `offset` (the caller guarantees offset+len <= size).
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()>;
+    /// Writes exactly the total length of `bufs` at `offset`. Err on a read-only disk.
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()>;
+    /// Makes every completed write durable (fdatasync / qcow2 metadata flush + sync).
+    fn flush(&mut self) -> std::io::Result<()>;
+    /// A short stable identifier of the disk for VIRTIO_BLK_T_GET_ID (max 20 bytes), e.g. derived from the file name/inode.
+    fn id(&self) -> Vec<u8>;
+}
+
+/// The first bytes of every qcow2 file.
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// Disk sizes and offsets are in units of this.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// On-disk formats ember reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// The name qemu-img uses, and the one recorded as a qcow2 backing format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    /// Parses a recorded backing format ("file" is QEMU's old name for raw).
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "raw" | "file" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open disk image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk image {path} is in use: it is open elsewhere{}", if *.writing { " for writing" } else { "" })]
+    Locked { path: PathBuf, writing: bool },
+    #[error("{path}: {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    BadSize { path: PathBuf, size: u64 },
+    #[error("{path} is not a usable qcow2 image: {reason}")]
+    Qcow2 { path: PathBuf, reason: String },
+    #[error("qcow2 image {path} is truncated: its {what} ends at byte {end}, but the file has only {len} bytes")]
+    Truncated { path: PathBuf, what: String, end: u64, len: u64 },
+    #[error("qcow2 image {path}: cannot open its backing file {backing}: {source}")]
+    MissingBacking { path: PathBuf, backing: PathBuf, source: io::Error },
+    #[error("qcow2 image {path}: its backing file {backing} is recorded as {recorded}, but the file is {actual}")]
+    BackingFormat { path: PathBuf, backing: PathBuf, recorded: String, actual: Format },
+    #[error(
+        "qcow2 image {path} has a virtual size of {size} bytes, but its backing file {backing} is \
+         {backing_size} bytes: the backing file was changed after the overlay was made"
+    )]
+    BackingSize { path: PathBuf, backing: PathBuf, size: u64, backing_size: u64 },
+    #[error("qcow2 image {path}: backing chain is too deep or loops back to {backing}")]
+    ChainLoop { path: PathBuf, backing: PathBuf },
+    #[error("{path} already exists; refusing to overwrite it")]
+    Exists { path: PathBuf },
+}
+
+/// Opens PATH, detecting raw or qcow2 by content (qcow2 magic "QFI\xfb"); a qcow2 opens its backing chain read-only.
+///
+/// Probing trusts the file: a raw image that a guest could write must not be reopened this
+/// way (a guest could plant a qcow2 header naming any host file as backing); use [`open_as`]
+/// with the format the caller knows for those.
+pub fn open(path: &std::path::Path, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
+    open_as(path, probe(path)?, read_only)
+}
+
+/// Opens PATH as FORMAT, without looking at its content to decide.
+pub fn open_as(path: &Path, format: Format, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
+    Ok(match format {
+        Format::Raw => Box::new(raw::RawDisk::open(path, read_only)?),
+        Format::Qcow2 => Box::new(qcow2::Qcow2Disk::open(path, read_only)?),
+    })
+}
+
+/// The format of the file at PATH, by its first four bytes.
+pub fn probe(path: &Path) -> Result<Format, DiskError> {
+    let file = File::open(path).map_err(|source| DiskError::Open { path: path.into(), source })?;
+    probe_file(&file, path)
+}
+
+pub(crate) fn probe_file(file: &File, path: &Path) -> Result<Format, DiskError> {
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match file.read_at(&mut magic[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(DiskError::Io { path: path.into(), op: "read", source }),
+        }
+    }
+    Ok(if got == magic.len() && magic == QCOW2_MAGIC { Format::Qcow2 } else { Format::Raw })
+}
+
+/// Opens an image file: read-only (O_RDONLY) or read-write, close-on-exec, with an advisory
+/// lock so that no two processes write one image, and no image is written while another
+/// process reads it as a backing layer (exclusive for writing, shared for reading).
+/// LOCK false skips the lock, for read-only inspection of an image a VM may be using.
+pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result<File, DiskError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| DiskError::Open { path: path.into(), source })?;
+    if !lock {
+        return Ok(file);
+    }
+    let op = if writable { libc::LOCK_EX } else { libc::LOCK_SH };
+    // SAFETY: flock on an fd we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DiskError::Locked { path: path.into(), writing: !writable });
+        }
+        return Err(DiskError::Io { path: path.into(), op: "lock", source: err });
+    }
+    Ok(file)
+}
+
+/// VIRTIO_BLK_T_GET_ID bytes: up to 11 characters of the file name, a dash, and 8 hex digits
+/// of a hash of the device and inode numbers (stable while the file exists, distinct between
+/// two sandboxes' overlays of the same name).
+pub(crate) fn disk_id(path: &Path, meta: &std::fs::Metadata) -> Vec<u8> {
+    let stem: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_' || *c == '.')
+        .take(11)
+        .collect();
+    // FNV-1a over dev and ino.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in meta.dev().to_le_bytes().into_iter().chain(meta.ino().to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let id = format!("{stem}-{:08x}", (h ^ (h >> 32)) as u32);
+    debug_assert!(id.len() <= 20);
+    id.into_bytes()
+}
+
+/// Checks that a disk's size is usable by a block device.
+pub(crate) fn check_size(path: &Path, size: u64) -> Result<(), DiskError> {
+    if size % SECTOR_SIZE != 0 {
+        return Err(DiskError::BadSize { path: path.into(), size });
+    }
+    Ok(())
+}
+
+/// The error a write to a read-only disk gets.
+pub(crate) fn read_only_error() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "the disk is read-only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+
+    #[test]
+    fn probe_tells_raw_from_qcow2_and_open_picks_the_backend() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 4 << 20);
+        assert_eq!(probe(&base).unwrap(), Format::Raw);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        assert_eq!(probe(&top).unwrap(), Format::Qcow2);
+        let tiny = dir.as_path().join("tiny");
+        std::fs::write(&tiny, b"QF").unwrap();
+        assert_eq!(probe(&tiny).unwrap(), Format::Raw);
+
+        let d = open(&top, false).unwrap();
+        assert_eq!(d.size(), 4 << 20);
+        assert!(!d.read_only());
+        let d = open(&base, true).unwrap();
+        assert!(d.read_only());
+    }
+
+    #[test]
+    fn ids_are_short_stable_and_distinct() {
+        let dir = tmpdir();
+        let a = make_base(dir.as_path(), "a-very-long-file-name.raw", 1 << 20);
+        let b = make_base(dir.as_path(), "b.raw", 1 << 20);
+        let ida = open(&a, true).unwrap().id();
+        assert!(ida.len() <= 20, "{}", String::from_utf8_lossy(&ida));
+        assert!(ida.starts_with(b"a-very-long-"));
+        assert_eq!(ida, open(&a, true).unwrap().id());
+        assert_ne!(ida, open(&b, true).unwrap().id());
+    }
+
+    #[test]
+    fn errors_name_the_file() {
+        let dir = tmpdir();
+        let missing = dir.as_path().join("nope.raw");
+        let e = open(&missing, true).err().unwrap().to_string();
+        assert!(e.contains("nope.raw") && e.contains("No such file"), "{e}");
+        let odd = dir.as_path().join("odd.raw");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        let e = open(&odd, true).err().unwrap().to_string();
+        assert!(e.contains("odd.raw") && e.contains("not a multiple of 512"), "{e}");
+    }
+
+    #[test]
+    fn a_writer_excludes_other_writers_and_readers() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 1 << 20);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        let w = open(&top, false).unwrap();
+        let e = open(&top, false).err().unwrap();
+        assert!(matches!(e, DiskError::Locked { .. }), "{e}");
+        assert!(open(&top, true).is_err());
+        drop(w);
+        let r1 = open(&top, true).unwrap();
+        let _r2 = open(&top, true).unwrap();
+        assert!(matches!(open(&top, false).err().unwrap(), DiskError::Locked { .. }));
+        drop(r1);
+    }
+}

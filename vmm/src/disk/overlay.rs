@@ -1,0 +1,508 @@
+//! Operations on overlays, behind `ember disk`: create one over a base (or over a frozen
+//! overlay), show a chain, and flatten a chain into a standalone sparse raw image.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use imago::file::File as ImagoFile;
+use imago::qcow2::Qcow2;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, Storage};
+use imago::StorageOpenOptions;
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+use vmm_sys_util::seek_hole::SeekHole;
+
+use super::qcow2::{complete_l2_tables, open_chain, Header, CLUSTER_SIZE};
+use super::{check_size, DiskError, Format};
+
+/// One layer of a chain, as `ember disk info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    pub format: Format,
+    /// Size of the disk the layer describes.
+    pub virtual_size: u64,
+    /// Length of the file.
+    pub file_size: u64,
+    /// Bytes the file occupies on the host (st_blocks * 512).
+    pub allocated_bytes: u64,
+    /// The backing file as recorded in the layer (qcow2 only).
+    pub backing: Option<PathBuf>,
+    /// The backing format as recorded in the layer (qcow2 only).
+    pub backing_format: Option<String>,
+}
+
+/// Removes a file on drop unless disarmed: the half-made output of a failed operation.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> DiskError + 'a {
+    move |source| DiskError::Io { path: path.into(), op, source }
+}
+
+fn sync_dir(path: &Path) -> Result<(), DiskError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir, "sync directory"))
+}
+
+/// PATH made absolute: its directory resolved (symlinks and ".." gone), its last component
+/// kept as given (a symlinked image stays the link).
+fn absolute_path(path: &Path) -> Result<PathBuf, DiskError> {
+    let name = path.file_name().ok_or_else(|| DiskError::Open {
+        path: path.into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = dir.canonicalize().map_err(|source| DiskError::Open { path: path.into(), source })?;
+    Ok(dir.join(name))
+}
+
+/// Creates OVERLAY, a new qcow2 image whose backing file is BASE (raw or qcow2, recorded as an
+/// absolute path, with its format). Refuses to overwrite an existing OVERLAY. The overlay
+/// appears complete or not at all: it is built under a temporary name and linked into place.
+pub fn create(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+    create_with_cluster_size(base, overlay, CLUSTER_SIZE)
+}
+
+/// [`create`] with another cluster size (a power of two from 512 bytes to 2 MiB).
+pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
+    if overlay.symlink_metadata().is_ok() {
+        return Err(DiskError::Exists { path: overlay.into() });
+    }
+    let base_abs = absolute_path(base)?;
+    let base_name = base_abs.to_str().ok_or_else(|| DiskError::Qcow2 {
+        path: overlay.into(),
+        reason: format!("the backing file name {} is not UTF-8", base_abs.display()),
+    })?;
+    // The whole chain below must open, and its size must suit a block device.
+    let (format, size) = {
+        let chain = open_chain(&base_abs, None, false, true)?;
+        (chain.layers[0].format, chain.image.size())
+    };
+    check_size(&base_abs, size)?;
+
+    let name = overlay.file_name().ok_or_else(|| DiskError::Open {
+        path: overlay.into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+    })?;
+    let tmp = overlay.with_file_name(format!(".{}.ember-tmp-{}", name.to_string_lossy(), std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|source| DiskError::Open { path: tmp.clone(), source })?;
+    let mut cleanup = RemoveOnDrop(Some(tmp.clone()));
+    let qcow2_err = |e: io::Error| DiskError::Qcow2 { path: overlay.into(), reason: e.to_string() };
+
+    {
+        let storage =
+            ImagoFile::from_open_file(file.try_clone().map_err(io_err(&tmp, "dup"))?, StorageOpenOptions::new().filename(&tmp).write(true))
+                .map_err(qcow2_err)?;
+        let qcow2 = Qcow2::<ImagoFile>::create_builder(storage)
+            .size(size)
+            .cluster_size(cluster_size as usize)
+            .backing(base_name.to_owned(), format.name().to_owned())
+            .create_open(DenyImplicitOpenGate::default(), |image| {
+                Ok(Qcow2::<ImagoFile>::builder(image).backing(None).write(true))
+            })
+            .map_err(qcow2_err)?;
+        let mut image = FormatAccess::new(qcow2);
+        image.flush().map_err(qcow2_err)?;
+        let len = file.metadata().map_err(io_err(&tmp, "stat"))?.len();
+        let header = Header::read(&file, &tmp, len)?;
+        let l1 = header.check_structure(&file, &tmp, len)?;
+        complete_l2_tables(&mut image, &header, &l1).map_err(qcow2_err)?;
+        image.flush().map_err(qcow2_err)?;
+    }
+
+    // Every L2 table is still all zeros: give the space back, the file reads the same.
+    let len = file.metadata().map_err(io_err(&tmp, "stat"))?.len();
+    let header = Header::read(&file, &tmp, len)?;
+    for e in header.check_structure(&file, &tmp, len)? {
+        let off = e & 0x00ff_ffff_ffff_fe00;
+        if off != 0 {
+            fallocate(&file, FallocateMode::PunchHole, true, off, header.cluster_size())
+                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+                .map_err(io_err(&tmp, "punch hole"))?;
+        }
+    }
+    file.sync_all().map_err(io_err(&tmp, "sync"))?;
+    drop(file);
+
+    // link() never replaces an existing file: a racing creator of OVERLAY wins.
+    std::fs::hard_link(&tmp, overlay).map_err(|source| match source.kind() {
+        io::ErrorKind::AlreadyExists => DiskError::Exists { path: overlay.into() },
+        _ => DiskError::Io { path: overlay.into(), op: "link", source },
+    })?;
+    drop(cleanup.0.take());
+    std::fs::remove_file(&tmp).map_err(io_err(&tmp, "remove"))?;
+    sync_dir(overlay)
+}
+
+/// The chain of PATH, top layer first, base last. Takes no locks, so it works on a disk a VM
+/// is using (what it reports may then be a moment old).
+pub fn info(path: &Path) -> Result<Vec<LayerInfo>, DiskError> {
+    Ok(open_chain(path, None, false, false)?.layers)
+}
+
+/// "1.5 GiB"-style sizes.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `ember disk info` output: human-readable, or JSON (`{"layers": [...]}`, top first).
+pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
+    if json {
+        let items: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                let opt = |v: &Option<String>| v.as_deref().map(json_string).unwrap_or_else(|| "null".into());
+                format!(
+                    "{{\"path\": {}, \"format\": \"{}\", \"virtual_size\": {}, \"file_size\": {}, \
+                     \"allocated_bytes\": {}, \"backing_file\": {}, \"backing_format\": {}}}",
+                    json_string(&l.path.to_string_lossy()),
+                    l.format,
+                    l.virtual_size,
+                    l.file_size,
+                    l.allocated_bytes,
+                    opt(&l.backing.as_ref().map(|b| b.to_string_lossy().into_owned())),
+                    opt(&l.backing_format),
+                )
+            })
+            .collect();
+        return format!("{{\"layers\": [\n  {}\n]}}\n", items.join(",\n  "));
+    }
+    let mut out = String::new();
+    for (i, l) in layers.iter().enumerate() {
+        let role = match i {
+            0 if layers.len() > 1 => "top",
+            _ if i == layers.len() - 1 => "base",
+            _ => "backing",
+        };
+        out += &format!("[{i}] {role}: {}\n", l.path.display());
+        out += &format!(
+            "    format {}, virtual size {} ({} bytes), on the host {} allocated (file length {})\n",
+            l.format,
+            human_size(l.virtual_size),
+            l.virtual_size,
+            human_size(l.allocated_bytes),
+            human_size(l.file_size),
+        );
+        if let Some(b) = &l.backing {
+            out += &format!(
+                "    backing file {} ({})\n",
+                b.display(),
+                l.backing_format.as_deref().unwrap_or("format not recorded")
+            );
+        }
+    }
+    out
+}
+
+/// What `flatten` wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlattenStats {
+    pub size: u64,
+    /// Bytes of data written; the rest of OUT is holes.
+    pub data_bytes: u64,
+}
+
+/// Zero-detection granularity of `flatten`: the output stays sparse at this grain.
+const FLATTEN_BLOCK: usize = 4096;
+const FLATTEN_CHUNK: usize = 1 << 20;
+
+/// Writes the non-zero blocks of BUF (guest offset OFF) to OUT; returns the bytes written.
+fn write_nonzero(out: &File, out_path: &Path, buf: &[u8], off: u64) -> Result<u64, DiskError> {
+    let mut written = 0;
+    let mut i = 0;
+    while i < buf.len() {
+        let is_zero = |j: usize| buf[j..(j + FLATTEN_BLOCK).min(buf.len())].iter().all(|b| *b == 0);
+        if is_zero(i) {
+            i += FLATTEN_BLOCK;
+            continue;
+        }
+        let start = i;
+        while i < buf.len() && !is_zero(i) {
+            i += FLATTEN_BLOCK;
+        }
+        let end = i.min(buf.len());
+        out.write_all_at(&buf[start..end], off + start as u64).map_err(io_err(out_path, "write"))?;
+        written += (end - start) as u64;
+    }
+    Ok(written)
+}
+
+/// Writes OUT, a standalone sparse raw image with the content of the chain of PATH. Ranges no
+/// layer has data for, holes of raw layers, and blocks of zeros are left as holes. Refuses to
+/// overwrite an existing OUT.
+pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> {
+    let chain = open_chain(path, None, false, true)?;
+    let image = &chain.image;
+    let size = image.size();
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(out_path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::AlreadyExists => DiskError::Exists { path: out_path.into() },
+            _ => DiskError::Open { path: out_path.into(), source },
+        })?;
+    let cleanup = RemoveOnDrop(Some(out_path.into()));
+    out.set_len(size).map_err(io_err(out_path, "set length"))?;
+
+    let chain_err = |e: io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
+    // Our own read-only fds for the layers' files, to find their holes with SEEK_DATA.
+    let mut files: HashMap<PathBuf, File> = HashMap::new();
+    let mut buf = vec![0u8; FLATTEN_CHUNK];
+    let mut data_bytes = 0;
+    let mut offset = 0;
+    while offset < size {
+        let (mapping, len) = image.get_mapping(offset, size - offset).map_err(chain_err)?;
+        if len == 0 {
+            break;
+        }
+        match mapping {
+            Mapping::Raw { storage, offset: host, .. } => {
+                let name = storage.get_filename().ok_or_else(|| chain_err(io::Error::other("a layer has no file name")))?;
+                let file = match files.entry(name.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(File::open(&name).map_err(|source| DiskError::Open { path: name.clone(), source })?)
+                    }
+                };
+                let end = host + len;
+                let mut pos = host;
+                while pos < end {
+                    let (data, hole) = match file.seek_data(pos) {
+                        Ok(Some(d)) if d < end => (d, file.seek_hole(d).ok().flatten().unwrap_or(end).min(end)),
+                        Ok(_) => break,
+                        // No SEEK_DATA support: treat everything as data.
+                        Err(_) => (pos, end),
+                    };
+                    let hole = if hole > data { hole } else { end };
+                    let mut at = data;
+                    while at < hole {
+                        let n = ((hole - at) as usize).min(FLATTEN_CHUNK);
+                        file.read_exact_at(&mut buf[..n], at).map_err(io_err(&name, "read"))?;
+                        data_bytes += write_nonzero(&out, out_path, &buf[..n], offset + (at - host))?;
+                        at += n as u64;
+                    }
+                    pos = hole;
+                }
+            }
+            Mapping::Zero { .. } | Mapping::Eof { .. } => {}
+            _ => {
+                // Compressed or otherwise encoded data: let imago decode it.
+                let mut at = offset;
+                while at < offset + len {
+                    let n = ((offset + len - at) as usize).min(FLATTEN_CHUNK);
+                    image.read(&mut buf[..n], at).map_err(chain_err)?;
+                    data_bytes += write_nonzero(&out, out_path, &buf[..n], at)?;
+                    at += n as u64;
+                }
+            }
+        }
+        offset += len;
+    }
+    out.sync_all().map_err(io_err(out_path, "sync"))?;
+    std::mem::forget(cleanup);
+    Ok(FlattenStats { size, data_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::super::{open, DiskBackend};
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MIB: u64 = 1 << 20;
+
+    fn write(disk: &mut dyn DiskBackend, offset: u64, data: &[u8]) {
+        let mem = guest_memory(data.len().next_multiple_of(4096));
+        mem.write_slice(data, GuestAddress(0)).unwrap();
+        disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
+        disk.flush().unwrap();
+    }
+
+    #[test]
+    fn create_refuses_to_overwrite_and_records_an_absolute_backing_path() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 2 * MIB);
+        let top = dir.as_path().join("top.qcow2");
+        std::fs::write(&top, b"precious").unwrap();
+        let e = create(&base, &top).unwrap_err();
+        assert!(matches!(e, DiskError::Exists { .. }), "{e}");
+        assert!(e.to_string().contains("top.qcow2"));
+        assert_eq!(std::fs::read(&top).unwrap(), b"precious");
+        std::fs::remove_file(&top).unwrap();
+
+        // A relative base path is stored absolute.
+        let cwd = std::env::current_dir().unwrap();
+        let rel = pathdiff(&base, &cwd);
+        create(&rel, &top).unwrap();
+        let layers = info(&top).unwrap();
+        assert_eq!(layers[0].backing.as_deref(), Some(base.as_path()));
+        assert_eq!(layers[0].backing_format.as_deref(), Some("raw"));
+        // No temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// BASE relative to FROM, with "..".
+    fn pathdiff(base: &Path, from: &Path) -> PathBuf {
+        let mut rel = PathBuf::new();
+        for _ in from.components().skip(1) {
+            rel.push("..");
+        }
+        rel.join(base.strip_prefix("/").unwrap())
+    }
+
+    #[test]
+    fn create_fails_cleanly_on_a_missing_base() {
+        let dir = tmpdir();
+        let top = dir.as_path().join("top.qcow2");
+        let msg = create(&dir.as_path().join("nope.raw"), &top).unwrap_err().to_string();
+        assert!(msg.contains("nope.raw") && msg.contains("No such file"), "{msg}");
+        assert!(std::fs::read_dir(dir.as_path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_fresh_overlay_is_small_even_for_a_big_base() {
+        let dir = tmpdir();
+        let base = make_base_with(dir.as_path(), "base.raw", 4096 * MIB, MIB);
+        let top = dir.as_path().join("top.qcow2");
+        create(&base, &top).unwrap();
+        let alloc = allocated(&top);
+        assert!(alloc <= 512 << 10, "a fresh overlay of a 4 GiB base occupies {alloc} bytes");
+        qemu_check(&top);
+    }
+
+    #[test]
+    fn info_shows_the_chain_top_first() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 4 * MIB);
+        let frozen = dir.as_path().join("frozen.qcow2");
+        let top = dir.as_path().join("top.qcow2");
+        create(&base, &frozen).unwrap();
+        create(&frozen, &top).unwrap();
+        let layers = info(&top).unwrap();
+        assert_eq!(layers.len(), 3);
+        assert_eq!(layers[0].path, top);
+        assert_eq!(layers[1].path, frozen);
+        assert_eq!(layers[2].path, base);
+        assert_eq!(layers.iter().map(|l| l.format).collect::<Vec<_>>(), [Format::Qcow2, Format::Qcow2, Format::Raw]);
+        assert!(layers.iter().all(|l| l.virtual_size == 4 * MIB));
+        assert_eq!(layers[1].backing_format.as_deref(), Some("raw"));
+        assert_eq!(layers[0].backing_format.as_deref(), Some("qcow2"));
+        assert!(layers[2].backing.is_none());
+        assert!(layers[2].allocated_bytes > 2 * MIB);
+
+        let text = render_info(&layers, false);
+        assert!(text.contains("[0] top: ") && text.contains("[2] base: "), "{text}");
+        assert!(text.contains("virtual size 4.0 MiB (4194304 bytes)"), "{text}");
+        assert!(text.contains(&format!("backing file {} (qcow2)", frozen.display())), "{text}");
+        let json = render_info(&layers, true);
+        assert!(json.starts_with("{\"layers\": ["), "{json}");
+        assert!(json.contains(&format!("\"path\": \"{}\", \"format\": \"raw\"", base.display())), "{json}");
+        assert!(json.contains("\"backing_file\": null"), "{json}");
+
+        // Works while a VM writes the top layer.
+        let _busy = open(&top, false).unwrap();
+        assert_eq!(info(&top).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn flatten_writes_the_chain_content_sparsely() {
+        let dir = tmpdir();
+        // 64 MiB base with data only in its first 8 MiB (a third of that is holes).
+        let base = make_base_with(dir.as_path(), "base.raw", 64 * MIB, 8 * MIB);
+        let frozen = dir.as_path().join("frozen.qcow2");
+        let top = dir.as_path().join("top.qcow2");
+        create(&base, &frozen).unwrap();
+        let mut expect = std::fs::read(&base).unwrap();
+        {
+            let mut d = open(&frozen, false).unwrap();
+            write(d.as_mut(), 40 * MIB, &[0xf0; 65536]);
+            write(d.as_mut(), 2 * MIB, &[0x0f; 4096]);
+        }
+        expect[(40 * MIB) as usize..][..65536].fill(0xf0);
+        expect[(2 * MIB) as usize..][..4096].fill(0x0f);
+        create(&frozen, &top).unwrap();
+        {
+            let mut d = open(&top, false).unwrap();
+            write(d.as_mut(), 50 * MIB + 512, &[0xee; 1024]);
+            // Zeros written over base data must come out as zeros.
+            write(d.as_mut(), MIB, &[0; 8192]);
+        }
+        expect[(50 * MIB + 512) as usize..][..1024].fill(0xee);
+        expect[MIB as usize..][..8192].fill(0);
+
+        let out = dir.as_path().join("flat.raw");
+        let stats = flatten(&top, &out).unwrap();
+        assert_eq!(stats.size, 64 * MIB);
+        assert_eq!(std::fs::read(&out).unwrap(), expect);
+        let alloc = allocated(&out);
+        assert!(alloc <= 6 * MIB, "flattened image occupies {alloc} bytes for ~5.5 MiB of non-zero data");
+        assert!(stats.data_bytes <= 6 * MIB);
+        assert_eq!(super::super::probe(&out).unwrap(), Format::Raw);
+
+        let e = flatten(&top, &out).unwrap_err();
+        assert!(matches!(e, DiskError::Exists { .. }), "{e}");
+        // A raw image flattens to a sparse copy of itself.
+        let out2 = dir.as_path().join("flat2.raw");
+        flatten(&base, &out2).unwrap();
+        assert_eq!(checksum(&out2), checksum(&base));
+        assert!(allocated(&out2) <= allocated(&base));
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(512), "512 bytes");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(4 << 30), "4.0 GiB");
+    }
+}

@@ -1,0 +1,664 @@
+//! qcow2 overlays on the imago crate.
+//!
+//! ember opens every layer of a chain itself (imago is never asked to follow a file name on
+//! its own): the top layer read-write or read-only, every backing layer O_RDONLY. Before imago
+//! sees a layer, ember checks what imago does not: that the file is long enough for every
+//! structure it references (imago reads zeros past the end of a file, which would turn a
+//! truncated overlay into silently missing data), that the backing file exists, has the
+//! recorded format, and has the overlay's virtual size.
+//!
+//! Crash consistency: imago writes cached metadata back in a safe order (refcounts before the
+//! L2 entries that use them; data before both), except when it allocates a new L2 table: it
+//! writes the L1 entry at once while the table's refcount is still only in its cache, so a
+//! process killed in that window leaves a cluster referenced with refcount 0 (corruption, not a
+//! leak). ember therefore never lets imago allocate an L2 table at run time: `create` makes
+//! every L2 table the disk needs (zeroed, hole-punched), and a writable open completes any
+//! missing ones (an overlay made by qemu-img) and flushes before the guest runs.
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use imago::file::File as ImagoFile;
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{FormatAccess, StorageOpenOptions};
+use vm_memory::VolatileSlice;
+
+use super::overlay::LayerInfo;
+use super::{
+    check_size, disk_id, open_image_file, probe_file, read_only_error, DiskBackend, DiskError, Format,
+};
+
+/// Cluster size of the overlays ember creates (qemu-img's default).
+pub const CLUSTER_SIZE: u64 = 64 << 10;
+
+/// Longest chain ember follows (base + frozen overlays + top).
+const MAX_CHAIN: usize = 64;
+
+const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2_COMPRESSED: u64 = 1 << 62;
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// The parts of a qcow2 header ember checks before handing the file to imago.
+#[derive(Debug, Clone)]
+pub(crate) struct Header {
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub l1_entries: u64,
+    pub l1_offset: u64,
+    pub reftable_offset: u64,
+    pub reftable_clusters: u64,
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Guest bytes one L2 table maps.
+    pub fn l2_coverage(&self) -> u64 {
+        self.cluster_size() * (self.cluster_size() / 8)
+    }
+
+    /// Reads and sanity-checks the header of the qcow2 file FILE (LEN bytes long).
+    pub fn read(file: &File, path: &Path, len: u64) -> Result<Header, DiskError> {
+        let bad = |reason: String| DiskError::Qcow2 { path: path.into(), reason };
+        let truncated = |what: &str, end: u64| DiskError::Truncated { path: path.into(), what: what.into(), end, len };
+        if len < 72 {
+            return Err(truncated("header", 72));
+        }
+        let mut b = [0u8; 104];
+        let n = read_full(file, &mut b[..len.min(104) as usize], 0, path)?;
+        if b[..4] != super::QCOW2_MAGIC {
+            return Err(bad("no qcow2 magic (QFI\\xfb) at the start of the file".into()));
+        }
+        let version = be32(&b, 4);
+        if version != 2 && version != 3 {
+            return Err(bad(format!("unsupported qcow2 version {version}")));
+        }
+        if version == 3 {
+            if n < 104 {
+                return Err(truncated("header", 104));
+            }
+            let header_len = be32(&b, 100) as u64;
+            if len < header_len {
+                return Err(truncated("header", header_len));
+            }
+        }
+        let cluster_bits = be32(&b, 20);
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(bad(format!("cluster size 2^{cluster_bits} is out of range")));
+        }
+        if be32(&b, 32) != 0 {
+            return Err(bad("the image is encrypted".into()));
+        }
+        let backing_offset = be64(&b, 8);
+        let backing_len = be32(&b, 16) as u64;
+        if backing_offset != 0 && backing_offset.saturating_add(backing_len) > len {
+            return Err(truncated("backing file name", backing_offset.saturating_add(backing_len)));
+        }
+        Ok(Header {
+            cluster_bits,
+            size: be64(&b, 24),
+            l1_entries: be32(&b, 36) as u64,
+            l1_offset: be64(&b, 40),
+            reftable_offset: be64(&b, 48),
+            reftable_clusters: be32(&b, 56) as u64,
+        })
+    }
+
+    /// Checks that every structure the image references lies inside the file: the L1 table,
+    /// the refcount table and its blocks, every L2 table, and every data cluster. Returns the
+    /// L1 table.
+    pub fn check_structure(&self, file: &File, path: &Path, len: u64) -> Result<Vec<u64>, DiskError> {
+        let truncated = |what: String, end: u64| DiskError::Truncated { path: path.into(), what, end, len };
+        let cs = self.cluster_size();
+
+        let l1_end = self.l1_offset.saturating_add(self.l1_entries * 8);
+        if l1_end > len {
+            return Err(truncated("L1 table".into(), l1_end));
+        }
+        let mut l1_bytes = vec![0u8; (self.l1_entries * 8) as usize];
+        read_full(file, &mut l1_bytes, self.l1_offset, path)?;
+        let l1: Vec<u64> = l1_bytes.chunks(8).map(|c| be64(c, 0)).collect();
+
+        let rt_len = self.reftable_clusters * cs;
+        let rt_end = self.reftable_offset.saturating_add(rt_len);
+        if rt_end > len {
+            return Err(truncated("refcount table".into(), rt_end));
+        }
+        let mut rt = vec![0u8; rt_len as usize];
+        read_full(file, &mut rt, self.reftable_offset, path)?;
+        for (i, e) in rt.chunks(8).enumerate() {
+            let off = be64(e, 0) & REFTABLE_OFFSET_MASK;
+            if off != 0 && off + cs > len {
+                return Err(truncated(format!("refcount block {i}"), off + cs));
+            }
+        }
+
+        let mut l2 = vec![0u8; cs as usize];
+        for (i, e) in l1.iter().enumerate() {
+            let l2_off = e & L1_OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off + cs > len {
+                return Err(truncated(format!("L2 table {i}"), l2_off + cs));
+            }
+            read_full(file, &mut l2, l2_off, path)?;
+            for (j, entry) in l2.chunks(8).enumerate() {
+                let entry = be64(entry, 0);
+                let guest = i as u64 * self.l2_coverage() + j as u64 * cs;
+                if entry & L2_COMPRESSED != 0 || guest >= self.size {
+                    continue;
+                }
+                let host = entry & L1_OFFSET_MASK;
+                let needed = cs.min(self.size - guest);
+                if host != 0 && host + needed > len {
+                    return Err(truncated(format!("data cluster for guest offset {guest:#x}"), host + needed));
+                }
+            }
+        }
+        Ok(l1)
+    }
+}
+
+/// Reads up to `buf.len()` bytes at OFFSET; returns how many there were before the end.
+fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<usize, DiskError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(DiskError::Io { path: path.into(), op: "read", source }),
+        }
+    }
+    Ok(got)
+}
+
+/// An opened chain: imago's view of the top layer (with all its backing layers attached) and
+/// what ember learnt about each layer, top first.
+pub(crate) struct Chain {
+    pub image: FormatAccess<ImagoFile>,
+    pub layers: Vec<LayerInfo>,
+    /// The top layer's header and L1 table, when it is qcow2.
+    pub top_qcow2: Option<(Header, Vec<u64>)>,
+    pub top_id: Vec<u8>,
+}
+
+/// Opens PATH (in FORMAT, or probed) and its whole backing chain; only the top layer may be
+/// writable; LOCK false opens without the advisory locks (inspection only).
+pub(crate) fn open_chain(path: &Path, format: Option<Format>, writable: bool, lock: bool) -> Result<Chain, DiskError> {
+    let mut layers = Vec::new();
+    let mut top = None;
+    let mut id = Vec::new();
+    let image = open_layer(path, format, writable, lock, &mut layers, &mut |h, l1, i| {
+        top = h.map(|h| (h, l1));
+        id = i;
+    })?;
+    Ok(Chain { image, layers, top_qcow2: top, top_id: id })
+}
+
+type TopHook<'a> = dyn FnMut(Option<Header>, Vec<u64>, Vec<u8>) + 'a;
+
+fn open_layer(
+    path: &Path,
+    format: Option<Format>,
+    writable: bool,
+    lock: bool,
+    layers: &mut Vec<LayerInfo>,
+    top: &mut TopHook<'_>,
+) -> Result<FormatAccess<ImagoFile>, DiskError> {
+    let imago_err = |e: std::io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
+    let file = open_image_file(path, writable, lock)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_file(&file, path)?,
+    };
+    let meta = file
+        .metadata()
+        .map_err(|source| DiskError::Io { path: path.into(), op: "stat", source })?;
+    let len = meta.len();
+    let is_top = layers.is_empty();
+    let mut info = LayerInfo {
+        path: std::path::absolute(path).unwrap_or_else(|_| path.into()),
+        format,
+        virtual_size: len,
+        file_size: len,
+        allocated_bytes: meta.blocks() * 512,
+        backing: None,
+        backing_format: None,
+    };
+    let opts = StorageOpenOptions::new().filename(path).write(writable);
+
+    if format == Format::Raw {
+        let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
+        let raw = Raw::open_image(storage, writable).map_err(imago_err)?;
+        if is_top {
+            top(None, Vec::new(), disk_id(path, &meta));
+        }
+        layers.push(info);
+        return Ok(FormatAccess::new(raw));
+    }
+
+    let header = Header::read(&file, path, len)?;
+    let l1 = header.check_structure(&file, path, len)?;
+    if is_top {
+        top(Some(header.clone()), l1, disk_id(path, &meta));
+    }
+    let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
+    let mut qcow2 = Qcow2::<ImagoFile>::open_image(storage, writable).map_err(imago_err)?;
+    if qcow2.requires_external_data_file() {
+        return Err(DiskError::Qcow2 { path: path.into(), reason: "external data files are not supported".into() });
+    }
+    qcow2.set_data_file(None);
+    info.virtual_size = header.size;
+    let backing = qcow2.implicit_backing_file().cloned();
+    let recorded = qcow2.implicit_backing_format().cloned();
+    info.backing = backing.as_ref().map(PathBuf::from);
+    info.backing_format = recorded.clone();
+    layers.push(info);
+
+    let Some(backing) = backing else {
+        qcow2.set_backing(None);
+        return Ok(FormatAccess::new(qcow2));
+    };
+    let backing_path = match Path::new(&backing) {
+        p if p.is_absolute() => p.to_path_buf(),
+        p => path.parent().unwrap_or(Path::new(".")).join(p),
+    };
+    let abs = std::path::absolute(&backing_path).unwrap_or_else(|_| backing_path.clone());
+    if layers.len() >= MAX_CHAIN || layers.iter().any(|l| l.path == abs) {
+        return Err(DiskError::ChainLoop { path: path.into(), backing: backing_path });
+    }
+    let backing_file = File::open(&backing_path).map_err(|source| DiskError::MissingBacking {
+        path: path.into(),
+        backing: backing_path.clone(),
+        source,
+    })?;
+    let actual = probe_file(&backing_file, &backing_path)?;
+    drop(backing_file);
+    if let Some(recorded) = &recorded {
+        if Format::from_name(recorded) != Some(actual) {
+            return Err(DiskError::BackingFormat {
+                path: path.into(),
+                backing: backing_path,
+                recorded: recorded.clone(),
+                actual,
+            });
+        }
+    }
+    let backing_image = open_layer(&backing_path, Some(actual), false, lock, layers, top)?;
+    if backing_image.size() != header.size {
+        return Err(DiskError::BackingSize {
+            path: path.into(),
+            backing: backing_path,
+            size: header.size,
+            backing_size: backing_image.size(),
+        });
+    }
+    qcow2.set_backing(Some(backing_image));
+    Ok(FormatAccess::new(qcow2))
+}
+
+/// Makes sure every L2 table the disk needs exists, so that writes never make imago allocate
+/// one (see the module comment); flushes and syncs when it had to add any. Returns the guest
+/// offsets of the L2 ranges it added tables for.
+pub(crate) fn complete_l2_tables(
+    image: &mut FormatAccess<ImagoFile>,
+    header: &Header,
+    l1: &[u64],
+) -> std::io::Result<Vec<u64>> {
+    let mut added = Vec::new();
+    let cov = header.l2_coverage();
+    let mut start = 0;
+    let mut i = 0;
+    while start < header.size {
+        if l1.get(i).is_none_or(|e| e & L1_OFFSET_MASK == 0) {
+            // The range has no L2 table, so nothing in it is allocated: discarding its first
+            // cluster back to the backing file changes no data, but creates the table.
+            image.discard_to_backing(start, header.cluster_size().min(header.size - start))?;
+            added.push(start);
+        }
+        start += cov;
+        i += 1;
+    }
+    if !added.is_empty() {
+        image.flush()?;
+        image.sync()?;
+    }
+    Ok(added)
+}
+
+/// A qcow2 disk: a writable (or read-only) top layer over its read-only backing chain.
+pub struct Qcow2Disk {
+    image: FormatAccess<ImagoFile>,
+    size: u64,
+    read_only: bool,
+    id: Vec<u8>,
+}
+
+impl Qcow2Disk {
+    pub fn open(path: &Path, read_only: bool) -> Result<Qcow2Disk, DiskError> {
+        let chain = open_chain(path, Some(Format::Qcow2), !read_only, true)?;
+        let mut image = chain.image;
+        let size = image.size();
+        check_size(path, size)?;
+        if !read_only {
+            let (header, l1) = chain.top_qcow2.as_ref().expect("a qcow2 top layer has a header");
+            complete_l2_tables(&mut image, header, l1)
+                .map_err(|e| DiskError::Qcow2 { path: path.into(), reason: format!("cannot add L2 tables: {e}") })?;
+        }
+        Ok(Qcow2Disk { image, size, read_only, id: chain.top_id })
+    }
+}
+
+impl DiskBackend for Qcow2Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        let (iov, _mapped) = IoVectorMut::from_volatile_slice(bufs);
+        self.image.readv(iov, offset)
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        let (iov, _mapped) = IoVector::from_volatile_slice(bufs);
+        self.image.writev(iov, offset)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Metadata caches to the file (refcounts before L2 tables), then fsync the file.
+        self.image.flush()?;
+        self.image.sync()
+    }
+
+    fn id(&self) -> Vec<u8> {
+        self.id.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::overlay;
+    use super::super::test_util::*;
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MIB: u64 = 1 << 20;
+
+    fn write(disk: &mut dyn DiskBackend, offset: u64, data: &[u8]) {
+        let mem = guest_memory(data.len().next_multiple_of(4096));
+        mem.write_slice(data, GuestAddress(0)).unwrap();
+        disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
+    }
+
+    fn read(disk: &mut dyn DiskBackend, offset: u64, len: usize) -> Vec<u8> {
+        let mem = guest_memory(len.next_multiple_of(4096) + 4096);
+        // Split in two segments to exercise the vector path.
+        let half = (len / 2) & !511;
+        disk.read_vectored(offset, &slices(&mem, &[(0, half), (half as u64 + 4096, len - half)])).unwrap();
+        let mut out = vec![0u8; len];
+        mem.read_slice(&mut out[..half], GuestAddress(0)).unwrap();
+        mem.read_slice(&mut out[half..], GuestAddress(half as u64 + 4096)).unwrap();
+        out
+    }
+
+    #[test]
+    fn overlay_on_raw_reads_the_base_and_writes_only_to_itself() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 16 * MIB);
+        let (sum, mt) = (checksum(&base), mtime(&base));
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+
+        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        assert_eq!(d.size(), 16 * MIB);
+        assert!(!d.read_only());
+        assert_eq!(read(&mut d, 0, 256 << 10), base_bytes(0, 256 << 10));
+        assert_eq!(read(&mut d, 5 * MIB + 512, 70_000 & !511), base_bytes(5 * MIB + 512, 70_000 & !511));
+
+        // A partial-cluster write in the middle of the base's data, and one spanning clusters.
+        let a: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8 ^ 0xa5).collect();
+        write(&mut d, 3 * MIB + 8192, &a);
+        let b = vec![0x77u8; 200 << 10];
+        write(&mut d, 9 * MIB - 4096, &b);
+        d.flush().unwrap();
+
+        let mut expect = base_bytes(0, 16 * MIB as usize);
+        expect[(3 * MIB + 8192) as usize..][..4096].copy_from_slice(&a);
+        expect[(9 * MIB - 4096) as usize..][..b.len()].copy_from_slice(&b);
+        assert_eq!(read(&mut d, 0, 16 * MIB as usize), expect);
+        drop(d);
+
+        // Reopened: the same; the base untouched; the overlay small.
+        let mut d = Qcow2Disk::open(&top, true).unwrap();
+        assert_eq!(read(&mut d, 0, 16 * MIB as usize), expect);
+        assert_eq!(checksum(&base), sum);
+        assert_eq!(mtime(&base), mt);
+        let alloc = allocated(&top);
+        assert!(alloc < 1024 << 10, "overlay occupies {alloc} bytes for ~330 KiB of writes");
+        qemu_check(&top);
+        if let Some(out) = qemu_img(&["info", "--output=json", top.to_str().unwrap()]) {
+            let info = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{info}");
+            assert!(info.contains("\"format\": \"qcow2\""), "{info}");
+            assert!(info.contains(&format!("\"backing-filename\": \"{}\"", base.display())), "{info}");
+            assert!(info.contains("\"backing-filename-format\": \"raw\""), "{info}");
+            assert!(info.contains(&format!("\"virtual-size\": {}", 16 * MIB)), "{info}");
+        }
+        // qemu-img sees the same disk content as ember.
+        let flat = dir.as_path().join("flat-by-qemu.raw");
+        if qemu_img(&["convert", "-O", "raw", top.to_str().unwrap(), flat.to_str().unwrap()]).is_some() {
+            assert_eq!(std::fs::read(&flat).unwrap(), expect);
+        }
+    }
+
+    #[test]
+    fn chains_see_through_frozen_layers_and_never_write_them() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 8 * MIB);
+        let frozen = dir.as_path().join("frozen.qcow2");
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &frozen).unwrap();
+        {
+            let mut d = Qcow2Disk::open(&frozen, false).unwrap();
+            write(&mut d, MIB, &[0x11; 8192]);
+            write(&mut d, 6 * MIB, &[0x22; 512]);
+            d.flush().unwrap();
+        }
+        let (base_sum, frozen_sum) = (checksum(&base), checksum(&frozen));
+        let frozen_mtime = mtime(&frozen);
+        overlay::create(&frozen, &top).unwrap();
+        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        assert_eq!(read(&mut d, MIB, 8192), vec![0x11; 8192]);
+        assert_eq!(read(&mut d, 6 * MIB, 512), vec![0x22; 512]);
+        assert_eq!(read(&mut d, 2 * MIB, 65536), base_bytes(2 * MIB, 65536));
+        write(&mut d, MIB + 4096, &[0x33; 512]);
+        write(&mut d, 7 * MIB, &[0x44; 4096]);
+        d.flush().unwrap();
+        let mut want = vec![0x11u8; 8192];
+        want[4096..4608].fill(0x33);
+        assert_eq!(read(&mut d, MIB, 8192), want);
+        assert_eq!(read(&mut d, 7 * MIB, 4096), vec![0x44; 4096]);
+        drop(d);
+
+        assert_eq!(checksum(&base), base_sum);
+        assert_eq!(checksum(&frozen), frozen_sum);
+        assert_eq!(mtime(&frozen), frozen_mtime);
+        let mut f = Qcow2Disk::open(&frozen, true).unwrap();
+        assert_eq!(read(&mut f, MIB, 8192), vec![0x11; 8192]);
+        assert_eq!(read(&mut f, 7 * MIB, 4096), base_bytes(7 * MIB, 4096));
+        qemu_check(&top);
+        qemu_check(&frozen);
+    }
+
+    #[test]
+    fn backing_layers_are_opened_read_only() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", MIB);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        let _d = Qcow2Disk::open(&top, false).unwrap();
+        // Our process holds the base: every fd for it must be O_RDONLY.
+        let mut seen = 0;
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let fd = fd.unwrap();
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(base.as_path()) {
+                continue;
+            }
+            let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_str().unwrap()));
+            let Ok(fdinfo) = fdinfo else { continue };
+            let flags = fdinfo.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
+            let flags = u32::from_str_radix(flags, 8).unwrap();
+            assert_eq!(flags & libc::O_ACCMODE as u32, libc::O_RDONLY as u32);
+            seen += 1;
+        }
+        assert!(seen >= 1);
+    }
+
+    #[test]
+    fn read_only_overlay_refuses_writes() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", MIB);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        let sum = checksum(&top);
+        let mut d = Qcow2Disk::open(&top, true).unwrap();
+        assert!(d.read_only());
+        let mem = guest_memory(4096);
+        let e = d.write_vectored(0, &slices(&mem, &[(0, 512)])).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        d.flush().unwrap();
+        drop(d);
+        assert_eq!(checksum(&top), sum);
+    }
+
+    #[test]
+    fn missing_backing_file_is_a_clear_error() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", MIB);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        std::fs::remove_file(&base).unwrap();
+        let e = Qcow2Disk::open(&top, false).err().unwrap();
+        assert!(matches!(e, DiskError::MissingBacking { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("top.qcow2") && msg.contains("base.raw") && msg.contains("No such file"), "{msg}");
+    }
+
+    #[test]
+    fn resized_backing_file_is_a_clear_error() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 2 * MIB);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(3 * MIB).unwrap();
+        let msg = Qcow2Disk::open(&top, false).err().unwrap().to_string();
+        assert!(msg.contains("virtual size of 2097152") && msg.contains("3145728") && msg.contains("base.raw"), "{msg}");
+    }
+
+    #[test]
+    fn backing_file_of_the_wrong_format_is_a_clear_error() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", MIB);
+        let mid = dir.as_path().join("mid.qcow2");
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &mid).unwrap();
+        overlay::create(&mid, &top).unwrap();
+        // Replace the qcow2 middle layer by a raw file of the same size.
+        std::fs::remove_file(&mid).unwrap();
+        std::fs::copy(&base, &mid).unwrap();
+        let msg = Qcow2Disk::open(&top, true).err().unwrap().to_string();
+        assert!(msg.contains("mid.qcow2") && msg.contains("recorded as qcow2") && msg.contains("is raw"), "{msg}");
+    }
+
+    #[test]
+    fn truncated_overlay_is_a_clear_error() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", 4 * MIB);
+        let top = dir.as_path().join("top.qcow2");
+        overlay::create(&base, &top).unwrap();
+        {
+            let mut d = Qcow2Disk::open(&top, false).unwrap();
+            write(&mut d, 0, &vec![0x5a; 1 << 20]);
+            d.flush().unwrap();
+        }
+        let len = std::fs::metadata(&top).unwrap().len();
+        for cut in [len - 4096, len / 2, 60] {
+            std::fs::OpenOptions::new().write(true).open(&top).unwrap().set_len(cut).unwrap();
+            let e = Qcow2Disk::open(&top, true).err().unwrap();
+            assert!(matches!(e, DiskError::Truncated { .. }), "cut at {cut}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("top.qcow2") && msg.contains("truncated"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn not_a_qcow2_file() {
+        let dir = tmpdir();
+        let base = make_base(dir.as_path(), "base.raw", MIB);
+        let msg = Qcow2Disk::open(&base, true).err().unwrap().to_string();
+        assert!(msg.contains("base.raw") && msg.contains("magic"), "{msg}");
+    }
+
+    #[test]
+    fn overlays_made_by_qemu_img_get_their_l2_tables_on_a_writable_open() {
+        let dir = tmpdir();
+        let base = make_base_with(dir.as_path(), "base.raw", 1200 * MIB, MIB);
+        let top = dir.as_path().join("top.qcow2");
+        let Some(out) = qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+            base.to_str().unwrap(), top.to_str().unwrap(),
+        ]) else {
+            return;
+        };
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let f = File::open(&top).unwrap();
+        let len = f.metadata().unwrap().len();
+        let h = Header::read(&f, &top, len).unwrap();
+        assert!(h.check_structure(&f, &top, len).unwrap().iter().all(|e| *e == 0));
+        drop(f);
+        {
+            let mut d = Qcow2Disk::open(&top, false).unwrap();
+            write(&mut d, 700 * MIB, &[9; 4096]);
+            d.flush().unwrap();
+        }
+        let f = File::open(&top).unwrap();
+        let len = f.metadata().unwrap().len();
+        let l1 = h.check_structure(&f, &top, len).unwrap();
+        assert_eq!(l1.len(), 3);
+        assert!(l1.iter().all(|e| e & L1_OFFSET_MASK != 0), "{l1:x?}");
+        qemu_check(&top);
+        let mut d = Qcow2Disk::open(&top, true).unwrap();
+        assert_eq!(read(&mut d, 700 * MIB, 4096), vec![9; 4096]);
+        assert_eq!(read(&mut d, 700 * MIB + 4096, 4096), vec![0; 4096]);
+        assert_eq!(read(&mut d, 4096, 4096), base_bytes(4096, 4096));
+        let mut buf = [0u8; 8];
+        File::open(&top).unwrap().read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..4], b"QFI\xfb");
+    }
+}
