@@ -23,6 +23,52 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots.
     Run(RunArgs),
+    /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Create a qcow2 overlay of BASE (raw or qcow2); BASE is recorded by absolute path and
+    /// is never written. Refuses to overwrite OVERLAY.
+    Create {
+        /// The image the overlay starts as (a raw base or a frozen overlay)
+        #[arg(long)]
+        base: PathBuf,
+        overlay: PathBuf,
+    },
+    /// Show the backing chain of an image, top layer first.
+    Info {
+        image: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the content of an image's whole chain to OUT, a standalone sparse raw image.
+    Flatten { image: PathBuf, out: PathBuf },
+}
+
+fn disk(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
+    use vmm::disk::overlay;
+    match cmd {
+        DiskCommand::Create { base, overlay: path } => {
+            overlay::create(&base, &path)?;
+        }
+        DiskCommand::Info { image, json } => {
+            print!("{}", overlay::render_info(&overlay::info(&image)?, json));
+        }
+        DiskCommand::Flatten { image, out } => {
+            let stats = overlay::flatten(&image, &out)?;
+            eprintln!(
+                "ember: wrote {} ({} of data in a {} disk)",
+                out.display(),
+                overlay::human_size(stats.data_bytes),
+                overlay::human_size(stats.size)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]
@@ -97,6 +143,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),
+        Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e:#}");

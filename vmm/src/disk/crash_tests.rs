@@ -154,7 +154,10 @@ fn run_round(dir: &Path, base: &Path, round: u64) {
     slots.dedup();
     // Also the untouched slots sharing a cluster with a touched one (copy-on-write leftovers).
     let per_cluster = super::qcow2::CLUSTER_SIZE / SLOT;
-    let mut check: Vec<u64> = slots.iter().flat_map(|s| (s / per_cluster * per_cluster)..(s / per_cluster + 1) * per_cluster).collect();
+    let mut check: Vec<u64> = slots
+        .iter()
+        .flat_map(|s| (s / per_cluster * per_cluster)..(s / per_cluster + 1) * per_cluster)
+        .collect();
     check.sort_unstable();
     check.dedup();
     let mut buf = vec![0u8; SLOT as usize];
@@ -169,7 +172,9 @@ fn run_round(dir: &Path, base: &Path, round: u64) {
                 None if off < PATTERNED => got == base_bytes(off, 512).as_slice(),
                 None => got.iter().all(|b| *b == 0),
             };
-            let new_ok = || later.get(&slot).into_iter().flatten().any(|seq| got == sector_of_write(slot, *seq, sector));
+            let new_ok = || {
+                later.get(&slot).into_iter().flatten().any(|seq| got == sector_of_write(slot, *seq, sector))
+            };
             assert!(
                 old_ok || new_ok(),
                 "round {round}: sector at {off:#x} (slot {slot}) holds neither its last flushed content (write {:?}) \
@@ -179,6 +184,13 @@ fn run_round(dir: &Path, base: &Path, round: u64) {
             );
         }
     }
+    drop(disk);
+    qemu_check(&top);
+    // And it takes writes again.
+    let mut disk = open(&top, false).expect("the overlay opens for writing after SIGKILL");
+    mem.write_slice(&[0xc3; SLOT as usize], GuestAddress(0)).unwrap();
+    disk.write_vectored(DISK - SLOT, &slices(&mem, &[(0, SLOT as usize)])).unwrap();
+    disk.flush().unwrap();
     drop(disk);
     qemu_check(&top);
     eprintln!("round {round}: killed after {last_flushed}+ writes; {} slots verified", slots.len());
@@ -199,4 +211,3 @@ fn crash_during_heavy_writes_leaves_a_consistent_overlay() {
     }
     assert_eq!(fingerprint(&base), before, "the base changed");
 }
-

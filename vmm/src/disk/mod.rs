@@ -81,21 +81,25 @@ impl std::fmt::Display for Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("cannot open disk image {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open disk image {path}: {error}")]
+    Open { path: PathBuf, error: io::Error },
     #[error("disk image {path} is in use: it is open elsewhere{}", if *.writing { " for writing" } else { "" })]
     Locked { path: PathBuf, writing: bool },
-    #[error("{path}: {op}: {source}")]
-    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("{path}: {op}: {error}")]
+    Io { path: PathBuf, op: &'static str, error: io::Error },
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
     BadSize { path: PathBuf, size: u64 },
     #[error("{path} is not a usable qcow2 image: {reason}")]
     Qcow2 { path: PathBuf, reason: String },
-    #[error("qcow2 image {path} is truncated: its {what} ends at byte {end}, but the file has only {len} bytes")]
+    #[error(
+        "qcow2 image {path} is truncated: its {what} ends at byte {end}, but the file has only {len} bytes"
+    )]
     Truncated { path: PathBuf, what: String, end: u64, len: u64 },
-    #[error("qcow2 image {path}: cannot open its backing file {backing}: {source}")]
-    MissingBacking { path: PathBuf, backing: PathBuf, source: io::Error },
-    #[error("qcow2 image {path}: its backing file {backing} is recorded as {recorded}, but the file is {actual}")]
+    #[error("qcow2 image {path}: cannot open its backing file {backing}: {error}")]
+    MissingBacking { path: PathBuf, backing: PathBuf, error: io::Error },
+    #[error(
+        "qcow2 image {path}: its backing file {backing} is recorded as {recorded}, but the file is {actual}"
+    )]
     BackingFormat { path: PathBuf, backing: PathBuf, recorded: String, actual: Format },
     #[error(
         "qcow2 image {path} has a virtual size of {size} bytes, but its backing file {backing} is \
@@ -127,7 +131,7 @@ pub fn open_as(path: &Path, format: Format, read_only: bool) -> Result<Box<dyn D
 
 /// The format of the file at PATH, by its first four bytes.
 pub fn probe(path: &Path) -> Result<Format, DiskError> {
-    let file = File::open(path).map_err(|source| DiskError::Open { path: path.into(), source })?;
+    let file = File::open(path).map_err(|error| DiskError::Open { path: path.into(), error })?;
     probe_file(&file, path)
 }
 
@@ -139,7 +143,7 @@ pub(crate) fn probe_file(file: &File, path: &Path) -> Result<Format, DiskError> 
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => return Err(DiskError::Io { path: path.into(), op: "read", source }),
+            Err(error) => return Err(DiskError::Io { path: path.into(), op: "read", error }),
         }
     }
     Ok(if got == magic.len() && magic == QCOW2_MAGIC { Format::Qcow2 } else { Format::Raw })
@@ -155,7 +159,7 @@ pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result
         .write(writable)
         .custom_flags(libc::O_CLOEXEC)
         .open(path)
-        .map_err(|source| DiskError::Open { path: path.into(), source })?;
+        .map_err(|error| DiskError::Open { path: path.into(), error })?;
     if !lock {
         return Ok(file);
     }
@@ -166,7 +170,7 @@ pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Err(DiskError::Locked { path: path.into(), writing: !writable });
         }
-        return Err(DiskError::Io { path: path.into(), op: "lock", source: err });
+        return Err(DiskError::Io { path: path.into(), op: "lock", error: err });
     }
     Ok(file)
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, Storage};
 use imago::StorageOpenOptions;
+use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, Storage};
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 use vmm_sys_util::seek_hole::SeekHole;
 
@@ -47,7 +47,7 @@ impl Drop for RemoveOnDrop {
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> DiskError + 'a {
-    move |source| DiskError::Io { path: path.into(), op, source }
+    move |error| DiskError::Io { path: path.into(), op, error }
 }
 
 fn sync_dir(path: &Path) -> Result<(), DiskError> {
@@ -63,13 +63,13 @@ fn sync_dir(path: &Path) -> Result<(), DiskError> {
 fn absolute_path(path: &Path) -> Result<PathBuf, DiskError> {
     let name = path.file_name().ok_or_else(|| DiskError::Open {
         path: path.into(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        error: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
     })?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let dir = dir.canonicalize().map_err(|source| DiskError::Open { path: path.into(), source })?;
+    let dir = dir.canonicalize().map_err(|error| DiskError::Open { path: path.into(), error })?;
     Ok(dir.join(name))
 }
 
@@ -99,7 +99,7 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
 
     let name = overlay.file_name().ok_or_else(|| DiskError::Open {
         path: overlay.into(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        error: io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
     })?;
     let tmp = overlay.with_file_name(format!(".{}.ember-tmp-{}", name.to_string_lossy(), std::process::id()));
     let file = std::fs::OpenOptions::new()
@@ -107,14 +107,16 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
         .write(true)
         .create_new(true)
         .open(&tmp)
-        .map_err(|source| DiskError::Open { path: tmp.clone(), source })?;
+        .map_err(|error| DiskError::Open { path: tmp.clone(), error })?;
     let mut cleanup = RemoveOnDrop(Some(tmp.clone()));
     let qcow2_err = |e: io::Error| DiskError::Qcow2 { path: overlay.into(), reason: e.to_string() };
 
     {
-        let storage =
-            ImagoFile::from_open_file(file.try_clone().map_err(io_err(&tmp, "dup"))?, StorageOpenOptions::new().filename(&tmp).write(true))
-                .map_err(qcow2_err)?;
+        let storage = ImagoFile::from_open_file(
+            file.try_clone().map_err(io_err(&tmp, "dup"))?,
+            StorageOpenOptions::new().filename(&tmp).write(true),
+        )
+        .map_err(qcow2_err)?;
         let qcow2 = Qcow2::<ImagoFile>::create_builder(storage)
             .size(size)
             .cluster_size(cluster_size as usize)
@@ -147,9 +149,9 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
     drop(file);
 
     // link() never replaces an existing file: a racing creator of OVERLAY wins.
-    std::fs::hard_link(&tmp, overlay).map_err(|source| match source.kind() {
+    std::fs::hard_link(&tmp, overlay).map_err(|error| match error.kind() {
         io::ErrorKind::AlreadyExists => DiskError::Exists { path: overlay.into() },
-        _ => DiskError::Io { path: overlay.into(), op: "link", source },
+        _ => DiskError::Io { path: overlay.into(), op: "link", error },
     })?;
     drop(cleanup.0.take());
     std::fs::remove_file(&tmp).map_err(io_err(&tmp, "remove"))?;
@@ -282,14 +284,13 @@ pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> 
     let chain = open_chain(path, None, false, true)?;
     let image = &chain.image;
     let size = image.size();
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(out_path)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => DiskError::Exists { path: out_path.into() },
-            _ => DiskError::Open { path: out_path.into(), source },
-        })?;
+    let out =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(out_path).map_err(
+            |error| match error.kind() {
+                io::ErrorKind::AlreadyExists => DiskError::Exists { path: out_path.into() },
+                _ => DiskError::Open { path: out_path.into(), error },
+            },
+        )?;
     let cleanup = RemoveOnDrop(Some(out_path.into()));
     out.set_len(size).map_err(io_err(out_path, "set length"))?;
 
@@ -306,18 +307,22 @@ pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> 
         }
         match mapping {
             Mapping::Raw { storage, offset: host, .. } => {
-                let name = storage.get_filename().ok_or_else(|| chain_err(io::Error::other("a layer has no file name")))?;
+                let name = storage
+                    .get_filename()
+                    .ok_or_else(|| chain_err(io::Error::other("a layer has no file name")))?;
                 let file = match files.entry(name.clone()) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(File::open(&name).map_err(|source| DiskError::Open { path: name.clone(), source })?)
-                    }
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        File::open(&name).map_err(|error| DiskError::Open { path: name.clone(), error })?,
+                    ),
                 };
                 let end = host + len;
                 let mut pos = host;
                 while pos < end {
                     let (data, hole) = match file.seek_data(pos) {
-                        Ok(Some(d)) if d < end => (d, file.seek_hole(d).ok().flatten().unwrap_or(end).min(end)),
+                        Ok(Some(d)) if d < end => {
+                            (d, file.seek_hole(d).ok().flatten().unwrap_or(end).min(end))
+                        }
                         Ok(_) => break,
                         // No SEEK_DATA support: treat everything as data.
                         Err(_) => (pos, end),
@@ -388,7 +393,8 @@ mod tests {
         assert_eq!(layers[0].backing.as_deref(), Some(base.as_path()));
         assert_eq!(layers[0].backing_format.as_deref(), Some("raw"));
         // No temporary file left behind.
-        let names: Vec<_> = std::fs::read_dir(dir.as_path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> =
+            std::fs::read_dir(dir.as_path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -434,7 +440,10 @@ mod tests {
         assert_eq!(layers[0].path, top);
         assert_eq!(layers[1].path, frozen);
         assert_eq!(layers[2].path, base);
-        assert_eq!(layers.iter().map(|l| l.format).collect::<Vec<_>>(), [Format::Qcow2, Format::Qcow2, Format::Raw]);
+        assert_eq!(
+            layers.iter().map(|l| l.format).collect::<Vec<_>>(),
+            [Format::Qcow2, Format::Qcow2, Format::Raw]
+        );
         assert!(layers.iter().all(|l| l.virtual_size == 4 * MIB));
         assert_eq!(layers[1].backing_format.as_deref(), Some("raw"));
         assert_eq!(layers[0].backing_format.as_deref(), Some("qcow2"));

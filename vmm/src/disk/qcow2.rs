@@ -14,6 +14,10 @@
 //! leak). ember therefore never lets imago allocate an L2 table at run time: `create` makes
 //! every L2 table the disk needs (zeroed, hole-punched), and a writable open completes any
 //! missing ones (an overlay made by qemu-img) and flushes before the guest runs.
+//!
+//! I/O: imago finds where each piece of a request lives; plain data, and writes into clusters
+//! the overlay already holds, then move straight between guest memory and our own fd for the
+//! file (`preadv`/`pwritev`); allocation and copy-on-write are imago's.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -23,10 +27,13 @@ use imago::file::File as ImagoFile;
 use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, StorageOpenOptions};
+use imago::{FormatAccess, Mapping, Storage, StorageExt, StorageOpenOptions};
+use std::borrow::Cow;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::VolatileSlice;
 
 use super::overlay::LayerInfo;
+use super::raw::{read_file_vectored, write_file_vectored};
 use super::{
     check_size, disk_id, open_image_file, probe_file, read_only_error, DiskBackend, DiskError, Format,
 };
@@ -73,7 +80,8 @@ impl Header {
     /// Reads and sanity-checks the header of the qcow2 file FILE (LEN bytes long).
     pub fn read(file: &File, path: &Path, len: u64) -> Result<Header, DiskError> {
         let bad = |reason: String| DiskError::Qcow2 { path: path.into(), reason };
-        let truncated = |what: &str, end: u64| DiskError::Truncated { path: path.into(), what: what.into(), end, len };
+        let truncated =
+            |what: &str, end: u64| DiskError::Truncated { path: path.into(), what: what.into(), end, len };
         if len < 72 {
             return Err(truncated("header", 72));
         }
@@ -165,7 +173,10 @@ impl Header {
                 let host = entry & L1_OFFSET_MASK;
                 let needed = cs.min(self.size - guest);
                 if host != 0 && host + needed > len {
-                    return Err(truncated(format!("data cluster for guest offset {guest:#x}"), host + needed));
+                    return Err(truncated(
+                        format!("data cluster for guest offset {guest:#x}"),
+                        host + needed,
+                    ));
                 }
             }
         }
@@ -181,7 +192,7 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<us
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(source) => return Err(DiskError::Io { path: path.into(), op: "read", source }),
+            Err(error) => return Err(DiskError::Io { path: path.into(), op: "read", error }),
         }
     }
     Ok(got)
@@ -192,6 +203,8 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<us
 pub(crate) struct Chain {
     pub image: FormatAccess<ImagoFile>,
     pub layers: Vec<LayerInfo>,
+    /// A read-only duplicate of every layer's fd, by the file name imago knows it by.
+    pub fds: Vec<(PathBuf, File)>,
     /// The top layer's header and L1 table, when it is qcow2.
     pub top_qcow2: Option<(Header, Vec<u64>)>,
     pub top_id: Vec<u8>,
@@ -199,38 +212,43 @@ pub(crate) struct Chain {
 
 /// Opens PATH (in FORMAT, or probed) and its whole backing chain; only the top layer may be
 /// writable; LOCK false opens without the advisory locks (inspection only).
-pub(crate) fn open_chain(path: &Path, format: Option<Format>, writable: bool, lock: bool) -> Result<Chain, DiskError> {
-    let mut layers = Vec::new();
-    let mut top = None;
-    let mut id = Vec::new();
-    let image = open_layer(path, format, writable, lock, &mut layers, &mut |h, l1, i| {
-        top = h.map(|h| (h, l1));
-        id = i;
-    })?;
-    Ok(Chain { image, layers, top_qcow2: top, top_id: id })
-}
-
-type TopHook<'a> = dyn FnMut(Option<Header>, Vec<u64>, Vec<u8>) + 'a;
-
-fn open_layer(
+pub(crate) fn open_chain(
     path: &Path,
     format: Option<Format>,
     writable: bool,
     lock: bool,
-    layers: &mut Vec<LayerInfo>,
-    top: &mut TopHook<'_>,
-) -> Result<FormatAccess<ImagoFile>, DiskError> {
-    let imago_err = |e: std::io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
+) -> Result<Chain, DiskError> {
     let file = open_image_file(path, writable, lock)?;
     let format = match format {
         Some(f) => f,
         None => probe_file(&file, path)?,
     };
-    let meta = file
-        .metadata()
-        .map_err(|source| DiskError::Io { path: path.into(), op: "stat", source })?;
+    let mut walk = Walk { lock, layers: Vec::new(), fds: Vec::new(), top_qcow2: None, top_id: Vec::new() };
+    let image = open_layer(path, file, format, writable, &mut walk)?;
+    Ok(Chain { image, layers: walk.layers, fds: walk.fds, top_qcow2: walk.top_qcow2, top_id: walk.top_id })
+}
+
+/// What [`open_layer`] collects on its way down a chain.
+struct Walk {
+    lock: bool,
+    layers: Vec<LayerInfo>,
+    fds: Vec<(PathBuf, File)>,
+    top_qcow2: Option<(Header, Vec<u64>)>,
+    top_id: Vec<u8>,
+}
+
+/// Opens the layer in FILE (at PATH, in FORMAT), then its backing chain (locked like FILE).
+fn open_layer(
+    path: &Path,
+    file: File,
+    format: Format,
+    writable: bool,
+    walk: &mut Walk,
+) -> Result<FormatAccess<ImagoFile>, DiskError> {
+    let imago_err = |e: std::io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
+    let meta = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?;
     let len = meta.len();
-    let is_top = layers.is_empty();
+    let is_top = walk.layers.is_empty();
     let mut info = LayerInfo {
         path: std::path::absolute(path).unwrap_or_else(|_| path.into()),
         format,
@@ -241,26 +259,34 @@ fn open_layer(
         backing_format: None,
     };
     let opts = StorageOpenOptions::new().filename(path).write(writable);
+    walk.fds.push((
+        path.to_path_buf(),
+        file.try_clone().map_err(|error| DiskError::Io { path: path.into(), op: "dup", error })?,
+    ));
 
     if format == Format::Raw {
         let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
         let raw = Raw::open_image(storage, writable).map_err(imago_err)?;
         if is_top {
-            top(None, Vec::new(), disk_id(path, &meta));
+            walk.top_id = disk_id(path, &meta);
         }
-        layers.push(info);
+        walk.layers.push(info);
         return Ok(FormatAccess::new(raw));
     }
 
     let header = Header::read(&file, path, len)?;
     let l1 = header.check_structure(&file, path, len)?;
     if is_top {
-        top(Some(header.clone()), l1, disk_id(path, &meta));
+        walk.top_qcow2 = Some((header.clone(), l1));
+        walk.top_id = disk_id(path, &meta);
     }
     let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
     let mut qcow2 = Qcow2::<ImagoFile>::open_image(storage, writable).map_err(imago_err)?;
     if qcow2.requires_external_data_file() {
-        return Err(DiskError::Qcow2 { path: path.into(), reason: "external data files are not supported".into() });
+        return Err(DiskError::Qcow2 {
+            path: path.into(),
+            reason: "external data files are not supported".into(),
+        });
     }
     qcow2.set_data_file(None);
     info.virtual_size = header.size;
@@ -268,7 +294,7 @@ fn open_layer(
     let recorded = qcow2.implicit_backing_format().cloned();
     info.backing = backing.as_ref().map(PathBuf::from);
     info.backing_format = recorded.clone();
-    layers.push(info);
+    walk.layers.push(info);
 
     let Some(backing) = backing else {
         qcow2.set_backing(None);
@@ -279,16 +305,16 @@ fn open_layer(
         p => path.parent().unwrap_or(Path::new(".")).join(p),
     };
     let abs = std::path::absolute(&backing_path).unwrap_or_else(|_| backing_path.clone());
-    if layers.len() >= MAX_CHAIN || layers.iter().any(|l| l.path == abs) {
+    if walk.layers.len() >= MAX_CHAIN || walk.layers.iter().any(|l| l.path == abs) {
         return Err(DiskError::ChainLoop { path: path.into(), backing: backing_path });
     }
-    let backing_file = File::open(&backing_path).map_err(|source| DiskError::MissingBacking {
-        path: path.into(),
-        backing: backing_path.clone(),
-        source,
-    })?;
+    let backing_file = match open_image_file(&backing_path, false, walk.lock) {
+        Err(DiskError::Open { error, .. }) => {
+            return Err(DiskError::MissingBacking { path: path.into(), backing: backing_path, error })
+        }
+        other => other?,
+    };
     let actual = probe_file(&backing_file, &backing_path)?;
-    drop(backing_file);
     if let Some(recorded) = &recorded {
         if Format::from_name(recorded) != Some(actual) {
             return Err(DiskError::BackingFormat {
@@ -299,7 +325,7 @@ fn open_layer(
             });
         }
     }
-    let backing_image = open_layer(&backing_path, Some(actual), false, lock, layers, top)?;
+    let backing_image = open_layer(&backing_path, backing_file, actual, false, walk)?;
     if backing_image.size() != header.size {
         return Err(DiskError::BackingSize {
             path: path.into(),
@@ -344,6 +370,7 @@ pub(crate) fn complete_l2_tables(
 /// A qcow2 disk: a writable (or read-only) top layer over its read-only backing chain.
 pub struct Qcow2Disk {
     image: FormatAccess<ImagoFile>,
+    files: LayerFiles,
     size: u64,
     read_only: bool,
     id: Vec<u8>,
@@ -357,10 +384,18 @@ impl Qcow2Disk {
         check_size(path, size)?;
         if !read_only {
             let (header, l1) = chain.top_qcow2.as_ref().expect("a qcow2 top layer has a header");
-            complete_l2_tables(&mut image, header, l1)
-                .map_err(|e| DiskError::Qcow2 { path: path.into(), reason: format!("cannot add L2 tables: {e}") })?;
+            complete_l2_tables(&mut image, header, l1).map_err(|e| DiskError::Qcow2 {
+                path: path.into(),
+                reason: format!("cannot add L2 tables: {e}"),
+            })?;
         }
-        Ok(Qcow2Disk { image, size, read_only, id: chain.top_id })
+        Ok(Qcow2Disk {
+            image,
+            files: LayerFiles { fds: chain.fds, known: Vec::new() },
+            size,
+            read_only,
+            id: chain.top_id,
+        })
     }
 }
 
@@ -374,16 +409,64 @@ impl DiskBackend for Qcow2Disk {
     }
 
     fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        let (iov, _mapped) = IoVectorMut::from_volatile_slice(bufs);
-        self.image.readv(iov, offset)
+        // imago says where each piece lives; plain data is read with preadv straight into
+        // guest memory (imago's own read path costs more per request), the rest through imago.
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        while done < total {
+            let at = offset + done as u64;
+            let (mapping, len) = self.image.get_mapping(at, (total - done) as u64)?;
+            let len = (len as usize).min(total - done);
+            if len == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("read at {at} beyond the disk"),
+                ));
+            }
+            let part = sub_slices(bufs, done, len);
+            match mapping {
+                Mapping::Raw { storage, offset: host, .. } => {
+                    read_file_vectored(self.files.get(storage)?, host, &part)?;
+                }
+                Mapping::Zero { .. } => {
+                    for s in part.iter() {
+                        zero(s);
+                    }
+                }
+                _ => {
+                    let (iov, _mapped) = IoVectorMut::from_volatile_slice(&part[..]);
+                    self.image.readv(iov, at)?;
+                }
+            }
+            done += len;
+        }
+        Ok(())
     }
 
     fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
         if self.read_only {
             return Err(read_only_error());
         }
-        let (iov, _mapped) = IoVector::from_volatile_slice(bufs);
-        self.image.writev(iov, offset)
+        // Like imago's writev, but a write into clusters the overlay already holds goes
+        // straight from guest memory to our fd; new clusters (allocation, copy-on-write from
+        // the backing file) are left to imago.
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        while done < total {
+            let at = offset + done as u64;
+            let mapping = self.image.prepare_data_mapping(at, (total - done) as u64, true)?;
+            let len = (mapping.length() as usize).min(total - done);
+            let part = sub_slices(bufs, done, len);
+            if mapping.is_nonblocking() {
+                write_file_vectored(self.files.get(mapping.storage())?, mapping.offset(), &part)?;
+            } else {
+                let (iov, _mapped) = IoVector::from_volatile_slice(&part[..]);
+                mapping.storage().writev(iov, mapping.offset())?;
+            }
+            self.image.commit_data_mapping(mapping)?;
+            done += len;
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -398,6 +481,59 @@ impl DiskBackend for Qcow2Disk {
     fn id(&self) -> Vec<u8> {
         self.id.clone()
     }
+}
+
+/// Our own fds for the files of a chain, found by the address of imago's storage object.
+struct LayerFiles {
+    fds: Vec<(PathBuf, File)>,
+    /// (storage object address, index into `fds`)
+    known: Vec<(usize, usize)>,
+}
+
+impl LayerFiles {
+    fn get(&mut self, storage: &ImagoFile) -> std::io::Result<&File> {
+        let key = storage as *const ImagoFile as usize;
+        if let Some((_, i)) = self.known.iter().find(|(k, _)| *k == key) {
+            return Ok(&self.fds[*i].1);
+        }
+        let name = storage.get_filename();
+        let i = self
+            .fds
+            .iter()
+            .position(|(p, _)| Some(p) == name.as_ref())
+            .ok_or_else(|| std::io::Error::other(format!("imago maps to an unknown file {name:?}")))?;
+        self.known.push((key, i));
+        Ok(&self.fds[i].1)
+    }
+}
+
+/// BUFS[from..from+len] as slices: borrowed when that is all of BUFS.
+fn sub_slices<'a, 'b>(
+    bufs: &'a [VolatileSlice<'b>],
+    from: usize,
+    len: usize,
+) -> Cow<'a, [VolatileSlice<'b>]> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    if from == 0 && len == total {
+        return Cow::Borrowed(bufs);
+    }
+    let mut out = Vec::new();
+    let (mut pos, end) = (0, from + len);
+    for b in bufs {
+        let (start, stop) = (pos.max(from), (pos + b.len()).min(end));
+        if start < stop {
+            out.push(b.subslice(start - pos, stop - start).expect("within the slice"));
+        }
+        pos += b.len();
+    }
+    Cow::Owned(out)
+}
+
+fn zero(s: &VolatileSlice<'_>) {
+    let g = s.ptr_guard_mut();
+    // SAFETY: the guard keeps the guest memory mapped; it is `len` bytes long.
+    unsafe { std::ptr::write_bytes(g.as_ptr(), 0, g.len()) };
+    s.bitmap().mark_dirty(0, s.len());
 }
 
 #[cfg(test)]
@@ -530,7 +666,8 @@ mod tests {
             if std::fs::read_link(fd.path()).ok().as_deref() != Some(base.as_path()) {
                 continue;
             }
-            let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_str().unwrap()));
+            let fdinfo =
+                std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_str().unwrap()));
             let Ok(fdinfo) = fdinfo else { continue };
             let flags = fdinfo.lines().find_map(|l| l.strip_prefix("flags:")).unwrap().trim();
             let flags = u32::from_str_radix(flags, 8).unwrap();
@@ -567,7 +704,10 @@ mod tests {
         let e = Qcow2Disk::open(&top, false).err().unwrap();
         assert!(matches!(e, DiskError::MissingBacking { .. }), "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("top.qcow2") && msg.contains("base.raw") && msg.contains("No such file"), "{msg}");
+        assert!(
+            msg.contains("top.qcow2") && msg.contains("base.raw") && msg.contains("No such file"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -578,7 +718,10 @@ mod tests {
         overlay::create(&base, &top).unwrap();
         std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(3 * MIB).unwrap();
         let msg = Qcow2Disk::open(&top, false).err().unwrap().to_string();
-        assert!(msg.contains("virtual size of 2097152") && msg.contains("3145728") && msg.contains("base.raw"), "{msg}");
+        assert!(
+            msg.contains("virtual size of 2097152") && msg.contains("3145728") && msg.contains("base.raw"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -593,7 +736,10 @@ mod tests {
         std::fs::remove_file(&mid).unwrap();
         std::fs::copy(&base, &mid).unwrap();
         let msg = Qcow2Disk::open(&top, true).err().unwrap().to_string();
-        assert!(msg.contains("mid.qcow2") && msg.contains("recorded as qcow2") && msg.contains("is raw"), "{msg}");
+        assert!(
+            msg.contains("mid.qcow2") && msg.contains("recorded as qcow2") && msg.contains("is raw"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -631,8 +777,15 @@ mod tests {
         let base = make_base_with(dir.as_path(), "base.raw", 1200 * MIB, MIB);
         let top = dir.as_path().join("top.qcow2");
         let Some(out) = qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
-            base.to_str().unwrap(), top.to_str().unwrap(),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            base.to_str().unwrap(),
+            top.to_str().unwrap(),
         ]) else {
             return;
         };
