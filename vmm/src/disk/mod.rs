@@ -12,8 +12,6 @@ pub mod qcow2;
 pub mod raw;
 
 #[cfg(test)]
-mod bench;
-#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod test_util;

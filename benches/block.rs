@@ -1,26 +1,50 @@
-//! Host-side microbenchmark of raw files against qcow2 overlays, through the same
-//! [`DiskBackend`] calls the block device makes. Prints figures; checks nothing.
+//! Block benchmark, host-side: the virtio-blk device model (request checking and execution,
+//! as the device runs it for each chain the guest hands over) against a raw file and against a
+//! qcow2 overlay on a raw base. Prints MiB/s, IOPS and the overlay/raw ratio; checks nothing.
 //!
-//!     cargo test --release -p ember --lib disk::bench -- --ignored --nocapture
+//!     cargo bench -p ember-benches --bench block
 //!
 //! EMBER_DISK_BENCH_DIR picks the directory (default /tmp), EMBER_DISK_BENCH_MIB the disk size
-//! (default 1024). Files are in the page cache (hot): what is measured is ember's and imago's
-//! overhead on top of the kernel's, which is the case for a shared base image.
+//! (default 1024), EMBER_DISK_BENCH_CLUSTER the overlays' cluster size. Files are in the page
+//! cache (hot): what is measured is ember's and imago's overhead on top of the kernel's, which
+//! is the case for a shared base image.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm::devices::virtio::block::request::{execute, Limits};
+use vmm::disk::{open, overlay, DiskBackend};
 use vmm_sys_util::tempdir::TempDir;
-
-use super::test_util::{guest_memory, slices};
-use super::{open, overlay, DiskBackend};
 
 /// Cluster size of the overlays under test (EMBER_DISK_BENCH_CLUSTER, default ember's).
 fn cluster_size() -> u64 {
     std::env::var("EMBER_DISK_BENCH_CLUSTER")
         .map(|s| s.parse().unwrap())
-        .unwrap_or(super::qcow2::CLUSTER_SIZE)
+        .unwrap_or(vmm::disk::qcow2::CLUSTER_SIZE)
+}
+
+const HEADER: u64 = 0x1000;
+const STATUS: u64 = 0x2000;
+const DATA: u64 = 0x10_0000;
+const LIMITS: Limits = Limits { seg_max: 254, size_max: 1 << 20 };
+
+/// One request through the device model: header, one data buffer, status byte.
+fn request(mem: &GuestMemoryMmap, disk: &mut dyn DiskBackend, write: bool, offset: u64, len: u64) {
+    let kind = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(offset / 512, GuestAddress(HEADER + 8)).unwrap();
+    let data_flags = if write { 0 } else { VRING_DESC_F_WRITE as u16 };
+    let chain = [
+        Descriptor::new(HEADER, 16, 0, 0),
+        Descriptor::new(DATA, len as u32, data_flags, 0),
+        Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0),
+    ];
+    let done = execute(mem, chain.iter().copied(), disk, b"bench", LIMITS);
+    assert_eq!(done.status, Some(VIRTIO_BLK_S_OK as u8));
 }
 
 fn create(base: &Path, top: &Path) {
@@ -56,14 +80,13 @@ fn run(disk: &mut dyn DiskBackend, size: u64, op: Op, budget: Duration) -> f64 {
 
 /// [`run`], for at most MAX_OPS requests.
 fn run_n(disk: &mut dyn DiskBackend, size: u64, op: Op, budget: Duration, max_ops: u64) -> f64 {
-    let mem = guest_memory(MIB as usize);
-    mem.write_slice(&vec![0xabu8; MIB as usize], GuestAddress(0)).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap();
+    mem.write_slice(&vec![0xabu8; MIB as usize], GuestAddress(DATA)).unwrap();
     let (len, random) = match op {
         Op::SeqRead | Op::SeqWrite => (MIB, false),
         Op::RandRead | Op::RandWrite => (4096, true),
     };
     let write = matches!(op, Op::SeqWrite | Op::RandWrite);
-    let bufs = slices(&mem, &[(0, len as usize)]);
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let blocks = size / len;
     let start = Instant::now();
@@ -71,11 +94,7 @@ fn run_n(disk: &mut dyn DiskBackend, size: u64, op: Op, budget: Duration, max_op
     let mut i = 0;
     while i < blocks.min(max_ops) && (i % 64 != 0 || start.elapsed() < budget) {
         let off = if random { rng.next() % blocks * len } else { i * len };
-        if write {
-            disk.write_vectored(off, &bufs).unwrap();
-        } else {
-            disk.read_vectored(off, &bufs).unwrap();
-        }
+        request(&mem, disk, write, off, len);
         done += len;
         i += 1;
     }
@@ -84,6 +103,15 @@ fn run_n(disk: &mut dyn DiskBackend, size: u64, op: Op, budget: Duration, max_op
         disk.flush().unwrap();
     }
     rate
+}
+
+/// "MiB/s (IOPS)" for a rate measured with OP's request size.
+fn show(mib_s: f64, op: Op) -> String {
+    let len = match op {
+        Op::SeqRead | Op::SeqWrite => MIB,
+        Op::RandRead | Op::RandWrite => 4096,
+    };
+    format!("{mib_s:6.0} MiB/s {:>7.0} IOPS", mib_s * MIB as f64 / len as f64)
 }
 
 fn make_data_file(path: &Path, size: u64) {
@@ -114,8 +142,6 @@ fn best_of(rounds: usize, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64
     (ba, bb)
 }
 
-#[test]
-#[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
 fn raw_vs_overlay() {
     let root = std::env::var("EMBER_DISK_BENCH_DIR").unwrap_or("/tmp".into());
     let size = std::env::var("EMBER_DISK_BENCH_MIB").map(|s| s.parse().unwrap()).unwrap_or(1024) * MIB;
@@ -148,8 +174,11 @@ fn raw_vs_overlay() {
             best_of(rounds, || run(raw.as_mut(), size, op, budget), || run(own.as_mut(), size, op, budget));
         let r = r.max(r2);
         println!(
-            "{name:17} raw {r:6.0} | overlay, data in base {o:6.0} = {:.2}x | overlay, data in overlay {w:6.0} = {:.2}x",
+            "{name:17} raw {} | overlay, data in base {} = {:.2}x | overlay, data in overlay {} = {:.2}x",
+            show(r, op),
+            show(o, op),
             o / r,
+            show(w, op),
             w / r
         );
     }
@@ -159,7 +188,7 @@ fn raw_vs_overlay() {
         // 4 overlay clusters of 64 KiB, so nearly 90% land in new clusters). Rewrite: the
         // same once every block has been written (by one sequential pass).
         let first_ops = match op {
-            Op::RandWrite => size / super::qcow2::CLUSTER_SIZE / 4,
+            Op::RandWrite => size / vmm::disk::qcow2::CLUSTER_SIZE / 4,
             _ => u64::MAX,
         };
         let mut n = 0;
@@ -189,16 +218,18 @@ fn raw_vs_overlay() {
         }
         let [rf, ra, of, oa] = best;
         println!(
-            "{name:17} first touch: raw {rf:6.0} overlay {of:6.0} = {:.2}x | rewrite: raw {ra:6.0} overlay {oa:6.0} = {:.2}x",
+            "{name:17} first touch: raw {} overlay {} = {:.2}x | rewrite: raw {} overlay {} = {:.2}x",
+            show(rf, op),
+            show(of, op),
             of / rf,
+            show(ra, op),
+            show(oa, op),
             oa / ra
         );
     }
 }
 
 /// Opening an overlay holding 1 GiB of writes (scattered 64 KiB writes) on a 4 GiB base.
-#[test]
-#[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
 fn open_time() {
     let root = std::env::var("EMBER_DISK_BENCH_DIR").unwrap_or("/tmp".into());
     let dir = TempDir::new_with_prefix(format!("{root}/ember-disk-bench-")).unwrap();
@@ -211,8 +242,8 @@ fn open_time() {
     create(&base, &top);
     {
         let mut disk = open(&top, false).unwrap();
-        let mem = guest_memory(65536);
-        let bufs = slices(&mem, &[(0, 65536)]);
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 65536)]).unwrap();
+        let bufs = [mem.get_slice(GuestAddress(0), 65536).unwrap()];
         let mut rng = Rng(99);
         let mut written = std::collections::HashSet::new();
         while written.len() < 16384 {
@@ -253,4 +284,9 @@ fn open_time() {
     } else {
         println!("(cannot drop the page cache here; no cold-cache figure)");
     }
+}
+
+fn main() {
+    raw_vs_overlay();
+    open_time();
 }
