@@ -2,22 +2,6 @@
 # by tests/e2e/run (busybox sh). Guests boot the images of rootfs/build from overlays; their
 # /sbin/ember-init runs the shell script found on the raw "job" disk named by ember_job=.
 . /opt/ember/extra/lib.sh
-IMAGES=/opt/ember/images
-
-# mkjob FILE SCRIPT: a raw disk holding SCRIPT, padded with NULs to whole sectors.
-mkjob() {
-  dd if=/dev/zero of="$1" bs=4096 count=1 2>/dev/null
-  printf '%s\n' "$2" | dd of="$1" conv=notrunc 2>/dev/null
-}
-
-# boot ROOT_DRIVE_OPTIONS JOB_FILE [ember run options]: boots with the job as /dev/vdb.
-boot() {
-  root=$1 job=$2
-  shift 2
-  ember run --mem-mib 512 --drive "$root,root=on" --drive "path=$job,ro=on" \
-    --cmdline "init=/sbin/ember-init ember_job=/dev/vdb" "$@" >>out 2>>err
-}
-
 case_python_runs_in_debian_booted_from_an_overlay() {
   ember disk create --base $IMAGES/default.ext4 top.qcow2 >>out 2>>err || return 1
   mkjob job.img "python3 -c 'print(2**64)'"
@@ -90,26 +74,6 @@ case_flatten_gives_a_standalone_image_with_the_chain_content() {
   mkjob j2.img "cat /flat.txt"
   boot path=flat.img j2.img
   expect_status 0 && expect_in out "flattened"
-}
-
-case_sigkill_during_heavy_writes_leaves_a_clean_filesystem() {
-  ember disk create --base $IMAGES/default.ext4 victim.qcow2 >>out 2>>err || return 1
-  mkjob writer.img "i=0; while :; do dd if=/dev/urandom of=/junk.\$i bs=64k count=16 2>/dev/null; sync; i=\$((i+1)); echo wrote \$i; done"
-  command ember run --mem-mib 512 --drive path=victim.qcow2,root=on --drive path=writer.img,ro=on \
-    --cmdline "init=/sbin/ember-init ember_job=/dev/vdb" >victim.out 2>&1 &
-  pid=$!
-  # Kill once the guest has written a few files, mid-stream.
-  n=0
-  while [ $n -lt 120 ] && ! grep -q "wrote 3" victim.out; do sleep 1; n=$((n + 1)); done
-  kill -9 $pid
-  wait $pid 2>/dev/null
-  grep -q "wrote 3" victim.out || { echo "    the writer never got going"; tail -5 victim.out; return 1; }
-  ember disk create --base $IMAGES/default.ext4 checker.qcow2 >>out 2>>err || return 1
-  # Mounting replays the journal, as a reboot would; then the check must find nothing.
-  mkjob check.img "mkdir -p /mnt && mount /dev/vdc /mnt && ls /mnt | grep -c junk && umount /mnt && e2fsck -fn /dev/vdc; echo fsck-status \$?"
-  ember run --mem-mib 512 --drive path=checker.qcow2,root=on --drive path=check.img,ro=on \
-    --drive path=victim.qcow2 --cmdline "init=/sbin/ember-init ember_job=/dev/vdb" >>out 2>>err
-  expect_status 0 && expect_in out "fsck-status 0"
 }
 
 case_missing_or_truncated_backing_files_are_clear_errors() {

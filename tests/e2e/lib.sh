@@ -4,6 +4,24 @@
 
 status=0
 
+# Guests that boot the images of rootfs/build run, through their /sbin/ember-init, the shell
+# script found on the raw "job" disk named by ember_job= on the kernel command line.
+IMAGES=/opt/ember/images
+
+# mkjob FILE SCRIPT: a raw disk holding SCRIPT, padded with NULs to whole sectors.
+mkjob() {
+  dd if=/dev/zero of="$1" bs=4096 count=1 2>/dev/null
+  printf '%s\n' "$2" | dd of="$1" conv=notrunc 2>/dev/null
+}
+
+# boot ROOT_DRIVE_OPTIONS JOB_FILE [ember run options]: boots with the job as /dev/vdb.
+boot() {
+  root=$1 job=$2
+  shift 2
+  ember run --mem-mib 512 --drive "$root,root=on" --drive "path=$job,ro=on" \
+    --cmdline "init=/sbin/ember-init ember_job=/dev/vdb" "$@" >>out 2>>err
+}
+
 # expect_status N: the last command's status (saved by run_case's wrapper) was N.
 expect_status() {
   [ "$status" = "$1" ] && return 0
