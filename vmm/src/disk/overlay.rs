@@ -367,9 +367,7 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn write(disk: &mut dyn DiskBackend, offset: u64, data: &[u8]) {
-        let mem = guest_memory(data.len().next_multiple_of(4096));
-        mem.write_slice(data, GuestAddress(0)).unwrap();
-        disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
+        write_at(disk, offset, data);
         disk.flush().unwrap();
     }
 

@@ -546,12 +546,6 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn write(disk: &mut dyn DiskBackend, offset: u64, data: &[u8]) {
-        let mem = guest_memory(data.len().next_multiple_of(4096));
-        mem.write_slice(data, GuestAddress(0)).unwrap();
-        disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
-    }
-
     fn read(disk: &mut dyn DiskBackend, offset: u64, len: usize) -> Vec<u8> {
         let mem = guest_memory(len.next_multiple_of(4096) + 4096);
         // Split in two segments to exercise the vector path.
@@ -579,9 +573,9 @@ mod tests {
 
         // A partial-cluster write in the middle of the base's data, and one spanning clusters.
         let a: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8 ^ 0xa5).collect();
-        write(&mut d, 3 * MIB + 8192, &a);
+        write_at(&mut d, 3 * MIB + 8192, &a);
         let b = vec![0x77u8; 200 << 10];
-        write(&mut d, 9 * MIB - 4096, &b);
+        write_at(&mut d, 9 * MIB - 4096, &b);
         d.flush().unwrap();
 
         let mut expect = base_bytes(0, 16 * MIB as usize);
@@ -622,8 +616,8 @@ mod tests {
         overlay::create(&base, &frozen).unwrap();
         {
             let mut d = Qcow2Disk::open(&frozen, false).unwrap();
-            write(&mut d, MIB, &[0x11; 8192]);
-            write(&mut d, 6 * MIB, &[0x22; 512]);
+            write_at(&mut d, MIB, &[0x11; 8192]);
+            write_at(&mut d, 6 * MIB, &[0x22; 512]);
             d.flush().unwrap();
         }
         let (base_sum, frozen_sum) = (checksum(&base), checksum(&frozen));
@@ -633,8 +627,8 @@ mod tests {
         assert_eq!(read(&mut d, MIB, 8192), vec![0x11; 8192]);
         assert_eq!(read(&mut d, 6 * MIB, 512), vec![0x22; 512]);
         assert_eq!(read(&mut d, 2 * MIB, 65536), base_bytes(2 * MIB, 65536));
-        write(&mut d, MIB + 4096, &[0x33; 512]);
-        write(&mut d, 7 * MIB, &[0x44; 4096]);
+        write_at(&mut d, MIB + 4096, &[0x33; 512]);
+        write_at(&mut d, 7 * MIB, &[0x44; 4096]);
         d.flush().unwrap();
         let mut want = vec![0x11u8; 8192];
         want[4096..4608].fill(0x33);
@@ -750,7 +744,7 @@ mod tests {
         overlay::create(&base, &top).unwrap();
         {
             let mut d = Qcow2Disk::open(&top, false).unwrap();
-            write(&mut d, 0, &vec![0x5a; 1 << 20]);
+            write_at(&mut d, 0, &vec![0x5a; 1 << 20]);
             d.flush().unwrap();
         }
         let len = std::fs::metadata(&top).unwrap().len();
@@ -797,7 +791,7 @@ mod tests {
         drop(f);
         {
             let mut d = Qcow2Disk::open(&top, false).unwrap();
-            write(&mut d, 700 * MIB, &[9; 4096]);
+            write_at(&mut d, 700 * MIB, &[9; 4096]);
             d.flush().unwrap();
         }
         let f = File::open(&top).unwrap();

@@ -105,3 +105,11 @@ pub fn qemu_check(path: &Path) {
     assert!(code == Some(0) || code == Some(3), "qemu-img check {}: {code:?}\n{text}", path.display());
     assert!(!text.contains("ERROR"), "qemu-img check {}:\n{text}", path.display());
 }
+
+/// Writes DATA at OFFSET through the disk's vectored path, from guest memory.
+pub fn write_at(disk: &mut dyn super::DiskBackend, offset: u64, data: &[u8]) {
+    use vm_memory::Bytes;
+    let mem = guest_memory(data.len().next_multiple_of(4096));
+    mem.write_slice(data, GuestAddress(0)).unwrap();
+    disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
+}
