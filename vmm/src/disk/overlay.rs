@@ -362,7 +362,6 @@ mod tests {
     use super::super::test_util::*;
     use super::super::{open, DiskBackend};
     use super::*;
-    use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;
 
