@@ -102,7 +102,7 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(bus.read(0x3fd, &mut b), Some("rec"));
         assert_eq!(b, [5]);
-        assert_eq!(bus.write(0x3f8, &[b'x']), Some("rec"));
+        assert_eq!(bus.write(0x3f8, b"x"), Some("rec"));
         assert_eq!(bus.write(0x400, &[1]), None);
         assert_eq!(bus.read(0x3f7, &mut b), None);
         assert_eq!(b, [0xff]);
