@@ -85,7 +85,7 @@ impl Guest {
 }
 
 fn config(kernel: &Path, vcpus: u8, mem_mib: u64) -> VmConfig {
-    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![] }
+    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![], vsock: None }
 }
 
 fn boot(cfg: &VmConfig) -> (RunOutcome, String) {

@@ -22,6 +22,7 @@ use crate::devices::legacy::EventFdTrigger;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use crate::devices::virtio::notify::QueueNotifier;
+use crate::devices::virtio::vsock::{Vsock, VsockError, VsockHandle};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::disk::{self, DiskError};
 use crate::vstate::kvm::{self, KvmError};
@@ -53,6 +54,8 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error(transparent)]
     Disk(#[from] DiskError),
+    #[error("cannot set up the vsock device: {0}")]
+    Vsock(#[from] VsockError),
     #[error("only one drive can be the root filesystem, but {0} are marked root=on")]
     SeveralRoots(usize),
     #[error("{0} virtio devices requested; ember has interrupt lines for at most {1}")]
@@ -178,8 +181,9 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
         return Err(BuildError::SeveralRoots(roots));
     }
     let max_devices = (layout::VIRTIO_IRQ_LAST - layout::VIRTIO_IRQ_FIRST + 1) as usize;
-    if cfg.drives.len() > max_devices {
-        return Err(BuildError::TooManyDevices(cfg.drives.len(), max_devices));
+    let devices = cfg.drives.len() + cfg.vsock.is_some() as usize;
+    if devices > max_devices {
+        return Err(BuildError::TooManyDevices(devices, max_devices));
     }
     let kvm = kvm::open(cfg.vcpus)?;
     let disks = cfg
@@ -187,7 +191,11 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
         .iter()
         .map(|d| disk::open(&d.path, d.read_only))
         .collect::<Result<Vec<_>, _>>()?;
-    let slots: Vec<_> = (0..disks.len()).map(virtio_slot).collect();
+    let vsock = match &cfg.vsock {
+        Some(v) => Some(VsockHandle::new(Vsock::new(v.cid as u64, &v.uds)?)),
+        None => None,
+    };
+    let slots: Vec<_> = (0..devices).map(virtio_slot).collect();
     let root = cfg.drives.iter().position(|d| d.root).map(|i| cmdline::RootDevice {
         name: vd_name(i),
         read_only: cfg.drives[i].read_only,
@@ -214,9 +222,15 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
 
     let mut mmio = Bus::default();
     let mut subscribers: Vec<Box<dyn MutEventSubscriber + Send>> = Vec::new();
-    for (disk, slot) in disks.into_iter().zip(slots) {
+    let mut slots = slots.into_iter();
+    for (disk, slot) in disks.into_iter().zip(slots.by_ref()) {
         let notifier = attach_virtio(&vm, &ram, &mut mmio, "virtio-blk", slot, Box::new(Block::new(disk)))?;
         subscribers.push(Box::new(notifier));
+    }
+    if let (Some(vsock), Some(slot)) = (vsock, slots.next()) {
+        let notifier = attach_virtio(&vm, &ram, &mut mmio, "virtio-vsock", slot, Box::new(vsock.clone()))?;
+        subscribers.push(Box::new(notifier));
+        subscribers.push(Box::new(vsock.host_events()));
     }
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);

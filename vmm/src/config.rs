@@ -13,6 +13,15 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// virtio-blk disks, in the order the guest sees them (/dev/vda, /dev/vdb, ...).
     pub drives: Vec<DriveConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device bridged to Unix sockets, Firecracker-style: host clients connect to
+/// `uds` and write `CONNECT <port>`; guest connections to the host's port P reach `<uds>_P`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u32,
+    pub uds: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +61,23 @@ impl FromStr for DriveConfig {
     }
 }
 
+/// `cid=N,uds=PATH`, as `--vsock` takes it.
+impl FromStr for VsockConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) => cid = Some(v.parse::<u32>().map_err(|e| format!("cid={v}: {e}"))?),
+                Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+                _ => return Err(format!("unknown or empty vsock option '{part}' (known: cid, uds)")),
+            }
+        }
+        Ok(Self { cid: cid.ok_or("a vsock device needs cid=N")?, uds: uds.ok_or("a vsock device needs uds=PATH")? })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +93,15 @@ mod tests {
         assert!("path=a,cache=none".parse::<DriveConfig>().unwrap_err().contains("unknown"));
         assert!("path=".parse::<DriveConfig>().is_err());
         assert!("path=a,bogus".parse::<DriveConfig>().unwrap_err().contains("KEY=VALUE"));
+    }
+
+    #[test]
+    fn vsock_options() {
+        let v: VsockConfig = "cid=7,uds=/run/v.sock".parse().unwrap();
+        assert_eq!(v, VsockConfig { cid: 7, uds: "/run/v.sock".into() });
+        assert!("uds=/x".parse::<VsockConfig>().unwrap_err().contains("cid=N"));
+        assert!("cid=3".parse::<VsockConfig>().unwrap_err().contains("uds=PATH"));
+        assert!("cid=x,uds=/x".parse::<VsockConfig>().unwrap_err().contains("cid=x"));
+        assert!("cid=3,uds=/x,port=1".parse::<VsockConfig>().unwrap_err().contains("unknown"));
     }
 }

@@ -4,6 +4,7 @@
 //! kernel and boot structures ([`arch`], [`boot`]) into guest memory and creates the KVM state
 //! ([`vstate`]) and [`devices`], and [`runtime`] runs the vCPUs until the guest stops.
 
+pub mod agent_client;
 pub mod arch;
 pub mod boot;
 pub mod builder;

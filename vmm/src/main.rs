@@ -23,6 +23,10 @@ struct Cli {
 enum Command {
     /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots.
     Run(RunArgs),
+    /// Run a command in a running VM through its guest agent, streaming its output; exits with
+    /// the command's status (128+N if killed by signal N, 124 on timeout, 125 for ember's own
+    /// errors, 126/127 when the command cannot run / is not found)
+    Exec(ExecArgs),
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -92,9 +96,81 @@ struct RunArgs {
     /// as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as / (rw unless ro=on)
     #[arg(long = "drive", value_name = "OPTIONS")]
     drives: Vec<vmm::config::DriveConfig>,
+    /// A virtio-vsock device: cid=N,uds=PATH. Host programs connect to PATH and write
+    /// "CONNECT <port>\n"; guest connections to host port P reach PATH_P
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<vmm::config::VsockConfig>,
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// The VM's vsock socket (the uds= of its --vsock)
+    #[arg(long)]
+    uds: PathBuf,
+    /// The agent's vsock port
+    #[arg(long, default_value_t = ember_agent::DEFAULT_PORT)]
+    port: u32,
+    /// Environment variables for the command
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory in the guest
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Kill the command (and everything it started) after this many seconds
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// The command and its arguments
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("'{s}' is not K=V"))
+}
+
+/// `ember exec`'s own failures, as distinct from the command's status.
+const EXIT_EMBER_ERROR: u8 = 125;
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    use vmm::agent_client::{self, ClientError, Outcome};
+    let stream = match agent_client::connect(&args.uds, args.port, std::time::Duration::from_secs(10)) {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("ember: error: {e}");
+            return Ok(ExitCode::from(EXIT_EMBER_ERROR));
+        }
+    };
+    let request = ember_agent::ExecRequest {
+        argv: args.command,
+        env: args.env,
+        cwd: args.cwd,
+        timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
+        ..Default::default()
+    };
+    let outcome = agent_client::exec(stream, request, &mut std::io::stdout(), &mut std::io::stderr());
+    let code = match outcome {
+        Ok(Outcome::Exit(code)) => code.clamp(0, 255) as u8,
+        Ok(Outcome::Killed(signal)) => (128 + signal).clamp(0, 255) as u8,
+        Ok(Outcome::TimedOut) => 124,
+        Err(ClientError::Refused { kind: ember_agent::ErrorKind::NotFound, message }) => {
+            eprintln!("ember: {message}");
+            127
+        }
+        Err(ClientError::Refused { kind: ember_agent::ErrorKind::CannotExecute, message }) => {
+            eprintln!("ember: {message}");
+            126
+        }
+        Err(e) => {
+            eprintln!("ember: error: {e}");
+            EXIT_EMBER_ERROR
+        }
+    };
+    Ok(ExitCode::from(code))
 }
 
 fn default_kernel() -> anyhow::Result<PathBuf> {
@@ -116,6 +192,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
         drives: args.drives,
+        vsock: args.vsock,
     };
     let vm = vmm::builder::build(&cfg, Box::new(std::io::stdout())).context("cannot build the VM")?;
     let outcome = vmm::runtime::run(vm, started, true).context("cannot run the VM")?;
@@ -143,6 +220,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),
+        Command::Exec(args) => exec(args),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {
