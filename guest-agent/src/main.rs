@@ -1,59 +1,33 @@
 //! `ember-agent`: listens on AF_VSOCK (or a Unix socket, for testing on the host) and serves
 //! the protocol of PROTOCOL.md, one thread per connection.
 //!
-//! Usage: `ember-agent [--port N] [--unix PATH] [--init]`
+//! Usage: `ember-agent [--port N] [--unix PATH] [--init]` (see --help).
 //! `--init` (implied when the agent is PID 1): mount /proc, /sys, /dev, /dev/pts, /dev/shm,
 //! /run, /tmp, set a default PATH, and honour `PowerOff`. The agent is always a child
 //! subreaper, and its reaper thread reaps every child, so orphans never stay zombies.
 
 use std::os::unix::net::UnixListener;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use clap::Parser;
 use ember_agent::server::{serve, Config};
 use ember_agent::sys;
 use ember_agent::Connection;
 use tracing::{info, warn};
 
+/// The agent inside an ember sandbox: serves the host's requests (guest-agent/PROTOCOL.md).
+#[derive(Parser)]
+#[command(name = "ember-agent", version = ember_agent::server::AGENT_VERSION)]
 struct Args {
+    /// vsock port to listen on
+    #[arg(long, default_value_t = ember_agent::DEFAULT_PORT)]
     port: u32,
+    /// Serve a Unix socket at PATH instead of vsock (for tests on the host)
+    #[arg(long, value_name = "PATH")]
     unix: Option<String>,
+    /// Act as init: mount the usual file systems and honour PowerOff (implied as PID 1)
+    #[arg(long)]
     init: bool,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        port: ember_agent::DEFAULT_PORT,
-        unix: None,
-        init: std::process::id() == 1,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--port" => {
-                args.port = it
-                    .next()
-                    .context("--port needs a value")?
-                    .parse()
-                    .context("--port")?
-            }
-            "--unix" => args.unix = Some(it.next().context("--unix needs a path")?),
-            "--init" => args.init = true,
-            "--version" => {
-                println!(
-                    "ember-agent {} (protocol {})",
-                    ember_agent::server::AGENT_VERSION,
-                    ember_agent::PROTOCOL_VERSION
-                );
-                std::process::exit(0);
-            }
-            "-h" | "--help" => {
-                println!("usage: ember-agent [--port N] [--unix PATH] [--init]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    Ok(args)
 }
 
 fn spawn_conn<S: Connection>(s: S, config: &Config) {
@@ -72,7 +46,8 @@ fn spawn_conn<S: Connection>(s: S, config: &Config) {
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
+    let mut args = Args::parse();
+    args.init |= std::process::id() == 1;
     if args.init {
         sys::init_mounts();
     }
