@@ -43,6 +43,18 @@ case_exec_streams_output_and_reports_exit_status() {
   [ $? = 0 ] || { echo "    the VM did not power off cleanly"; return 1; }
 }
 
+case_a_large_output_stream_arrives_intact() {
+  start_vm || return 1
+  # Linux sends large vsock payloads as several descriptors: this crosses that path many times.
+  ember exec --uds "$PWD/v.sock" -- sh -c 'head -c 20971520 /dev/urandom | tee /tmp/blob' >blob 2>eerr
+  expect_status 0 || { stop_vm; return 1; }
+  guest=$(command ember exec --uds "$PWD/v.sock" -- md5sum /tmp/blob | cut -d' ' -f1)
+  host=$(md5sum blob | cut -d' ' -f1)
+  stop_vm
+  [ "$(wc -c <blob)" = 20971520 ] && [ -n "$guest" ] && [ "$guest" = "$host" ] ||
+    { echo "    $(wc -c <blob) bytes, md5 $host on the host, $guest in the guest"; return 1; }
+}
+
 case_exec_without_an_agent_port_is_an_ember_error() {
   start_vm || return 1
   ember exec --uds "$PWD/v.sock" --port 4444 -- true >/dev/null 2>eerr

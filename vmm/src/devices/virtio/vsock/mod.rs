@@ -9,6 +9,35 @@
 //! [`Vsock::process_host_events`] when it is readable. Tests call the same functions directly.
 
 mod conn;
+/// Copies a tx chain whose payload is spread over several descriptors into a header and a
+/// payload buffer. Every descriptor must be device-readable and inside guest memory, the
+/// header's length field must match what the chain holds, and the payload is bounded by
+/// [`MAX_PKT_DATA`]; anything else gives None.
+fn gather_tx(mem: &GuestMemoryMmap, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Option<(Vec<u8>, Vec<u8>)> {
+    const LEN_OFFSET: usize = 24;
+    let limit = PKT_HEADER_SIZE + MAX_PKT_DATA as usize;
+    let mut bytes = Vec::new();
+    for desc in chain {
+        let len = desc.len() as usize;
+        if desc.is_write_only() || bytes.len() + len > limit {
+            return None;
+        }
+        let start = bytes.len();
+        bytes.resize(start + len, 0);
+        mem.read_slice(&mut bytes[start..], desc.addr()).ok()?;
+    }
+    if bytes.len() < PKT_HEADER_SIZE {
+        return None;
+    }
+    let len = u32::from_le_bytes(bytes[LEN_OFFSET..LEN_OFFSET + 4].try_into().ok()?) as usize;
+    if len > MAX_PKT_DATA as usize || PKT_HEADER_SIZE + len > bytes.len() {
+        return None;
+    }
+    let data = bytes[PKT_HEADER_SIZE..PKT_HEADER_SIZE + len].to_vec();
+    bytes.truncate(PKT_HEADER_SIZE);
+    Some((bytes, data))
+}
+
 #[cfg(test)]
 mod tests;
 
@@ -501,8 +530,26 @@ impl Vsock {
                 }
             };
             let head = chain.head_index();
+            let whole = chain.clone();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => self.handle_guest_packet(&pkt),
+                // The crate takes the payload from one descriptor; Linux sends a large payload
+                // as several page fragments, so such chains are gathered here instead.
+                Err(virtio_vsock::packet::Error::DescriptorLengthTooSmall) => match gather_tx(mem, whole) {
+                    Some((mut header, mut data)) => {
+                        let raw = header.clone();
+                        let data = if data.is_empty() { None } else { Some(&mut data[..]) };
+                        // SAFETY: `header` and `data` outlive the packet, which is dropped at
+                        // the end of this arm.
+                        let pkt = unsafe { VsockPacket::new(&mut header, data) }
+                            .and_then(|mut pkt| pkt.set_header_from_raw(&raw).map(|_| pkt));
+                        match pkt {
+                            Ok(pkt) => self.handle_guest_packet(&pkt),
+                            Err(e) => tracing::debug!("virtio-vsock: malformed tx packet dropped: {e:?}"),
+                        }
+                    }
+                    None => tracing::debug!("virtio-vsock: malformed fragmented tx packet dropped"),
+                },
                 Err(e) => tracing::debug!("virtio-vsock: malformed tx packet dropped: {e:?}"),
             }
             if let Some(q) = self.queue(TXQ) {
