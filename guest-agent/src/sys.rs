@@ -92,12 +92,23 @@ impl Reaper {
     fn run(&self) {
         loop {
             let gen = self.state.lock().unwrap().spawns;
-            let mut status = 0;
-            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-            if pid > 0 {
+            // Peek at which child exited without reaping it: std's `Command::spawn` reaps a
+            // child that failed to exec itself, and a reaper that took it first would make
+            // that spawn panic. The spawner holds the lock until the child is registered, so
+            // taking the lock below waits for any spawn in progress to finish.
+            // SAFETY: siginfo_t is plain data, filled in by waitid.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r == 0 {
+                // SAFETY: waitid succeeded with WEXITED, so si_pid is the exited child.
+                let pid = unsafe { info.si_pid() };
                 let mut st = self.state.lock().unwrap();
-                if let Some(tx) = st.waiting.remove(&pid) {
-                    let _ = tx.send(status);
+                let mut status = 0;
+                // A child that a failed spawn already reaped is gone: nothing to do.
+                if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                    if let Some(tx) = st.waiting.remove(&pid) {
+                        let _ = tx.send(status);
+                    }
                 }
             } else {
                 let err = io::Error::last_os_error();
