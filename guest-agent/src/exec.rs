@@ -221,21 +221,15 @@ fn supervise(
         }
         let mut fds = Vec::with_capacity(3);
         let mut which = Vec::with_capacity(3);
-        if open[0] {
-            fds.push(libc::pollfd {
-                fd: stdout.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            which.push(0);
-        }
-        if open[1] {
-            fds.push(libc::pollfd {
-                fd: stderr.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-            which.push(1);
+        for (i, fd) in [stdout.as_raw_fd(), stderr.as_raw_fd()].into_iter().enumerate() {
+            if open[i] {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                which.push(i);
+            }
         }
         if let (Some(p), None) = (&pidfd, status) {
             fds.push(libc::pollfd {
