@@ -5,12 +5,16 @@
 //! ([`vstate`]) and [`devices`], and [`runtime`] runs the vCPUs until the guest stops.
 
 pub mod agent_client;
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod disk;
+pub mod resources;
 pub mod runtime;
+pub mod sandbox;
 pub mod stats;
 pub mod vstate;

@@ -21,8 +21,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots.
+    /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots;
+    /// or, with --detach, start a sandbox in the background and return once it is ready.
     Run(RunArgs),
+    /// List sandboxes.
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sandboxes and delete them with their overlays.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Be one VM's VMM process, configured and started through the Firecracker-style HTTP API
+    /// served on --api-sock (what `ember run --detach` and control planes use).
+    Vmm(VmmArgs),
     /// Run a command in a running VM through its guest agent, streaming its output; exits with
     /// the command's status (128+N if killed by signal N, 124 on timeout, 125 for ember's own
     /// errors, 126/127 when the command cannot run / is not found)
@@ -76,7 +91,31 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Args)]
+struct VmmArgs {
+    /// Unix socket to serve the API on (must not exist yet)
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// The instance id `GET /` reports
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+}
+
+#[derive(Args)]
 struct RunArgs {
+    /// Start a sandbox in the background (its own VMM process, API socket, vsock socket, overlay
+    /// and logs in a state directory) and return once its guest agent answers
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Name of the sandbox (with --detach) [default: generated]
+    #[arg(long, requires = "detach")]
+    name: Option<String>,
+    /// Base image of the sandbox (with --detach): `default` ($EMBER_HOME/images/default.ext4) or
+    /// a path; the sandbox writes only to its own overlay on it
+    #[arg(long, requires = "detach", default_value = "default")]
+    image: String,
+    /// Seconds the guest agent has to answer after a detached sandbox starts
+    #[arg(long, requires = "detach", default_value_t = 120)]
+    ready_timeout: u64,
     /// ELF vmlinux to boot [default: $EMBER_HOME/vmlinux]
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -94,11 +133,11 @@ struct RunArgs {
     vcpus: u8,
     /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on]; repeatable, the guest sees them
     /// as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as / (rw unless ro=on)
-    #[arg(long = "drive", value_name = "OPTIONS")]
+    #[arg(long = "drive", value_name = "OPTIONS", conflicts_with = "detach")]
     drives: Vec<vmm::config::DriveConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH. Host programs connect to PATH and write
     /// "CONNECT <port>\n"; guest connections to host port P reach PATH_P
-    #[arg(long, value_name = "OPTIONS")]
+    #[arg(long, value_name = "OPTIONS", conflicts_with = "detach")]
     vsock: Option<vmm::config::VsockConfig>,
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
@@ -107,9 +146,12 @@ struct RunArgs {
 
 #[derive(Args)]
 struct ExecArgs {
-    /// The VM's vsock socket (the uds= of its --vsock)
+    /// The sandbox to run the command in
+    #[arg(required_unless_present = "uds", conflicts_with = "uds")]
+    name: Option<String>,
+    /// Instead of a sandbox name: a VM's vsock socket (the uds= of `ember run --vsock`)
     #[arg(long)]
-    uds: PathBuf,
+    uds: Option<PathBuf>,
     /// The agent's vsock port
     #[arg(long, default_value_t = ember_agent::DEFAULT_PORT)]
     port: u32,
@@ -138,7 +180,18 @@ const EXIT_EMBER_ERROR: u8 = 125;
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     use vmm::agent_client::{self, ClientError, Outcome};
-    let stream = match agent_client::connect(&args.uds, args.port, std::time::Duration::from_secs(10)) {
+    let uds = match (&args.uds, &args.name) {
+        (Some(uds), _) => uds.clone(),
+        (None, Some(name)) => match store()?.vsock_socket(name) {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("ember: error: {e}");
+                return Ok(ExitCode::from(EXIT_EMBER_ERROR));
+            }
+        },
+        (None, None) => unreachable!("clap requires a name or --uds"),
+    };
+    let stream = match agent_client::connect(&uds, args.port, std::time::Duration::from_secs(10)) {
         Ok(stream) => stream,
         Err(e) => {
             eprintln!("ember: error: {e}");
@@ -173,19 +226,100 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(code))
 }
 
-fn default_kernel() -> anyhow::Result<PathBuf> {
+fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
     match std::env::var_os("EMBER_HOME") {
-        Some(home) => Ok(PathBuf::from(home).join("vmlinux")),
-        None => bail!("no kernel given: pass --kernel PATH or set EMBER_HOME to a directory holding vmlinux"),
+        Some(home) => Ok(PathBuf::from(home)),
+        None => bail!("no {what} given: pass it, or set EMBER_HOME to a directory holding vmlinux and images/"),
     }
 }
 
+fn store() -> anyhow::Result<vmm::sandbox::Store> {
+    let exe = std::env::current_exe().context("cannot find the ember binary")?;
+    Ok(vmm::sandbox::Store::new(vmm::sandbox::Store::default_root(), exe))
+}
+
+fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let kernel = match args.kernel {
+        Some(k) => k,
+        None => ember_home("--kernel")?.join("vmlinux"),
+    };
+    let image = match args.image.as_str() {
+        "default" => ember_home("--image")?.join("images/default.ext4"),
+        path => PathBuf::from(path),
+    };
+    if args.initrd.is_some() {
+        bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
+    }
+    let spec = vmm::sandbox::SandboxSpec {
+        name: args.name,
+        kernel,
+        image,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        boot_args: args.cmdline,
+        ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
+    };
+    let record = store()?.start(&spec)?;
+    println!("{}", record.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(json: bool) -> anyhow::Result<ExitCode> {
+    let sandboxes = store()?.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<20} {:<12} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS");
+    for s in sandboxes {
+        let r = &s.record;
+        println!("{:<20} {:<12} {:>8} {:>8} {:>5}  {}", r.name, s.state, r.pid, r.mem_mib, r.vcpus, r.image.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(names: Vec<String>) -> anyhow::Result<ExitCode> {
+    let store = store()?;
+    let mut failed = false;
+    for name in names {
+        if let Err(e) = store.remove(&name) {
+            eprintln!("ember: error: {e}");
+            failed = true;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let (sender, channel) = vmm::api::channel().context("cannot set up the API channel")?;
+    vmm::api::server::start(&args.api_sock, sender)?;
+    let outcome = vmm::controller::serve(channel, args.id, started, Box::new(std::io::stdout()));
+    let _ = std::fs::remove_file(&args.api_sock);
+    exit_status(outcome?.exit)
+}
+
+fn exit_status(exit: GuestExit) -> anyhow::Result<ExitCode> {
+    Ok(match exit {
+        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) => ExitCode::SUCCESS,
+        GuestExit::Panic(line) => {
+            eprintln!("ember: the guest kernel panicked: {line}");
+            ExitCode::from(EXIT_GUEST_PANIC)
+        }
+        GuestExit::Failure(reason) => bail!("the VM failed: {reason}"),
+    })
+}
+
 fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
+    if args.detach {
+        return run_detached(args);
+    }
     vmm::vstate::kvm::check_host()?;
     let cfg = VmConfig {
         kernel: match args.kernel {
             Some(k) => k,
-            None => default_kernel()?,
+            None => ember_home("--kernel")?.join("vmlinux"),
         },
         initrd: args.initrd,
         cmdline: args.cmdline,
@@ -199,14 +333,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
     if args.stats {
         eprint!("{}", outcome.stats.report());
     }
-    Ok(match outcome.exit {
-        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) => ExitCode::SUCCESS,
-        GuestExit::Panic(line) => {
-            eprintln!("ember: the guest kernel panicked: {line}");
-            ExitCode::from(EXIT_GUEST_PANIC)
-        }
-        GuestExit::Failure(reason) => bail!("the VM failed: {reason}"),
-    })
+    exit_status(outcome.exit)
 }
 
 fn main() -> ExitCode {
@@ -221,6 +348,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args, started),
         Command::Exec(args) => exec(args),
+        Command::Ls { json } => ls(json),
+        Command::Rm { names } => rm(names),
+        Command::Vmm(args) => vmm_process(args, started),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {

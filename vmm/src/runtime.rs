@@ -1,20 +1,24 @@
 //! Runs a built VM: one thread per vCPU in KVM_RUN, the calling thread in the event loop
-//! (console input, the guest's reset request, vCPU exit reports), then an orderly stop.
+//! (console input, devices, the guest's reset request, vCPU exit reports, API calls: pause and
+//! resume), then an orderly stop.
 
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::models::{ActionType, InstanceInfo, InstanceState, MachineConfig, VmState};
+use crate::api::{ApiChannel, ApiRequest, ApiResponse};
 use crate::builder::BuiltVm;
 use crate::devices::legacy::serial::SerialInput;
 use crate::stats::{ExitCounts, RunStats};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{install_kick_handler, kick_signal, ExitSignal, GuestExit, VcpuContext, VcpuError};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,13 +56,53 @@ impl MutEventSubscriber for StopWatch {
     }
 }
 
+/// Notices API calls; the main loop answers them, since pausing needs the event manager.
+struct ApiWatch {
+    evt: EventFd,
+    pending: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ApiWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
+            tracing::error!("cannot watch the API channel: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.pending.store(true, Ordering::Release);
+    }
+}
+
 pub struct RunOutcome {
     pub exit: GuestExit,
     pub stats: RunStats,
 }
 
+/// The API of a running VM: where calls arrive, and what `GET /` and `GET /machine-config`
+/// report.
+pub struct RuntimeApi {
+    pub channel: ApiChannel,
+    pub id: String,
+    pub machine: MachineConfig,
+}
+
+type Manager = EventManager<Box<dyn MutEventSubscriber + Send>>;
+type VcpuThread = std::thread::JoinHandle<ExitCounts>;
+
 /// Runs the VM to its end. `started` is when the process started, for the boot timings.
 pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutcome, RunError> {
+    run_with_api(vm, started, console_input, None)
+}
+
+/// Runs the VM to its end, answering `api`'s calls meanwhile.
+pub fn run_with_api(
+    vm: BuiltVm,
+    started: Instant,
+    console_input: bool,
+    api: Option<RuntimeApi>,
+) -> Result<RunOutcome, RunError> {
     install_kick_handler()?;
     let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(RunError::EventFd)?;
     let ctx = Arc::new(VcpuContext {
@@ -66,24 +110,32 @@ pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutc
         mmio: vm.mmio.clone(),
         stop: Arc::new(AtomicBool::new(false)),
         exit: Arc::new(ExitSignal::new(exit_evt.try_clone().map_err(RunError::EventFd)?)),
+        gate: Arc::new(PauseGate::default()),
     });
 
-    let mut manager = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(RunError::EventLoop)?;
+    let mut manager = Manager::new().map_err(RunError::EventLoop)?;
     let done = Arc::new(AtomicBool::new(false));
     manager.add_subscriber(Box::new(StopWatch {
         reset_evt: vm.reset_evt.try_clone().map_err(RunError::EventFd)?,
         exit_evt,
         done: done.clone(),
     }));
+    let api_pending = Arc::new(AtomicBool::new(false));
+    if let Some(api) = &api {
+        let evt = api.channel.evt.try_clone().map_err(RunError::EventFd)?;
+        manager.add_subscriber(Box::new(ApiWatch { evt, pending: api_pending.clone() }));
+    }
+    let mut devices = Devices::default();
     if console_input {
         if let Ok(stdin) = std::io::stdin().as_fd().try_clone_to_owned() {
-            manager.add_subscriber(Box::new(SerialInput { serial: vm.serial.clone(), input: File::from(stdin) }));
+            let input = SerialInput { serial: vm.serial.clone(), input: File::from(stdin) };
+            devices.ids.push(manager.add_subscriber(Box::new(input)));
         }
     }
 
     let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, subscribers, .. } = vm;
     for subscriber in subscribers {
-        manager.add_subscriber(subscriber);
+        devices.ids.push(manager.add_subscriber(subscriber));
     }
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -107,6 +159,14 @@ pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutc
             loop_result = Err(RunError::EventLoop(e));
             break;
         }
+        if let Some(api) = &api {
+            if api_pending.swap(false, Ordering::AcqRel) {
+                for call in api.channel.calls.try_iter() {
+                    let response = answer(api, call.request, &ctx, &threads, &mut manager, &mut devices);
+                    let _ = call.reply.send(response);
+                }
+            }
+        }
     }
     let exits = stop_vcpus(&ctx, &mut threads);
     let total = started.elapsed();
@@ -124,13 +184,82 @@ pub fn run(vm: BuiltVm, started: Instant, console_input: bool) -> Result<RunOutc
     Ok(RunOutcome { exit, stats: RunStats { exits, first_serial_byte, total } })
 }
 
-/// Stops every vCPU thread: sets the stop flag, kicks each out of KVM_RUN, joins them.
-fn stop_vcpus(ctx: &VcpuContext, threads: &mut Vec<std::thread::JoinHandle<ExitCounts>>) -> ExitCounts {
-    ctx.stop.store(true, Ordering::Release);
-    for t in threads.iter() {
+/// The device subscribers: in the event manager while the VM runs, taken out of it while the
+/// VM is paused so that no device touches guest memory or its queues.
+#[derive(Default)]
+struct Devices {
+    ids: Vec<SubscriberId>,
+    parked: Vec<Box<dyn MutEventSubscriber + Send>>,
+}
+
+/// How long vCPU threads get to leave KVM_RUN when the VM is paused.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn answer(
+    api: &RuntimeApi,
+    request: ApiRequest,
+    ctx: &VcpuContext,
+    threads: &[VcpuThread],
+    manager: &mut Manager,
+    devices: &mut Devices,
+) -> ApiResponse {
+    let paused = ctx.gate.is_closed();
+    match request {
+        ApiRequest::GetInfo => ApiResponse::json(&InstanceInfo {
+            id: api.id.clone(),
+            state: if paused { InstanceState::Paused } else { InstanceState::Running },
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            app_name: "ember".into(),
+        }),
+        ApiRequest::GetMachineConfig => ApiResponse::json(&api.machine),
+        ApiRequest::PatchVm(VmState::Paused) if paused => ApiResponse::no_content(),
+        ApiRequest::PatchVm(VmState::Paused) => {
+            ctx.gate.close();
+            kick(threads);
+            if !ctx.gate.wait_parked(threads.len(), PAUSE_TIMEOUT) {
+                ctx.gate.open();
+                return ApiResponse::fault(500, "the vCPUs did not stop within 5 s; the VM keeps running");
+            }
+            for id in devices.ids.drain(..) {
+                match manager.remove_subscriber(id) {
+                    Ok(device) => devices.parked.push(device),
+                    Err(e) => tracing::error!("cannot quiesce a device: {e:?}"),
+                }
+            }
+            ApiResponse::no_content()
+        }
+        ApiRequest::PatchVm(VmState::Resumed) => {
+            for device in devices.parked.drain(..) {
+                devices.ids.push(manager.add_subscriber(device));
+            }
+            ctx.gate.open();
+            ApiResponse::no_content()
+        }
+        ApiRequest::Action(ActionType::InstanceStart) => ApiResponse::bad_request("The microVM is already running."),
+        ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiResponse::bad_request(
+            "SendCtrlAltDel needs an i8042 keyboard driver in the guest, which ember's guest kernel does not have; \
+             stop the VM by powering it off from inside or by ending its VMM process",
+        ),
+        ApiRequest::Action(ActionType::FlushMetrics) => ApiResponse::bad_request("ember has no metrics to flush"),
+        ApiRequest::PutBootSource(_) | ApiRequest::PutMachineConfig(_) | ApiRequest::PutDrive(_) | ApiRequest::PutVsock(_) => {
+            ApiResponse::bad_request("The requested operation is not supported after starting the microVM.")
+        }
+    }
+}
+
+/// Sends each vCPU thread the kick signal, so that it leaves (or does not enter) KVM_RUN.
+fn kick(threads: &[VcpuThread]) {
+    for t in threads {
         // SAFETY: the thread has not been joined, so its pthread_t is valid.
         unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
     }
+}
+
+/// Stops every vCPU thread: sets the stop flag, kicks each out of KVM_RUN, joins them.
+fn stop_vcpus(ctx: &VcpuContext, threads: &mut Vec<VcpuThread>) -> ExitCounts {
+    ctx.stop.store(true, Ordering::Release);
+    ctx.gate.wake();
+    kick(threads);
     let mut total = ExitCounts::default();
     for t in threads.drain(..) {
         match t.join() {

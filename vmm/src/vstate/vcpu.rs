@@ -14,6 +14,7 @@ use crate::arch::x86_64::interrupts::set_lint;
 use crate::arch::x86_64::msr::boot_msr_list;
 use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs};
 use crate::devices::bus::{lock, Bus};
+use super::pause::PauseGate;
 use crate::stats::ExitCounts;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     pub stop: Arc<AtomicBool>,
     pub exit: Arc<ExitSignal>,
+    /// Closed while the VM is paused.
+    pub gate: Arc<PauseGate>,
 }
 
 thread_local! {
@@ -170,6 +173,10 @@ impl Vcpu {
         let mut counts = ExitCounts::default();
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         while !ctx.stop.load(Ordering::Acquire) {
+            if ctx.gate.is_closed() {
+                ctx.gate.park(&ctx.stop);
+                continue;
+            }
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, ctx, &mut counts),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

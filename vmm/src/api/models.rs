@@ -1,0 +1,203 @@
+//! The request and response bodies of the API, in Firecracker's shapes (field names, enum
+//! spellings, which fields are optional), so that a Firecracker client can drive ember.
+//! Fields ember cannot honour are accepted only at the value that asks for nothing
+//! (e.g. `smt: false`); anything else is a 400 naming the field.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    pub kernel_image_path: String,
+    /// Appended to ember's default command line (the last occurrence of a parameter wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpu_count: u8,
+    pub mem_size_mib: u64,
+    #[serde(default)]
+    pub smt: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        // Firecracker's defaults.
+        Self { vcpu_count: 1, mem_size_mib: 128, smt: false, track_dirty_pages: false, cpu_template: None, huge_pages: None }
+    }
+}
+
+impl MachineConfig {
+    /// Rejects the options ember does not implement.
+    pub fn check(&self) -> Result<(), String> {
+        if self.vcpu_count == 0 {
+            return Err("vcpu_count must be at least 1".into());
+        }
+        if self.mem_size_mib == 0 {
+            return Err("mem_size_mib must be at least 1".into());
+        }
+        if self.smt {
+            return Err("smt: ember gives each vCPU its own core; only false is supported".into());
+        }
+        if self.track_dirty_pages {
+            return Err("track_dirty_pages: ember takes full snapshots only; only false is supported".into());
+        }
+        match self.cpu_template.as_deref() {
+            None | Some("None") => {}
+            Some(t) => return Err(format!("cpu_template {t}: ember has no CPU templates; only \"None\" is supported")),
+        }
+        match self.huge_pages.as_deref() {
+            None | Some("None") => Ok(()),
+            Some(h) => Err(format!("huge_pages {h}: only \"None\" is supported")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    pub drive_id: String,
+    pub path_on_host: String,
+    pub is_root_device: bool,
+    #[serde(default)]
+    pub is_read_only: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
+}
+
+impl Drive {
+    pub fn check(&self, id_in_path: &str) -> Result<(), String> {
+        if self.drive_id != id_in_path {
+            return Err(format!(
+                "the drive_id in the body ({}) differs from the one in the path ({id_in_path})",
+                self.drive_id
+            ));
+        }
+        if self.partuuid.is_some() {
+            return Err("partuuid: ember's guests have no partition tables; the root drive is /dev/vda".into());
+        }
+        // ember always honours the guest's flushes, which is what both Firecracker cache types
+        // promise at least.
+        match self.cache_type.as_deref() {
+            None | Some("Unsafe") | Some("Writeback") => {}
+            Some(c) => return Err(format!("cache_type {c}: expected Unsafe or Writeback")),
+        }
+        match self.io_engine.as_deref() {
+            None | Some("Sync") => {}
+            Some(e) => return Err(format!("io_engine {e}: only Sync is supported")),
+        }
+        if self.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
+            return Err("rate_limiter: ember has no block rate limiter".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    pub guest_cid: u32,
+    pub uds_path: String,
+    /// Deprecated in Firecracker and ignored there too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    InstanceStart,
+    SendCtrlAltDel,
+    FlushMetrics,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    pub action_type: ActionType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Paused,
+    Resumed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub state: VmState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    #[serde(rename = "Not started")]
+    NotStarted,
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub state: InstanceState,
+    pub vmm_version: String,
+    pub app_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub fault_message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_bodies_parse() {
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id":"rootfs","path_on_host":"/r.ext4","is_root_device":true,"is_read_only":false}"#,
+        )
+        .unwrap();
+        assert!(d.check("rootfs").is_ok());
+        assert!(d.check("other").unwrap_err().contains("differs"));
+        let a: InstanceActionInfo = serde_json::from_str(r#"{"action_type":"InstanceStart"}"#).unwrap();
+        assert_eq!(a.action_type, ActionType::InstanceStart);
+        let v: Vm = serde_json::from_str(r#"{"state":"Paused"}"#).unwrap();
+        assert_eq!(v.state, VmState::Paused);
+        let m: MachineConfig = serde_json::from_str(r#"{"vcpu_count":2,"mem_size_mib":1024,"smt":false}"#).unwrap();
+        assert!(m.check().is_ok());
+        assert_eq!(serde_json::to_string(&InstanceState::NotStarted).unwrap(), r#""Not started""#);
+    }
+
+    #[test]
+    fn unknown_fields_and_unsupported_options_are_refused() {
+        assert!(serde_json::from_str::<BootSource>(r#"{"kernel_image_path":"k","bogus":1}"#).is_err());
+        let m: MachineConfig = serde_json::from_str(r#"{"vcpu_count":2,"mem_size_mib":64,"smt":true}"#).unwrap();
+        assert!(m.check().unwrap_err().contains("smt"));
+        let m = MachineConfig { vcpu_count: 0, ..Default::default() };
+        assert!(m.check().unwrap_err().contains("vcpu_count"));
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id":"a","path_on_host":"p","is_root_device":false,"rate_limiter":{"bandwidth":{}}}"#,
+        )
+        .unwrap();
+        assert!(d.check("a").unwrap_err().contains("rate_limiter"));
+    }
+}

@@ -1,0 +1,96 @@
+//! A VMM process driven through its API, as Firecracker is: it starts empty, takes the VM's
+//! configuration piece by piece, builds and starts the VM on `InstanceStart`, then answers
+//! runtime calls (pause, resume, info) until the guest ends.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::api::models::{ActionType, InstanceInfo, InstanceState};
+use crate::api::{ApiChannel, ApiRequest, ApiResponse};
+use crate::builder;
+use crate::resources::VmResources;
+use crate::runtime::{self, RunError, RunOutcome, RuntimeApi};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("the API server stopped before the VM was started")]
+    ApiGone,
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// The console sink, shared so that a start that fails does not use it up for the next try.
+#[derive(Clone)]
+struct SharedSink(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
+fn info(id: &str) -> ApiResponse {
+    ApiResponse::json(&InstanceInfo {
+        id: id.to_string(),
+        state: InstanceState::NotStarted,
+        vmm_version: env!("CARGO_PKG_VERSION").into(),
+        app_name: "ember".into(),
+    })
+}
+
+/// Serves `channel` until the VM has been started and has ended. The guest's console goes to
+/// `console`.
+pub fn serve(
+    channel: ApiChannel,
+    id: String,
+    started: Instant,
+    console: Box<dyn Write + Send>,
+) -> Result<RunOutcome, ControllerError> {
+    let console = SharedSink(Arc::new(Mutex::new(console)));
+    let mut resources = VmResources::default();
+    loop {
+        let call = channel.calls.recv().map_err(|_| ControllerError::ApiGone)?;
+        let result = match call.request {
+            ApiRequest::GetInfo => {
+                let _ = call.reply.send(info(&id));
+                continue;
+            }
+            ApiRequest::GetMachineConfig => {
+                let _ = call.reply.send(ApiResponse::json(&resources.machine));
+                continue;
+            }
+            ApiRequest::PutBootSource(boot) => resources.set_boot_source(boot),
+            ApiRequest::PutMachineConfig(machine) => {
+                resources.machine = machine;
+                Ok(())
+            }
+            ApiRequest::PutDrive(drive) => resources.set_drive(drive),
+            ApiRequest::PutVsock(vsock) => resources.set_vsock(vsock),
+            ApiRequest::PatchVm(_) => Err("The microVM is not running yet: start it first.".into()),
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                let built = resources.vm_config().and_then(|cfg| {
+                    builder::build(&cfg, Box::new(console.clone())).map_err(|e| e.to_string())
+                });
+                match built {
+                    Ok(vm) => {
+                        tracing::info!("starting the VM");
+                        let _ = call.reply.send(ApiResponse::no_content());
+                        let api = RuntimeApi { channel, id, machine: resources.machine };
+                        return Ok(runtime::run_with_api(vm, started, false, Some(api))?);
+                    }
+                    Err(e) => Err(format!("Cannot start the microVM: {e}")),
+                }
+            }
+            ApiRequest::Action(other) => Err(format!("{other:?} is only possible once the microVM runs.")),
+        };
+        let _ = call.reply.send(match result {
+            Ok(()) => ApiResponse::no_content(),
+            Err(message) => ApiResponse::bad_request(message),
+        });
+    }
+}

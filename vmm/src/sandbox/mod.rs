@@ -1,0 +1,407 @@
+//! Sandboxes: VMs that run in the background, one VMM process each, found by name.
+//!
+//! A sandbox lives in a state directory `<root>/<name>/` holding its record (`sandbox.json`),
+//! its API socket, its vsock socket, its copy-on-write overlay over the base image, and the
+//! guest console's and the VMM's logs. Starting one creates the overlay, spawns `ember vmm`
+//! and configures and starts it through its API, exactly as any control plane would; the
+//! sandbox is ready when its guest agent answers.
+
+pub mod record;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use record::{vmm_alive, Record, API_SOCKET, CONSOLE_LOG, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
+
+use crate::agent_client;
+use crate::api::client::{ApiClient, ApiClientError};
+use crate::api::models::{ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, MachineConfig, Vsock};
+use crate::disk::{overlay, DiskError};
+
+/// Longest Unix socket path (sun_path holds 108 bytes with the NUL), less room for the
+/// `_PORT` suffix of guest-initiated vsock connections.
+const MAX_SOCKET_PATH: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("'{0}' is not a valid sandbox name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    BadName(String),
+    #[error("a sandbox named {0} already exists")]
+    Exists(String),
+    #[error("there is no sandbox named {0}")]
+    NotFound(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the sandbox state directory {0} is too long for Unix socket paths; set EMBER_STATE to a shorter directory")]
+    PathTooLong(PathBuf),
+    #[error("the sandbox record {path} is unreadable: {reason}")]
+    BadRecord { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Api(#[from] ApiClientError),
+    #[error("the VMM of sandbox {name} exited during start-up; its log says:\n{log}")]
+    VmmDied { name: String, log: String },
+    #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
+    NotReady { name: String, what: &'static str, secs: u64, console: String },
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let path = path.to_path_buf();
+    move |source| SandboxError::Io { what, path, source }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub name: Option<String>,
+    pub kernel: PathBuf,
+    pub image: PathBuf,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    /// Appended to the kernel command line.
+    pub boot_args: Option<String>,
+    /// How long the guest agent has to answer after the VM starts.
+    pub ready_timeout: Duration,
+}
+
+/// A sandbox as `ember ls` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub record: Record,
+    /// "Running", "Paused", or "Stopped" when its VMM process is gone.
+    pub state: String,
+}
+
+pub struct Store {
+    root: PathBuf,
+    /// The `ember` binary, which is also the VMM.
+    vmm_binary: PathBuf,
+}
+
+fn check_name(name: &str) -> Result<(), SandboxError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(SandboxError::BadName(name.to_string())) }
+}
+
+fn random_name() -> String {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        bytes = (nanos ^ std::process::id()).to_le_bytes();
+    }
+    format!("sb-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The tail of a log file, for error messages.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Store {
+    /// `$EMBER_STATE/sandboxes`, else `$XDG_STATE_HOME/ember/sandboxes`, else
+    /// `~/.local/state/ember/sandboxes`.
+    pub fn default_root() -> PathBuf {
+        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let base = env("EMBER_STATE")
+            .or_else(|| env("XDG_STATE_HOME").map(|p| p.join("ember")))
+            .or_else(|| env("HOME").map(|p| p.join(".local/state/ember")))
+            .unwrap_or_else(|| PathBuf::from("/tmp/ember-state"));
+        base.join("sandboxes")
+    }
+
+    pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
+        Self { root, vmm_binary }
+    }
+
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// The sandbox's record, if `name` exists.
+    pub fn record(&self, name: &str) -> Result<Record, SandboxError> {
+        check_name(name)?;
+        let path = self.dir(name).join(RECORD);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(SandboxError::NotFound(name.into())),
+            Err(e) => return Err(io("cannot read", &path)(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| SandboxError::BadRecord { path, reason: e.to_string() })
+    }
+
+    /// The vsock socket through which the host reaches the sandbox's guest agent.
+    pub fn vsock_socket(&self, name: &str) -> Result<PathBuf, SandboxError> {
+        self.record(name)?;
+        Ok(self.dir(name).join(VSOCK_SOCKET))
+    }
+
+    pub fn api(&self, name: &str) -> ApiClient {
+        ApiClient::new(self.dir(name).join(API_SOCKET))
+    }
+
+    pub fn list(&self) -> Result<Vec<Status>, SandboxError> {
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("cannot list", &self.root)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(record) = self.record(&name) else { continue };
+            out.push(self.status(record));
+        }
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(out)
+    }
+
+    fn status(&self, record: Record) -> Status {
+        let dir = self.dir(&record.name);
+        let state = if !vmm_alive(record.pid, &dir) {
+            "Stopped".to_string()
+        } else {
+            match ApiClient::new(dir.join(API_SOCKET)).get::<InstanceInfo>("/") {
+                Ok(info) => serde_json::to_value(info.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                Err(_) => "Unresponsive".to_string(),
+            }
+        };
+        Status { record, state }
+    }
+
+    /// Starts a sandbox and returns once its guest agent answers.
+    pub fn start(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        let name = spec.name.clone().unwrap_or_else(random_name);
+        check_name(&name)?;
+        let dir = self.dir(&name);
+        if dir.join(VSOCK_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SandboxError::PathTooLong(self.root.clone()));
+        }
+        std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(name)),
+            Err(e) => return Err(io("cannot create", &dir)(e)),
+        }
+        let result = self.boot(&name, &dir, spec);
+        if result.is_err() {
+            self.teardown(&name, &dir);
+        }
+        result
+    }
+
+    fn boot(&self, name: &str, dir: &Path, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        let overlay_path = dir.join(OVERLAY);
+        overlay::create(&spec.image, &overlay_path)?;
+        let cid = self.free_cid();
+        let api_socket = dir.join(API_SOCKET);
+        let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
+        let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
+        let mut command = Command::new(&self.vmm_binary);
+        command
+            .arg("vmm")
+            .arg("--api-sock")
+            .arg(&api_socket)
+            .arg("--id")
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(log);
+        // Its own session: the sandbox outlives the terminal and the command that started it.
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
+        let record = Record {
+            name: name.to_string(),
+            pid: child.id() as i32,
+            cid,
+            image: spec.image.clone(),
+            mem_mib: spec.mem_mib,
+            vcpus: spec.vcpus,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+        };
+        let record_path = dir.join(RECORD);
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
+            path: record_path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
+
+        let died = |child: &mut std::process::Child| -> Option<SandboxError> {
+            matches!(child.try_wait(), Ok(Some(_)))
+                .then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
+            if let Some(e) = died(&mut child) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    name: name.into(),
+                    what: "the VMM's API socket did not appear",
+                    secs: 10,
+                    console: tail(&dir.join(VMM_LOG), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+
+        let api = ApiClient::new(&api_socket);
+        let configure = || -> Result<(), ApiClientError> {
+            api.put(
+                "/boot-source",
+                &BootSource {
+                    kernel_image_path: spec.kernel.display().to_string(),
+                    boot_args: Some(format!(
+                        "init=/sbin/ember-init{}",
+                        spec.boot_args.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
+                    )),
+                    initrd_path: None,
+                },
+            )?;
+            api.put(
+                "/machine-config",
+                &MachineConfig { vcpu_count: spec.vcpus, mem_size_mib: spec.mem_mib, ..Default::default() },
+            )?;
+            api.put(
+                "/drives/rootfs",
+                &Drive {
+                    drive_id: "rootfs".into(),
+                    path_on_host: overlay_path.display().to_string(),
+                    is_root_device: true,
+                    is_read_only: false,
+                    partuuid: None,
+                    cache_type: None,
+                    io_engine: None,
+                    rate_limiter: None,
+                },
+            )?;
+            api.put("/vsock", &Vsock { guest_cid: cid, uds_path: dir.join(VSOCK_SOCKET).display().to_string(), vsock_id: None })?;
+            api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart })
+        };
+        if let Err(e) = configure() {
+            return Err(died(&mut child).unwrap_or(e.into()));
+        }
+
+        let deadline = Instant::now() + spec.ready_timeout;
+        loop {
+            if let Ok(stream) = agent_client::connect(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, Duration::from_secs(2)) {
+                drop(stream);
+                return Ok(record);
+            }
+            if let Some(e) = died(&mut child) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    name: name.into(),
+                    what: "the guest agent did not answer",
+                    secs: spec.ready_timeout.as_secs(),
+                    console: tail(&dir.join(CONSOLE_LOG), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The smallest guest CID from 3 up that no live sandbox uses, so that CIDs stay unique
+    /// on the host even though each VM has its own vsock socket.
+    fn free_cid(&self) -> u32 {
+        let used: Vec<u32> = self
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.state != "Stopped")
+            .map(|s| s.record.cid)
+            .collect();
+        (3..).find(|c| !used.contains(c)).unwrap_or(3)
+    }
+
+    /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included.
+    pub fn remove(&self, name: &str) -> Result<(), SandboxError> {
+        self.record(name)?;
+        self.teardown(name, &self.dir(name));
+        let dir = self.dir(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn teardown(&self, name: &str, dir: &Path) {
+        if let Ok(record) = self.record(name) {
+            if vmm_alive(record.pid, dir) {
+                // SAFETY: plain kill(2); vmm_alive checked that the pid is this sandbox's VMM.
+                unsafe { libc::kill(record.pid, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while vmm_alive(record.pid, dir) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["a", "sb-01", "web.server_2", &"x".repeat(63)] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-x", ".hidden", "a/b", "a b", "../up", &"x".repeat(64)] {
+            assert!(matches!(check_name(bad), Err(SandboxError::BadName(_))), "{bad}");
+        }
+        let n = random_name();
+        assert!(check_name(&n).is_ok() && n.len() == 11, "{n}");
+    }
+
+    #[test]
+    fn unknown_sandboxes_and_an_empty_store() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(dir.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
+        assert!(store.list().unwrap().is_empty());
+        assert!(matches!(store.remove("nope"), Err(SandboxError::NotFound(_))));
+        assert!(matches!(store.vsock_socket("nope"), Err(SandboxError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_failed_start_leaves_nothing_behind() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(dir.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
+        let spec = SandboxSpec {
+            name: Some("t1".into()),
+            kernel: PathBuf::from("/nonexistent/vmlinux"),
+            image: dir.as_path().join("missing-base.ext4"),
+            mem_mib: 128,
+            vcpus: 1,
+            boot_args: None,
+            ready_timeout: Duration::from_secs(1),
+        };
+        let err = store.start(&spec).unwrap_err();
+        assert!(err.to_string().contains("missing-base.ext4"), "{err}");
+        assert!(!store.dir("t1").exists());
+        let long = Store::new(dir.as_path().join("x".repeat(120)), PathBuf::from("/nonexistent/ember"));
+        assert!(matches!(long.start(&spec), Err(SandboxError::PathTooLong(_))));
+    }
+}
