@@ -543,4 +543,6 @@ fn zero(s: &VolatileSlice<'_>) {
 }
 
 #[cfg(test)]
+mod subcluster_tests;
+#[cfg(test)]
 mod tests;
