@@ -149,6 +149,30 @@ fn random_writes_of_any_alignment_match_a_model_and_qemu() {
 }
 
 #[test]
+fn the_last_sector_of_a_disk_that_ends_inside_a_subcluster() {
+    let dir = tmpdir();
+    let size = MIB + 512;
+    let base = make_base(dir.as_path(), "base.raw", size);
+    let top = dir.as_path().join("top.qcow2");
+    overlay::create(&base, &top).unwrap();
+    let mut expect = base_bytes(0, size as usize);
+    {
+        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        write_at(&mut d, size - 512, &[0xab; 512]);
+        write_at(&mut d, size - 1536, &[0xcd; 512]);
+        d.flush().unwrap();
+    }
+    expect[(size - 512) as usize..].fill(0xab);
+    expect[(size - 1536) as usize..][..512].fill(0xcd);
+    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    assert!(read(&mut d, 0, size as usize) == expect);
+    qemu_check(&top);
+    if let Some(q) = qemu_content(&top) {
+        assert!(q == expect, "qemu-img sees other content");
+    }
+}
+
+#[test]
 fn chains_mix_layouts_with_subclusters_on_top() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 8 * MIB);

@@ -395,8 +395,10 @@ impl SubclusterLayer {
                 self.file.write_all_at(&fill, e.host() + within - head)?;
             }
             let end = within + len;
-            if end % scs != 0 && e.alloc() & (1 << last) == 0 {
-                let fill = self.read_to_vec(at + len, scs - end % scs)?;
+            // (The last subcluster of a disk whose size is not a multiple of it ends early.)
+            let tail = (scs - end % scs).min(self.size - (at + len));
+            if end % scs != 0 && tail != 0 && e.alloc() & (1 << last) == 0 {
+                let fill = self.read_to_vec(at + len, tail)?;
                 self.file.write_all_at(&fill, e.host() + end)?;
             }
             let host = e.host() + within;
