@@ -3,8 +3,9 @@
 //! Every sandbox boots from one shared, read-only base image (a raw ext4 file) and writes only
 //! to its own thin qcow2 overlay; a fork freezes an overlay and stacks a new one on it
 //! (base ← frozen overlay ← overlay). [`open`] gives the device a [`DiskBackend`] for either
-//! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] goes through the imago
-//! crate and opens the whole backing chain read-only. [`overlay`] creates, inspects and
+//! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] opens the whole backing
+//! chain read-only and reads and writes overlays with subclusters itself (others through the
+//! imago crate). [`overlay`] creates, inspects and
 //! flattens overlays (`ember disk ...`). `README.md` next to this file says why qcow2 and imago.
 
 pub mod overlay;

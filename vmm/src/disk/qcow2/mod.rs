@@ -248,7 +248,9 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<us
 
 /// A whole chain seen from its top layer.
 pub(crate) enum Image {
-    /// A raw file, or a standard qcow2 layer with its backing chain (all opened by imago).
+    /// A raw file, read and written directly.
+    Raw(RawLayer),
+    /// A standard qcow2 layer with its backing chain (all opened by imago).
     Imago(ImagoImage),
     /// A layer with subclusters over its backing chain.
     Subclusters(Box<SubclusterLayer>),
@@ -267,6 +269,7 @@ pub(crate) enum Extent<'a> {
 impl Image {
     pub fn size(&self) -> u64 {
         match self {
+            Image::Raw(r) => r.size(),
             Image::Imago(i) => i.size(),
             Image::Subclusters(s) => s.size(),
         }
@@ -274,6 +277,7 @@ impl Image {
 
     pub fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
         match self {
+            Image::Raw(r) => r.read_vectored(offset, bufs),
             Image::Imago(i) => i.read_vectored(offset, bufs),
             Image::Subclusters(s) => s.read_vectored(offset, bufs),
         }
@@ -281,6 +285,7 @@ impl Image {
 
     fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
         match self {
+            Image::Raw(r) => r.write_vectored(offset, bufs),
             Image::Imago(i) => i.write_vectored(offset, bufs),
             Image::Subclusters(s) => s.write_vectored(offset, bufs),
         }
@@ -288,6 +293,7 @@ impl Image {
 
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
+            Image::Raw(r) => r.flush(),
             Image::Imago(i) => i.flush(),
             Image::Subclusters(s) => s.flush(),
         }
@@ -297,9 +303,54 @@ impl Image {
     /// one unless AT is the end of the disk).
     pub fn extent(&mut self, at: u64, max: u64) -> std::io::Result<(Extent<'_>, u64)> {
         match self {
+            Image::Raw(r) => r.extent(at, max),
             Image::Imago(i) => i.extent(at, max),
             Image::Subclusters(s) => s.extent(at, max),
         }
+    }
+}
+
+/// A raw file as a layer of a chain (its base, normally).
+pub(crate) struct RawLayer {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    writable: bool,
+}
+
+impl RawLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        super::raw::read_file_vectored(&self.file, offset, bufs)
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        if !self.writable {
+            return Err(read_only_error());
+        }
+        super::raw::write_file_vectored(&self.file, offset, bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.writable {
+            true => self.file.sync_data(),
+            false => Ok(()),
+        }
+    }
+
+    fn extent(&mut self, at: u64, max: u64) -> std::io::Result<(Extent<'_>, u64)> {
+        Ok((Extent::Data { file: &self.file, offset: at }, max.min(self.size.saturating_sub(at))))
+    }
+
+    /// The same file as imago sees it, to go under a standard qcow2 layer.
+    fn into_imago(self) -> std::io::Result<ImagoImage> {
+        let opts = StorageOpenOptions::new().filename(&self.path).write(self.writable);
+        let fds = vec![(self.path, self.file.try_clone()?)];
+        let raw = Raw::open_image(ImagoFile::from_open_file(self.file, opts)?, self.writable)?;
+        Ok(ImagoImage::new(FormatAccess::new(raw), fds))
     }
 }
 
@@ -359,11 +410,8 @@ fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mu
     let dup = || file.try_clone().map_err(|error| DiskError::Io { path: path.into(), op: "dup", error });
 
     if format == Format::Raw {
-        let fds = vec![(path.to_path_buf(), dup()?)];
-        let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
-        let raw = Raw::open_image(storage, writable).map_err(imago_err)?;
         walk.layers.push(info);
-        return Ok(Image::Imago(ImagoImage::new(FormatAccess::new(raw), fds)));
+        return Ok(Image::Raw(RawLayer { file, path: path.into(), size: len, writable }));
     }
 
     let header = Header::read(&file, path, len)?;
@@ -398,13 +446,10 @@ fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mu
         let layer = SubclusterLayer::open(file, path, &header, len, writable, backing_image)?;
         return Ok(Image::Subclusters(Box::new(layer)));
     };
-    match backing_image {
-        None => qcow2.set_backing(None),
-        Some(Image::Imago(b)) => {
-            let (image, backing_fds) = b.into_parts();
-            qcow2.set_backing(Some(image));
-            fds.extend(backing_fds);
-        }
+    let backing_image = match backing_image {
+        None => None,
+        Some(Image::Raw(r)) => Some(r.into_imago().map_err(imago_err)?),
+        Some(Image::Imago(b)) => Some(b),
         Some(Image::Subclusters(_)) => {
             return Err(DiskError::Qcow2 {
                 path: path.into(),
@@ -414,6 +459,14 @@ fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mu
                     header.backing.as_deref().unwrap_or_default()
                 ),
             })
+        }
+    };
+    match backing_image {
+        None => qcow2.set_backing(None),
+        Some(b) => {
+            let (image, backing_fds) = b.into_parts();
+            qcow2.set_backing(Some(image));
+            fds.extend(backing_fds);
         }
     }
     let mut image = FormatAccess::new(qcow2);

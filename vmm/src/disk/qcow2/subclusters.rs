@@ -273,17 +273,22 @@ impl SubclusterLayer {
         self.file.sync_data()
     }
 
+    /// log2 of the entries in one L2 table (16 bytes each).
+    fn table_bits(&self) -> u32 {
+        self.cluster_bits - 4
+    }
+
     fn entry(&self, cluster: u64) -> Entry {
-        let per = self.per_table() as u64;
-        match &self.l2[(cluster / per) as usize] {
-            Some(t) => t.entries[(cluster % per) as usize],
-            None => Entry::default(),
+        let t = (cluster >> self.table_bits()) as usize;
+        match self.l2.get(t) {
+            Some(Some(table)) => table.entries[(cluster & ((1 << self.table_bits()) - 1)) as usize],
+            _ => Entry::default(),
         }
     }
 
     fn set_entry(&mut self, cluster: u64, e: Entry) {
         let per = self.per_table();
-        let (t, i) = ((cluster / per as u64) as usize, (cluster % per as u64) as usize);
+        let (t, i) = ((cluster >> self.table_bits()) as usize, (cluster & (per as u64 - 1)) as usize);
         let table = self.l2[t]
             .get_or_insert_with(|| L2Table { entries: vec![Entry::default(); per].into_boxed_slice(), dirty: None });
         table.entries[i] = e;
@@ -299,18 +304,12 @@ impl SubclusterLayer {
     fn run_at(&self, at: u64, max: u64) -> (State, u64, u64) {
         let (cs, scs) = (self.cluster_size(), self.subcluster_size());
         let mut cluster = at >> self.cluster_bits;
-        let e = self.entry(cluster);
-        let sc = ((at & (cs - 1)) / scs) as u32;
-        let state = subcluster_state(e, sc);
+        let mut e = self.entry(cluster);
+        let mut first = ((at & (cs - 1)) / scs) as u32;
+        let state = subcluster_state(e, first);
         let host = e.host() + (at & (cs - 1));
         let mut end = at - at % scs;
-        let mut expect_host = e.host();
-        let mut first = sc;
         loop {
-            let e = self.entry(cluster);
-            if state == State::Data && e.host() != expect_host {
-                break;
-            }
             let same = match state {
                 State::Data => e.alloc(),
                 State::Zero => e.zero(),
@@ -321,9 +320,11 @@ impl SubclusterLayer {
             if first as u64 + n < SUBCLUSTERS || end - at >= max || end >= self.size {
                 break;
             }
-            cluster += 1;
-            first = 0;
-            expect_host += cs;
+            let next = self.entry(cluster + 1);
+            if state == State::Data && next.host() != e.host() + cs {
+                break;
+            }
+            (cluster, e, first) = (cluster + 1, next, 0);
         }
         (state, host, (end - at).min(max).min(self.size - at))
     }
