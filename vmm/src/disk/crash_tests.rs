@@ -18,7 +18,7 @@ use super::test_util::*;
 use super::{open, overlay};
 
 const MIB: u64 = 1 << 20;
-/// 2 GiB of virtual disk: four L2 tables.
+/// 2 GiB of virtual disk: eight L2 tables of subclusters.
 const DISK: u64 = 2048 * MIB;
 /// Base data only in the first 8 MiB (keeps the test quick); the rest is a hole.
 const PATTERNED: u64 = 8 * MIB;

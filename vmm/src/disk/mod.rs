@@ -3,8 +3,9 @@
 //! Every sandbox boots from one shared, read-only base image (a raw ext4 file) and writes only
 //! to its own thin qcow2 overlay; a fork freezes an overlay and stacks a new one on it
 //! (base ← frozen overlay ← overlay). [`open`] gives the device a [`DiskBackend`] for either
-//! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] goes through the imago
-//! crate and opens the whole backing chain read-only. [`overlay`] creates, inspects and
+//! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] opens the whole backing
+//! chain read-only and reads and writes overlays with subclusters itself (others through the
+//! imago crate). [`overlay`] creates, inspects and
 //! flattens overlays (`ember disk ...`). `README.md` next to this file says why qcow2 and imago.
 
 pub mod overlay;
@@ -202,6 +203,29 @@ pub(crate) fn check_size(path: &Path, size: u64) -> Result<(), DiskError> {
         return Err(DiskError::BadSize { path: path.into(), size });
     }
     Ok(())
+}
+
+/// The first offset at or after POS where FILE holds data (SEEK_DATA), or None when only a hole
+/// follows. A shared reference is enough: lseek moves the file position, which ember never
+/// uses (all its I/O is positioned).
+pub(crate) fn seek_data(file: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(file, pos, libc::SEEK_DATA)
+}
+
+/// The first offset at or after POS where FILE has a hole (SEEK_HOLE; the end counts as one).
+pub(crate) fn seek_hole(file: &File, pos: u64) -> io::Result<Option<u64>> {
+    seek(file, pos, libc::SEEK_HOLE)
+}
+
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let pos = libc::off_t::try_from(pos).map_err(|_| io::Error::other("offset overflow"))?;
+    // SAFETY: lseek on an fd we own; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), pos, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(r as u64))
 }
 
 /// The error a write to a read-only disk gets.

@@ -1,21 +1,15 @@
 //! Operations on overlays, behind `ember disk`: create one over a base (or over a frozen
 //! overlay), show a chain, and flatten a chain into a standalone sparse raw image.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use imago::file::File as ImagoFile;
-use imago::qcow2::Qcow2;
-use imago::StorageOpenOptions;
-use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, Storage};
-use vmm_sys_util::fallocate::{fallocate, FallocateMode};
-use vmm_sys_util::seek_hole::SeekHole;
+use vm_memory::VolatileSlice;
 
-use super::qcow2::{complete_l2_tables, open_chain, Header, CLUSTER_SIZE};
-use super::{check_size, DiskError, Format};
+use super::qcow2::{open_chain, write_overlay, Extent, CLUSTER_SIZE};
+use super::{check_size, seek_data, seek_hole, DiskError, Format};
 
 /// One layer of a chain, as `ember disk info` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +27,10 @@ pub struct LayerInfo {
     pub backing: Option<PathBuf>,
     /// The backing format as recorded in the layer (qcow2 only).
     pub backing_format: Option<String>,
+    /// Cluster size (qcow2 only).
+    pub cluster_size: Option<u64>,
+    /// Whether the layer has subclusters (qcow2 extended L2 entries: 32 per cluster).
+    pub subclusters: bool,
 }
 
 /// Removes a file on drop unless disarmed: the half-made output of a failed operation.
@@ -80,8 +78,14 @@ pub fn create(base: &Path, overlay: &Path) -> Result<(), DiskError> {
     create_with_cluster_size(base, overlay, CLUSTER_SIZE)
 }
 
-/// [`create`] with another cluster size (a power of two from 512 bytes to 2 MiB).
+/// [`create`] with another cluster size (a power of two from 16 KiB to 2 MiB).
 pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
+    if !cluster_size.is_power_of_two() || !(16 << 10..=2 << 20).contains(&cluster_size) {
+        return Err(DiskError::Qcow2 {
+            path: overlay.into(),
+            reason: format!("cluster size {cluster_size}: overlays need a power of two from 16 KiB to 2 MiB"),
+        });
+    }
     if overlay.symlink_metadata().is_ok() {
         return Err(DiskError::Exists { path: overlay.into() });
     }
@@ -109,42 +113,8 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
         .open(&tmp)
         .map_err(|error| DiskError::Open { path: tmp.clone(), error })?;
     let mut cleanup = RemoveOnDrop(Some(tmp.clone()));
-    let qcow2_err = |e: io::Error| DiskError::Qcow2 { path: overlay.into(), reason: e.to_string() };
-
-    {
-        let storage = ImagoFile::from_open_file(
-            file.try_clone().map_err(io_err(&tmp, "dup"))?,
-            StorageOpenOptions::new().filename(&tmp).write(true),
-        )
-        .map_err(qcow2_err)?;
-        let qcow2 = Qcow2::<ImagoFile>::create_builder(storage)
-            .size(size)
-            .cluster_size(cluster_size as usize)
-            .backing(base_name.to_owned(), format.name().to_owned())
-            .create_open(DenyImplicitOpenGate::default(), |image| {
-                Ok(Qcow2::<ImagoFile>::builder(image).backing(None).write(true))
-            })
-            .map_err(qcow2_err)?;
-        let mut image = FormatAccess::new(qcow2);
-        image.flush().map_err(qcow2_err)?;
-        let len = file.metadata().map_err(io_err(&tmp, "stat"))?.len();
-        let header = Header::read(&file, &tmp, len)?;
-        let l1 = header.check_structure(&file, &tmp, len)?;
-        complete_l2_tables(&mut image, &header, &l1).map_err(qcow2_err)?;
-        image.flush().map_err(qcow2_err)?;
-    }
-
-    // Every L2 table is still all zeros: give the space back, the file reads the same.
-    let len = file.metadata().map_err(io_err(&tmp, "stat"))?.len();
-    let header = Header::read(&file, &tmp, len)?;
-    for e in header.check_structure(&file, &tmp, len)? {
-        let off = e & 0x00ff_ffff_ffff_fe00;
-        if off != 0 {
-            fallocate(&file, FallocateMode::PunchHole, true, off, header.cluster_size())
-                .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-                .map_err(io_err(&tmp, "punch hole"))?;
-        }
-    }
+    write_overlay(&file, size, cluster_size.trailing_zeros(), base_name, format.name())
+        .map_err(|e| DiskError::Qcow2 { path: overlay.into(), reason: e.to_string() })?;
     file.sync_all().map_err(io_err(&tmp, "sync"))?;
     drop(file);
 
@@ -204,7 +174,8 @@ pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
                 let opt = |v: &Option<String>| v.as_deref().map(json_string).unwrap_or_else(|| "null".into());
                 format!(
                     "{{\"path\": {}, \"format\": \"{}\", \"virtual_size\": {}, \"file_size\": {}, \
-                     \"allocated_bytes\": {}, \"backing_file\": {}, \"backing_format\": {}}}",
+                     \"allocated_bytes\": {}, \"backing_file\": {}, \"backing_format\": {}, \
+                     \"cluster_size\": {}, \"subclusters\": {}}}",
                     json_string(&l.path.to_string_lossy()),
                     l.format,
                     l.virtual_size,
@@ -212,6 +183,8 @@ pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
                     l.allocated_bytes,
                     opt(&l.backing.as_ref().map(|b| b.to_string_lossy().into_owned())),
                     opt(&l.backing_format),
+                    l.cluster_size.map_or_else(|| "null".into(), |c| c.to_string()),
+                    l.subclusters,
                 )
             })
             .collect();
@@ -233,6 +206,12 @@ pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
             human_size(l.allocated_bytes),
             human_size(l.file_size),
         );
+        if let Some(cs) = l.cluster_size {
+            out += &match l.subclusters {
+                true => format!("    clusters of {}, each in 32 subclusters of {}\n", human_size(cs), human_size(cs / 32)),
+                false => format!("    clusters of {}, no subclusters\n", human_size(cs)),
+            };
+        }
         if let Some(b) = &l.backing {
             out += &format!(
                 "    backing file {} ({})\n",
@@ -282,7 +261,8 @@ fn write_nonzero(out: &File, out_path: &Path, buf: &[u8], off: u64) -> Result<u6
 /// overwrite an existing OUT.
 pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> {
     let chain = open_chain(path, None, false, true)?;
-    let image = &chain.image;
+    let mut chain = chain;
+    let image = &mut chain.image;
     let size = image.size();
     let out =
         std::fs::OpenOptions::new().write(true).create_new(true).open(out_path).map_err(
@@ -295,33 +275,23 @@ pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> 
     out.set_len(size).map_err(io_err(out_path, "set length"))?;
 
     let chain_err = |e: io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
-    // Our own read-only fds for the layers' files, to find their holes with SEEK_DATA.
-    let mut files: HashMap<PathBuf, File> = HashMap::new();
     let mut buf = vec![0u8; FLATTEN_CHUNK];
     let mut data_bytes = 0;
     let mut offset = 0;
     while offset < size {
-        let (mapping, len) = image.get_mapping(offset, size - offset).map_err(chain_err)?;
+        let (extent, len) = image.extent(offset, size - offset).map_err(chain_err)?;
         if len == 0 {
             break;
         }
-        match mapping {
-            Mapping::Raw { storage, offset: host, .. } => {
-                let name = storage
-                    .get_filename()
-                    .ok_or_else(|| chain_err(io::Error::other("a layer has no file name")))?;
-                let file = match files.entry(name.clone()) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                        File::open(&name).map_err(|error| DiskError::Open { path: name.clone(), error })?,
-                    ),
-                };
+        match extent {
+            Extent::Data { file, offset: host } => {
+                // Only the parts of the layer's file that hold data (SEEK_DATA) are read.
                 let end = host + len;
                 let mut pos = host;
                 while pos < end {
-                    let (data, hole) = match file.seek_data(pos) {
+                    let (data, hole) = match seek_data(file, pos) {
                         Ok(Some(d)) if d < end => {
-                            (d, file.seek_hole(d).ok().flatten().unwrap_or(end).min(end))
+                            (d, seek_hole(file, d).ok().flatten().unwrap_or(end).min(end))
                         }
                         Ok(_) => break,
                         // No SEEK_DATA support: treat everything as data.
@@ -331,20 +301,20 @@ pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> 
                     let mut at = data;
                     while at < hole {
                         let n = ((hole - at) as usize).min(FLATTEN_CHUNK);
-                        file.read_exact_at(&mut buf[..n], at).map_err(io_err(&name, "read"))?;
+                        file.read_exact_at(&mut buf[..n], at).map_err(chain_err)?;
                         data_bytes += write_nonzero(&out, out_path, &buf[..n], offset + (at - host))?;
                         at += n as u64;
                     }
                     pos = hole;
                 }
             }
-            Mapping::Zero { .. } | Mapping::Eof { .. } => {}
-            _ => {
-                // Compressed or otherwise encoded data: let imago decode it.
+            Extent::Zero => {}
+            Extent::Encoded => {
+                // Compressed or otherwise encoded data: read it through the chain.
                 let mut at = offset;
                 while at < offset + len {
                     let n = ((offset + len - at) as usize).min(FLATTEN_CHUNK);
-                    image.read(&mut buf[..n], at).map_err(chain_err)?;
+                    image.read_vectored(at, &[VolatileSlice::from(&mut buf[..n])]).map_err(chain_err)?;
                     data_bytes += write_nonzero(&out, out_path, &buf[..n], at)?;
                     at += n as u64;
                 }

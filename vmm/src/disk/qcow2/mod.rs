@@ -1,44 +1,45 @@
-//! qcow2 overlays on the imago crate.
+//! qcow2 overlays: ember's own layout (extended L2 entries, `subclusters.rs`), and standard
+//! qcow2 through the imago crate (`imago_layer.rs`).
 //!
-//! ember opens every layer of a chain itself (imago is never asked to follow a file name on
-//! its own): the top layer read-write or read-only, every backing layer O_RDONLY. Before imago
-//! sees a layer, ember checks what imago does not: that the file is long enough for every
-//! structure it references (imago reads zeros past the end of a file, which would turn a
-//! truncated overlay into silently missing data), that the backing file exists, has the
-//! recorded format, and has the overlay's virtual size.
+//! ember opens every layer of a chain itself (no library is ever asked to follow a file name
+//! on its own): the top layer read-write or read-only, every backing layer O_RDONLY. Before a
+//! layer is used, ember checks that the file is long enough for every structure it references
+//! (imago reads zeros past the end of a file, which would turn a truncated overlay into silently
+//! missing data), that the backing file exists, has the recorded format, and has the overlay's
+//! virtual size.
 //!
-//! Crash consistency: imago writes cached metadata back in a safe order (refcounts before the
-//! L2 entries that use them; data before both), except when it allocates a new L2 table: it
-//! writes the L1 entry at once while the table's refcount is still only in its cache, so a
-//! process killed in that window leaves a cluster referenced with refcount 0 (corruption, not a
-//! leak). ember therefore never lets imago allocate an L2 table at run time: `create` makes
-//! every L2 table the disk needs (zeroed, hole-punched), and a writable open completes any
-//! missing ones (an overlay made by qemu-img) and flushes before the guest runs.
-//!
-//! I/O: imago finds where each piece of a request lives; plain data, and writes into clusters
-//! the overlay already holds, then move straight between guest memory and our own fd for the
-//! file (`preadv`/`pwritev`); allocation and copy-on-write are imago's.
+//! Overlays ember creates have subclusters, which imago 0.2 cannot open: a first 4 KiB write
+//! into a cluster then writes 4 KiB instead of copying the whole cluster from the backing layer.
+//! ember reads and writes those layers itself (`subclusters.rs`); older overlays and ones made
+//! by qemu-img go through imago. A layer with subclusters can sit on either kind; a standard
+//! layer only on standard ones (imago needs its whole chain).
+
+mod create;
+mod imago_layer;
+mod refcounts;
+mod subclusters;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use imago::file::File as ImagoFile;
-use imago::io_buffers::{IoVector, IoVectorMut};
 use imago::qcow2::Qcow2;
 use imago::raw::Raw;
-use imago::{FormatAccess, Mapping, Storage, StorageExt, StorageOpenOptions};
+use imago::{FormatAccess, StorageOpenOptions};
 use std::borrow::Cow;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::VolatileSlice;
 
-use super::overlay::LayerInfo;
-use super::raw::{read_file_vectored, write_file_vectored};
-use super::{
-    check_size, disk_id, open_image_file, probe_file, read_only_error, DiskBackend, DiskError, Format,
-};
+pub(crate) use create::write_overlay;
+use create::EXT_BACKING_FORMAT;
+use imago_layer::{complete_l2_tables, ImagoImage};
+use subclusters::SubclusterLayer;
 
-/// Cluster size of the overlays ember creates (qemu-img's default).
+use super::overlay::LayerInfo;
+use super::{check_size, disk_id, open_image_file, probe_file, read_only_error, DiskBackend, DiskError, Format};
+
+/// Cluster size of the overlays ember creates (qemu-img's default): 32 subclusters of 2 KiB.
 pub const CLUSTER_SIZE: u64 = 64 << 10;
 
 /// Longest chain ember follows (base + frozen overlays + top).
@@ -56,7 +57,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// The parts of a qcow2 header ember checks before handing the file to imago.
+/// The parts of a qcow2 header ember checks and uses.
 #[derive(Debug, Clone)]
 pub(crate) struct Header {
     pub cluster_bits: u32,
@@ -65,11 +66,23 @@ pub(crate) struct Header {
     pub l1_offset: u64,
     pub reftable_offset: u64,
     pub reftable_clusters: u64,
+    pub snapshots: u32,
+    pub incompatible: u64,
+    pub autoclear: u64,
+    pub refcount_order: u32,
+    /// The backing file name and the format recorded for it.
+    pub backing: Option<String>,
+    pub backing_format: Option<String>,
 }
 
 impl Header {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Whether L2 entries are extended (subclusters).
+    pub fn subclusters(&self) -> bool {
+        self.incompatible & create::INCOMPAT_EXTENDED_L2 != 0
     }
 
     /// Guest bytes one L2 table maps.
@@ -94,11 +107,12 @@ impl Header {
         if version != 2 && version != 3 {
             return Err(bad(format!("unsupported qcow2 version {version}")));
         }
+        let mut header_len = 72;
         if version == 3 {
             if n < 104 {
                 return Err(truncated("header", 104));
             }
-            let header_len = be32(&b, 100) as u64;
+            header_len = be32(&b, 100) as u64;
             if len < header_len {
                 return Err(truncated("header", header_len));
             }
@@ -115,14 +129,48 @@ impl Header {
         if backing_offset != 0 && backing_offset.saturating_add(backing_len) > len {
             return Err(truncated("backing file name", backing_offset.saturating_add(backing_len)));
         }
-        Ok(Header {
+        let v3 = |at: usize, v2: u64| if version == 3 { be64(&b, at) } else { v2 };
+        let mut header = Header {
             cluster_bits,
             size: be64(&b, 24),
             l1_entries: be32(&b, 36) as u64,
             l1_offset: be64(&b, 40),
             reftable_offset: be64(&b, 48),
             reftable_clusters: be32(&b, 56) as u64,
-        })
+            snapshots: be32(&b, 60),
+            incompatible: v3(72, 0),
+            autoclear: v3(88, 0),
+            refcount_order: if version == 3 { be32(&b, 96) } else { 4 },
+            backing: None,
+            backing_format: None,
+        };
+
+        // Header extensions and the backing file name live in the first cluster.
+        let first = header.cluster_size().min(len);
+        if backing_offset.saturating_add(backing_len) > first || header_len > first {
+            return Err(bad("its header does not fit in its first cluster".into()));
+        }
+        let mut c = vec![0u8; first as usize];
+        read_full(file, &mut c, 0, path)?;
+        let mut at = header_len.next_multiple_of(8) as usize;
+        while at + 8 <= c.len() {
+            let (kind, ext_len) = (be32(&c, at), be32(&c, at + 4) as usize);
+            if kind == 0 {
+                break;
+            }
+            let data = c.get(at + 8..at + 8 + ext_len).ok_or_else(|| bad("a header extension overruns the first cluster".into()))?;
+            if kind == EXT_BACKING_FORMAT {
+                let name = std::str::from_utf8(data).map_err(|_| bad("the backing format name is not UTF-8".into()))?;
+                header.backing_format = Some(name.to_owned());
+            }
+            at += 8 + ext_len.next_multiple_of(8);
+        }
+        if backing_offset != 0 && backing_len != 0 {
+            let name = &c[backing_offset as usize..(backing_offset + backing_len) as usize];
+            let name = std::str::from_utf8(name).map_err(|_| bad("the backing file name is not UTF-8".into()))?;
+            header.backing = Some(name.to_owned());
+        }
+        Ok(header)
     }
 
     /// Checks that every structure the image references lies inside the file: the L1 table,
@@ -198,15 +246,119 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<us
     Ok(got)
 }
 
-/// An opened chain: imago's view of the top layer (with all its backing layers attached) and
-/// what ember learnt about each layer, top first.
+/// A whole chain seen from its top layer.
+pub(crate) enum Image {
+    /// A raw file, read and written directly.
+    Raw(RawLayer),
+    /// A standard qcow2 layer with its backing chain (all opened by imago).
+    Imago(ImagoImage),
+    /// A layer with subclusters over its backing chain.
+    Subclusters(Box<SubclusterLayer>),
+}
+
+/// Where a run of guest bytes lives.
+pub(crate) enum Extent<'a> {
+    /// In FILE at OFFSET, stored plainly.
+    Data { file: &'a File, offset: u64 },
+    /// Nowhere: it reads as zeros.
+    Zero,
+    /// Encoded (compressed): only a read through the chain gives the bytes.
+    Encoded,
+}
+
+impl Image {
+    pub fn size(&self) -> u64 {
+        match self {
+            Image::Raw(r) => r.size(),
+            Image::Imago(i) => i.size(),
+            Image::Subclusters(s) => s.size(),
+        }
+    }
+
+    pub fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        match self {
+            Image::Raw(r) => r.read_vectored(offset, bufs),
+            Image::Imago(i) => i.read_vectored(offset, bufs),
+            Image::Subclusters(s) => s.read_vectored(offset, bufs),
+        }
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        match self {
+            Image::Raw(r) => r.write_vectored(offset, bufs),
+            Image::Imago(i) => i.write_vectored(offset, bufs),
+            Image::Subclusters(s) => s.write_vectored(offset, bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Image::Raw(r) => r.flush(),
+            Image::Imago(i) => i.flush(),
+            Image::Subclusters(s) => s.flush(),
+        }
+    }
+
+    /// Where the guest bytes from AT on live, and for how many bytes (at most MAX, at least
+    /// one unless AT is the end of the disk).
+    pub fn extent(&mut self, at: u64, max: u64) -> std::io::Result<(Extent<'_>, u64)> {
+        match self {
+            Image::Raw(r) => r.extent(at, max),
+            Image::Imago(i) => i.extent(at, max),
+            Image::Subclusters(s) => s.extent(at, max),
+        }
+    }
+}
+
+/// A raw file as a layer of a chain (its base, normally).
+pub(crate) struct RawLayer {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    writable: bool,
+}
+
+impl RawLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        super::raw::read_file_vectored(&self.file, offset, bufs)
+    }
+
+    fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
+        if !self.writable {
+            return Err(read_only_error());
+        }
+        super::raw::write_file_vectored(&self.file, offset, bufs)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.writable {
+            true => self.file.sync_data(),
+            false => Ok(()),
+        }
+    }
+
+    fn extent(&mut self, at: u64, max: u64) -> std::io::Result<(Extent<'_>, u64)> {
+        Ok((Extent::Data { file: &self.file, offset: at }, max.min(self.size.saturating_sub(at))))
+    }
+
+    /// The same file as imago sees it, to go under a standard qcow2 layer.
+    fn into_imago(self) -> std::io::Result<ImagoImage> {
+        let opts = StorageOpenOptions::new().filename(&self.path).write(self.writable);
+        let fds = vec![(self.path, self.file.try_clone()?)];
+        let raw = Raw::open_image(ImagoFile::from_open_file(self.file, opts)?, self.writable)?;
+        Ok(ImagoImage::new(FormatAccess::new(raw), fds))
+    }
+}
+
+/// An opened chain: the image seen from its top layer, and what ember learnt about each layer,
+/// top first.
 pub(crate) struct Chain {
-    pub image: FormatAccess<ImagoFile>,
+    pub image: Image,
     pub layers: Vec<LayerInfo>,
-    /// A read-only duplicate of every layer's fd, by the file name imago knows it by.
-    pub fds: Vec<(PathBuf, File)>,
-    /// The top layer's header and L1 table, when it is qcow2.
-    pub top_qcow2: Option<(Header, Vec<u64>)>,
     pub top_id: Vec<u8>,
 }
 
@@ -223,32 +375,26 @@ pub(crate) fn open_chain(
         Some(f) => f,
         None => probe_file(&file, path)?,
     };
-    let mut walk = Walk { lock, layers: Vec::new(), fds: Vec::new(), top_qcow2: None, top_id: Vec::new() };
+    let mut walk = Walk { lock, layers: Vec::new(), top_id: Vec::new() };
     let image = open_layer(path, file, format, writable, &mut walk)?;
-    Ok(Chain { image, layers: walk.layers, fds: walk.fds, top_qcow2: walk.top_qcow2, top_id: walk.top_id })
+    Ok(Chain { image, layers: walk.layers, top_id: walk.top_id })
 }
 
 /// What [`open_layer`] collects on its way down a chain.
 struct Walk {
     lock: bool,
     layers: Vec<LayerInfo>,
-    fds: Vec<(PathBuf, File)>,
-    top_qcow2: Option<(Header, Vec<u64>)>,
     top_id: Vec<u8>,
 }
 
 /// Opens the layer in FILE (at PATH, in FORMAT), then its backing chain (locked like FILE).
-fn open_layer(
-    path: &Path,
-    file: File,
-    format: Format,
-    writable: bool,
-    walk: &mut Walk,
-) -> Result<FormatAccess<ImagoFile>, DiskError> {
+fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mut Walk) -> Result<Image, DiskError> {
     let imago_err = |e: std::io::Error| DiskError::Qcow2 { path: path.into(), reason: e.to_string() };
     let meta = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?;
     let len = meta.len();
-    let is_top = walk.layers.is_empty();
+    if walk.layers.is_empty() {
+        walk.top_id = disk_id(path, &meta);
+    }
     let mut info = LayerInfo {
         path: std::path::absolute(path).unwrap_or_else(|_| path.into()),
         format,
@@ -257,50 +403,84 @@ fn open_layer(
         allocated_bytes: meta.blocks() * 512,
         backing: None,
         backing_format: None,
+        cluster_size: None,
+        subclusters: false,
     };
     let opts = StorageOpenOptions::new().filename(path).write(writable);
-    walk.fds.push((
-        path.to_path_buf(),
-        file.try_clone().map_err(|error| DiskError::Io { path: path.into(), op: "dup", error })?,
-    ));
+    let dup = || file.try_clone().map_err(|error| DiskError::Io { path: path.into(), op: "dup", error });
 
     if format == Format::Raw {
-        let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
-        let raw = Raw::open_image(storage, writable).map_err(imago_err)?;
-        if is_top {
-            walk.top_id = disk_id(path, &meta);
-        }
         walk.layers.push(info);
-        return Ok(FormatAccess::new(raw));
+        return Ok(Image::Raw(RawLayer { file, path: path.into(), size: len, writable }));
     }
 
     let header = Header::read(&file, path, len)?;
-    let l1 = header.check_structure(&file, path, len)?;
-    if is_top {
-        walk.top_qcow2 = Some((header.clone(), l1));
-        walk.top_id = disk_id(path, &meta);
-    }
-    let storage = ImagoFile::from_open_file(file, opts).map_err(imago_err)?;
-    let mut qcow2 = Qcow2::<ImagoFile>::open_image(storage, writable).map_err(imago_err)?;
-    if qcow2.requires_external_data_file() {
-        return Err(DiskError::Qcow2 {
-            path: path.into(),
-            reason: "external data files are not supported".into(),
-        });
-    }
-    qcow2.set_data_file(None);
     info.virtual_size = header.size;
-    let backing = qcow2.implicit_backing_file().cloned();
-    let recorded = qcow2.implicit_backing_format().cloned();
-    info.backing = backing.as_ref().map(PathBuf::from);
-    info.backing_format = recorded.clone();
+    info.cluster_size = Some(header.cluster_size());
+    info.subclusters = header.subclusters();
+    info.backing = header.backing.as_ref().map(PathBuf::from);
+    info.backing_format = header.backing_format.clone();
     walk.layers.push(info);
 
-    let Some(backing) = backing else {
-        qcow2.set_backing(None);
-        return Ok(FormatAccess::new(qcow2));
+    // A standard layer is handed to imago before its backing chain is opened; a layer with
+    // subclusters takes its backing image when it opens.
+    let mut standard = None;
+    if !header.subclusters() {
+        let l1 = header.check_structure(&file, path, len)?;
+        let fds = vec![(path.to_path_buf(), dup()?)];
+        let storage = ImagoFile::from_open_file(dup()?, opts).map_err(imago_err)?;
+        let mut qcow2 = Qcow2::<ImagoFile>::open_image(storage, writable).map_err(imago_err)?;
+        if qcow2.requires_external_data_file() {
+            return Err(DiskError::Qcow2 { path: path.into(), reason: "external data files are not supported".into() });
+        }
+        qcow2.set_data_file(None);
+        standard = Some((qcow2, fds, l1));
+    }
+
+    let backing_image = match &header.backing {
+        None => None,
+        Some(backing) => Some(open_backing(path, &header, backing, walk)?),
     };
-    let backing_path = match Path::new(&backing) {
+
+    let Some((mut qcow2, mut fds, l1)) = standard else {
+        let layer = SubclusterLayer::open(file, path, &header, len, writable, backing_image)?;
+        return Ok(Image::Subclusters(Box::new(layer)));
+    };
+    let backing_image = match backing_image {
+        None => None,
+        Some(Image::Raw(r)) => Some(r.into_imago().map_err(imago_err)?),
+        Some(Image::Imago(b)) => Some(b),
+        Some(Image::Subclusters(_)) => {
+            return Err(DiskError::Qcow2 {
+                path: path.into(),
+                reason: format!(
+                    "its backing file {} has subclusters (extended L2 entries), which ember reads only \
+                     under a layer that has them too; make the overlay with `ember disk create`",
+                    header.backing.as_deref().unwrap_or_default()
+                ),
+            })
+        }
+    };
+    match backing_image {
+        None => qcow2.set_backing(None),
+        Some(b) => {
+            let (image, backing_fds) = b.into_parts();
+            qcow2.set_backing(Some(image));
+            fds.extend(backing_fds);
+        }
+    }
+    let mut image = FormatAccess::new(qcow2);
+    if writable {
+        complete_l2_tables(&mut image, &header, &l1)
+            .map_err(|e| DiskError::Qcow2 { path: path.into(), reason: format!("cannot add L2 tables: {e}") })?;
+    }
+    Ok(Image::Imago(ImagoImage::new(image, fds)))
+}
+
+/// Opens BACKING, the backing file of the layer at PATH, read-only, and checks it against what
+/// the layer recorded.
+fn open_backing(path: &Path, header: &Header, backing: &str, walk: &mut Walk) -> Result<Image, DiskError> {
+    let backing_path = match Path::new(backing) {
         p if p.is_absolute() => p.to_path_buf(),
         p => path.parent().unwrap_or(Path::new(".")).join(p),
     };
@@ -315,7 +495,7 @@ fn open_layer(
         other => other?,
     };
     let actual = probe_file(&backing_file, &backing_path)?;
-    if let Some(recorded) = &recorded {
+    if let Some(recorded) = &header.backing_format {
         if Format::from_name(recorded) != Some(actual) {
             return Err(DiskError::BackingFormat {
                 path: path.into(),
@@ -325,52 +505,21 @@ fn open_layer(
             });
         }
     }
-    let backing_image = open_layer(&backing_path, backing_file, actual, false, walk)?;
-    if backing_image.size() != header.size {
+    let image = open_layer(&backing_path, backing_file, actual, false, walk)?;
+    if image.size() != header.size {
         return Err(DiskError::BackingSize {
             path: path.into(),
             backing: backing_path,
             size: header.size,
-            backing_size: backing_image.size(),
+            backing_size: image.size(),
         });
     }
-    qcow2.set_backing(Some(backing_image));
-    Ok(FormatAccess::new(qcow2))
-}
-
-/// Makes sure every L2 table the disk needs exists, so that writes never make imago allocate
-/// one (see the module comment); flushes and syncs when it had to add any. Returns the guest
-/// offsets of the L2 ranges it added tables for.
-pub(crate) fn complete_l2_tables(
-    image: &mut FormatAccess<ImagoFile>,
-    header: &Header,
-    l1: &[u64],
-) -> std::io::Result<Vec<u64>> {
-    let mut added = Vec::new();
-    let cov = header.l2_coverage();
-    let mut start = 0;
-    let mut i = 0;
-    while start < header.size {
-        if l1.get(i).is_none_or(|e| e & L1_OFFSET_MASK == 0) {
-            // The range has no L2 table, so nothing in it is allocated: discarding its first
-            // cluster back to the backing file changes no data, but creates the table.
-            image.discard_to_backing(start, header.cluster_size().min(header.size - start))?;
-            added.push(start);
-        }
-        start += cov;
-        i += 1;
-    }
-    if !added.is_empty() {
-        image.flush()?;
-        image.sync()?;
-    }
-    Ok(added)
+    Ok(image)
 }
 
 /// A qcow2 disk: a writable (or read-only) top layer over its read-only backing chain.
 pub struct Qcow2Disk {
-    image: FormatAccess<ImagoFile>,
-    files: LayerFiles,
+    image: Image,
     size: u64,
     read_only: bool,
     id: Vec<u8>,
@@ -379,23 +528,9 @@ pub struct Qcow2Disk {
 impl Qcow2Disk {
     pub fn open(path: &Path, read_only: bool) -> Result<Qcow2Disk, DiskError> {
         let chain = open_chain(path, Some(Format::Qcow2), !read_only, true)?;
-        let mut image = chain.image;
-        let size = image.size();
+        let size = chain.image.size();
         check_size(path, size)?;
-        if !read_only {
-            let (header, l1) = chain.top_qcow2.as_ref().expect("a qcow2 top layer has a header");
-            complete_l2_tables(&mut image, header, l1).map_err(|e| DiskError::Qcow2 {
-                path: path.into(),
-                reason: format!("cannot add L2 tables: {e}"),
-            })?;
-        }
-        Ok(Qcow2Disk {
-            image,
-            files: LayerFiles { fds: chain.fds, known: Vec::new() },
-            size,
-            read_only,
-            id: chain.top_id,
-        })
+        Ok(Qcow2Disk { image: chain.image, size, read_only, id: chain.top_id })
     }
 }
 
@@ -409,101 +544,25 @@ impl DiskBackend for Qcow2Disk {
     }
 
     fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
-        // imago says where each piece lives; plain data is read with preadv straight into
-        // guest memory (imago's own read path costs more per request), the rest through imago.
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut done = 0;
-        while done < total {
-            let at = offset + done as u64;
-            let (mapping, len) = self.image.get_mapping(at, (total - done) as u64)?;
-            let len = (len as usize).min(total - done);
-            if len == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    format!("read at {at} beyond the disk"),
-                ));
-            }
-            let part = sub_slices(bufs, done, len);
-            match mapping {
-                Mapping::Raw { storage, offset: host, .. } => {
-                    read_file_vectored(self.files.get(storage)?, host, &part)?;
-                }
-                Mapping::Zero { .. } => {
-                    for s in part.iter() {
-                        zero(s);
-                    }
-                }
-                _ => {
-                    let (iov, _mapped) = IoVectorMut::from_volatile_slice(&part[..]);
-                    self.image.readv(iov, at)?;
-                }
-            }
-            done += len;
-        }
-        Ok(())
+        self.image.read_vectored(offset, bufs)
     }
 
     fn write_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> std::io::Result<()> {
         if self.read_only {
             return Err(read_only_error());
         }
-        // Like imago's writev, but a write into clusters the overlay already holds goes
-        // straight from guest memory to our fd; new clusters (allocation, copy-on-write from
-        // the backing file) are left to imago.
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let mut done = 0;
-        while done < total {
-            let at = offset + done as u64;
-            let mapping = self.image.prepare_data_mapping(at, (total - done) as u64, true)?;
-            let len = (mapping.length() as usize).min(total - done);
-            let part = sub_slices(bufs, done, len);
-            if mapping.is_nonblocking() {
-                write_file_vectored(self.files.get(mapping.storage())?, mapping.offset(), &part)?;
-            } else {
-                let (iov, _mapped) = IoVector::from_volatile_slice(&part[..]);
-                mapping.storage().writev(iov, mapping.offset())?;
-            }
-            self.image.commit_data_mapping(mapping)?;
-            done += len;
-        }
-        Ok(())
+        self.image.write_vectored(offset, bufs)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         if self.read_only {
             return Ok(());
         }
-        // Metadata caches to the file (refcounts before L2 tables), then fsync the file.
-        self.image.flush()?;
-        self.image.sync()
+        self.image.flush()
     }
 
     fn id(&self) -> Vec<u8> {
         self.id.clone()
-    }
-}
-
-/// Our own fds for the files of a chain, found by the address of imago's storage object.
-struct LayerFiles {
-    fds: Vec<(PathBuf, File)>,
-    /// (storage object address, index into `fds`)
-    known: Vec<(usize, usize)>,
-}
-
-impl LayerFiles {
-    fn get(&mut self, storage: &ImagoFile) -> std::io::Result<&File> {
-        let key = storage as *const ImagoFile as usize;
-        if let Some((_, i)) = self.known.iter().find(|(k, _)| *k == key) {
-            return Ok(&self.fds[*i].1);
-        }
-        let name = storage.get_filename();
-        let i = self
-            .fds
-            .iter()
-            .position(|(p, _)| Some(p) == name.as_ref())
-            .ok_or_else(|| std::io::Error::other(format!("imago maps to an unknown file {name:?}")))?;
-        self.known.push((key, i));
-        Ok(&self.fds[i].1)
     }
 }
 
@@ -536,5 +595,7 @@ fn zero(s: &VolatileSlice<'_>) {
     s.bitmap().mark_dirty(0, s.len());
 }
 
+#[cfg(test)]
+mod subcluster_tests;
 #[cfg(test)]
 mod tests;
