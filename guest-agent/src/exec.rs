@@ -1,9 +1,10 @@
-//! Exec: spawn, supervise (stream output, timeout, exit status).
+//! Exec: spawn (on pipes or a pty), supervise (stream output, timeout, exit status).
 
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -71,6 +72,17 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         }
     }
 
+    let pty = match req.pty.filter(|_| !req.detach) {
+        None => None,
+        Some(size) => match sys::open_pty(size) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                out.io_error(id, "open a pty", &e);
+                return;
+            }
+        },
+    };
+
     let mut cmd = Command::new(&req.argv[0]);
     cmd.args(&req.argv[1..]);
     if req.clear_env {
@@ -80,16 +92,34 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
-    let piped = |yes: bool| if yes { Stdio::piped() } else { Stdio::null() };
-    cmd.stdin(piped(req.stdin && !req.detach));
-    cmd.stdout(piped(!req.detach));
-    cmd.stderr(piped(!req.detach));
+    if let Some((_, slave)) = &pty {
+        let stdio = || slave.try_clone().map(Stdio::from);
+        match (stdio(), stdio(), stdio()) {
+            (Ok(i), Ok(o), Ok(e)) => {
+                cmd.stdin(i).stdout(o).stderr(e);
+            }
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                out.io_error(id, "dup the pty", &e);
+                return;
+            }
+        }
+    } else {
+        let piped = |yes: bool| if yes { Stdio::piped() } else { Stdio::null() };
+        cmd.stdin(piped(req.stdin && !req.detach));
+        cmd.stdout(piped(!req.detach));
+        cmd.stderr(piped(!req.detach));
+    }
+    let controlling_tty = pty.is_some();
     unsafe {
         cmd.pre_exec(move || {
             // Its own session and process group: a timeout or a dropped connection kills the
             // whole tree with one killpg, and a detached process survives the agent's group.
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            // std has put the slave on fds 0-2 by now.
+            if controlling_tty {
+                sys::make_controlling_tty()?;
             }
             if let Some((uid, gid, groups)) = &user {
                 if libc::setgroups(groups.len(), groups.as_ptr()) < 0
@@ -104,7 +134,11 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     }
 
     let guard = Reaper::get().spawn_locked();
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The command holds copies of the slave: the master reads EOF (EIO) only once every copy
+    // outside the child's tree is closed.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             drop(guard);
@@ -122,7 +156,30 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     RUNNING_EXECS.fetch_add(1, Ordering::Relaxed);
     let pidfd = sys::pidfd_open(pid);
 
-    let stdin_tx = child.stdin.take().and_then(|mut stdin| {
+    let (sources, stdin, pty_master, eof) = match pty {
+        Some((master, slave)) => {
+            drop(slave);
+            let eof = sys::eof_char(&master);
+            let dup = |m: &OwnedFd| m.try_clone().map_err(|e| tracing::warn!("exec {id}: dup pty master: {e}")).ok();
+            let stdin = dup(&master).map(File::from);
+            let handle = dup(&master);
+            (vec![(File::from(master), Channel::Stdout)], stdin, handle, Some(eof))
+        }
+        None => {
+            let mut sources = Vec::with_capacity(2);
+            if let Some(o) = child.stdout.take() {
+                sources.push((File::from(OwnedFd::from(o)), Channel::Stdout));
+            }
+            if let Some(e) = child.stderr.take() {
+                sources.push((File::from(OwnedFd::from(e)), Channel::Stderr));
+            }
+            let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+            (sources, stdin, None, None)
+        }
+    };
+    drop(child);
+
+    let stdin_tx = stdin.and_then(|mut stdin| {
         let (tx, rx) = sync_channel::<Vec<u8>>(STDIN_QUEUE);
         let r = spawn_thread("exec-stdin", 64 << 10, move || {
             for data in rx {
@@ -133,24 +190,25 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         });
         r.ok().map(|()| tx)
     });
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    drop(child);
-    out.send(id, ReplyBody::Started { pid });
+    // Registered before `Started` goes out, so that a follow-up frame the host sends as soon
+    // as it sees `Started` finds the exec.
     execs.lock().unwrap().insert(
         id,
         ExecHandle {
             pid,
             stdin: stdin_tx,
+            pty: pty_master,
+            eof,
         },
     );
 
     let timeout = req.timeout_ms.map(Duration::from_millis);
     let (out2, execs2) = (out.clone(), execs.clone());
     let r = spawn_thread("exec", 128 << 10, move || {
-        supervise(
-            id, pid, pidfd, status_rx, stdout, stderr, timeout, &out2, &execs2,
-        )
+        // Sent by the supervisor, so that the host sees `Started` before any output and a
+        // failure to start the supervisor is reported as the exec's only reply.
+        out2.send(id, ReplyBody::Started { pid });
+        supervise(id, pid, pidfd, status_rx, sources, timeout, &out2, &execs2)
     });
     if let Err(e) = r {
         // Without a supervisor nobody would report or reap it: kill it and say so.
@@ -161,21 +219,27 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     }
 }
 
+/// Where the bytes read from one of the child's output fds go.
+#[derive(Clone, Copy)]
+enum Channel {
+    Stdout,
+    Stderr,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn supervise(
     id: u64,
     pid: u32,
     pidfd: Option<OwnedFd>,
     status_rx: Receiver<libc::c_int>,
-    mut stdout: ChildStdout,
-    mut stderr: ChildStderr,
+    mut sources: Vec<(File, Channel)>,
     timeout: Option<Duration>,
     out: &Out,
     execs: &Execs,
 ) {
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut buf = vec![0u8; CHUNK];
-    let mut open = [true, true];
+    let mut open = vec![true; sources.len()];
     let mut status: Option<libc::c_int> = None;
     let mut exited_at: Option<Instant> = None;
     let mut timed_out = false;
@@ -190,7 +254,7 @@ fn supervise(
             // Reaped: the pid may be reused, so signals must no longer reach it.
             execs.lock().unwrap().remove(&id);
         }
-        if status.is_some() && !open[0] && !open[1] {
+        if status.is_some() && !open.contains(&true) {
             break;
         }
         let now = Instant::now();
@@ -221,14 +285,14 @@ fn supervise(
         }
         let mut fds = Vec::with_capacity(3);
         let mut which = Vec::with_capacity(3);
-        for (i, fd) in [stdout.as_raw_fd(), stderr.as_raw_fd()].into_iter().enumerate() {
+        for (i, (f, _)) in sources.iter().enumerate() {
             if open[i] {
                 fds.push(libc::pollfd {
-                    fd,
+                    fd: f.as_raw_fd(),
                     events: libc::POLLIN,
                     revents: 0,
                 });
-                which.push(i);
+                which.push(Some(i));
             }
         }
         if let (Some(p), None) = (&pidfd, status) {
@@ -237,7 +301,7 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             });
-            which.push(2);
+            which.push(None);
         }
         let ms = wait.map_or(-1, |w| {
             w.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
@@ -257,29 +321,25 @@ fn supervise(
                 continue;
             }
             match w {
-                0 | 1 => {
-                    let r = if w == 0 {
-                        stdout.read(&mut buf)
-                    } else {
-                        stderr.read(&mut buf)
-                    };
-                    match r {
-                        Ok(0) => open[w] = false,
+                Some(i) => {
+                    let (f, channel) = &mut sources[i];
+                    match f.read(&mut buf) {
+                        Ok(0) => open[i] = false,
                         Ok(n) => {
                             let data = buf[..n].to_vec();
-                            let body = if w == 0 {
-                                ReplyBody::Stdout { data }
-                            } else {
-                                ReplyBody::Stderr { data }
+                            let body = match channel {
+                                Channel::Stdout => ReplyBody::Stdout { data },
+                                Channel::Stderr => ReplyBody::Stderr { data },
                             };
                             // Blocks while the host is slow; that is the backpressure.
                             out.send(id, body);
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => open[w] = false,
+                        // EIO is a pty master's EOF: every slave fd is closed.
+                        Err(_) => open[i] = false,
                     }
                 }
-                _ => {
+                None => {
                     // The process exited; the reaper delivers its status momentarily.
                     if let Ok(s) = status_rx.recv() {
                         status = Some(s);

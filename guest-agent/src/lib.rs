@@ -20,7 +20,7 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Version of the protocol described in PROTOCOL.md. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame payload either side sends or accepts.
 pub const MAX_FRAME: usize = 1 << 20;
 /// An oversized frame announcing up to this many bytes is read and discarded (the connection
@@ -118,6 +118,9 @@ pub enum RequestBody {
     },
     /// Sync and power off (only honoured by an agent running as init). Answered by `Ok`.
     PowerOff,
+    /// Set the window size of exec `id`'s pty (TIOCSWINSZ; its foreground group gets
+    /// SIGWINCH). No reply unless it fails.
+    Resize(PtySize),
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -136,6 +139,17 @@ pub struct ExecRequest {
     /// Start in its own session with stdio on /dev/null, reply `Started` and forget it; it
     /// outlives the request and the connection.
     pub detach: bool,
+    /// Run on a new pty of this size: the child's stdin, stdout and stderr are its slave (and
+    /// its controlling terminal), output comes back as `Stdout` only, `Stdin` frames go to the
+    /// master whatever `stdin` says, and `StdinClose` sends the terminal's EOF character.
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -229,6 +243,10 @@ pub enum ErrorKind {
     VersionMismatch,
     Unsupported,
     Io,
+    /// A file operation on a directory (EISDIR).
+    IsADirectory,
+    /// A path whose parent is not a directory (ENOTDIR).
+    NotADirectory,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +285,8 @@ pub enum FrameError {
     TooLarge(usize),
     #[error("malformed frame: {0}")]
     Malformed(String),
+    #[error("the stream ended in the middle of a frame")]
+    Truncated,
 }
 
 /// Serializes one message into a frame (length prefix included).
@@ -310,7 +330,7 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameErro
     while got < 4 {
         match r.read(&mut len[got..]) {
             Ok(0) if got == 0 => return Err(FrameError::Closed),
-            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Ok(0) => return Err(FrameError::Truncated),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -323,7 +343,7 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameErro
             let mut left = len;
             while left > 0 {
                 let n = left.min(scratch.len());
-                r.read_exact(&mut scratch[..n])?;
+                read_exact(r, &mut scratch[..n])?;
                 left -= n;
             }
         }
@@ -331,8 +351,20 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameErro
     }
     buf.clear();
     buf.resize(len, 0);
-    r.read_exact(buf)?;
-    Ok(())
+    read_exact(r, buf)
+}
+
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })
+}
+
+/// The request id at the start of a payload that did not decode as a whole (an unknown
+/// variant from a newer host, say), so that the error reply can name the request.
+pub fn leading_id(payload: &[u8]) -> Option<u64> {
+    postcard::take_from_bytes::<u64>(payload).ok().map(|(id, _)| id)
 }
 
 /// Reads and decodes one message.
@@ -436,5 +468,23 @@ mod tests {
             read_message::<_, Request>(&mut &[][..]),
             Err(FrameError::Closed)
         ));
+        // A stream that ends inside the length or the payload.
+        assert!(matches!(
+            read_message::<_, Request>(&mut &[5, 0][..]),
+            Err(FrameError::Truncated)
+        ));
+        assert!(matches!(
+            read_message::<_, Request>(&mut &[5, 0, 0, 0, 1, 2][..]),
+            Err(FrameError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn leading_id_of_an_unknown_variant() {
+        let mut payload = postcard::to_stdvec(&300u64).unwrap();
+        payload.extend([0xc8, 0x01]);
+        assert!(decode::<Request>(&payload).is_err());
+        assert_eq!(leading_id(&payload), Some(300));
+        assert_eq!(leading_id(&[0xff]), None);
     }
 }

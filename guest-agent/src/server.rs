@@ -2,9 +2,10 @@
 //! from any thread go through one shared writer, a frame at a time.
 //!
 //! Threads: the connection's reader (this is where `serve` runs), one supervisor per running
-//! exec (polls the child's stdout/stderr and a pidfd, enforces the timeout, sends the final
-//! status), one stdin writer per exec started with `stdin: true`, one thread per `ReadFile`,
-//! and the process-wide reaper. Stacks are small (64–256 KiB reserved, a few pages touched).
+//! exec (polls the child's stdout/stderr or pty master and a pidfd, enforces the timeout, sends
+//! `Started` and the final status), one stdin writer per exec started with `stdin: true` or a
+//! pty, one thread per `ReadFile`, and the process-wide reaper. Stacks are small (64–256 KiB
+//! reserved, a few pages touched).
 //!
 //! Backpressure: a chunk is read from a child's pipe only once the previous one has been
 //! written to the connection, so at most one 64 KiB chunk per exec (and per file read) is in
@@ -21,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,8 +32,8 @@ use tracing::{debug, warn};
 
 use crate::sys::{self, error_kind};
 use crate::{
-    decode, encode, read_frame, Connection, ErrorKind, FrameError, Reply, ReplyBody, Request,
-    RequestBody, CONNECTION_ID, MAX_DISCARD, PROTOCOL_VERSION,
+    decode, encode, leading_id, read_frame, Connection, ErrorKind, FrameError, Reply, ReplyBody,
+    Request, RequestBody, CONNECTION_ID, MAX_DISCARD, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -87,6 +89,10 @@ impl Out {
 pub(crate) struct ExecHandle {
     pub pid: u32,
     pub stdin: Option<SyncSender<Vec<u8>>>,
+    /// The pty master, for `Resize`.
+    pub pty: Option<OwnedFd>,
+    /// With a pty, `StdinClose` sends this (the terminal's EOF character) instead of closing.
+    pub eof: Option<u8>,
 }
 
 pub(crate) type Execs = Arc<Mutex<HashMap<u64, ExecHandle>>>;
@@ -128,6 +134,15 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
                 }
                 continue;
             }
+            Err(FrameError::Truncated) => {
+                // The host may have shut down only its write side: tell it why we stop.
+                out.error(
+                    CONNECTION_ID,
+                    ErrorKind::MalformedFrame,
+                    "the stream ended in the middle of a frame",
+                );
+                break Ok(());
+            }
             Err(FrameError::Io(e)) => break Err(e),
             Err(FrameError::Malformed(m)) => break Err(io::Error::other(m)),
         }
@@ -135,11 +150,16 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
             Ok(r) => r,
             Err(e) => {
                 debug!("malformed frame: {e}");
-                out.error(CONNECTION_ID, ErrorKind::MalformedFrame, e.to_string());
+                // A request from a newer host (an unknown variant) is answered under its own
+                // id, so that the host is not left waiting; garbage gets the connection's id.
+                let id = leading_id(&buf).unwrap_or(CONNECTION_ID);
+                out.error(id, ErrorKind::MalformedFrame, e.to_string());
                 continue;
             }
         };
-        if buf.capacity() > 2 * crate::CHUNK {
+        // Uploads come in frames of up to a few hundred KiB: keep a buffer that size, but
+        // not one that a single large frame grew.
+        if buf.capacity() > MAX_FRAME / 2 {
             buf = Vec::new();
         }
         handle(req, &out, &execs, &mut writes, config);
@@ -214,9 +234,35 @@ fn handle(
         RequestBody::StdinClose => {
             let mut map = execs.lock().unwrap();
             match map.get_mut(&id) {
-                Some(h) => h.stdin = None,
+                Some(h) => {
+                    let tx = h.stdin.take();
+                    let eof = h.eof;
+                    drop(map);
+                    // A pty cannot be closed without hanging up the child: it gets the
+                    // terminal's EOF character, as a user typing ^D would send.
+                    if let (Some(tx), Some(eof)) = (tx, eof) {
+                        let _ = tx.send(vec![eof]);
+                    }
+                }
                 None => {
                     drop(map);
+                    out.error(id, ErrorKind::UnknownId, "no running exec with this id");
+                }
+            }
+        }
+        RequestBody::Resize(size) => {
+            let map = execs.lock().unwrap();
+            let r = map.get(&id).map(|h| h.pty.as_ref().map(|m| sys::set_pty_size(m, size)));
+            drop(map);
+            match r {
+                Some(Some(Ok(()))) => {}
+                Some(Some(Err(e))) => {
+                    out.io_error(id, "resize the pty", &e);
+                }
+                Some(None) => {
+                    out.error(id, ErrorKind::InvalidRequest, "the exec has no pty");
+                }
+                None => {
                     out.error(id, ErrorKind::UnknownId, "no running exec with this id");
                 }
             }

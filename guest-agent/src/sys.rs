@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
-use crate::{Connection, ErrorKind};
+use crate::{Connection, ErrorKind, PtySize};
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -24,6 +24,8 @@ pub fn error_kind(e: &io::Error) -> ErrorKind {
         Some(libc::ENOENT) => ErrorKind::NotFound,
         Some(libc::EACCES) | Some(libc::EPERM) => ErrorKind::PermissionDenied,
         Some(libc::EEXIST) => ErrorKind::AlreadyExists,
+        Some(libc::EISDIR) => ErrorKind::IsADirectory,
+        Some(libc::ENOTDIR) => ErrorKind::NotADirectory,
         _ => ErrorKind::Io,
     }
 }
@@ -142,6 +144,55 @@ pub fn kill(pid: u32, group: bool, signal: i32) -> io::Result<()> {
         pid as libc::pid_t
     };
     cvt(unsafe { libc::kill(target, signal) }).map(drop)
+}
+
+// ---------------------------------------------------------------------------------------
+// Pseudo terminals
+// ---------------------------------------------------------------------------------------
+
+/// A new pty of `size`: (master, slave). Both are close-on-exec and opened with O_NOCTTY, so
+/// that no other child inherits them and the agent never gets a controlling terminal; the
+/// child makes the slave its own with [`make_controlling_tty`].
+pub fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let m = cvt(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let master = unsafe { OwnedFd::from_raw_fd(m) };
+    cvt(unsafe { libc::grantpt(m) })?;
+    cvt(unsafe { libc::unlockpt(m) })?;
+    let mut name = [0 as libc::c_char; 128];
+    let r = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    let s = cvt(unsafe { libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    let slave = unsafe { OwnedFd::from_raw_fd(s) };
+    set_pty_size(&master, size)?;
+    Ok((master, slave))
+}
+
+pub fn set_pty_size(master: &OwnedFd, size: PtySize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) }).map(drop)
+}
+
+/// The terminal's end-of-file character (VEOF, ^D unless changed).
+pub fn eof_char(master: &OwnedFd) -> u8 {
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    if unsafe { libc::tcgetattr(master.as_raw_fd(), &mut t) } == 0 && t.c_cc[libc::VEOF] != 0 {
+        t.c_cc[libc::VEOF]
+    } else {
+        0x04
+    }
+}
+
+/// In the child, after `setsid` and with the slave on fd 0: make it the controlling
+/// terminal. Async-signal-safe (one ioctl).
+pub fn make_controlling_tty() -> io::Result<()> {
+    cvt(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) }).map(drop)
 }
 
 // ---------------------------------------------------------------------------------------

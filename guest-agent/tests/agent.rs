@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use ember_agent::server::{serve, Config};
 use ember_agent::{
-    read_message, write_frame, ErrorKind, ExecRequest, FileKind, Reply, ReplyBody, Request,
-    RequestBody, CONNECTION_ID, MAX_FRAME, PROTOCOL_VERSION,
+    read_message, write_frame, ErrorKind, ExecRequest, FileKind, PtySize, Reply, ReplyBody,
+    Request, RequestBody, CONNECTION_ID, MAX_FRAME, PROTOCOL_VERSION,
 };
 
 struct Client {
@@ -572,6 +572,137 @@ fn malformed_and_oversized_frames() {
 }
 
 #[test]
+fn truncated_frame_is_answered_before_closing() {
+    let mut c = Client::new();
+    c.s.write_all(&100u32.to_le_bytes()).unwrap();
+    c.s.write_all(&[1; 10]).unwrap();
+    c.s.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = c.recv();
+    assert_eq!(r.id, CONNECTION_ID);
+    assert!(
+        matches!(
+            r.body,
+            ReplyBody::Error {
+                kind: ErrorKind::MalformedFrame,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    let mut rest = Vec::new();
+    assert_eq!(c.s.read_to_end(&mut rest).unwrap(), 0);
+}
+
+#[test]
+fn unknown_variant_is_answered_under_its_id() {
+    let mut c = Client::new();
+    // id 5 (varint), then variant index 200 (varint 0xc8 0x01): a request from a newer host.
+    let payload = [5u8, 0xc8, 0x01];
+    c.s.write_all(&(payload.len() as u32).to_le_bytes()).unwrap();
+    c.s.write_all(&payload).unwrap();
+    let r = c.recv();
+    assert_eq!(r.id, 5);
+    assert!(
+        matches!(
+            r.body,
+            ReplyBody::Error {
+                kind: ErrorKind::MalformedFrame,
+                ..
+            }
+        ),
+        "{r:?}"
+    );
+    assert!(matches!(
+        c.call(6, RequestBody::Health),
+        ReplyBody::Health { .. }
+    ));
+}
+
+fn pty_cmd(argv: &[&str], rows: u16, cols: u16) -> ExecRequest {
+    let mut r = cmd(argv);
+    r.pty = Some(PtySize { rows, cols });
+    r
+}
+
+#[test]
+fn pty_is_the_controlling_terminal() {
+    let mut c = Client::new();
+    let (out, err, end) = c.exec(
+        1,
+        pty_cmd(
+            &[
+                "sh",
+                "-c",
+                "tty; stty size; echo to-stderr >&2; test -t 0 -a -t 1 -a -t 2 && echo all-ttys; \
+                 ps -o tty= -p $$",
+            ],
+            33,
+            101,
+        ),
+    );
+    assert_eq!(end, ReplyBody::Exit { code: 0 });
+    assert!(err.is_empty(), "stderr goes through the pty: {err:?}");
+    let out = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = out.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{out:?}");
+    assert_eq!(lines[1], "33 101", "{out:?}");
+    assert_eq!(&lines[2..4], ["to-stderr", "all-ttys"], "{out:?}");
+    // ps names the controlling terminal: the same pts as `tty`.
+    assert_eq!(format!("/dev/{}", lines[4].trim()), lines[0], "{out:?}");
+}
+
+#[test]
+fn pty_stdin_resize_and_eof() {
+    let mut c = Client::new();
+    c.send(
+        1,
+        RequestBody::Exec(pty_cmd(&["sh", "-c", "read x; echo got:$x; stty size; exec cat"], 24, 80)),
+    );
+    assert!(matches!(c.recv().body, ReplyBody::Started { .. }));
+    // Processed in order by the agent: the size is set before the line reaches `read`.
+    c.send(1, RequestBody::Resize(PtySize { rows: 50, cols: 120 }));
+    c.send(1, RequestBody::Stdin { data: b"hello\n".to_vec() });
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("50 120\r\n") {
+        match c.recv().body {
+            ReplyBody::Stdout { data } => out.extend(data),
+            b => panic!("{b:?} after {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    // Sent only now, so that its echo cannot land in the middle of the lines above.
+    c.send(1, RequestBody::Stdin { data: b"for cat\n".to_vec() });
+    c.send(1, RequestBody::StdinClose);
+    let (rest, _, end) = c.collect(1);
+    assert_eq!(end, ReplyBody::Exit { code: 0 });
+    out.extend(rest);
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("got:hello\r\n50 120\r\n"), "{out:?}");
+    // The terminal echoes the line and cat prints it again; ^D then ends cat.
+    assert_eq!(out.matches("for cat").count(), 2, "{out:?}");
+    // Resizing an exec without a pty is refused.
+    c.send(2, RequestBody::Exec(cmd(&["sleep", "5"])));
+    assert!(matches!(c.recv().body, ReplyBody::Started { .. }));
+    assert!(matches!(
+        c.call(2, RequestBody::Resize(PtySize { rows: 1, cols: 1 })),
+        ReplyBody::Error {
+            kind: ErrorKind::InvalidRequest,
+            ..
+        }
+    ));
+    assert_eq!(
+        c.call(
+            2,
+            RequestBody::Signal {
+                signal: 9,
+                group: true
+            }
+        ),
+        ReplyBody::Ok
+    );
+    assert_eq!(c.collect(2).2, ReplyBody::Killed { signal: 9 });
+}
+
+#[test]
 fn not_found_and_cannot_execute() {
     let mut c = Client::new();
     assert!(matches!(
@@ -689,12 +820,13 @@ fn identity_hooks() {
 fn binary_over_unix_socket() {
     let d = tmpdir("bin");
     let sock = d.join("agent.sock");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ember-agent"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ember-agent"))
         .arg("--unix")
         .arg(&sock)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let child = KillOnDrop(child);
     let t = Instant::now();
     let s = loop {
         match UnixStream::connect(&sock) {
@@ -716,14 +848,43 @@ fn binary_over_unix_socket() {
         ReplyBody::Hello { .. }
     ));
     assert_eq!(c.exec(2, cmd(&["echo", "via unix"])).0, b"via unix\n");
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    // Unframed garbage reads as an absurd length: that connection is answered and closed,
+    // and the agent goes on serving new ones.
+    let mut g = Client::over(UnixStream::connect(&sock).unwrap());
+    g.s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(matches!(
+        g.recv().body,
+        ReplyBody::Error {
+            kind: ErrorKind::FrameTooLarge,
+            ..
+        }
+    ));
+    // Closed, with a reset when the rest of the garbage was still unread.
+    let mut rest = Vec::new();
+    match g.s.read_to_end(&mut rest) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("{r:?}"),
+    }
+    let mut c2 = Client::over(UnixStream::connect(&sock).unwrap());
+    assert_eq!(c2.exec(1, cmd(&["echo", "still serving"])).0, b"still serving\n");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.0.id())).unwrap();
     let rss = status
         .lines()
         .find(|l| l.starts_with("VmRSS"))
         .unwrap_or("VmRSS: ?")
         .to_string();
     eprintln!("agent (debug build) after one exec: {rss}");
-    let _ = child.kill();
-    let _ = child.wait(); // may be taken by the in-process reaper of other tests
+    drop(child);
     let _ = std::fs::remove_dir_all(d);
+}
+
+/// The agent binary under test, killed even when an assertion fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait(); // may be taken by the in-process reaper of other tests
+    }
 }
