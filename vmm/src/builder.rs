@@ -235,7 +235,7 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
 
     let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
     for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(&vm.fd, index)?;
+        let vcpu = Vcpu::new(&vm, index)?;
         vcpu.configure(&kvm, cfg.vcpus, entry)?;
         vcpus.push(vcpu);
     }

@@ -1,11 +1,19 @@
-//! The VM: its KVM fd, memory slots, and the in-kernel interrupt controllers and PIT.
+//! The VM: its KVM fd, memory slots, and the in-kernel interrupt controllers and PIT; their
+//! state for snapshots.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
+use crate::arch::x86_64::msr::snapshot_msr_list;
 use crate::vstate::memory::GuestRam;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +26,20 @@ pub enum VmError {
 
 pub struct Vm {
     pub fd: VmFd,
+    /// Bytes of a vCPU's XSAVE state (KVM_CAP_XSAVE2; 0 where KVM lacks it).
+    pub xsave_size: usize,
+    /// The MSRs a vCPU snapshot saves on this host.
+    pub snapshot_msrs: Arc<[u32]>,
+}
+
+/// The VM-wide state KVM holds: interrupt controllers, PIT, kvmclock.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 impl Vm {
@@ -25,6 +47,9 @@ impl Vm {
     pub fn new(kvm: &Kvm, ram: &GuestRam) -> Result<Self, VmError> {
         let setup = |what| move |source| VmError::Setup { what, source };
         let fd = kvm.create_vm().map_err(VmError::Create)?;
+        let xsave_size = usize::try_from(fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        let msr_index_list = kvm.get_msr_index_list().map_err(setup("KVM_GET_MSR_INDEX_LIST"))?;
+        let snapshot_msrs = snapshot_msr_list(msr_index_list.as_slice()).into();
         fd.set_tss_address(KVM_TSS_ADDR).map_err(setup("KVM_SET_TSS_ADDR"))?;
         fd.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
@@ -41,7 +66,39 @@ impl Vm {
             // in every caller (both are owned by the built VM and dropped together, VM first).
             unsafe { fd.set_user_memory_region(slot_def) }.map_err(setup("KVM_SET_USER_MEMORY_REGION"))?;
         }
-        Ok(Self { fd })
+        Ok(Self { fd, xsave_size, snapshot_msrs })
+    }
+
+    /// Reads the irqchip, PIT and clock state; the vCPUs must be outside KVM_RUN.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let setup = |what| move |source| VmError::Setup { what, source };
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut chip = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut chip).map_err(setup("KVM_GET_IRQCHIP"))?;
+            Ok(chip)
+        };
+        let mut clock = self.fd.get_clock().map_err(setup("KVM_GET_CLOCK"))?;
+        // The flags KVM_GET_CLOCK reports (TSC_STABLE, REALTIME, HOST_TSC) describe this host at
+        // this moment; KVM_SET_CLOCK on another host must set the clock value alone.
+        clock.flags = 0;
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(setup("KVM_GET_PIT2"))?,
+            clock,
+        })
+    }
+
+    /// Sets the state [`Vm::save_state`] read, on a VM made by [`Vm::new`].
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        let setup = |what| move |source| VmError::Setup { what, source };
+        self.fd.set_pit2(&state.pit).map_err(setup("KVM_SET_PIT2"))?;
+        self.fd.set_clock(&state.clock).map_err(setup("KVM_SET_CLOCK"))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd.set_irqchip(chip).map_err(setup("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
     }
 
     /// Wires `evt` to interrupt line `gsi` of the in-kernel irqchip.
