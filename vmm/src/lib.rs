@@ -12,5 +12,6 @@ pub mod config;
 pub mod devices;
 pub mod disk;
 pub mod runtime;
+pub mod snapshot;
 pub mod stats;
 pub mod vstate;
