@@ -21,7 +21,7 @@ use crate::config::{DriveConfig, VsockConfig};
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::disk::{self, DiskBackend};
-use crate::vstate::kvm;
+use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vcpu_state::VcpuState;
@@ -171,8 +171,23 @@ pub fn map_memory(dir: &Path, state: &SnapshotState) -> Result<GuestRam, Snapsho
     memory::map(&dir.join(MEMORY_FILE), state.mem_size)
 }
 
+/// A KVM VM made before the snapshot to load is known: /dev/kvm opened, the VM with its irqchip
+/// and PIT, KVM's one-time memory-slot set-up paid. A VMM process that waits for a load request
+/// makes one at start; [`restore_vm`] then does only the snapshot's part.
+pub struct PreparedVm {
+    kvm: kvm_ioctls::Kvm,
+    vm: Vm,
+}
+
+pub fn prepare() -> Result<PreparedVm, SnapshotError> {
+    let kvm = kvm::open(1).map_err(BuildError::from)?;
+    let vm = Vm::create(&kvm)?;
+    vm.warm_memory_slots()?;
+    Ok(PreparedVm { kvm, vm })
+}
+
 /// A VM restored from the snapshot in `dir`, ready for its vCPU threads: every vCPU's state is
-/// set. Console output goes to `console_sink`.
+/// set. Console output goes to `console_sink`. Everything is checked before KVM is touched.
 pub fn restore(
     dir: &Path,
     overrides: &Overrides,
@@ -181,7 +196,7 @@ pub fn restore(
     let state = read_state(dir)?;
     let devices = open_devices(&state, overrides)?;
     let ram = map_memory(dir, &state)?;
-    restore_vm(&state, ram, devices, console_sink)
+    restore_vm(prepare()?, &state, ram, devices, console_sink)
 }
 
 /// The snapshot's disks and vsock socket with the overrides applied, opened and checked.
@@ -225,14 +240,18 @@ pub fn open_devices(state: &SnapshotState, overrides: &Overrides) -> Result<Open
 /// states, the vCPUs with theirs. Open vsock connections belonged to the old VMM, so the guest
 /// gets a transport reset for them.
 pub fn restore_vm(
+    prepared: PreparedVm,
     state: &SnapshotState,
     ram: GuestRam,
     devices: OpenedDevices,
     console_sink: Box<dyn std::io::Write + Send>,
 ) -> Result<BuiltVm, SnapshotError> {
-    let vcpu_count = state.vcpus.len() as u8;
-    let kvm = kvm::open(vcpu_count).map_err(BuildError::from)?;
-    let vm = Vm::new(&kvm, &ram).map_err(BuildError::from)?;
+    let PreparedVm { kvm, vm } = prepared;
+    let max = kvm.get_max_vcpus();
+    if state.vcpus.len() > max {
+        return Err(BuildError::from(KvmError::TooManyVcpus { requested: state.vcpus.len() as u64, max }).into());
+    }
+    vm.register_ram(&ram)?;
     vm.restore_state(&state.vm)?;
     let vsock = devices.vsock.as_ref().map(|(_, handle)| handle.clone());
     let virtio_states = state.virtio_states();
