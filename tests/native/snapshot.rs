@@ -56,7 +56,7 @@ fn run_steps(vcpu: &mut Vcpu, steps: usize) -> Vec<(u32, u32)> {
         }
     }
     fd.set_kvm_immediate_exit(1);
-    let err = fd.run().err().expect("KVM_RUN with immediate_exit returns at once");
+    let err = fd.run().expect_err("KVM_RUN with immediate_exit returns at once");
     assert_eq!(err.errno(), libc::EINTR);
     fd.set_kvm_immediate_exit(0);
     reports
@@ -166,7 +166,7 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
         assert_eq!(after.cpuid, before.cpuid, "vCPU {index} CPUID");
         let msr = |s: &vmm::vstate::vcpu_state::VcpuState, i| s.msrs.iter().find(|m| m.index == i).map(|m| m.data);
         for index_msr in [0xc000_0080, 0x277, 0x2ff, 0x1a0] {
-            assert_eq!(msr(&after, index_msr), msr(&before, index_msr), "vCPU {index} MSR {index_msr:#x}");
+            assert_eq!(msr(&after, index_msr), msr(before, index_msr), "vCPU {index} MSR {index_msr:#x}");
         }
         assert_eq!(after.msrs.len(), before.msrs.len());
     }

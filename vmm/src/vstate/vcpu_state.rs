@@ -45,7 +45,10 @@ impl Vcpu {
         move |source| VcpuError::State { index, what, source }
     }
 
-    /// Reads everything KVM holds for this vCPU.
+    /// Reads everything KVM holds for this vCPU. After an I/O or MMIO exit KVM finishes the
+    /// instruction only on the next KVM_RUN, so a vCPU stopped right after one must first enter
+    /// KVM_RUN once with `immediate_exit` set (it returns EINTR at once, the instruction done).
+    /// A vCPU whose last KVM_RUN ended with EINTR has nothing pending.
     pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
         let fd = &self.fd;
         // KVM_GET_MP_STATE processes pending INIT/SIPI events, which can change the LAPIC and
