@@ -2,13 +2,13 @@
 //! Firecracker-style client configures and starts the VM over the Unix socket, pauses it (the
 //! guest makes no progress), resumes it, and is refused what is not allowed in each state.
 
-mod guest;
+mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use guest::{elf, Console, Guest, LOAD_ADDR, RESET};
+use common::{elf, Console, Guest, LOAD_ADDR, RESET};
 use vmm::api::client::{ApiClient, ApiClientError};
 use vmm::api::models::*;
 use vmm::vstate::vcpu::GuestExit;

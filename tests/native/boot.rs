@@ -3,21 +3,15 @@
 //! with tiny hand-assembled 64-bit guests on this host's /dev/kvm. These need no Linux guest, so
 //! they run even on a KVM that cannot boot one (the PVM nested hypervisor emulates them).
 
-mod guest;
+mod common;
 
-use std::path::Path;
 use std::time::Instant;
 
-use guest::{elf, print, Console, Guest, LOAD_ADDR, RESET};
-
+use common::{config, elf, print, Console, Guest, LOAD_ADDR, RESET};
 use vmm::builder::build;
 use vmm::config::VmConfig;
 use vmm::runtime::{run, RunOutcome};
 use vmm::vstate::vcpu::GuestExit;
-
-fn config(kernel: &Path, vcpus: u8, mem_mib: u64) -> VmConfig {
-    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![], vsock: None }
-}
 
 fn boot(cfg: &VmConfig) -> (RunOutcome, String) {
     let console = Console::default();

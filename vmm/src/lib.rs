@@ -16,5 +16,6 @@ pub mod disk;
 pub mod resources;
 pub mod runtime;
 pub mod sandbox;
+pub mod snapshot;
 pub mod stats;
 pub mod vstate;

@@ -300,24 +300,28 @@ impl Store {
             return Err(died(&mut child).unwrap_or(e.into()));
         }
 
+        // In short rounds, so that a VMM that dies is noticed at once.
         let deadline = Instant::now() + spec.ready_timeout;
         loop {
-            if let Ok(stream) = agent_client::connect(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, Duration::from_secs(2)) {
-                drop(stream);
-                return Ok(record);
+            let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+            match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
+                Ok(_) => return Ok(record),
+                Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
+                    tracing::debug!("sandbox {name}: {e}");
+                }
+                Err(e) => {
+                    tracing::debug!("sandbox {name}: {e}");
+                    return Err(died(&mut child).unwrap_or_else(|| SandboxError::NotReady {
+                        name: name.into(),
+                        what: "the guest agent did not answer",
+                        secs: spec.ready_timeout.as_secs(),
+                        console: tail(&dir.join(CONSOLE_LOG), 20),
+                    }));
+                }
             }
             if let Some(e) = died(&mut child) {
                 return Err(e);
             }
-            if Instant::now() > deadline {
-                return Err(SandboxError::NotReady {
-                    name: name.into(),
-                    what: "the guest agent did not answer",
-                    secs: spec.ready_timeout.as_secs(),
-                    console: tail(&dir.join(CONSOLE_LOG), 20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

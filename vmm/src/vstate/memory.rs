@@ -1,11 +1,14 @@
 //! Guest RAM, backed by a memfd from the first instruction on: a snapshot can then write it
-//! out, and a fork can freeze it and map it copy-on-write, without copying.
+//! out, and a fork can freeze it and map it copy-on-write, without copying. A restored VM's RAM
+//! is the snapshot's memory file mapped privately: pages are read in as the guest touches them,
+//! and its writes stay in the process (copy-on-write), never reaching the file.
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::boot_params::ram_ranges;
 
@@ -26,6 +29,17 @@ pub struct GuestRam {
     pub memory: GuestMemoryMmap,
     pub file: Arc<File>,
     pub size: u64,
+    pub backing: Backing,
+}
+
+/// What the file behind guest RAM holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// A memfd mapped shared: the file is the guest's memory.
+    Memfd,
+    /// A snapshot's memory file mapped privately: the file holds the memory as the snapshot
+    /// left it; pages the guest wrote since live only in the mapping.
+    PrivateFile,
 }
 
 fn memfd(name: &std::ffi::CStr) -> std::io::Result<File> {
@@ -47,11 +61,34 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, MemoryError> {
     let file = memfd(c"ember-guest-ram").map_err(MemoryError::Memfd)?;
     file.set_len(size)
         .map_err(|source| MemoryError::Truncate { mib: mem_mib, source })?;
-    let file = Arc::new(file);
+    map(Arc::new(file), size, Backing::Memfd)
+}
+
+/// Maps `file` (a snapshot's memory file of exactly `size` bytes, checked by the caller) as
+/// guest RAM, privately and without reading it.
+pub fn map_private(file: File, size: u64) -> Result<GuestRam, MemoryError> {
+    if size == 0 || size % (2 << 20) != 0 {
+        return Err(MemoryError::BadSize(size >> 20));
+    }
+    map(Arc::new(file), size, Backing::PrivateFile)
+}
+
+/// Maps the guest's RAM ranges from consecutive offsets of `file`.
+fn map(file: Arc<File>, size: u64, backing: Backing) -> Result<GuestRam, MemoryError> {
+    let flags = match backing {
+        Backing::Memfd => libc::MAP_SHARED | libc::MAP_NORESERVE,
+        // NORESERVE: a private mapping would otherwise charge the whole size against the
+        // commit limit up front, though most of it is never written.
+        Backing::PrivateFile => libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+    };
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, len) in ram_ranges(size) {
-        let mapping = MmapRegion::from_file(FileOffset::from_arc(file.clone(), file_offset), len as usize)
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
             .map_err(|e| MemoryError::Mmap(e.to_string()))?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| MemoryError::Mmap(format!("region at {start:#x} overflows")))?;
@@ -59,7 +96,7 @@ pub fn create(mem_mib: u64) -> Result<GuestRam, MemoryError> {
         file_offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-    Ok(GuestRam { memory, file, size })
+    Ok(GuestRam { memory, file, size, backing })
 }
 
 #[cfg(test)]
@@ -75,6 +112,24 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(&*ram.file, &mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
         assert_eq!(ram.memory.last_addr(), GuestAddress((4 << 20) - 1));
+    }
+
+    #[test]
+    fn a_private_mapping_reads_the_file_and_keeps_its_writes_to_itself() {
+        let ram = create(4).unwrap();
+        ram.memory.write_obj(0x1122_3344u32, GuestAddress(0x2000)).unwrap();
+        let copy = memfd(c"copy").unwrap();
+        copy.set_len(4 << 20).unwrap();
+        let mut page = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&*ram.file, &mut page, 0x2000).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&copy, &page, 0x2000).unwrap();
+        let restored = map_private(copy.try_clone().unwrap(), 4 << 20).unwrap();
+        assert_eq!(restored.backing, Backing::PrivateFile);
+        assert_eq!(restored.memory.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0x1122_3344);
+        restored.memory.write_obj(7u32, GuestAddress(0x2000)).unwrap();
+        assert_eq!(restored.memory.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 7);
+        std::os::unix::fs::FileExt::read_exact_at(&copy, &mut page, 0x2000).unwrap();
+        assert_eq!(u32::from_le_bytes(page), 0x1122_3344, "the file is untouched");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
@@ -16,6 +16,7 @@ use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs};
 use crate::devices::bus::{lock, Bus};
 use super::pause::PauseGate;
 use crate::stats::ExitCounts;
+use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -29,6 +30,17 @@ pub enum VcpuError {
     Msr { index: u8, msr: u32 },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("vCPU {index}: {what} failed: {source}")]
+    State { index: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {index}: cannot allocate an XSAVE buffer of {words} extra words")]
+    XsaveSize { index: u8, words: usize },
+    #[error("vCPU {index}: the snapshot's XSAVE area is {saved} bytes, this host's KVM takes at most {here}")]
+    XsaveTooLarge { index: u8, saved: usize, here: usize },
+    #[error(
+        "vCPU {index}: the snapshot's TSC runs at {saved} kHz, this host's at {here} kHz, and KVM cannot scale it: \
+         {source}"
+    )]
+    TscFrequency { index: u8, saved: u32, here: u32, source: kvm_ioctls::Error },
 }
 
 /// Why the VM stopped.
@@ -114,20 +126,30 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 }
 
 pub struct Vcpu {
-    fd: VcpuFd,
+    pub(super) fd: VcpuFd,
     index: u8,
+    /// Bytes of XSAVE state KVM_GET_XSAVE2 returns for this VM (0: only KVM_GET_XSAVE).
+    pub(super) xsave_size: usize,
+    /// MSRs a snapshot of this vCPU reads.
+    pub(super) msrs_to_save: Arc<[u32]>,
 }
 
 impl Vcpu {
-    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VcpuError> {
+    pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
         let fd = vm
+            .fd
             .create_vcpu(index as u64)
             .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Self { fd, index })
+        Ok(Self { fd, index, xsave_size: vm.xsave_size, msrs_to_save: vm.snapshot_msrs.clone() })
     }
 
     pub fn index(&self) -> u8 {
         self.index
+    }
+
+    /// The KVM vCPU, for tests and benchmarks that drive KVM_RUN themselves.
+    pub fn kvm_fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     /// Sets CPUID, MSRs, FPU and LAPIC; the boot vCPU also gets the 64-bit entry state.

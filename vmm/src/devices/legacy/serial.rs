@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 
@@ -87,6 +88,69 @@ impl Write for ConsoleOut {
 pub type Uart = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
 pub struct SerialDevice(pub Uart);
+
+/// The UART's registers and receive FIFO (vm-superio's `SerialState`), for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<SerialState> for SerialSnapshot {
+    fn from(s: SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialSnapshot> for SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl SerialDevice {
+    pub fn save_state(&self) -> SerialSnapshot {
+        self.0.state().into()
+    }
+
+    /// A UART in the saved state; it raises its interrupt again if one was pending. Fails for
+    /// a receive FIFO longer than the UART's.
+    pub fn restore(state: &SerialSnapshot, irq: EventFdTrigger, out: ConsoleOut) -> Result<Self, String> {
+        Serial::from_state(&state.into(), irq, NoEvents, out)
+            .map(SerialDevice)
+            .map_err(|e| format!("{e:?}"))
+    }
+}
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -207,6 +271,31 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert_eq!(watch.panic_message(), None);
+    }
+
+    #[test]
+    fn registers_and_pending_input_survive_a_snapshot() {
+        let (mut dev, _sink, _watch, _irq) = uart();
+        dev.write(3, &[0x80]); // DLAB
+        dev.write(0, &[0x0c]); // 9600 baud
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(7, &[0x5a]); // scratch
+        dev.0.enqueue_raw_bytes(b"xy").unwrap();
+        let state = dev.save_state();
+        let (_, sink, watch, irq) = uart();
+        let out = ConsoleOut::new(Box::new(sink), watch);
+        let mut restored = SerialDevice::restore(&state, EventFdTrigger(irq.try_clone().unwrap()), out).unwrap();
+        assert_eq!(restored.save_state(), state);
+        let mut b = [0u8];
+        restored.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+
+        let mut too_long = state.clone();
+        too_long.in_buffer = vec![0; 65];
+        let (_, sink, watch, irq) = uart();
+        assert!(SerialDevice::restore(&too_long, EventFdTrigger(irq), ConsoleOut::new(Box::new(sink), watch)).is_err());
     }
 
     #[test]

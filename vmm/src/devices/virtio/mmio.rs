@@ -23,24 +23,25 @@ const VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0x424d_4545; // "EEMB"
 const CONFIG_SPACE: u64 = 0x100;
 
-const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+pub(super) const S_ACK: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+pub(super) const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+pub(super) const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+pub(super) const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
-const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+pub(super) const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    config_generation: u32,
+    pub(super) device: Box<dyn VirtioDevice>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Arc<Interrupt>,
+    /// The driver's view of the queues; the device serves its own copies once active.
+    pub(super) queues: Vec<Queue>,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) config_generation: u32,
 }
 
 impl MmioTransport {
@@ -60,7 +61,7 @@ impl MmioTransport {
         }
     }
 
-    fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    pub(super) fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
         device
             .queue_max_sizes()
             .iter()
@@ -311,9 +312,13 @@ pub(crate) mod tests {
             p.resets += 1;
             p.activated = None;
         }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            let p = self.0.lock().unwrap();
+            p.activated.iter().flatten().map(|q| q.state()).collect()
+        }
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<Probe>>, EventFd) {
+    pub fn transport() -> (MmioTransport, Arc<Mutex<Probe>>, EventFd) {
         let probe = Arc::new(Mutex::new(Probe::default()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -321,13 +326,13 @@ pub(crate) mod tests {
         (MmioTransport::new(Box::new(FakeDevice(probe.clone())), mem, irq), probe, evt)
     }
 
-    fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+    pub fn rd(t: &mut MmioTransport, off: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+    pub fn wr(t: &mut MmioTransport, off: u64, v: u32) {
         t.write(off, &v.to_le_bytes());
     }
 
@@ -342,7 +347,7 @@ pub(crate) mod tests {
         wr(t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
     }
 
-    fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
+    pub fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
         wr(t, 0x30, index);
         wr(t, 0x38, 16);
         wr(t, 0x80, base as u32);

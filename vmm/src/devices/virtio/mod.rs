@@ -7,12 +7,13 @@
 
 pub mod block;
 pub mod mmio;
+pub mod mmio_state;
 pub mod notify;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,7 +34,12 @@ pub struct Interrupt {
 
 impl Interrupt {
     pub fn new(evt: EventFd) -> Self {
-        Self { status: AtomicU32::new(0), evt }
+        Self::with_status(evt, 0)
+    }
+
+    /// An interrupt line whose status bits the driver has not acknowledged yet (a restore).
+    pub fn with_status(evt: EventFd, status: u32) -> Self {
+        Self { status: AtomicU32::new(status), evt }
     }
 
     pub fn signal(&self, bits: u32) {
@@ -83,4 +89,10 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// The driver reset the device: forget the queues and the acknowledged features.
     fn reset(&mut self);
+    /// The queues the device serves, with its positions in them (empty before activation).
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Makes what the device wrote durable before a snapshot.
+    fn sync(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -4,7 +4,7 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
@@ -56,6 +56,9 @@ impl VirtioDevice for VsockHandle {
     }
     fn reset(&mut self) {
         lock(&self.0).reset()
+    }
+    fn queue_states(&self) -> Vec<QueueState> {
+        lock(&self.0).queue_states()
     }
 }
 

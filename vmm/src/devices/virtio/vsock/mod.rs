@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
@@ -261,6 +261,10 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked_features = 0;
         self.reset_pending = false;
+    }
+
+    fn queue_states(&self) -> Vec<QueueState> {
+        self.active.iter().flat_map(|a| a.queues.iter().map(|q| q.state())).collect()
     }
 }
 

@@ -669,6 +669,35 @@ fn transport_reset_closes_everything() {
 }
 
 #[test]
+fn a_device_restored_on_the_saved_queues_resets_the_guests_connections() {
+    let mut g = Guest::new();
+    g.give_rx(8, 4096);
+    let listener = UnixListener::bind(g.host_path(52)).unwrap();
+    let _host = guest_connect(&mut g, &listener, 1000, 52);
+    // The guest keeps an event buffer posted, as Linux does; nothing is owed to it yet.
+    g.ev.push(&g.mem.clone(), 0, &[(EV_BUFS, 4, true)]);
+    g.dev.process_queue(EVQ);
+    assert!(g.ev.used(&g.mem).is_empty());
+    let saved = g.dev.queue_states();
+    assert_eq!(saved.len(), 3);
+
+    // A new device (the restored VMM's) takes over the guest's queues where the old one left them.
+    let uds = g.uds.with_extension("restored");
+    let mut restored = Vsock::new(GUEST_CID, &uds).unwrap();
+    restored.set_acked_features(VIRTIO_F_VERSION_1);
+    let queues = saved.into_iter().map(|s| Queue::try_from(s).unwrap()).collect();
+    let interrupt = Arc::new(Interrupt::new(g.irq.try_clone().unwrap()));
+    restored.activate(g.mem.clone(), queues, interrupt).unwrap();
+    restored.send_transport_reset();
+    assert_eq!(g.ev.used(&g.mem), [(0, 4)]);
+    assert_eq!(g.mem.read_obj::<u32>(GuestAddress(EV_BUFS)).unwrap(), EVENT_TRANSPORT_RESET);
+    // The old connection is unknown to the new device: its packets are reset.
+    g.dev = restored;
+    g.send(Hdr::guest(1000, 52, OP_RW), b"x");
+    assert_eq!(ops(&g.recv_refill(4096)), [OP_RST]);
+}
+
+#[test]
 fn event_idx_guest_works() {
     let mut g = Guest::with_features(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
     g.give_rx(8, 4096);

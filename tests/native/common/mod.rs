@@ -1,11 +1,13 @@
-//! Tiny hand-assembled 64-bit guests for the native tests: an ELF "kernel" around raw machine
-//! code, serial output, the i8042 reset, and a console that collects what the guest prints.
+//! Helpers shared by the native tests: hand-assembled guests packed as ELF kernels, and a
+//! console that keeps what the guest printed.
 
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use vmm::config::VmConfig;
 
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
@@ -76,5 +78,9 @@ impl Guest {
         std::fs::write(&p, bytes).unwrap();
         p
     }
+}
+
+pub fn config(kernel: &Path, vcpus: u8, mem_mib: u64) -> VmConfig {
+    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![], vsock: None }
 }
 

@@ -1,0 +1,233 @@
+use std::path::Path;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, kvm_msr_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use vmm_sys_util::tempdir::TempDir;
+
+use super::format::{decode, encode, FORMAT_VERSION, HEADER_LEN};
+use super::state::{DriveSnapshot, SnapshotState, VsockSnapshot};
+use super::*;
+use crate::devices::legacy::serial::SerialSnapshot;
+use crate::devices::virtio::mmio_state::{MmioState, QueueSnapshot};
+use crate::vstate::vm::VmState;
+
+fn transport(device_type: u32, queues: usize) -> MmioState {
+    let q = QueueSnapshot {
+        max_size: 256,
+        size: 256,
+        ready: true,
+        desc_table: 0x10_0000,
+        avail_ring: 0x10_1000,
+        used_ring: 0x10_2000,
+        next_avail: 17,
+        next_used: 17,
+        event_idx: true,
+    };
+    MmioState {
+        device_type,
+        status: 0xf,
+        device_features_sel: 1,
+        driver_features_sel: 1,
+        driver_features: 1 << 32,
+        queue_sel: 0,
+        config_generation: 0,
+        interrupt_status: 1,
+        queues: vec![q; queues],
+    }
+}
+
+fn vcpu(index: u8) -> VcpuState {
+    let mut lapic = kvm_bindings::kvm_lapic_state::default();
+    lapic.regs[0x20] = index as _;
+    VcpuState {
+        index,
+        cpuid: vec![kvm_cpuid_entry2 { function: 0, eax: 0xd, ebx: 0x756e_6547, ..Default::default() }],
+        msrs: vec![kvm_msr_entry { index: 0x10, data: 0x1234_5678_9abc, ..Default::default() }],
+        regs: kvm_bindings::kvm_regs { rip: 0x10_0000 + index as u64, rax: 41, ..Default::default() },
+        sregs: Default::default(),
+        xsave: (0..1024 + 40).collect(),
+        xcrs: Default::default(),
+        debugregs: Default::default(),
+        lapic,
+        mp_state: kvm_bindings::kvm_mp_state { mp_state: 0 },
+        events: Default::default(),
+        tsc_khz: Some(2_400_000),
+    }
+}
+
+pub(super) fn sample() -> SnapshotState {
+    let chip = |chip_id| kvm_irqchip { chip_id, ..Default::default() };
+    SnapshotState {
+        mem_size: 256 << 20,
+        vm: VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER),
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE),
+            ioapic: chip(KVM_IRQCHIP_IOAPIC),
+            pit: Default::default(),
+            clock: kvm_clock_data { clock: 123_456_789, ..Default::default() },
+        },
+        vcpus: vec![vcpu(0), vcpu(1)],
+        serial: SerialSnapshot {
+            baud_divisor_low: 12,
+            baud_divisor_high: 0,
+            interrupt_enable: 2,
+            interrupt_identification: 1,
+            line_control: 3,
+            line_status: 0x60,
+            modem_control: 8,
+            modem_status: 0xb0,
+            scratch: 0,
+            in_buffer: b"ls\n".to_vec(),
+        },
+        drives: vec![DriveSnapshot {
+            path: "/images/rootfs.qcow2".into(),
+            read_only: false,
+            root: true,
+            size: 1 << 30,
+            transport: transport(2, 1),
+        }],
+        vsock: Some(VsockSnapshot { cid: 3, uds: "/run/vm.sock".into(), transport: transport(19, 3) }),
+    }
+}
+
+fn path() -> &'static Path {
+    Path::new("/snap/state")
+}
+
+#[test]
+fn the_state_round_trips_through_the_file_format() {
+    let state = sample();
+    let bytes = encode(&state).unwrap();
+    assert_eq!(&bytes[..8], b"EMBERSNP");
+    let back = decode(path(), &bytes).unwrap();
+    assert_eq!(encode(&back).unwrap(), bytes, "decoding then encoding gives the same file");
+    assert_eq!(back.vcpus[1].regs.rip, 0x10_0001);
+    assert_eq!(back.vcpus[1].lapic.regs[0x20], 1);
+    assert_eq!(back.vcpus[0].xsave.len(), 1064);
+    assert_eq!(back.vcpus[0].msrs[0].data, 0x1234_5678_9abc);
+    assert_eq!(back.vm.clock.clock, 123_456_789);
+    assert_eq!(back.vm.ioapic.chip_id, KVM_IRQCHIP_IOAPIC);
+    assert_eq!(back.serial, state.serial);
+    assert_eq!(back.drives, state.drives);
+    assert_eq!(back.vsock, state.vsock);
+    back.check().unwrap();
+}
+
+#[test]
+fn another_format_version_is_named_as_such() {
+    let mut bytes = encode(&sample()).unwrap();
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+    let err = decode(path(), &bytes).err().unwrap();
+    assert!(matches!(err, SnapshotError::Version { version: 3, .. }));
+    assert_eq!(
+        err.to_string(),
+        format!("state file /snap/state is format version 3, this ember reads version {FORMAT_VERSION}")
+    );
+}
+
+#[test]
+fn a_flipped_bit_anywhere_in_the_body_is_a_checksum_mismatch() {
+    let bytes = encode(&sample()).unwrap();
+    for offset in [HEADER_LEN, HEADER_LEN + 100, bytes.len() / 2, bytes.len() - 1] {
+        let mut bad = bytes.clone();
+        bad[offset] ^= 0x10;
+        let err = decode(path(), &bad).err().unwrap();
+        assert_eq!(err.to_string(), "state file /snap/state is corrupt: checksum mismatch", "offset {offset}");
+    }
+    let mut bad = bytes.clone();
+    bad[20] ^= 1;
+    assert!(decode(path(), &bad).err().unwrap().to_string().contains("checksum mismatch"));
+}
+
+#[test]
+fn truncated_and_padded_files_are_refused() {
+    let bytes = encode(&sample()).unwrap();
+    for len in [0, 5, HEADER_LEN - 1, HEADER_LEN, bytes.len() - 1] {
+        let err = decode(path(), &bytes[..len]).err().unwrap();
+        assert!(matches!(err, SnapshotError::Truncated { .. }), "{len}: {err}");
+        assert!(err.to_string().starts_with("state file /snap/state is truncated"), "{err}");
+    }
+    let mut long = bytes.clone();
+    long.push(0);
+    let err = decode(path(), &long).err().unwrap().to_string();
+    assert!(err.contains("is corrupt") && err.contains("1 bytes follow"), "{err}");
+}
+
+#[test]
+fn other_files_are_not_state_files() {
+    for bytes in [&b"#!/bin/sh\necho hello world, this is long enough"[..], b"{}"] {
+        let err = decode(path(), bytes).err().unwrap();
+        assert_eq!(err.to_string(), "/snap/state is not an ember snapshot state file");
+    }
+}
+
+#[test]
+fn a_well_formed_but_inconsistent_state_is_refused_by_its_check() {
+    let mut s = sample();
+    s.mem_size = 3 << 20;
+    assert!(s.check().err().unwrap().contains("multiple of 2 MiB"));
+    let mut s = sample();
+    s.vcpus.swap(0, 1);
+    assert!(s.check().err().unwrap().contains("vCPU state 0 is for vCPU 1"));
+    let mut s = sample();
+    s.vcpus.clear();
+    assert!(s.check().is_err());
+    let mut s = sample();
+    s.vcpus[0].xsave.truncate(10);
+    assert!(s.check().err().unwrap().contains("XSAVE"));
+    let mut s = sample();
+    s.vm.ioapic.chip_id = 0;
+    assert!(s.check().err().unwrap().contains("irqchip"));
+    let mut s = sample();
+    s.drives[0].transport.device_type = 19;
+    assert!(s.check().err().unwrap().contains("drive 0"));
+    let mut s = sample();
+    s.serial.in_buffer = vec![0; 65];
+    assert!(s.check().err().unwrap().contains("FIFO"));
+}
+
+#[test]
+fn restore_reports_missing_and_bad_files_before_building_anything() {
+    let dir = TempDir::new().unwrap();
+    let err = read_state(dir.as_path()).err().unwrap().to_string();
+    assert!(err.starts_with("cannot read") && err.contains("state"), "{err}");
+
+    let mut s = sample();
+    s.vcpus.swap(0, 1);
+    std::fs::write(dir.as_path().join(STATE_FILE), encode(&s).unwrap()).unwrap();
+    let err = read_state(dir.as_path()).err().unwrap().to_string();
+    assert!(err.contains("is inconsistent: vCPU state 0 is for vCPU 1"), "{err}");
+
+    let state = sample();
+    std::fs::write(dir.as_path().join(MEMORY_FILE), vec![0u8; 1 << 20]).unwrap();
+    let err = map_memory(dir.as_path(), &state).err().unwrap().to_string();
+    assert!(err.contains("is 1048576 bytes, the snapshot's guest has 268435456"), "{err}");
+}
+
+#[test]
+fn overrides_must_name_devices_the_snapshot_has() {
+    let mut state = sample();
+    state.drives.clear();
+    let overrides = Overrides { drives: [(0, "/x".into())].into(), ..Default::default() };
+    let err = open_devices(&state, &overrides).err().unwrap();
+    assert_eq!(err.to_string(), "drive override for drive 0, but the snapshot has 0 drives");
+    state.vsock = None;
+    let overrides = Overrides { vsock_cid: Some(9), ..Default::default() };
+    assert!(matches!(open_devices(&state, &overrides), Err(SnapshotError::NoVsock)));
+}
+
+#[test]
+fn a_replacement_disk_must_have_the_size_the_guest_knows() {
+    let dir = TempDir::new().unwrap();
+    let disk = dir.as_path().join("disk.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut state = sample();
+    state.vsock = None;
+    let overrides = Overrides { drives: [(0, disk.clone())].into(), ..Default::default() };
+    let err = open_devices(&state, &overrides).err().unwrap().to_string();
+    assert!(err.contains("is 1048576 bytes") && err.contains("drive 0 as 1073741824 bytes"), "{err}");
+    state.drives[0].size = 1 << 20;
+    assert!(open_devices(&state, &overrides).is_ok());
+}
