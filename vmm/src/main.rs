@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 use vmm::config::VmConfig;
 use vmm::vstate::vcpu::GuestExit;
 
+mod cli;
+
 /// Exit status when the guest kernel panicked (ember's own failures exit 1).
 const EXIT_GUEST_PANIC: u8 = 2;
 
@@ -41,7 +43,10 @@ enum Command {
     /// Run a command in a running VM through its guest agent, streaming its output; exits with
     /// the command's status (128+N if killed by signal N, 124 on timeout, 125 for ember's own
     /// errors, 126/127 when the command cannot run / is not found)
-    Exec(ExecArgs),
+    Exec(cli::exec::ExecArgs),
+    /// Copy a file into or out of a sandbox: `ember cp LOCAL NAME:PATH` or `ember cp NAME:PATH
+    /// LOCAL` (`-` for stdin/stdout)
+    Cp(cli::cp::CpArgs),
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -142,88 +147,6 @@ struct RunArgs {
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
-}
-
-#[derive(Args)]
-struct ExecArgs {
-    /// The sandbox to run the command in
-    #[arg(required_unless_present = "uds", conflicts_with = "uds")]
-    name: Option<String>,
-    /// Instead of a sandbox name: a VM's vsock socket (the uds= of `ember run --vsock`)
-    #[arg(long)]
-    uds: Option<PathBuf>,
-    /// The agent's vsock port
-    #[arg(long, default_value_t = ember_agent::DEFAULT_PORT)]
-    port: u32,
-    /// Environment variables for the command
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Working directory in the guest
-    #[arg(long)]
-    cwd: Option<String>,
-    /// Kill the command (and everything it started) after this many seconds
-    #[arg(long)]
-    timeout: Option<f64>,
-    /// The command and its arguments
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("'{s}' is not K=V"))
-}
-
-/// `ember exec`'s own failures, as distinct from the command's status.
-const EXIT_EMBER_ERROR: u8 = 125;
-
-fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
-    use vmm::agent_client::{self, ClientError, Outcome};
-    let uds = match (&args.uds, &args.name) {
-        (Some(uds), _) => uds.clone(),
-        (None, Some(name)) => match store()?.vsock_socket(name) {
-            Ok(path) => path,
-            Err(e) => {
-                eprintln!("ember: error: {e}");
-                return Ok(ExitCode::from(EXIT_EMBER_ERROR));
-            }
-        },
-        (None, None) => unreachable!("clap requires a name or --uds"),
-    };
-    let stream = match agent_client::connect(&uds, args.port, std::time::Duration::from_secs(10)) {
-        Ok(stream) => stream,
-        Err(e) => {
-            eprintln!("ember: error: {e}");
-            return Ok(ExitCode::from(EXIT_EMBER_ERROR));
-        }
-    };
-    let request = ember_agent::ExecRequest {
-        argv: args.command,
-        env: args.env,
-        cwd: args.cwd,
-        timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
-        ..Default::default()
-    };
-    let outcome = agent_client::exec(stream, request, &mut std::io::stdout(), &mut std::io::stderr());
-    let code = match outcome {
-        Ok(Outcome::Exit(code)) => code.clamp(0, 255) as u8,
-        Ok(Outcome::Killed(signal)) => (128 + signal).clamp(0, 255) as u8,
-        Ok(Outcome::TimedOut) => 124,
-        Err(ClientError::Refused { kind: ember_agent::ErrorKind::NotFound, message }) => {
-            eprintln!("ember: {message}");
-            127
-        }
-        Err(ClientError::Refused { kind: ember_agent::ErrorKind::CannotExecute, message }) => {
-            eprintln!("ember: {message}");
-            126
-        }
-        Err(e) => {
-            eprintln!("ember: error: {e}");
-            EXIT_EMBER_ERROR
-        }
-    };
-    Ok(ExitCode::from(code))
 }
 
 fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
@@ -347,7 +270,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),
-        Command::Exec(args) => exec(args),
+        Command::Exec(args) => store().and_then(|s| cli::exec::exec(args, &s)),
+        Command::Cp(args) => store().and_then(|s| cli::cp::cp(args, &s)),
         Command::Ls { json } => ls(json),
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),

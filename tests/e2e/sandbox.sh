@@ -1,0 +1,144 @@
+# End-to-end tests of detached sandboxes, the guest agent and the CLI on top of them, run inside
+# the nested harness by tests/e2e/run (busybox sh): `ember run --detach` starts a Debian sandbox
+# through its VMM's API socket, `ember exec` / `ember cp` reach its agent over vsock by name,
+# `ember rm` ends it. The cases share one sandbox, started by the first and removed by the last.
+. /opt/ember/extra/lib.sh
+SB=e2e-sandbox
+STATE=$HOME/.local/state/ember/sandboxes
+
+case_run_detach_starts_a_sandbox_that_ls_lists() {
+  ember run --detach --name $SB --mem-mib 512 >name 2>err
+  expect_status 0 && expect_in name $SB || return 1
+  ember ls >ls 2>&1
+  grep -E "^$SB +Running" ls >/dev/null || { echo "    ls says:"; cat ls; return 1; }
+  for f in api.sock vsock.sock disk.qcow2 console.log sandbox.json; do
+    [ -e "$STATE/$SB/$f" ] || { echo "    $STATE/$SB/$f is missing"; return 1; }
+  done
+  ember run --detach --name $SB >/dev/null 2>err2
+  expect_status 1 && expect_in err2 "already exists"
+}
+
+case_exec_reports_exit_codes_signals_and_keeps_streams_apart() {
+  ember exec $SB -- python3 -c \
+    'import sys; print(2**64); print("to-stderr", file=sys.stderr); sys.exit(3)' >eout 2>eerr </dev/null
+  expect_status 3 && expect_in eout 18446744073709551616 && expect_in eerr to-stderr || return 1
+  ! grep -q to-stderr eout || { echo "    stderr leaked into stdout"; return 1; }
+  ember exec $SB -- sh -c 'kill -9 $$' </dev/null >/dev/null 2>&1
+  expect_status 137 || return 1
+  ember exec $SB -- no-such-command </dev/null >/dev/null 2>&1
+  expect_status 127 || return 1
+  ember exec $SB -- /etc/hostname </dev/null >/dev/null 2>&1
+  expect_status 126 || return 1
+  ember exec $SB --env GREETING=hi --cwd /tmp -- sh -c 'echo $GREETING from $(pwd)' </dev/null >eout 2>&1
+  expect_in eout "hi from /tmp" || return 1
+  ember exec no-such-sandbox -- true </dev/null >/dev/null 2>eerr
+  expect_status 125 && expect_in eerr "no sandbox named no-such-sandbox"
+}
+
+case_a_timeout_kills_the_whole_process_tree() {
+  ember exec $SB --timeout 2 -- sh -c 'sleep 600 & sleep 601 & wait' </dev/null >/dev/null 2>&1
+  expect_status 124 || return 1
+  sleep 1
+  ember exec $SB -- sh -c 'cat /proc/[0-9]*/cmdline 2>/dev/null | tr "\0" " "' </dev/null >procs
+  ! grep -qE "sleep 60[01]" procs || { echo "    the timed-out command's children survive"; return 1; }
+}
+
+case_100_mib_of_output_arrive_with_a_matching_checksum() {
+  ember exec $SB -- sh -c 'head -c 104857600 /dev/urandom | tee /tmp/blob' </dev/null >blob 2>err
+  expect_status 0 || return 1
+  guest=$(command ember exec $SB -- md5sum /tmp/blob </dev/null | cut -d' ' -f1)
+  host=$(md5sum blob | cut -d' ' -f1)
+  command ember exec $SB -- rm /tmp/blob </dev/null
+  [ "$(wc -c <blob)" = 104857600 ] && [ -n "$guest" ] && [ "$guest" = "$host" ] ||
+    { echo "    $(wc -c <blob) bytes, md5 $host on the host, $guest in the guest"; return 1; }
+}
+
+case_stdin_is_piped_through() {
+  echo "hello through stdin" | ember exec $SB -- cat >out1 2>&1
+  expect_status 0 && expect_in out1 "hello through stdin" || return 1
+  head -c 5242880 /dev/urandom >in
+  ember exec $SB -- md5sum <in >out2 2>&1
+  [ "$(cut -d' ' -f1 out2)" = "$(md5sum <in | cut -d' ' -f1)" ] || { echo "    md5 differs: $(cat out2)"; return 1; }
+  # A command that never reads stdin ends, and so does ember, while our stdin stays open.
+  mkfifo open-stdin
+  sleep 60 >open-stdin &
+  writer=$!
+  ember exec $SB -- echo done <open-stdin >out3 2>&1
+  r=$?
+  kill $writer
+  [ $r = 0 ] && expect_in out3 done
+}
+
+case_fifty_concurrent_execs_all_complete() {
+  i=0
+  while [ $i -lt 50 ]; do
+    command ember exec $SB -- sh -c 'sleep 1; echo "exec $0 done"' $i </dev/null >out.$i 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  i=0
+  while [ $i -lt 50 ]; do
+    grep -qx "exec $i done" out.$i || { echo "    exec $i: $(cat out.$i)"; return 1; }
+    i=$((i + 1))
+  done
+}
+
+case_a_background_server_outlives_the_exec_that_started_it() {
+  ember exec $SB -- sh -c 'cd /tmp && nohup python3 -m http.server 8123 >/tmp/server.log 2>&1 &' </dev/null
+  expect_status 0 || return 1
+  n=0
+  until command ember exec $SB -- python3 -c \
+      'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8123/").status)' </dev/null >got 2>&1 &&
+      grep -qx 200 got; do
+    n=$((n + 1))
+    [ $n -lt 20 ] || { echo "    the server is not answering: $(cat got)"; return 1; }
+    sleep 1
+  done
+}
+
+case_256_mib_files_go_up_and_come_back_intact() {
+  head -c 268435456 /dev/urandom >big
+  ember cp big $SB:/root/big 2>err
+  expect_status 0 || return 1
+  guest=$(command ember exec $SB -- md5sum /root/big </dev/null | cut -d' ' -f1)
+  host=$(md5sum big | cut -d' ' -f1)
+  [ "$guest" = "$host" ] || { echo "    md5 $host on the host, $guest in the guest"; return 1; }
+  mkdir back
+  ember cp $SB:/root/big back/ 2>err
+  expect_status 0 || return 1
+  cmp big back/big || return 1
+  ember cp $SB:/root/no-such-file x 2>err
+  expect_status 125 && expect_in err "no such file" && [ ! -e x ]
+}
+
+case_garbage_on_the_vsock_socket_and_malformed_frames_leave_it_serving() {
+  uds=$STATE/$SB/vsock.sock
+  send=/opt/ember/extra/uds-send
+  printf 'GARBAGE\n' | $send "$uds" >r1
+  [ ! -s r1 ] || { echo "    garbage got an answer: $(cat r1)"; return 1; }
+  head -c 100000 /dev/urandom | $send "$uds" >/dev/null
+  printf 'CONNECT 99999999999999\n' | $send "$uds" >r2
+  ! grep -q "^OK" r2 || { echo "    a bad port was accepted"; return 1; }
+  # To the agent: a frame whose body is not a request, then one that claims 2 GiB.
+  printf 'CONNECT 1024\n\010\000\000\000GARBAGE!\377\377\377\177' | $send "$uds" >r3
+  head -n 1 r3 | grep -q "^OK " || { echo "    no OK from CONNECT 1024"; return 1; }
+  [ "$(wc -c <r3)" -gt "$(head -n 1 r3 | wc -c)" ] || { echo "    the agent did not answer the malformed frames"; return 1; }
+  ember exec $SB -- echo still serving </dev/null >out 2>&1
+  expect_status 0 && expect_in out "still serving"
+}
+
+case_rm_stops_the_sandbox_and_deletes_its_state() {
+  pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$SB/sandbox.json")
+  [ -n "$pid" ] && [ -d /proc/$pid ] || { echo "    no running VMM recorded"; return 1; }
+  ember rm $SB 2>err
+  expect_status 0 || return 1
+  [ ! -e "$STATE/$SB" ] || { echo "    $STATE/$SB is still there"; return 1; }
+  ember ls >ls
+  ! grep -q "^$SB " ls || { echo "    ls still lists it"; return 1; }
+  state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' /proc/$pid/status 2>/dev/null)
+  [ -z "$state" ] || [ "$state" = Z ] || { echo "    the VMM (pid $pid) still runs"; return 1; }
+  ember rm $SB 2>err
+  expect_status 1 && expect_in err "no sandbox named"
+}
+
+run_cases "$0"
