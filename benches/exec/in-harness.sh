@@ -1,13 +1,15 @@
-# Exec benchmark, run inside the nested harness by benches/exec/run (busybox sh). Two sandboxes
-# boot the same way; one runs nothing, the other N execs of `true` and a 100 MiB output stream.
-# The difference in VM exits (ember run --stats) is what the execs cost; times are the harness's.
+# Exec benchmark, run inside the nested harness by benches/exec/run (busybox sh). Identical
+# sandboxes boot, each does one workload, and stop; the VM exits of a workload are its sandbox's
+# exits (ember run --stats) minus those of the sandbox that did nothing. Times are the harness's.
 N=${BENCH_EXECS:-50}
+MIB=${BENCH_MIB:-100}
 uptime_cs() { tr -d . </proc/uptime | cut -d' ' -f1; }
+say() { echo "$*" >>/tmp/results; }
 
-# sandbox WORK EXECS: boots, runs EXECS `true` execs and (if EXECS > 0) the stream, stops,
-# and leaves ember's --stats in WORK/vm.err.
+# sandbox NAME: boots a sandbox in /tmp/NAME and runs workload_NAME in it; leaves ember's
+# --stats in /tmp/NAME/vm.err.
 sandbox() {
-  work=$1 n=$2
+  work=/tmp/$1
   mkdir -p "$work" && cd "$work" || exit 1
   ember disk create --base "$EMBER_HOME/images/default.ext4" s.qcow2 >/dev/null
   dd if=/dev/zero of=job.img bs=4096 count=1 2>/dev/null
@@ -15,31 +17,62 @@ sandbox() {
   ember run --mem-mib 512 --drive path=s.qcow2,root=on --drive path=job.img,ro=on --stats \
     --vsock "cid=3,uds=$work/v.sock" --cmdline "init=/sbin/ember-init ember_job=/dev/vdb" >vm.out 2>vm.err &
   vm=$!
-  until ember exec --uds "$work/v.sock" -- true 2>/dev/null; do sleep 0.5; done
-  if [ "$n" -gt 0 ]; then
-    t0=$(uptime_cs)
-    i=0
-    while [ $i -lt "$n" ]; do ember exec --uds "$work/v.sock" -- true; i=$((i + 1)); done
-    t1=$(uptime_cs)
-    echo "exec of true: $n in $(((t1 - t0) * 10)) ms, $(((t1 - t0) * 10 / n)) ms each (harness time)"
-    t0=$(uptime_cs)
-    bytes=$(ember exec --uds "$work/v.sock" -- head -c 104857600 /dev/zero | wc -c)
-    t1=$(uptime_cs)
-    echo "output stream: $bytes bytes in $(((t1 - t0) * 10)) ms"
-    ember exec --uds "$work/v.sock" -- sh -c 'grep VmRSS /proc/$(pidof ember-agent)/status' |
-      sed 's/^/agent resident memory in the guest, idle: /'
-  fi
-  ember exec --uds "$work/v.sock" -- touch /tmp/stop
+  until ember exec --uds "$work/v.sock" -- true </dev/null 2>/dev/null; do sleep 0.5; done
+  "workload_$1"
+  ember exec --uds "$work/v.sock" -- touch /tmp/stop </dev/null
   wait $vm
   cd /
 }
 
-exits() { sed -n 's/^ember stats: vm exits: //p' "$1/vm.err"; }
-sandbox /tmp/idle 0
-sandbox /tmp/busy "$N"
-idle=$(exits /tmp/idle)
-busy=$(exits /tmp/busy)
-echo "VM exits, boot + stop alone: $idle; with $N execs + 100 MiB streamed: $busy"
-echo "VM exits attributable to the execs and the stream: $((busy - idle))"
-echo "--- exits by reason, busy sandbox:"
-grep "ember stats:  " /tmp/busy/vm.err
+workload_idle() { :; }
+
+workload_true() {
+  t0=$(uptime_cs)
+  i=0
+  while [ $i -lt "$N" ]; do ember exec --uds "$work/v.sock" -- true </dev/null; i=$((i + 1)); done
+  t1=$(uptime_cs)
+  say "exec of true: $N in $(((t1 - t0) * 10)) ms, $(((t1 - t0) * 10 / N)) ms each (harness time)"
+  ember exec --uds "$work/v.sock" -- sh -c 'grep VmRSS /proc/$(pidof ember-agent)/status' </dev/null |
+    sed 's/^/agent resident memory in the guest, idle: /' >>/tmp/results
+}
+
+workload_stream() {
+  t0=$(uptime_cs)
+  bytes=$(ember exec --uds "$work/v.sock" -- head -c $((MIB << 20)) /dev/zero </dev/null | wc -c)
+  t1=$(uptime_cs)
+  say "output stream: $bytes bytes in $(((t1 - t0) * 10)) ms"
+}
+
+workload_upload() {
+  head -c $((MIB << 20)) /dev/zero >/tmp/payload
+  t0=$(uptime_cs)
+  ember cp --uds "$work/v.sock" /tmp/payload vm:/tmp/payload
+  t1=$(uptime_cs)
+  say "upload: $MIB MiB in $(((t1 - t0) * 10)) ms"
+}
+
+workload_download() {
+  ember exec --uds "$work/v.sock" -- sh -c "head -c $((MIB << 20)) /dev/zero >/tmp/payload" </dev/null
+  t0=$(uptime_cs)
+  ember cp --uds "$work/v.sock" vm:/tmp/payload /tmp/downloaded
+  t1=$(uptime_cs)
+  say "download: $(wc -c </tmp/downloaded) bytes in $(((t1 - t0) * 10)) ms"
+  rm -f /tmp/downloaded
+}
+
+exits() { sed -n 's/^ember stats: vm exits: //p' "/tmp/$1/vm.err"; }
+: >/tmp/results
+for w in idle true stream upload download; do sandbox $w; done
+cat /tmp/results
+idle=$(exits idle)
+echo "VM exits, boot + stop alone: $idle"
+per() { awk "BEGIN{printf \"%.2f\", ($1) / ($2)}"; }
+t=$(($(exits true) - idle))
+echo "VM exits for $N execs of true: $t, $(per $t $N) per exec (target < 100)"
+chunks=$((MIB * 64))
+for w in stream upload download; do
+  e=$(($(exits $w) - idle))
+  echo "VM exits for $MIB MiB of $w: $e, $(per $e $chunks) per 16 KiB (target < 1)"
+done
+echo "--- exits by reason, the true sandbox:"
+grep "ember stats:  " /tmp/true/vm.err

@@ -19,6 +19,10 @@ pub struct CpArgs {
     source: String,
     /// NAME:PATH, LOCAL or - (stdout)
     destination: String,
+    /// Instead of sandbox NAME's: a VM's vsock socket (the uds= of `ember run --vsock`); NAME
+    /// is then only a placeholder
+    #[arg(long)]
+    uds: Option<PathBuf>,
 }
 
 /// `NAME:PATH` names a file in sandbox NAME; anything else (including paths with a `/` before
@@ -45,11 +49,15 @@ pub fn cp(args: CpArgs, store: &Store) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn agent(store: &Store, name: &str, args: &CpArgs) -> anyhow::Result<std::os::unix::net::UnixStream> {
+    let socket = agent_socket(store, Some(name), args.uds.as_ref()).map_err(anyhow::Error::msg)?;
+    connect(&socket, ember_agent::DEFAULT_PORT).map_err(anyhow::Error::msg)
+}
+
 fn copy(args: &CpArgs, store: &Store) -> anyhow::Result<u64> {
     match (remote(&args.source), remote(&args.destination)) {
         (None, Some((name, path))) => {
-            let mut stream = connect(&agent_socket(store, Some(name), None).map_err(anyhow::Error::msg)?, ember_agent::DEFAULT_PORT)
-                .map_err(anyhow::Error::msg)?;
+            let mut stream = agent(store, name, args)?;
             let (reader, mode, local_name): (Box<dyn std::io::Read + Send>, u32, Option<String>) = if args.source == "-" {
                 (Box::new(std::io::stdin()), 0o644, None)
             } else {
@@ -68,8 +76,7 @@ fn copy(args: &CpArgs, store: &Store) -> anyhow::Result<u64> {
             Ok(agent_client::upload(&mut stream, reader, &target, mode)?)
         }
         (Some((name, path)), None) => {
-            let mut stream = connect(&agent_socket(store, Some(name), None).map_err(anyhow::Error::msg)?, ember_agent::DEFAULT_PORT)
-                .map_err(anyhow::Error::msg)?;
+            let mut stream = agent(store, name, args)?;
             if args.destination == "-" {
                 let mut out = std::io::stdout().lock();
                 let n = agent_client::download(&mut stream, path, &mut out)?;
