@@ -58,7 +58,8 @@ run_cases() {
     echo "$result ${name#case_} ($(awk "BEGIN{printf \"%.1f\", $end-$start}") s)"
     if [ "$result" = FAILED ]; then
       sed 's/^/    /' case.log
-      for f in out err; do
+      # A suite can name more logs to show (a sandbox's VMM and console logs) in EXTRA_LOGS.
+      for f in out err $EXTRA_LOGS; do
         [ -f "$f" ] && { echo "    --- $f:"; tail -n 20 "$f" | sed 's/^/    | /'; }
       done
     fi

@@ -5,6 +5,7 @@
 . /opt/ember/extra/lib.sh
 SB=e2e-sandbox
 STATE=$HOME/.local/state/ember/sandboxes
+EXTRA_LOGS="$STATE/$SB/vmm.log $STATE/$SB/console.log"
 
 case_run_detach_starts_a_sandbox_that_ls_lists() {
   ember run --detach --name $SB --mem-mib 512 >name 2>err
@@ -98,13 +99,15 @@ case_a_background_server_outlives_the_exec_that_started_it() {
 
 case_256_mib_files_go_up_and_come_back_intact() {
   head -c 268435456 /dev/urandom >big
-  ember cp big $SB:/root/big 2>err
+  timeout 240 ember cp big $SB:/root/big 2>err
+  status=$?
   expect_status 0 || return 1
   guest=$(command ember exec $SB -- md5sum /root/big </dev/null | cut -d' ' -f1)
   host=$(md5sum big | cut -d' ' -f1)
   [ "$guest" = "$host" ] || { echo "    md5 $host on the host, $guest in the guest"; return 1; }
   mkdir back
-  ember cp $SB:/root/big back/ 2>err
+  timeout 240 ember cp $SB:/root/big back/ 2>err
+  status=$?
   expect_status 0 || return 1
   cmp big back/big || return 1
   ember cp $SB:/root/no-such-file x 2>err
