@@ -31,8 +31,8 @@ pub struct ExecArgs {
     /// Kill the command (and everything it started) after this many seconds
     #[arg(long)]
     timeout: Option<f64>,
-    /// Run the command on a pseudo-terminal (for interactive programs); this terminal goes
-    /// into raw mode while it runs
+    /// Run the command on a pseudo-terminal (for interactive programs), of this terminal's size
+    /// (24x80 if there is none); this terminal goes into raw mode while it runs
     #[arg(long, short = 't')]
     tty: bool,
     /// The command and its arguments
@@ -60,7 +60,9 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         Err(e) => return fail(e),
     };
     let mut env = args.env;
-    let pty = if args.tty { terminal::size(std::io::stdout().as_raw_fd()) } else { None };
+    let pty = args
+        .tty
+        .then(|| terminal::size(std::io::stdout().as_raw_fd()).unwrap_or(ember_agent::PtySize { rows: 24, cols: 80 }));
     if pty.is_some() && !env.iter().any(|(k, _)| k == "TERM") {
         env.push(("TERM".into(), std::env::var("TERM").unwrap_or_else(|_| "xterm".into())));
     }
