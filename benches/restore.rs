@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmm::builder::build;
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotParts};
+use vmm::snapshot::{self, Overrides, SnapshotFiles, SnapshotParts};
 use vmm_sys_util::tempdir::TempDir;
 
 /// `inc rbx; out 0x80, eax; jmp $-5`: one port write per loop.
