@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmm::builder::build;
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotParts};
+use vmm::snapshot::{self, Overrides, SnapshotFiles, SnapshotParts};
 use vmm_sys_util::tempdir::TempDir;
 
 /// `inc rbx; out 0x80, eax; jmp $-5`: one port write per loop.
@@ -84,7 +84,7 @@ fn make_snapshot(dir: &Path, mem_mib: u64, vcpus: u8) -> snapshot::SnapshotInfo 
         serial: &vm.serial,
         virtio: &vm.virtio,
     };
-    snapshot::create(&dir.join("snap"), parts).expect("snapshot written")
+    snapshot::create(&SnapshotFiles::in_dir(&dir.join("snap")), parts).expect("snapshot written")
 }
 
 #[derive(Default)]
@@ -110,7 +110,7 @@ fn main() {
     let runs = env("EMBER_RESTORE_RUNS", 50) as usize;
     let dir = TempDir::new_with_prefix("/tmp/ember-restore-bench-").unwrap();
     let info = make_snapshot(dir.as_path(), mem_mib, vcpus);
-    let snap = dir.as_path().join("snap");
+    let snap = SnapshotFiles::in_dir(&dir.as_path().join("snap"));
     println!(
         "snapshot: {mem_mib} MiB guest, {vcpus} vCPU(s), state file {} bytes, {} KiB of memory data",
         info.state_bytes,
@@ -124,11 +124,11 @@ fn main() {
         let prepared = snapshot::prepare().unwrap();
         steps.prepare.push(p0.elapsed());
         let t0 = Instant::now();
-        let state = snapshot::read_state(&snap).unwrap();
+        let state = snapshot::read_state(&snap.state).unwrap();
         let t1 = Instant::now();
         let devices = snapshot::open_devices(&state, &overrides).unwrap();
         let t2 = Instant::now();
-        let ram = snapshot::map_memory(&snap, &state).unwrap();
+        let ram = snapshot::map_memory(&snap.memory, &state).unwrap();
         let t3 = Instant::now();
         let mut vm = snapshot::restore_vm(prepared, &state, ram, devices, Box::new(std::io::sink())).unwrap();
         let t4 = Instant::now();

@@ -133,3 +133,99 @@ fn malformed_http_gets_a_400_and_the_api_keeps_serving() {
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
     assert_eq!(state(&ApiClient::new(&socket)), InstanceState::NotStarted);
 }
+
+/// A VMM serving its API on `socket` in a thread of this process, its console in the returned
+/// buffer.
+fn spawn_vmm(
+    socket: &std::path::Path,
+    id: &str,
+) -> (ApiClient, Console, std::thread::JoinHandle<Result<vmm::runtime::RunOutcome, vmm::controller::ControllerError>>) {
+    let (sender, channel) = vmm::api::channel().unwrap();
+    vmm::api::server::start(socket, sender).unwrap();
+    let console = Console::default();
+    let sink = console.clone();
+    let id = id.to_string();
+    let vmm = std::thread::spawn(move || vmm::controller::serve(channel, id, Instant::now(), Box::new(sink)));
+    (ApiClient::new(socket), console, vmm)
+}
+
+fn load_params(state: &std::path::Path, memory: &std::path::Path, resume_vm: bool) -> SnapshotLoadParams {
+    SnapshotLoadParams {
+        snapshot_path: state.display().to_string(),
+        mem_backend: Some(MemBackend { backend_type: MemBackendType::File, backend_path: memory.display().to_string() }),
+        mem_file_path: None,
+        enable_diff_snapshots: false,
+        track_dirty_pages: false,
+        resume_vm,
+        drive_overrides: Vec::new(),
+        vsock_override: None,
+    }
+}
+
+#[test]
+fn a_snapshot_taken_through_the_api_continues_in_another_vmm() {
+    let g = Guest::new();
+    const TICKS: u16 = 3000;
+    let kernel = g.file("vmlinux", &elf(&ticking_guest(TICKS), LOAD_ADDR, 0));
+    let (api, console, vmm) = spawn_vmm(&g.dir.as_path().join("a.sock"), "a");
+    let len = |c: &Console| c.0.lock().unwrap().len();
+    let boot = BootSource { kernel_image_path: kernel.display().to_string(), boot_args: None, initrd_path: None };
+    api.put("/boot-source", &boot).unwrap();
+    api.put("/machine-config", &MachineConfig { vcpu_count: 2, mem_size_mib: 32, ..Default::default() }).unwrap();
+    let (state_file, mem_file) = (g.dir.as_path().join("snap/vm.state"), g.dir.as_path().join("snap/vm.mem"));
+    let create = SnapshotCreateParams {
+        snapshot_type: SnapshotType::Full,
+        snapshot_path: state_file.display().to_string(),
+        mem_file_path: mem_file.display().to_string(),
+    };
+    assert!(fault(api.put("/snapshot/create", &create)).contains("not running yet"));
+    api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart }).unwrap();
+    wait_for("the guest's first output", || len(&console) >= 10);
+    assert!(fault(api.put("/snapshot/create", &create)).contains("not paused"));
+    let diff = SnapshotCreateParams { snapshot_type: SnapshotType::Diff, ..create.clone() };
+    assert!(fault(api.put("/snapshot/create", &diff)).contains("full snapshots only"));
+
+    api.patch("/vm", &Vm { state: VmState::Paused }).unwrap();
+    let at_pause = len(&console);
+    api.put("/snapshot/create", &create).unwrap();
+    assert!(state_file.exists() && mem_file.exists());
+    api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
+    assert_eq!(vmm.join().unwrap().unwrap().exit, GuestExit::Reset);
+    assert_eq!(len(&console), TICKS as usize, "the original finishes, every tick once");
+    assert!(at_pause < TICKS as usize);
+
+    // A second VMM loads it and prints exactly the ticks left at the pause: the port write
+    // that was in flight was completed before the state was saved, so it is not repeated.
+    let (api, console, vmm) = spawn_vmm(&g.dir.as_path().join("b.sock"), "b");
+    api.put("/snapshot/load", &load_params(&state_file, &mem_file, true)).unwrap();
+    assert!(fault(api.put("/snapshot/load", &load_params(&state_file, &mem_file, true))).contains("not allowed"));
+    assert_eq!(vmm.join().unwrap().unwrap().exit, GuestExit::Reset);
+    assert_eq!(len(&console), TICKS as usize - at_pause, "the restored guest continues, it does not restart");
+
+    // A corrupt state file is refused, naming the problem, and the VMM can still load.
+    let corrupt = g.dir.as_path().join("snap/corrupt.state");
+    let mut bytes = std::fs::read(&state_file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&corrupt, &bytes).unwrap();
+    let (api, console, vmm) = spawn_vmm(&g.dir.as_path().join("c.sock"), "c");
+    let message = fault(api.put("/snapshot/load", &load_params(&corrupt, &mem_file, true)));
+    assert!(message.contains("corrupt: checksum mismatch") && message.contains("corrupt.state"), "{message}");
+    assert_eq!(state(&api), InstanceState::NotStarted);
+
+    // Without resume_vm the restored VM waits, paused, and can be snapshotted again at once.
+    api.put("/snapshot/load", &load_params(&state_file, &mem_file, false)).unwrap();
+    assert_eq!(state(&api), InstanceState::Paused);
+    assert_eq!(api.get::<MachineConfig>("/machine-config").unwrap().vcpu_count, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(len(&console), 0, "a VM loaded without resume_vm does not run");
+    let again = SnapshotCreateParams {
+        snapshot_path: g.dir.as_path().join("snap/again.state").display().to_string(),
+        mem_file_path: g.dir.as_path().join("snap/again.mem").display().to_string(),
+        ..create
+    };
+    api.put("/snapshot/create", &again).unwrap();
+    api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
+    assert_eq!(vmm.join().unwrap().unwrap().exit, GuestExit::Reset);
+    assert_eq!(len(&console), TICKS as usize - at_pause);
+}

@@ -11,7 +11,7 @@ use common::{config, elf, Console, Guest, LOAD_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::builder::{build, BuiltVm};
 use vmm::config::{DriveConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotParts, MEMORY_FILE};
+use vmm::snapshot::{self, Overrides, SnapshotFiles, SnapshotParts, MEMORY_FILE};
 use vmm::vstate::vcpu::Vcpu;
 use vmm::vstate::vm::VmState;
 
@@ -78,7 +78,7 @@ fn take_snapshot(vm: &BuiltVm, dir: &Path) -> snapshot::SnapshotInfo {
         serial: &vm.serial,
         virtio: &vm.virtio,
     };
-    snapshot::create(dir, parts).expect("snapshot written")
+    snapshot::create(&SnapshotFiles::in_dir(dir), parts).expect("snapshot written")
 }
 
 fn mmio_read_u64(vm: &BuiltVm, addr: u64) -> u64 {
@@ -110,7 +110,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
         vsock_uds: Some(g.dir.as_path().join("a.sock")),
         vsock_cid: Some(7),
     };
-    let mut a = snapshot::restore(&snap, &overrides_a, Box::new(Console::default())).expect("restore A");
+    let mut a = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_a, Box::new(Console::default())).expect("restore A");
     assert_eq!(a.vcpus.len(), 2);
     let after_a = run_steps(&mut a.vcpus[0], 4);
     assert_eq!(after_a, (1..=4).map(|i| (reg_at + i, mem_at + i)).collect::<Vec<_>>(), "A continues, not restarts");
@@ -122,7 +122,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
         vsock_uds: Some(g.dir.as_path().join("b.sock")),
         vsock_cid: None,
     };
-    let mut b = snapshot::restore(&snap, &overrides_b, Box::new(Console::default())).expect("restore B");
+    let mut b = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_b, Box::new(Console::default())).expect("restore B");
     let after_b = run_steps(&mut b.vcpus[0], 2);
     assert_eq!(after_b, vec![(reg_at + 1, mem_at + 1), (reg_at + 2, mem_at + 2)], "B starts where the snapshot did");
     assert_eq!(a.ram.memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 4) as u64);
@@ -148,14 +148,14 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
     run_steps(&mut original.vcpus[0], 3);
     let snap = g.dir.as_path().join("snap");
     take_snapshot(&original, &snap);
-    let saved = snapshot::read_state(&snap).unwrap();
+    let saved = snapshot::read_state(&snap.join(snapshot::STATE_FILE)).unwrap();
 
     let overrides = Overrides {
         drives: [(0, g.file("disk-r.raw", &vec![0u8; 1 << 20]))].into(),
         vsock_uds: Some(g.dir.as_path().join("r.sock")),
         vsock_cid: None,
     };
-    let restored = snapshot::restore(&snap, &overrides, Box::new(Console::default())).unwrap();
+    let restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides, Box::new(Console::default())).unwrap();
     for (index, vcpu) in restored.vcpus.iter().enumerate() {
         let (before, after) = (&saved.vcpus[index], vcpu.save_state().unwrap());
         assert_eq!(after.regs, before.regs, "vCPU {index} registers");
@@ -190,13 +190,13 @@ fn a_snapshot_of_a_restored_vm_carries_its_own_writes() {
     take_snapshot(&original, &first);
     drop(original);
 
-    let mut restored = snapshot::restore(&first, &Overrides::default(), Box::new(Console::default())).unwrap();
+    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &Overrides::default(), Box::new(Console::default())).unwrap();
     let (_, mem_at) = *run_steps(&mut restored.vcpus[0], 3).last().unwrap();
     let second = g.dir.as_path().join("second");
     take_snapshot(&restored, &second);
     drop(restored);
 
-    let mut again = snapshot::restore(&second, &Overrides::default(), Box::new(Console::default())).unwrap();
+    let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &Overrides::default(), Box::new(Console::default())).unwrap();
     assert_eq!(run_steps(&mut again.vcpus[0], 1)[0].1, mem_at + 1);
 }
 
@@ -213,7 +213,64 @@ fn a_corrupt_state_file_is_refused_before_any_vm_exists() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&state_path, &bytes).unwrap();
-    let err = snapshot::restore(&snap, &Overrides::default(), Box::new(Console::default())).err().unwrap();
+    let err = snapshot::restore(&SnapshotFiles::in_dir(&snap), &Overrides::default(), Box::new(Console::default())).err().unwrap();
     assert_eq!(err.to_string(), format!("state file {} is corrupt: checksum mismatch", state_path.display()));
     assert!(!g.dir.as_path().join("vsock.sock").exists(), "nothing was opened");
+}
+
+/// Closes the pause gate from inside the guest's port read, so the vCPU thread meets the
+/// closed gate with the read still pending in KVM (the value reaches the guest's register only
+/// on the next KVM_RUN): the case where parking must first let KVM complete it.
+struct GateCloser(std::sync::Arc<vmm::vstate::pause::PauseGate>);
+
+impl vmm::devices::bus::BusDevice for GateCloser {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0x5a);
+        self.0.close();
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}
+
+/// ```text
+///      xor eax, eax
+///      in al, 0x81
+///      jmp $
+/// ```
+const PORT_READING_GUEST: [u8; 6] = [0x31, 0xc0, 0xe4, 0x81, 0xeb, 0xfe];
+
+#[test]
+fn a_vcpu_saves_its_state_as_it_parks_with_its_last_port_read_completed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use vmm::devices::bus::Bus;
+    use vmm::vstate::pause::PauseGate;
+    use vmm::vstate::vcpu::{ExitSignal, ParkedStates, VcpuContext};
+
+    let g = Guest::new();
+    let kernel = g.file("vmlinux", &elf(&PORT_READING_GUEST, LOAD_ADDR, 0));
+    let mut vm = build(&config(&kernel, 1, 32), Box::new(Console::default())).expect("VM builds");
+    let gate = Arc::new(PauseGate::default());
+    let mut pio = Bus::default();
+    pio.insert("gate-closer", 0x81, 1, Arc::new(Mutex::new(GateCloser(gate.clone())))).unwrap();
+    let ctx = Arc::new(VcpuContext {
+        pio: Arc::new(pio),
+        mmio: vm.mmio.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+        exit: Arc::new(ExitSignal::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap())),
+        gate: gate.clone(),
+        parked_states: ParkedStates::default(),
+        loaded_at: None,
+    });
+    let vcpu = vm.vcpus.remove(0);
+    let thread_ctx = ctx.clone();
+    let thread = std::thread::spawn(move || vcpu.run(&thread_ctx));
+    assert!(gate.wait_parked(1, std::time::Duration::from_secs(10)), "the vCPU parks");
+    let states = ctx.parked_states.all(1).expect("the parked vCPU saved its state");
+    assert_eq!(states[0].regs.rip, LOAD_ADDR + 4, "the saved state is past the port read");
+    assert_eq!(states[0].regs.rax, 0x5a, "the value read is in the saved register");
+    assert!(ctx.parked_states.all(2).err().unwrap().contains("vCPU 1"));
+    ctx.stop.store(true, Ordering::Release);
+    gate.wake();
+    thread.join().unwrap();
 }

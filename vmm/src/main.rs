@@ -47,6 +47,10 @@ enum Command {
     /// Copy a file into or out of a sandbox: `ember cp LOCAL NAME:PATH` or `ember cp NAME:PATH
     /// LOCAL` (`-` for stdin/stdout)
     Cp(cli::cp::CpArgs),
+    /// Snapshot a sandbox into DIR (VM state, memory, and a frozen copy of its disk); the
+    /// sandbox is paused meanwhile and runs on after. Start copies with
+    /// `ember run --detach --from-snapshot DIR`.
+    Snapshot { name: String, dir: PathBuf },
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -118,6 +122,10 @@ struct RunArgs {
     /// a path; the sandbox writes only to its own overlay on it
     #[arg(long, requires = "detach", default_value = "default")]
     image: String,
+    /// Start the sandbox (with --detach) from a snapshot `ember snapshot` wrote into DIR,
+    /// instead of booting: it continues where the snapshotted sandbox was, on its own disk
+    #[arg(long, value_name = "DIR", requires = "detach", conflicts_with_all = ["image", "kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
+    from_snapshot: Option<PathBuf>,
     /// Seconds the guest agent has to answer after a detached sandbox starts
     #[arg(long, requires = "detach", default_value_t = 120)]
     ready_timeout: u64,
@@ -163,6 +171,12 @@ fn store() -> anyhow::Result<vmm::sandbox::Store> {
 
 fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
+    if let Some(dir) = &args.from_snapshot {
+        let timeout = std::time::Duration::from_secs(args.ready_timeout);
+        let record = store()?.start_from_snapshot(args.name, dir, timeout)?;
+        println!("{}", record.name);
+        return Ok(ExitCode::SUCCESS);
+    }
     let kernel = match args.kernel {
         Some(k) => k,
         None => ember_home("--kernel")?.join("vmlinux"),
@@ -212,6 +226,11 @@ fn rm(names: Vec<String>) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn snapshot_sandbox(name: &str, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    store()?.snapshot(name, dir)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
@@ -275,6 +294,7 @@ fn main() -> ExitCode {
         Command::Ls { json } => ls(json),
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),
+        Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {

@@ -6,20 +6,23 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::models::{ActionType, InstanceInfo, InstanceState, MachineConfig, VmState};
+use crate::api::models::{ActionType, InstanceInfo, InstanceState, MachineConfig, SnapshotCreateParams, VmState};
 use crate::api::{ApiChannel, ApiRequest, ApiResponse};
-use crate::builder::BuiltVm;
-use crate::devices::legacy::serial::SerialInput;
+use crate::builder::{AttachedVirtio, BuiltVm};
+use crate::devices::legacy::serial::{SerialDevice, SerialInput};
+use crate::snapshot::{self, SnapshotFiles, SnapshotParts};
 use crate::stats::{ExitCounts, RunStats};
+use crate::vstate::memory::GuestRam;
 use crate::vstate::pause::PauseGate;
-use crate::vstate::vcpu::{install_kick_handler, kick_signal, ExitSignal, GuestExit, VcpuContext, VcpuError};
+use crate::vstate::vm::Vm;
+use crate::vstate::vcpu::{install_kick_handler, kick_signal, ExitSignal, GuestExit, ParkedStates, VcpuContext, VcpuError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -86,6 +89,12 @@ pub struct RuntimeApi {
     pub channel: ApiChannel,
     pub id: String,
     pub machine: MachineConfig,
+    /// Start with the vCPUs parked and the devices out of the event loop, as after a pause (a
+    /// snapshot loaded without `resume_vm`).
+    pub start_paused: bool,
+    /// When the snapshot this VM was restored from was asked for: vCPU 0 logs how long its
+    /// first KVM_RUN came after it.
+    pub loaded_at: Option<Instant>,
 }
 
 type Manager = EventManager<Box<dyn MutEventSubscriber + Send>>;
@@ -111,7 +120,13 @@ pub fn run_with_api(
         stop: Arc::new(AtomicBool::new(false)),
         exit: Arc::new(ExitSignal::new(exit_evt.try_clone().map_err(RunError::EventFd)?)),
         gate: Arc::new(PauseGate::default()),
+        parked_states: ParkedStates::default(),
+        loaded_at: api.as_ref().and_then(|a| a.loaded_at),
     });
+    let start_paused = api.as_ref().is_some_and(|a| a.start_paused);
+    if start_paused {
+        ctx.gate.close();
+    }
 
     let mut manager = Manager::new().map_err(RunError::EventLoop)?;
     let done = Arc::new(AtomicBool::new(false));
@@ -133,9 +148,13 @@ pub fn run_with_api(
         }
     }
 
-    let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, subscribers, .. } = vm;
-    for subscriber in subscribers {
-        devices.ids.push(manager.add_subscriber(subscriber));
+    let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, subscribers, serial, virtio, .. } = vm;
+    if start_paused {
+        devices.parked.extend(subscribers);
+    } else {
+        for subscriber in subscribers {
+            devices.ids.push(manager.add_subscriber(subscriber));
+        }
     }
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -153,6 +172,11 @@ pub fn run_with_api(
         }
     }
 
+    if start_paused && !ctx.gate.wait_parked(threads.len(), PAUSE_TIMEOUT) {
+        stop_vcpus(&ctx, &mut threads);
+        return Err(RunError::Thread(std::io::Error::other("the vCPU threads did not park within 5 s")));
+    }
+    let machine = Machine { vm: &kvm_vm, ram: &ram, serial: &serial, virtio: &virtio };
     let mut loop_result = Ok(());
     while !done.load(Ordering::Acquire) {
         if let Err(e) = manager.run() {
@@ -162,7 +186,7 @@ pub fn run_with_api(
         if let Some(api) = &api {
             if api_pending.swap(false, Ordering::AcqRel) {
                 for call in api.channel.calls.try_iter() {
-                    let response = answer(api, call.request, &ctx, &threads, &mut manager, &mut devices);
+                    let response = answer(api, call.request, &ctx, &threads, &mut manager, &mut devices, &machine);
                     let _ = call.reply.send(response);
                 }
             }
@@ -180,7 +204,7 @@ pub fn run_with_api(
         (None, None) => GuestExit::Reset,
     };
     let first_serial_byte = console.first_byte.get().map(|t| t.saturating_duration_since(started));
-    drop((kvm_vm, ram, kvm));
+    drop((virtio, serial, kvm_vm, ram, kvm));
     Ok(RunOutcome { exit, stats: RunStats { exits, first_serial_byte, total } })
 }
 
@@ -195,6 +219,14 @@ struct Devices {
 /// How long vCPU threads get to leave KVM_RUN when the VM is paused.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What a snapshot reads of the running VM besides its vCPUs.
+struct Machine<'a> {
+    vm: &'a Vm,
+    ram: &'a GuestRam,
+    serial: &'a Arc<Mutex<SerialDevice>>,
+    virtio: &'a [AttachedVirtio],
+}
+
 fn answer(
     api: &RuntimeApi,
     request: ApiRequest,
@@ -202,6 +234,7 @@ fn answer(
     threads: &[VcpuThread],
     manager: &mut Manager,
     devices: &mut Devices,
+    machine: &Machine,
 ) -> ApiResponse {
     let paused = ctx.gate.is_closed();
     match request {
@@ -217,6 +250,7 @@ fn answer(
             ctx.gate.close();
             kick(threads);
             if !ctx.gate.wait_parked(threads.len(), PAUSE_TIMEOUT) {
+                ctx.parked_states.clear();
                 ctx.gate.open();
                 return ApiResponse::fault(500, "the vCPUs did not stop within 5 s; the VM keeps running");
             }
@@ -232,9 +266,15 @@ fn answer(
             for device in devices.parked.drain(..) {
                 devices.ids.push(manager.add_subscriber(device));
             }
+            ctx.parked_states.clear();
             ctx.gate.open();
             ApiResponse::no_content()
         }
+        ApiRequest::CreateSnapshot(_) if !paused => {
+            ApiResponse::bad_request("Cannot create a snapshot: the microVM is not paused; pause it first (PATCH /vm)")
+        }
+        ApiRequest::CreateSnapshot(params) => create_snapshot(&params, ctx, threads.len(), machine),
+        ApiRequest::LoadSnapshot(_) => ApiResponse::bad_request("Loading a snapshot is not allowed after the microVM started."),
         ApiRequest::Action(ActionType::InstanceStart) => ApiResponse::bad_request("The microVM is already running."),
         ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiResponse::bad_request(
             "SendCtrlAltDel needs an i8042 keyboard driver in the guest, which ember's guest kernel does not have; \
@@ -244,6 +284,30 @@ fn answer(
         ApiRequest::PutBootSource(_) | ApiRequest::PutMachineConfig(_) | ApiRequest::PutDrive(_) | ApiRequest::PutVsock(_) => {
             ApiResponse::bad_request("The requested operation is not supported after starting the microVM.")
         }
+    }
+}
+
+/// Writes a snapshot of the paused VM with the vCPU states its threads saved as they parked.
+fn create_snapshot(params: &SnapshotCreateParams, ctx: &VcpuContext, vcpus: usize, machine: &Machine) -> ApiResponse {
+    let started = Instant::now();
+    let vcpus = match ctx.parked_states.all(vcpus) {
+        Ok(states) => states,
+        Err(e) => return ApiResponse::fault(500, format!("Cannot create the snapshot: {e}")),
+    };
+    let files = SnapshotFiles { state: params.snapshot_path.clone().into(), memory: params.mem_file_path.clone().into() };
+    let parts =
+        SnapshotParts { vm: machine.vm, ram: machine.ram, vcpus, serial: machine.serial, virtio: machine.virtio };
+    match snapshot::create(&files, parts) {
+        Ok(info) => {
+            tracing::info!(
+                "snapshot written in {:?}: state {} bytes, {} KiB of memory data",
+                started.elapsed(),
+                info.state_bytes,
+                info.memory_bytes >> 10
+            );
+            ApiResponse::no_content()
+        }
+        Err(e) => ApiResponse::bad_request(format!("Cannot create the snapshot: {e}")),
     }
 }
 

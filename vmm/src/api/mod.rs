@@ -25,6 +25,8 @@ pub enum ApiRequest {
     PutVsock(models::Vsock),
     Action(models::ActionType),
     PatchVm(models::VmState),
+    CreateSnapshot(models::SnapshotCreateParams),
+    LoadSnapshot(models::SnapshotLoadParams),
 }
 
 /// An HTTP status and an optional JSON body.

@@ -161,6 +161,107 @@ pub struct InstanceInfo {
     pub app_name: String,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    #[default]
+    Full,
+    Diff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// The state file.
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+}
+
+impl SnapshotCreateParams {
+    pub fn check(&self) -> Result<(), String> {
+        if self.snapshot_type == SnapshotType::Diff {
+            return Err("snapshot_type Diff: ember takes full snapshots only".into());
+        }
+        if self.snapshot_path.is_empty() || self.mem_file_path.is_empty() {
+            return Err("snapshot_path and mem_file_path must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    File,
+    Uffd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+/// ember's own: the disk a restored VM uses for drive `index` (the order of the guest's
+/// /dev/vdX, root drive first) instead of the snapshot's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    pub index: usize,
+    pub path_on_host: String,
+}
+
+/// ember's own: the vsock socket and CID of a restored VM, so that several VMs can restore
+/// from one snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uds_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Firecracker's older spelling of a File `mem_backend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    #[serde(default)]
+    pub enable_diff_snapshots: bool,
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    #[serde(default)]
+    pub resume_vm: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory file, after checking the options ember does not implement.
+    pub fn mem_file(&self) -> Result<&str, String> {
+        if self.enable_diff_snapshots || self.track_dirty_pages {
+            return Err("enable_diff_snapshots/track_dirty_pages: ember takes full snapshots only".into());
+        }
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(_), Some(_)) => Err("give either mem_backend or mem_file_path, not both".into()),
+            (None, None) => Err("the memory file is missing: give mem_backend (or mem_file_path)".into()),
+            (Some(MemBackend { backend_type: MemBackendType::Uffd, .. }), None) => {
+                Err("mem_backend Uffd: ember maps the memory file itself; only File is supported".into())
+            }
+            (Some(MemBackend { backend_path, .. }), None) => Ok(backend_path),
+            (None, Some(path)) => Ok(path),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fault {
     pub fault_message: String,
@@ -199,5 +300,36 @@ mod tests {
         )
         .unwrap();
         assert!(d.check("a").unwrap_err().contains("rate_limiter"));
+    }
+
+    #[test]
+    fn snapshot_bodies_in_firecracker_shapes() {
+        let c: SnapshotCreateParams =
+            serde_json::from_str(r#"{"snapshot_type":"Full","snapshot_path":"s","mem_file_path":"m"}"#).unwrap();
+        assert!(c.check().is_ok());
+        let c: SnapshotCreateParams =
+            serde_json::from_str(r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#).unwrap();
+        assert!(c.check().unwrap_err().contains("Diff"));
+        let l: SnapshotLoadParams = serde_json::from_str(
+            r#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},"resume_vm":true}"#,
+        )
+        .unwrap();
+        assert_eq!((l.mem_file().unwrap(), l.resume_vm), ("m", true));
+        let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_file_path":"old"}"#).unwrap();
+        assert_eq!((l.mem_file().unwrap(), l.resume_vm), ("old", false));
+        let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s"}"#).unwrap();
+        assert!(l.mem_file().unwrap_err().contains("missing"));
+        let l: SnapshotLoadParams = serde_json::from_str(
+            r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#,
+        )
+        .unwrap();
+        assert!(l.mem_file().unwrap_err().contains("Uffd"));
+        let l: SnapshotLoadParams = serde_json::from_str(
+            r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d"}],
+                "vsock_override":{"guest_cid":9,"uds_path":"v"}}"#,
+        )
+        .unwrap();
+        assert_eq!(l.drive_overrides[0].index, 0);
+        assert_eq!(l.vsock_override.unwrap().guest_cid, Some(9));
     }
 }

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use serde::de::DeserializeOwned;
 use tiny_http::{Header, Method, Response, Server};
 
-use super::models::{BootSource, Drive, InstanceActionInfo, MachineConfig, Vm, Vsock};
+use super::models::{BootSource, Drive, InstanceActionInfo, MachineConfig, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock};
 use super::{ApiRequest, ApiResponse, ApiSender};
 
 /// Firecracker's bodies are a few hundred bytes; anything much larger is not a request.
@@ -93,6 +93,16 @@ pub fn route(method: &Method, url: &str, body: &[u8]) -> Result<ApiRequest, ApiR
         (Method::Put, ["vsock"]) => Ok(ApiRequest::PutVsock(parse::<Vsock>(body)?)),
         (Method::Put, ["actions"]) => Ok(ApiRequest::Action(parse::<InstanceActionInfo>(body)?.action_type)),
         (Method::Patch, ["vm"]) => Ok(ApiRequest::PatchVm(parse::<Vm>(body)?.state)),
+        (Method::Put, ["snapshot", "create"]) => {
+            let params: SnapshotCreateParams = parse(body)?;
+            params.check().map_err(ApiResponse::bad_request)?;
+            Ok(ApiRequest::CreateSnapshot(params))
+        }
+        (Method::Put, ["snapshot", "load"]) => {
+            let params: SnapshotLoadParams = parse(body)?;
+            params.mem_file().map_err(ApiResponse::bad_request)?;
+            Ok(ApiRequest::LoadSnapshot(params))
+        }
         _ => Err(ApiResponse::bad_request(format!("Invalid request method and/or path: {method} {url}."))),
     }
 }
@@ -131,5 +141,13 @@ mod tests {
         assert!(fault_of(route(&Method::Patch, "/vm", br#"{"state":"Sleeping"}"#)).contains("unknown variant"));
         let mismatched = br#"{"drive_id":"a","path_on_host":"/x","is_root_device":false}"#;
         assert!(fault_of(route(&Method::Put, "/drives/b", mismatched)).contains("differs"));
+        let diff = br#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#;
+        assert!(fault_of(route(&Method::Put, "/snapshot/create", diff)).contains("full snapshots only"));
+        let uffd = br#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#;
+        assert!(fault_of(route(&Method::Put, "/snapshot/load", uffd)).contains("only File"));
+        assert!(matches!(
+            route(&Method::Put, "/snapshot/load", br#"{"snapshot_path":"s","mem_file_path":"m"}"#),
+            Ok(ApiRequest::LoadSnapshot(_))
+        ));
     }
 }

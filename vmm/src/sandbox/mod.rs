@@ -7,6 +7,7 @@
 //! sandbox is ready when its guest agent answers.
 
 pub mod record;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -43,6 +44,10 @@ pub enum SandboxError {
     Api(#[from] ApiClientError),
     #[error("the VMM of sandbox {name} exited during start-up; its log says:\n{log}")]
     VmmDied { name: String, log: String },
+    #[error("{0} already holds a snapshot")]
+    SnapshotExists(PathBuf),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
 }
@@ -64,6 +69,14 @@ pub struct SandboxSpec {
     pub boot_args: Option<String>,
     /// How long the guest agent has to answer after the VM starts.
     pub ready_timeout: Duration,
+}
+
+/// What a sandbox's record says of its machine.
+struct Shape {
+    image: PathBuf,
+    mem_mib: u64,
+    vcpus: u8,
+    cid: u32,
 }
 
 /// A sandbox as `ember ls` shows it.
@@ -182,7 +195,17 @@ impl Store {
 
     /// Starts a sandbox and returns once its guest agent answers.
     pub fn start(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
-        let name = spec.name.clone().unwrap_or_else(random_name);
+        self.create(spec.name.clone(), |name, dir| self.boot(name, dir, spec))
+    }
+
+    /// Makes the state directory of a new sandbox and runs `make` in it; a failure leaves
+    /// nothing behind.
+    fn create(
+        &self,
+        name: Option<String>,
+        make: impl FnOnce(&str, &Path) -> Result<Record, SandboxError>,
+    ) -> Result<Record, SandboxError> {
+        let name = name.unwrap_or_else(random_name);
         check_name(&name)?;
         let dir = self.dir(&name);
         if dir.join(VSOCK_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
@@ -194,7 +217,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(name)),
             Err(e) => return Err(io("cannot create", &dir)(e)),
         }
-        let result = self.boot(&name, &dir, spec);
+        let result = make(&name, &dir);
         if result.is_err() {
             self.teardown(&name, &dir);
         }
@@ -205,66 +228,8 @@ impl Store {
         let overlay_path = dir.join(OVERLAY);
         overlay::create(&spec.image, &overlay_path)?;
         let cid = self.free_cid();
-        let api_socket = dir.join(API_SOCKET);
-        let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
-        let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
-        let mut command = Command::new(&self.vmm_binary);
-        command
-            .arg("vmm")
-            .arg("--api-sock")
-            .arg(&api_socket)
-            .arg("--id")
-            .arg(name)
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(log);
-        // Its own session: the sandbox outlives the terminal and the command that started it.
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
-        let record = Record {
-            name: name.to_string(),
-            pid: child.id() as i32,
-            cid,
-            image: spec.image.clone(),
-            mem_mib: spec.mem_mib,
-            vcpus: spec.vcpus,
-            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
-        };
-        let record_path = dir.join(RECORD);
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
-            path: record_path.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
-
-        let died = |child: &mut std::process::Child| -> Option<SandboxError> {
-            matches!(child.try_wait(), Ok(Some(_)))
-                .then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
-            if let Some(e) = died(&mut child) {
-                return Err(e);
-            }
-            if Instant::now() > deadline {
-                return Err(SandboxError::NotReady {
-                    name: name.into(),
-                    what: "the VMM's API socket did not appear",
-                    secs: 10,
-                    console: tail(&dir.join(VMM_LOG), 20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-
-        let api = ApiClient::new(&api_socket);
-        let configure = || -> Result<(), ApiClientError> {
+        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid };
+        self.launch(name, dir, shape, spec.ready_timeout, |api| {
             api.put(
                 "/boot-source",
                 &BootSource {
@@ -295,13 +260,83 @@ impl Store {
             )?;
             api.put("/vsock", &Vsock { guest_cid: cid, uds_path: dir.join(VSOCK_SOCKET).display().to_string(), vsock_id: None })?;
             api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart })
+        })
+    }
+
+    /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
+    /// API, and waits until its guest agent answers.
+    fn launch(
+        &self,
+        name: &str,
+        dir: &Path,
+        shape: Shape,
+        ready_timeout: Duration,
+        configure: impl FnOnce(&ApiClient) -> Result<(), ApiClientError>,
+    ) -> Result<Record, SandboxError> {
+        let api_socket = dir.join(API_SOCKET);
+        let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
+        let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
+        let mut command = Command::new(&self.vmm_binary);
+        command
+            .arg("vmm")
+            .arg("--api-sock")
+            .arg(&api_socket)
+            .arg("--id")
+            .arg(name)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(log);
+        // Its own session: the sandbox outlives the terminal and the command that started it.
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
+        let record = Record {
+            name: name.to_string(),
+            pid: child.id() as i32,
+            cid: shape.cid,
+            image: shape.image,
+            mem_mib: shape.mem_mib,
+            vcpus: shape.vcpus,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
         };
-        if let Err(e) = configure() {
+        let record_path = dir.join(RECORD);
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
+            path: record_path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
+
+        let died = |child: &mut std::process::Child| -> Option<SandboxError> {
+            matches!(child.try_wait(), Ok(Some(_)))
+                .then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
+            if let Some(e) = died(&mut child) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    name: name.into(),
+                    what: "the VMM's API socket did not appear",
+                    secs: 10,
+                    console: tail(&dir.join(VMM_LOG), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+
+        if let Err(e) = configure(&ApiClient::new(&api_socket)) {
             return Err(died(&mut child).unwrap_or(e.into()));
         }
 
         // In short rounds, so that a VMM that dies is noticed at once.
-        let deadline = Instant::now() + spec.ready_timeout;
+        let deadline = Instant::now() + ready_timeout;
         loop {
             let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
@@ -314,7 +349,7 @@ impl Store {
                     return Err(died(&mut child).unwrap_or_else(|| SandboxError::NotReady {
                         name: name.into(),
                         what: "the guest agent did not answer",
-                        secs: spec.ready_timeout.as_secs(),
+                        secs: ready_timeout.as_secs(),
                         console: tail(&dir.join(CONSOLE_LOG), 20),
                     }));
                 }

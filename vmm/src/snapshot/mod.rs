@@ -1,6 +1,7 @@
 //! Snapshots of a whole VM, and restoring them into a fresh VMM.
 //!
-//! A snapshot is a directory of two files: `state` ([`format`]: versioned, checksummed; holds
+//! A snapshot is two files (by default `state` and `memory` in one directory, see
+//! [`SnapshotFiles`]): the state ([`format`]: versioned, checksummed; holds
 //! [`SnapshotState`]) and `memory` (guest RAM, sparse). [`create`] writes both from a VM whose
 //! vCPUs are stopped; [`restore`] checks everything it can before touching KVM, then maps the
 //! memory file privately (copy-on-write, read lazily by page faults, never read whole) and sets
@@ -30,6 +31,33 @@ use crate::vstate::vm::{Vm, VmError};
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
 
+/// Where a snapshot's two files are (Firecracker's `snapshot_path` and `mem_file_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+}
+
+impl SnapshotFiles {
+    /// The files of a snapshot directory: `DIR/state` and `DIR/memory`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self { state: dir.join(STATE_FILE), memory: dir.join(MEMORY_FILE) }
+    }
+}
+
+/// `.NAME.tmp` next to `path`: where a file is written before it is renamed into place.
+fn temporary(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn create_parent(path: &Path) -> Result<(), SnapshotError> {
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => std::fs::create_dir_all(parent).map_err(io_err(parent, "create")),
+        None => Ok(()),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("cannot {what} {path}: {source}")]
@@ -46,6 +74,8 @@ pub enum SnapshotError {
     Inconsistent { path: PathBuf, reason: String },
     #[error("memory file {path} is {len} bytes, the snapshot's guest has {expected}")]
     MemorySize { path: PathBuf, len: u64, expected: u64 },
+    #[error("{0}")]
+    Request(String),
     #[error("cannot encode the snapshot state: {0}")]
     Encode(String),
     #[error("drive override for drive {index}, but the snapshot has {count} drives")]
@@ -100,12 +130,13 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Sna
     move |source| SnapshotError::Io { path, what, source }
 }
 
-/// Writes a snapshot of the VM into `dir` (created if missing). The files are written under
-/// temporary names and renamed into place, the state file last: VMs already restored from an
-/// earlier snapshot in `dir` keep their mappings of the old memory file, and a crash midway
-/// never leaves a state file without its memory.
-pub fn create(dir: &Path, parts: SnapshotParts) -> Result<SnapshotInfo, SnapshotError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir, "create"))?;
+/// Writes a snapshot of the VM into `files` (their directories created if missing). The files
+/// are written under temporary names and renamed into place, the state file last: VMs already
+/// restored from an earlier snapshot at the same paths keep their mappings of the old memory
+/// file, and a crash midway never leaves a state file without its memory.
+pub fn create(files: &SnapshotFiles, parts: SnapshotParts) -> Result<SnapshotInfo, SnapshotError> {
+    create_parent(&files.state)?;
+    create_parent(&files.memory)?;
     let mut drives = Vec::new();
     let mut vsock = None;
     for attached in parts.virtio {
@@ -139,14 +170,12 @@ pub fn create(dir: &Path, parts: SnapshotParts) -> Result<SnapshotInfo, Snapshot
     };
     let bytes = format::encode(&state)?;
 
-    let memory_path = dir.join(MEMORY_FILE);
-    let memory_tmp = dir.join(format!(".{MEMORY_FILE}.tmp"));
+    let memory_tmp = temporary(&files.memory);
     let memory_bytes = memory::write(parts.ram, &memory_tmp)?;
-    std::fs::rename(&memory_tmp, &memory_path).map_err(io_err(&memory_path, "rename into place"))?;
-    let state_path = dir.join(STATE_FILE);
-    let state_tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    std::fs::rename(&memory_tmp, &files.memory).map_err(io_err(&files.memory, "rename into place"))?;
+    let state_tmp = temporary(&files.state);
     write_synced(&state_tmp, &bytes).map_err(io_err(&state_tmp, "write"))?;
-    std::fs::rename(&state_tmp, &state_path).map_err(io_err(&state_path, "rename into place"))?;
+    std::fs::rename(&state_tmp, &files.state).map_err(io_err(&files.state, "rename into place"))?;
     Ok(SnapshotInfo { state_bytes: bytes.len() as u64, memory_bytes })
 }
 
@@ -157,18 +186,17 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Reads, verifies and checks the state file of the snapshot in `dir`.
-pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
-    let path = dir.join(STATE_FILE);
-    let bytes = std::fs::read(&path).map_err(|source| SnapshotError::Io { path: path.clone(), what: "read", source })?;
-    let state = format::decode(&path, &bytes)?;
-    state.check().map_err(|reason| SnapshotError::Inconsistent { path, reason })?;
+/// Reads, verifies and checks the state file at `path`.
+pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
+    let bytes = std::fs::read(path).map_err(io_err(path, "read"))?;
+    let state = format::decode(path, &bytes)?;
+    state.check().map_err(|reason| SnapshotError::Inconsistent { path: path.to_owned(), reason })?;
     Ok(state)
 }
 
-/// Maps the memory file of the snapshot in `dir` for `state`.
-pub fn map_memory(dir: &Path, state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
-    memory::map(&dir.join(MEMORY_FILE), state.mem_size)
+/// Maps the memory file at `path` for `state`.
+pub fn map_memory(path: &Path, state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
+    memory::map(path, state.mem_size)
 }
 
 /// A KVM VM made before the snapshot to load is known: /dev/kvm opened, the VM with its irqchip
@@ -186,16 +214,16 @@ pub fn prepare() -> Result<PreparedVm, SnapshotError> {
     Ok(PreparedVm { kvm, vm })
 }
 
-/// A VM restored from the snapshot in `dir`, ready for its vCPU threads: every vCPU's state is
-/// set. Console output goes to `console_sink`. Everything is checked before KVM is touched.
+/// A VM restored from the snapshot in `files`, ready for its vCPU threads: every vCPU's state
+/// is set. Console output goes to `console_sink`. Everything is checked before KVM is touched.
 pub fn restore(
-    dir: &Path,
+    files: &SnapshotFiles,
     overrides: &Overrides,
     console_sink: Box<dyn std::io::Write + Send>,
 ) -> Result<BuiltVm, SnapshotError> {
-    let state = read_state(dir)?;
+    let state = read_state(&files.state)?;
     let devices = open_devices(&state, overrides)?;
-    let ram = map_memory(dir, &state)?;
+    let ram = map_memory(&files.memory, &state)?;
     restore_vm(prepare()?, &state, ram, devices, console_sink)
 }
 

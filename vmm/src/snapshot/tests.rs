@@ -191,18 +191,18 @@ fn a_well_formed_but_inconsistent_state_is_refused_by_its_check() {
 #[test]
 fn restore_reports_missing_and_bad_files_before_building_anything() {
     let dir = TempDir::new().unwrap();
-    let err = read_state(dir.as_path()).err().unwrap().to_string();
+    let err = read_state(&dir.as_path().join(STATE_FILE)).err().unwrap().to_string();
     assert!(err.starts_with("cannot read") && err.contains("state"), "{err}");
 
     let mut s = sample();
     s.vcpus.swap(0, 1);
     std::fs::write(dir.as_path().join(STATE_FILE), encode(&s).unwrap()).unwrap();
-    let err = read_state(dir.as_path()).err().unwrap().to_string();
+    let err = read_state(&dir.as_path().join(STATE_FILE)).err().unwrap().to_string();
     assert!(err.contains("is inconsistent: vCPU state 0 is for vCPU 1"), "{err}");
 
     let state = sample();
     std::fs::write(dir.as_path().join(MEMORY_FILE), vec![0u8; 1 << 20]).unwrap();
-    let err = map_memory(dir.as_path(), &state).err().unwrap().to_string();
+    let err = map_memory(&dir.as_path().join(MEMORY_FILE), &state).err().unwrap().to_string();
     assert!(err.contains("is 1048576 bytes, the snapshot's guest has 268435456"), "{err}");
 }
 

@@ -1,6 +1,7 @@
 //! A vCPU: its boot-time configuration and the thread loop around KVM_RUN.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
@@ -16,6 +17,7 @@ use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs};
 use crate::devices::bus::{lock, Bus};
 use super::pause::PauseGate;
 use crate::stats::ExitCounts;
+use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,39 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
     /// Closed while the VM is paused.
     pub gate: Arc<PauseGate>,
+    /// Each parked vCPU's state, read on its own thread as it parked, so that a snapshot of
+    /// the paused VM holds exactly the state at the pause. Emptied on resume.
+    pub parked_states: ParkedStates,
+    /// When the snapshot this VM was restored from was asked for, if it runs at once.
+    pub loaded_at: Option<std::time::Instant>,
+}
+
+/// The states vCPU threads save as they park, by vCPU index; an entry is the error text when
+/// the state could not be read.
+#[derive(Default)]
+pub struct ParkedStates(Mutex<BTreeMap<u8, Result<VcpuState, String>>>);
+
+impl ParkedStates {
+    fn put(&self, index: u8, state: Result<VcpuState, String>) {
+        lock(&self.0).insert(index, state);
+    }
+
+    /// The states of vCPUs `0..count`, in index order; an error names the first vCPU whose
+    /// state is missing or could not be read.
+    pub fn all(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+        let states = lock(&self.0);
+        (0..count)
+            .map(|i| match states.get(&(i as u8)) {
+                Some(Ok(state)) => Ok(state.clone()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err(format!("vCPU {i} has not saved its state (it is not parked)")),
+            })
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        lock(&self.0).clear();
+    }
 }
 
 thread_local! {
@@ -194,10 +229,15 @@ impl Vcpu {
     pub fn run(mut self, ctx: &VcpuContext) -> ExitCounts {
         let mut counts = ExitCounts::default();
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut loaded_at = ctx.loaded_at.filter(|_| self.index == 0);
         while !ctx.stop.load(Ordering::Acquire) {
             if ctx.gate.is_closed() {
+                ctx.parked_states.put(self.index, self.state_at_park());
                 ctx.gate.park(&ctx.stop);
                 continue;
+            }
+            if let Some(at) = loaded_at.take() {
+                tracing::info!("first KVM_RUN {:?} after the snapshot load request", at.elapsed());
             }
             let next = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, ctx, &mut counts),
@@ -226,6 +266,23 @@ impl Vcpu {
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         counts
+    }
+}
+
+impl Vcpu {
+    /// Completes the port or MMIO access of the last exit (KVM finishes it on the next
+    /// KVM_RUN; with immediate_exit set that returns EINTR without entering the guest), then
+    /// reads the vCPU's state, which is only whole once no access is pending.
+    fn state_at_park(&mut self) -> Result<VcpuState, String> {
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(format!("vCPU {}: completing its last I/O exit failed: {e}", self.index)),
+            Ok(exit) => Err(format!("vCPU {}: KVM_RUN with immediate_exit ran the guest: {exit:?}", self.index)),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        completed?;
+        self.save_state().map_err(|e| e.to_string())
     }
 }
 

@@ -1,0 +1,83 @@
+# End-to-end tests of sandbox snapshots, run inside the nested harness by tests/e2e/run
+# (busybox sh): a sandbox with a process counting in memory and a file on its disk is
+# snapshotted; a sandbox started from the snapshot has the file, and the same process goes on
+# counting from where it was, while the original runs on unchanged.
+. /opt/ember/extra/lib.sh
+
+# Prints 1, 2, 3, ... ten times a second: its state lives only in its memory.
+COUNTER='import time
+n = 0
+while True:
+    n += 1
+    print(n, flush=True)
+    time.sleep(0.1)'
+
+# in SANDBOX COMMAND...: runs COMMAND in SANDBOX, its output on stdout.
+in_sb() {
+  sb=$1
+  shift
+  command ember exec "$sb" -- "$@" 2>>err
+}
+
+# start_counting SANDBOX: the counter runs detached from the agent's session; waits until it
+# has counted to 5.
+start_counting() {
+  in_sb "$1" sh -c 'setsid nohup python3 -c "$1" >/tmp/c.log 2>&1 </dev/null & echo $! >/tmp/c.pid' sh "$COUNTER" ||
+    return 1
+  n=0
+  until [ "$(in_sb "$1" tail -n 1 /tmp/c.log)" -ge 5 ] 2>/dev/null; do
+    n=$((n + 1))
+    [ $n -lt 50 ] || { echo "    the counter never reached 5"; return 1; }
+    sleep 0.2
+  done
+}
+
+case_a_sandbox_started_from_a_snapshot_continues_it() {
+  export EMBER_STATE="$PWD/st"
+  ember run --detach --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
+  ok=1
+  in_sb orig sh -c 'echo written-before > /root/marker && sync' && start_counting orig || ok=0
+  pid=$(in_sb orig cat /tmp/c.pid)
+  before=$(in_sb orig tail -n 1 /tmp/c.log)
+  [ $ok = 1 ] && ember snapshot orig snap >>out 2>>err || { echo "    the snapshot failed"; ok=0; }
+  [ $ok = 1 ] && [ -f snap/state ] && [ -f snap/memory ] && [ -f snap/disk.qcow2 ] ||
+    { echo "    the snapshot directory is incomplete: $(ls snap 2>&1)"; ok=0; }
+  [ "$(command ember ls --json | grep -c '"state": "Running"')" = 1 ] || { echo "    orig is not running on"; ok=0; }
+  [ $ok = 1 ] && ember run --detach --from-snapshot snap --name copy >>out 2>>err ||
+    { echo "    the copy did not start"; ok=0; }
+  if [ $ok = 1 ]; then
+    [ "$(in_sb copy cat /root/marker)" = written-before ] || { echo "    the file written before is missing"; ok=0; }
+    [ "$(in_sb copy cat /tmp/c.pid)" = "$pid" ] && in_sb copy kill -0 "$pid" ||
+      { echo "    the counter (pid $pid) is not alive in the copy"; ok=0; }
+    c1=$(in_sb copy tail -n 1 /tmp/c.log)
+    sleep 1
+    c2=$(in_sb copy tail -n 1 /tmp/c.log)
+    [ "$c1" -ge "$before" ] && [ "$c2" -gt "$c1" ] ||
+      { echo "    counted $before before the snapshot, then $c1 and $c2 in the copy"; ok=0; }
+    [ "$(in_sb copy grep -c '^1$' /tmp/c.log)" = 1 ] || { echo "    the counter restarted in the copy"; ok=0; }
+    # Each goes its own way: what the copy writes, the original does not see.
+    in_sb copy sh -c 'echo copy-only > /root/mine' || ok=0
+    in_sb orig test -e /root/mine && { echo "    the original sees the copy's file"; ok=0; }
+    in_sb orig kill -0 "$pid" || { echo "    the original's counter died"; ok=0; }
+  fi
+  command ember rm orig copy >/dev/null 2>&1
+  [ $ok = 1 ]
+}
+
+case_a_corrupt_snapshot_fails_cleanly() {
+  export EMBER_STATE="$PWD/st"
+  ember run --detach --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
+  ember snapshot orig snap >>out 2>>err
+  ok=1
+  expect_status 0 || ok=0
+  command ember rm orig >/dev/null 2>&1
+  [ $ok = 1 ] || return 1
+  printf 'X' | dd of=snap/state bs=1 seek=100 conv=notrunc 2>/dev/null
+  ember run --detach --from-snapshot snap --name copy >>out 2>err2
+  expect_status 1 && expect_in err2 "is corrupt: checksum mismatch" || return 1
+  [ ! -e "$EMBER_STATE/sandboxes/copy" ] || { echo "    the failed start left its state directory"; return 1; }
+  ember snapshot orig snap2 >/dev/null 2>err3
+  expect_status 1 && expect_in err3 "there is no sandbox named orig"
+}
+
+run_cases "$0"
