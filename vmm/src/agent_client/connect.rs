@@ -85,7 +85,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `NotReady`. A protocol version mismatch is not retried.
 pub fn wait_ready(uds: &Path, port: u32, timeout: Duration) -> Result<Health, ClientError> {
     let start = Instant::now();
-    let mut pause = Duration::from_millis(10);
+    let mut pause = Duration::from_millis(1);
     loop {
         let left = timeout.saturating_sub(start.elapsed());
         let attempt = (|| {

@@ -294,6 +294,7 @@ impl Store {
                 Ok(())
             });
         }
+        let started = Instant::now();
         let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
         let record = Record {
             name: name.to_string(),
@@ -331,16 +332,21 @@ impl Store {
             std::thread::sleep(Duration::from_millis(5));
         }
 
+        tracing::debug!("sandbox {name}: API socket up {:?} after spawning the VMM", started.elapsed());
         if let Err(e) = configure(&ApiClient::new(&api_socket)) {
             return Err(died(&mut child).unwrap_or(e.into()));
         }
 
         // In short rounds, so that a VMM that dies is noticed at once.
+        tracing::debug!("sandbox {name}: VM configured and started {:?} after spawning the VMM", started.elapsed());
         let deadline = Instant::now() + ready_timeout;
         loop {
             let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
-                Ok(_) => return Ok(record),
+                Ok(_) => {
+                    tracing::debug!("sandbox {name}: agent ready {:?} after spawning the VMM", started.elapsed());
+                    return Ok(record);
+                }
                 Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
                     tracing::debug!("sandbox {name}: {e}");
                 }
