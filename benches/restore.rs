@@ -66,7 +66,7 @@ fn make_snapshot(dir: &Path, mem_mib: u64, vcpus: u8) -> snapshot::SnapshotInfo 
         cmdline: None,
         mem_mib,
         vcpus,
-        drives: vec![DriveConfig { path: disk, read_only: false, root: true }],
+        drives: vec![DriveConfig { id: None, path: disk, read_only: false, root: true }],
         vsock: Some(VsockConfig { cid: 3, uds: dir.join("vsock.sock") }),
     };
     let mut vm = build(&cfg, Box::new(std::io::sink())).expect("VM builds");
@@ -128,7 +128,7 @@ fn main() {
         let t1 = Instant::now();
         let devices = snapshot::open_devices(&state, &overrides).unwrap();
         let t2 = Instant::now();
-        let ram = snapshot::map_memory(&snap.memory, &state).unwrap();
+        let ram = snapshot::map_memory(&snap.memory, &[], &state).unwrap();
         let t3 = Instant::now();
         let mut vm = snapshot::restore_vm(prepared, &state, ram, devices, Box::new(std::io::sink())).unwrap();
         let t4 = Instant::now();

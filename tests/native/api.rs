@@ -159,6 +159,7 @@ fn load_params(state: &std::path::Path, memory: &std::path::Path, resume_vm: boo
         resume_vm,
         drive_overrides: Vec::new(),
         vsock_override: None,
+        mem_layers: Vec::new(),
     }
 }
 
@@ -177,6 +178,7 @@ fn a_snapshot_taken_through_the_api_continues_in_another_vmm() {
         snapshot_type: SnapshotType::Full,
         snapshot_path: state_file.display().to_string(),
         mem_file_path: mem_file.display().to_string(),
+        freeze_memory: false,
     };
     assert!(fault(api.put("/snapshot/create", &create)).contains("not running yet"));
     api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart }).unwrap();
@@ -228,4 +230,71 @@ fn a_snapshot_taken_through_the_api_continues_in_another_vmm() {
     api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
     assert_eq!(vmm.join().unwrap().unwrap().exit, GuestExit::Reset);
     assert_eq!(len(&console), TICKS as usize - at_pause);
+}
+
+#[test]
+fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
+    let g = Guest::new();
+    const TICKS: u16 = 3000;
+    let kernel = g.file("vmlinux", &elf(&ticking_guest(TICKS), LOAD_ADDR, 0));
+    let disk = g.file("disk.raw", &vec![0u8; 1 << 20]);
+    let (api, console, parent) = spawn_vmm(&g.dir.as_path().join("p.sock"), "p");
+    let len = |c: &Console| c.0.lock().unwrap().len();
+    let boot = BootSource { kernel_image_path: kernel.display().to_string(), boot_args: None, initrd_path: None };
+    api.put("/boot-source", &boot).unwrap();
+    api.put("/machine-config", &MachineConfig { vcpu_count: 1, mem_size_mib: 32, ..Default::default() }).unwrap();
+    let drive = Drive {
+        drive_id: "rootfs".into(),
+        path_on_host: disk.display().to_string(),
+        is_root_device: true,
+        is_read_only: false,
+        partuuid: None,
+        cache_type: None,
+        io_engine: None,
+        rate_limiter: None,
+    };
+    api.put("/drives/rootfs", &drive).unwrap();
+    let patch = |path: &std::path::Path| PartialDrive {
+        drive_id: "rootfs".into(),
+        path_on_host: Some(path.display().to_string()),
+        rate_limiter: None,
+    };
+    assert!(fault(api.patch("/drives/rootfs", &patch(&disk))).contains("not running yet"));
+    api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart }).unwrap();
+    wait_for("the guest's first output", || len(&console) >= 10);
+
+    api.patch("/vm", &Vm { state: VmState::Paused }).unwrap();
+    let at_pause = len(&console);
+    let state_file = g.dir.as_path().join("fork.state");
+    let freeze = SnapshotCreateParams {
+        snapshot_type: SnapshotType::Full,
+        snapshot_path: state_file.display().to_string(),
+        mem_file_path: String::new(),
+        freeze_memory: true,
+    };
+    let frozen: FrozenMemory = api.put_for("/snapshot/create", &freeze).unwrap();
+    assert!(frozen.mem_file_path.starts_with("/proc/"), "{frozen:?}");
+    assert!(frozen.mem_layers.is_empty(), "a cold-booted VM's memfd freezes in place");
+    // The disk: the raw file becomes the base of a new overlay, which the VM switches to.
+    let overlay = g.dir.as_path().join("top.qcow2");
+    vmm::disk::overlay::create_over_in_use(&disk, &overlay).unwrap();
+    let small = g.file("small.raw", &[0u8; 4096]);
+    let message = fault(api.patch("/drives/rootfs", &patch(&small)));
+    assert!(message.contains("1048576 bytes") || message.contains("size"), "{message}");
+    assert!(fault(api.patch("/drives/other", &PartialDrive { drive_id: "other".into(), ..patch(&overlay) }))
+        .contains("no such drive"));
+    api.patch("/drives/rootfs", &patch(&overlay)).unwrap();
+    // The base is no longer held for writing: another overlay can lock it for reading.
+    vmm::disk::overlay::create(&disk, &g.dir.as_path().join("child.qcow2")).unwrap();
+    api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
+
+    // A child maps the frozen memory (while the parent runs on) and continues from the pause.
+    let (child_api, child_console, child) = spawn_vmm(&g.dir.as_path().join("c.sock"), "c");
+    let mut load = load_params(&state_file, std::path::Path::new(&frozen.mem_file_path), true);
+    load.drive_overrides = vec![DriveOverride { index: 0, path_on_host: g.dir.as_path().join("child.qcow2").display().to_string() }];
+    child_api.put("/snapshot/load", &load).unwrap();
+    assert_eq!(parent.join().unwrap().unwrap().exit, GuestExit::Reset);
+    assert_eq!(len(&console), TICKS as usize, "the parent finishes, every tick once");
+    assert_eq!(child.join().unwrap().unwrap().exit, GuestExit::Reset);
+    assert_eq!(len(&child_console), TICKS as usize - at_pause, "the child goes on from the fork");
 }

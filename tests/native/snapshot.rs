@@ -65,7 +65,7 @@ fn run_steps(vcpu: &mut Vcpu, steps: usize) -> Vec<(u32, u32)> {
 fn counting_vm(g: &Guest, vcpus: u8) -> BuiltVm {
     let kernel = g.file("vmlinux", &elf(&COUNTING_GUEST, LOAD_ADDR, 0));
     let mut cfg = config(&kernel, vcpus, 32);
-    cfg.drives.push(DriveConfig { path: g.file("disk.raw", &vec![0u8; 1 << 20]), read_only: false, root: true });
+    cfg.drives.push(DriveConfig { id: Some("rootfs".into()), path: g.file("disk.raw", &vec![0u8; 1 << 20]), read_only: false, root: true });
     cfg.vsock = Some(VsockConfig { cid: 3, uds: g.dir.as_path().join("vsock.sock") });
     build(&cfg, Box::new(Console::default())).expect("VM builds")
 }

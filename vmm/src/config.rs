@@ -26,6 +26,8 @@ pub struct VsockConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
+    /// The API's drive_id, by which a running VM's drive is updated (PATCH /drives/{id}).
+    pub id: Option<String>,
     pub path: PathBuf,
     pub read_only: bool,
     /// The guest mounts this drive as its root filesystem.
@@ -45,7 +47,7 @@ impl FromStr for DriveConfig {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut path = None;
+        let (mut path, mut id) = (None, None);
         let (mut read_only, mut root) = (false, false);
         for part in s.split(',') {
             let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not KEY=VALUE"))?;
@@ -53,11 +55,12 @@ impl FromStr for DriveConfig {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "ro" => read_only = on_off(key, value)?,
                 "root" => root = on_off(key, value)?,
-                _ => return Err(format!("unknown or empty drive option '{part}' (known: path, ro, root)")),
+                "id" if !value.is_empty() => id = Some(value.to_string()),
+                _ => return Err(format!("unknown or empty drive option '{part}' (known: path, ro, root, id)")),
             }
         }
         let path = path.ok_or("a drive needs path=FILE")?;
-        Ok(Self { path, read_only, root })
+        Ok(Self { id, path, read_only, root })
     }
 }
 
@@ -85,9 +88,9 @@ mod tests {
     #[test]
     fn drive_options() {
         let d: DriveConfig = "path=/x/y.qcow2,ro=on,root=on".parse().unwrap();
-        assert_eq!(d, DriveConfig { path: "/x/y.qcow2".into(), read_only: true, root: true });
+        assert_eq!(d, DriveConfig { id: None, path: "/x/y.qcow2".into(), read_only: true, root: true });
         let d: DriveConfig = "path=disk.img".parse().unwrap();
-        assert_eq!(d, DriveConfig { path: "disk.img".into(), read_only: false, root: false });
+        assert_eq!(d, DriveConfig { id: None, path: "disk.img".into(), read_only: false, root: false });
         assert!("ro=on".parse::<DriveConfig>().unwrap_err().contains("path="));
         assert!("path=a,ro=maybe".parse::<DriveConfig>().unwrap_err().contains("on or off"));
         assert!("path=a,cache=none".parse::<DriveConfig>().unwrap_err().contains("unknown"));

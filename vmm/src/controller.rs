@@ -77,6 +77,7 @@ pub fn serve(
             }
             ApiRequest::PutDrive(drive) => resources.set_drive(drive),
             ApiRequest::PutVsock(vsock) => resources.set_vsock(vsock),
+            ApiRequest::PatchDrive(_) => Err("The microVM is not running yet: configure its drives with PUT /drives.".into()),
             ApiRequest::PatchVm(_) => Err("The microVM is not running yet: start it first.".into()),
             ApiRequest::CreateSnapshot(_) => Err("The microVM is not running yet: there is nothing to snapshot.".into()),
             ApiRequest::LoadSnapshot(params) => {
@@ -149,7 +150,8 @@ fn load(
     }
     let state = snapshot::read_state(params.snapshot_path.as_ref())?;
     let devices = snapshot::open_devices(&state, &overrides)?;
-    let ram = snapshot::map_memory(mem_file.as_ref(), &state)?;
+    let layers: Vec<std::path::PathBuf> = params.mem_layers.iter().map(Into::into).collect();
+    let ram = snapshot::map_memory(mem_file.as_ref(), &layers, &state)?;
     let prepared = match prepared.take() {
         Some(p) => p,
         None => snapshot::prepare()?,

@@ -51,6 +51,18 @@ enum Command {
     /// sandbox is paused meanwhile and runs on after. Start copies with
     /// `ember run --detach --from-snapshot DIR`.
     Snapshot { name: String, dir: PathBuf },
+    /// Fork a running sandbox into N children that go on from its exact state (memory, disk,
+    /// processes) while it runs on; they share its memory and disk copy-on-write. Prints the
+    /// children's names (NAME-1, NAME-2, ...).
+    Fork {
+        name: String,
+        /// How many children
+        #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// Seconds each child's guest agent has to answer
+        #[arg(long, default_value_t = 120)]
+        ready_timeout: u64,
+    },
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -233,6 +245,14 @@ fn snapshot_sandbox(name: &str, dir: &std::path::Path) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+fn fork(name: &str, count: u16, ready_timeout: u64) -> anyhow::Result<ExitCode> {
+    let children = store()?.fork(name, count.into(), std::time::Duration::from_secs(ready_timeout))?;
+    for child in children {
+        println!("{}", child.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
     let (sender, channel) = vmm::api::channel().context("cannot set up the API channel")?;
@@ -296,6 +316,7 @@ fn main() -> ExitCode {
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),
         Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
+        Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {

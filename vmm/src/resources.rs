@@ -73,7 +73,12 @@ impl VmResources {
             vcpus: self.machine.vcpu_count,
             drives: drives
                 .into_iter()
-                .map(|d| DriveConfig { path: PathBuf::from(&d.path_on_host), read_only: d.is_read_only, root: d.is_root_device })
+                .map(|d| DriveConfig {
+                    id: Some(d.drive_id.clone()),
+                    path: PathBuf::from(&d.path_on_host),
+                    read_only: d.is_read_only,
+                    root: d.is_root_device,
+                })
                 .collect(),
             vsock: self.vsock.as_ref().map(|v| VsockConfig { cid: v.guest_cid, uds: PathBuf::from(&v.uds_path) }),
         })

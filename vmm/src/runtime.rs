@@ -3,7 +3,7 @@
 //! resume), then an orderly stop.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,9 +13,14 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::models::{ActionType, InstanceInfo, InstanceState, MachineConfig, SnapshotCreateParams, VmState};
+use crate::api::models::{
+    ActionType, FrozenMemory, InstanceInfo, InstanceState, MachineConfig, PartialDrive, SnapshotCreateParams, VmState,
+};
 use crate::api::{ApiChannel, ApiRequest, ApiResponse};
-use crate::builder::{AttachedVirtio, BuiltVm};
+use crate::builder::{AttachedVirtio, BuiltVm, VirtioKind};
+use crate::devices::bus::lock;
+use crate::devices::virtio::block::Block;
+use crate::disk::{self, overlay};
 use crate::devices::legacy::serial::{SerialDevice, SerialInput};
 use crate::snapshot::{self, SnapshotFiles, SnapshotParts};
 use crate::stats::{ExitCounts, RunStats};
@@ -148,7 +153,7 @@ pub fn run_with_api(
         }
     }
 
-    let BuiltVm { vcpus, vm: kvm_vm, ram, kvm, console, subscribers, serial, virtio, .. } = vm;
+    let BuiltVm { vcpus, vm: kvm_vm, mut ram, kvm, console, subscribers, serial, mut virtio, .. } = vm;
     if start_paused {
         devices.parked.extend(subscribers);
     } else {
@@ -176,7 +181,7 @@ pub fn run_with_api(
         stop_vcpus(&ctx, &mut threads);
         return Err(RunError::Thread(std::io::Error::other("the vCPU threads did not park within 5 s")));
     }
-    let machine = Machine { vm: &kvm_vm, ram: &ram, serial: &serial, virtio: &virtio };
+    let mut machine = Machine { vm: &kvm_vm, ram: &mut ram, serial: &serial, virtio: &mut virtio };
     let mut loop_result = Ok(());
     while !done.load(Ordering::Acquire) {
         if let Err(e) = manager.run() {
@@ -186,7 +191,7 @@ pub fn run_with_api(
         if let Some(api) = &api {
             if api_pending.swap(false, Ordering::AcqRel) {
                 for call in api.channel.calls.try_iter() {
-                    let response = answer(api, call.request, &ctx, &threads, &mut manager, &mut devices, &machine);
+                    let response = answer(api, call.request, &ctx, &threads, &mut manager, &mut devices, &mut machine);
                     let _ = call.reply.send(response);
                 }
             }
@@ -222,9 +227,9 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What a snapshot reads of the running VM besides its vCPUs.
 struct Machine<'a> {
     vm: &'a Vm,
-    ram: &'a GuestRam,
+    ram: &'a mut GuestRam,
     serial: &'a Arc<Mutex<SerialDevice>>,
-    virtio: &'a [AttachedVirtio],
+    virtio: &'a mut [AttachedVirtio],
 }
 
 fn answer(
@@ -234,7 +239,7 @@ fn answer(
     threads: &[VcpuThread],
     manager: &mut Manager,
     devices: &mut Devices,
-    machine: &Machine,
+    machine: &mut Machine,
 ) -> ApiResponse {
     let paused = ctx.gate.is_closed();
     match request {
@@ -274,6 +279,7 @@ fn answer(
             ApiResponse::bad_request("Cannot create a snapshot: the microVM is not paused; pause it first (PATCH /vm)")
         }
         ApiRequest::CreateSnapshot(params) => create_snapshot(&params, ctx, threads.len(), machine),
+        ApiRequest::PatchDrive(drive) => patch_drive(&drive, machine),
         ApiRequest::LoadSnapshot(_) => ApiResponse::bad_request("Loading a snapshot is not allowed after the microVM started."),
         ApiRequest::Action(ActionType::InstanceStart) => ApiResponse::bad_request("The microVM is already running."),
         ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiResponse::bad_request(
@@ -287,16 +293,36 @@ fn answer(
     }
 }
 
-/// Writes a snapshot of the paused VM with the vCPU states its threads saved as they parked.
-fn create_snapshot(params: &SnapshotCreateParams, ctx: &VcpuContext, vcpus: usize, machine: &Machine) -> ApiResponse {
+/// Writes a snapshot of the paused VM with the vCPU states its threads saved as they parked;
+/// with `freeze_memory`, freezes guest memory in place instead of writing it, and answers with
+/// the files that hold it.
+fn create_snapshot(params: &SnapshotCreateParams, ctx: &VcpuContext, vcpus: usize, machine: &mut Machine) -> ApiResponse {
     let started = Instant::now();
     let vcpus = match ctx.parked_states.all(vcpus) {
         Ok(states) => states,
         Err(e) => return ApiResponse::fault(500, format!("Cannot create the snapshot: {e}")),
     };
-    let files = SnapshotFiles { state: params.snapshot_path.clone().into(), memory: params.mem_file_path.clone().into() };
+    let state_path = std::path::PathBuf::from(&params.snapshot_path);
     let parts =
-        SnapshotParts { vm: machine.vm, ram: machine.ram, vcpus, serial: machine.serial, virtio: machine.virtio };
+        SnapshotParts { vm: machine.vm, ram: &*machine.ram, vcpus, serial: machine.serial, virtio: &*machine.virtio };
+    if params.freeze_memory {
+        let frozen = match snapshot::create_state(&state_path, parts) {
+            Ok(_) => machine.ram.freeze(),
+            Err(e) => return ApiResponse::bad_request(format!("Cannot create the snapshot: {e}")),
+        };
+        return match frozen {
+            Ok(frozen) => {
+                tracing::info!("state written and memory frozen in {:?}", started.elapsed());
+                let path = |f: &std::fs::File| format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
+                ApiResponse::json(&FrozenMemory {
+                    mem_file_path: path(&frozen.base),
+                    mem_layers: frozen.layers.iter().map(|l| path(l)).collect(),
+                })
+            }
+            Err(e) => ApiResponse::fault(500, format!("Cannot freeze guest memory: {e}")),
+        };
+    }
+    let files = SnapshotFiles { state: state_path, memory: params.mem_file_path.clone().into() };
     match snapshot::create(&files, parts) {
         Ok(info) => {
             tracing::info!(
@@ -308,6 +334,45 @@ fn create_snapshot(params: &SnapshotCreateParams, ctx: &VcpuContext, vcpus: usiz
             ApiResponse::no_content()
         }
         Err(e) => ApiResponse::bad_request(format!("Cannot create the snapshot: {e}")),
+    }
+}
+
+/// Puts another file behind a drive (PATCH /drives/{id}): checked first without locks, then
+/// swapped in; if the swap fails, the old file goes back.
+fn patch_drive(patch: &PartialDrive, machine: &mut Machine) -> ApiResponse {
+    let fail = |m: String| ApiResponse::bad_request(format!("Cannot update drive {}: {m}", patch.drive_id));
+    let new_path = std::path::PathBuf::from(patch.path_on_host.as_deref().unwrap_or_default());
+    let attached = machine.virtio.iter_mut().find_map(|a| match &mut a.kind {
+        VirtioKind::Block(cfg) if cfg.id.as_deref() == Some(patch.drive_id.as_str()) => Some((cfg, &a.transport)),
+        _ => None,
+    });
+    let Some((cfg, transport)) = attached else {
+        return fail("there is no such drive".into());
+    };
+    if let Err(e) = overlay::info(&new_path) {
+        return fail(e.to_string());
+    }
+    let mut transport = lock(transport);
+    let Some(block) = transport.device_mut().as_any_mut().downcast_mut::<Block>() else {
+        return fail("it is not a block device".into());
+    };
+    let read_only = cfg.read_only;
+    let open = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move || disk::open(&path, read_only).map_err(|e| e.to_string())
+    };
+    match block.replace_disk(open(&new_path)) {
+        Ok(()) => {
+            tracing::info!("drive {} now on {}", patch.drive_id, new_path.display());
+            cfg.path = new_path;
+            ApiResponse::no_content()
+        }
+        Err(e) => {
+            if let Err(back) = block.attach(open(&cfg.path)) {
+                tracing::error!("drive {}: cannot reopen {} either, its requests fail: {back}", patch.drive_id, cfg.path.display());
+            }
+            fail(e)
+        }
     }
 }
 

@@ -49,6 +49,13 @@ impl ApiClient {
         self.send("PUT", endpoint, body)
     }
 
+    /// A PUT whose answer has a JSON body.
+    pub fn put_for<T: Serialize, R: DeserializeOwned>(&self, endpoint: &str, body: &T) -> Result<R, ApiClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| self.malformed(format!("cannot encode the body: {e}")))?;
+        let answer = self.request("PUT", endpoint, Some(&json))?;
+        serde_json::from_slice(&answer).map_err(|e| self.malformed(format!("PUT {endpoint}: {e}")))
+    }
+
     pub fn patch<T: Serialize>(&self, endpoint: &str, body: &T) -> Result<(), ApiClientError> {
         self.send("PATCH", endpoint, body)
     }

@@ -22,6 +22,7 @@ pub enum ApiRequest {
     PutBootSource(models::BootSource),
     PutMachineConfig(models::MachineConfig),
     PutDrive(models::Drive),
+    PatchDrive(models::PartialDrive),
     PutVsock(models::Vsock),
     Action(models::ActionType),
     PatchVm(models::VmState),

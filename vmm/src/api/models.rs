@@ -175,7 +175,30 @@ pub struct SnapshotCreateParams {
     pub snapshot_type: SnapshotType,
     /// The state file.
     pub snapshot_path: String,
+    /// Where guest memory is written; empty with `freeze_memory`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub mem_file_path: String,
+    /// ember's own, for forks: instead of writing guest memory to a file, freeze it in place
+    /// as a copy-on-write base that this VM and any VM loaded from the state share. The
+    /// answer ([`FrozenMemory`]) names the files to load it from, which stay valid while this
+    /// VMM process lives.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_memory: bool,
+}
+
+impl PartialDrive {
+    pub fn check(&self, id_in_path: &str) -> Result<(), String> {
+        if self.drive_id != id_in_path {
+            return Err(format!("drive_id {} differs from the path's {id_in_path}", self.drive_id));
+        }
+        if self.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
+            return Err("rate_limiter: ember has no block rate limiter".into());
+        }
+        if self.path_on_host.as_deref().is_none_or(str::is_empty) {
+            return Err("path_on_host is missing: it is the only drive property ember can update".into());
+        }
+        Ok(())
+    }
 }
 
 impl SnapshotCreateParams {
@@ -183,11 +206,36 @@ impl SnapshotCreateParams {
         if self.snapshot_type == SnapshotType::Diff {
             return Err("snapshot_type Diff: ember takes full snapshots only".into());
         }
-        if self.snapshot_path.is_empty() || self.mem_file_path.is_empty() {
-            return Err("snapshot_path and mem_file_path must not be empty".into());
+        if self.snapshot_path.is_empty() {
+            return Err("snapshot_path must not be empty".into());
         }
-        Ok(())
+        match (self.freeze_memory, self.mem_file_path.is_empty()) {
+            (false, true) => Err("mem_file_path must not be empty (or set freeze_memory)".into()),
+            (true, false) => Err("freeze_memory writes no memory file: leave out mem_file_path".into()),
+            _ => Ok(()),
+        }
     }
+}
+
+/// ember's own: the answer to a snapshot create with `freeze_memory`, in the shape a load
+/// takes it (`mem_backend` File path and `mem_layers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenMemory {
+    pub mem_file_path: String,
+    pub mem_layers: Vec<String>,
+}
+
+/// Firecracker's PATCH /drives/{id}: put another file behind a running VM's drive. ember
+/// needs the new file to be the same size and to hold what the drive held (a new overlay on
+/// the frozen old one, as a fork does).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +290,10 @@ pub struct SnapshotLoadParams {
     pub drive_overrides: Vec<DriveOverride>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// ember's own: files mapped over the memory file where they hold data, in order (a
+    /// fork's [`FrozenMemory`] layers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mem_layers: Vec<String>,
 }
 
 impl SnapshotLoadParams {

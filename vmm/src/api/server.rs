@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use serde::de::DeserializeOwned;
 use tiny_http::{Header, Method, Response, Server};
 
-use super::models::{BootSource, Drive, InstanceActionInfo, MachineConfig, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock};
+use super::models::{
+    BootSource, Drive, InstanceActionInfo, MachineConfig, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
+};
 use super::{ApiRequest, ApiResponse, ApiSender};
 
 /// Firecracker's bodies are a few hundred bytes; anything much larger is not a request.
@@ -90,6 +92,11 @@ pub fn route(method: &Method, url: &str, body: &[u8]) -> Result<ApiRequest, ApiR
             drive.check(id).map_err(ApiResponse::bad_request)?;
             Ok(ApiRequest::PutDrive(drive))
         }
+        (Method::Patch, ["drives", id]) => {
+            let drive: PartialDrive = parse(body)?;
+            drive.check(id).map_err(ApiResponse::bad_request)?;
+            Ok(ApiRequest::PatchDrive(drive))
+        }
         (Method::Put, ["vsock"]) => Ok(ApiRequest::PutVsock(parse::<Vsock>(body)?)),
         (Method::Put, ["actions"]) => Ok(ApiRequest::Action(parse::<InstanceActionInfo>(body)?.action_type)),
         (Method::Patch, ["vm"]) => Ok(ApiRequest::PatchVm(parse::<Vm>(body)?.state)),
@@ -149,5 +156,29 @@ mod tests {
             route(&Method::Put, "/snapshot/load", br#"{"snapshot_path":"s","mem_file_path":"m"}"#),
             Ok(ApiRequest::LoadSnapshot(_))
         ));
+    }
+
+    #[test]
+    fn fork_requests_route_and_are_checked() {
+        match route(&Method::Patch, "/drives/rootfs", br#"{"drive_id":"rootfs","path_on_host":"/new.qcow2"}"#) {
+            Ok(ApiRequest::PatchDrive(d)) => assert_eq!(d.path_on_host.as_deref(), Some("/new.qcow2")),
+            other => panic!("{other:?}"),
+        }
+        assert!(fault_of(route(&Method::Patch, "/drives/b", br#"{"drive_id":"a","path_on_host":"/x"}"#)).contains("differs"));
+        assert!(fault_of(route(&Method::Patch, "/drives/a", br#"{"drive_id":"a"}"#)).contains("path_on_host is missing"));
+        let freeze = br#"{"snapshot_path":"s","freeze_memory":true}"#;
+        match route(&Method::Put, "/snapshot/create", freeze) {
+            Ok(ApiRequest::CreateSnapshot(c)) => assert!(c.freeze_memory && c.mem_file_path.is_empty()),
+            other => panic!("{other:?}"),
+        }
+        let both = br#"{"snapshot_path":"s","mem_file_path":"m","freeze_memory":true}"#;
+        assert!(fault_of(route(&Method::Put, "/snapshot/create", both)).contains("leave out mem_file_path"));
+        let neither = br#"{"snapshot_path":"s"}"#;
+        assert!(fault_of(route(&Method::Put, "/snapshot/create", neither)).contains("mem_file_path must not be empty"));
+        let layered = br#"{"snapshot_path":"s","mem_file_path":"/proc/1/fd/9","mem_layers":["/proc/1/fd/10"]}"#;
+        match route(&Method::Put, "/snapshot/load", layered) {
+            Ok(ApiRequest::LoadSnapshot(l)) => assert_eq!(l.mem_layers, ["/proc/1/fd/10"]),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -80,6 +80,18 @@ pub fn create(base: &Path, overlay: &Path) -> Result<(), DiskError> {
 
 /// [`create`] with another cluster size (a power of two from 16 KiB to 2 MiB).
 pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
+    create_inner(base, overlay, cluster_size, true)
+}
+
+/// [`create`] over a base that a paused VM still holds open for writing, flushed: a fork
+/// freezes a running sandbox's overlay this way and then switches the VM to the new overlay
+/// (PATCH /drives/{id}), which gives up its write lock on the base. Without that pause and
+/// flush the base could change under the new overlay.
+pub fn create_over_in_use(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+    create_inner(base, overlay, CLUSTER_SIZE, false)
+}
+
+fn create_inner(base: &Path, overlay: &Path, cluster_size: u64, lock_base: bool) -> Result<(), DiskError> {
     if !cluster_size.is_power_of_two() || !(16 << 10..=2 << 20).contains(&cluster_size) {
         return Err(DiskError::Qcow2 {
             path: overlay.into(),
@@ -96,7 +108,7 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
     })?;
     // The whole chain below must open, and its size must suit a block device.
     let (format, size) = {
-        let chain = open_chain(&base_abs, None, false, true)?;
+        let chain = open_chain(&base_abs, None, false, lock_base)?;
         (chain.layers[0].format, chain.image.size())
     };
     check_size(&base_abs, size)?;

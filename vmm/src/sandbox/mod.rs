@@ -6,6 +6,7 @@
 //! and configures and starts it through its API, exactly as any control plane would; the
 //! sandbox is ready when its guest agent answers.
 
+mod fork;
 pub mod record;
 mod snapshot;
 
@@ -48,6 +49,10 @@ pub enum SandboxError {
     SnapshotExists(PathBuf),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+    #[error("a thread starting a forked sandbox panicked")]
+    ForkPanicked,
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
 }
@@ -369,6 +374,11 @@ impl Store {
     /// The smallest guest CID from 3 up that no live sandbox uses, so that CIDs stay unique
     /// on the host even though each VM has its own vsock socket.
     fn free_cid(&self) -> u32 {
+        self.free_cids(1)[0]
+    }
+
+    /// The `count` smallest free guest CIDs, for sandboxes started together.
+    fn free_cids(&self, count: usize) -> Vec<u32> {
         let used: Vec<u32> = self
             .list()
             .unwrap_or_default()
@@ -376,7 +386,7 @@ impl Store {
             .filter(|s| s.state != "Stopped")
             .map(|s| s.record.cid)
             .collect();
-        (3..).find(|c| !used.contains(c)).unwrap_or(3)
+        (3..).filter(|c| !used.contains(c)).take(count).collect()
     }
 
     /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included.
@@ -387,6 +397,7 @@ impl Store {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
         }
+        self.collect_layers();
         Ok(())
     }
 

@@ -55,6 +55,7 @@ impl Store {
                 snapshot_type: SnapshotType::Full,
                 snapshot_path: files.state.display().to_string(),
                 mem_file_path: files.memory.display().to_string(),
+                freeze_memory: false,
             },
         )?;
         let overlay_path = self.dir(name).join(OVERLAY);
@@ -74,41 +75,58 @@ impl Store {
         let files = SnapshotFiles::in_dir(&dir);
         // Checked here too, so that a bad snapshot fails before a VMM is spawned.
         let state = snapshot::read_state(&files.state)?;
-        let frozen = dir.join(SNAPSHOT_DISK);
-        self.create(name, |name, sandbox_dir| {
-            let overlay_path = sandbox_dir.join(OVERLAY);
-            overlay::create(&frozen, &overlay_path)?;
-            let cid = self.free_cid();
-            let shape = Shape {
-                image: frozen.clone(),
-                mem_mib: state.mem_size >> 20,
-                vcpus: state.vcpus.len() as u8,
-                cid,
-            };
-            let uds = sandbox_dir.join(VSOCK_SOCKET);
-            self.launch(name, sandbox_dir, shape, ready_timeout, |api| {
-                api.put(
-                    "/snapshot/load",
-                    &SnapshotLoadParams {
-                        snapshot_path: files.state.display().to_string(),
-                        mem_backend: Some(MemBackend {
-                            backend_type: MemBackendType::File,
-                            backend_path: files.memory.display().to_string(),
-                        }),
-                        mem_file_path: None,
-                        enable_diff_snapshots: false,
-                        track_dirty_pages: false,
-                        resume_vm: true,
-                        drive_overrides: vec![DriveOverride { index: 0, path_on_host: overlay_path.display().to_string() }],
-                        vsock_override: Some(VsockOverride {
-                            guest_cid: Some(cid),
-                            uds_path: Some(uds.display().to_string()),
-                        }),
-                    },
-                )
-            })
+        let source = RestoreSource {
+            state: &files.state,
+            mem_size: state.mem_size,
+            vcpus: state.vcpus.len() as u8,
+            memory: files.memory.display().to_string(),
+            mem_layers: Vec::new(),
+            disk: &dir.join(SNAPSHOT_DISK),
+        };
+        self.create(name, |name, sandbox_dir| self.restore_into(name, sandbox_dir, &source, self.free_cid(), ready_timeout))
+    }
+
+    /// Restores `source` as sandbox `name` in `sandbox_dir`, on a new overlay over its disk.
+    pub(super) fn restore_into(
+        &self,
+        name: &str,
+        sandbox_dir: &Path,
+        source: &RestoreSource,
+        cid: u32,
+        ready_timeout: Duration,
+    ) -> Result<Record, SandboxError> {
+        let overlay_path = sandbox_dir.join(OVERLAY);
+        overlay::create(source.disk, &overlay_path)?;
+        let shape = Shape { image: source.disk.to_path_buf(), mem_mib: source.mem_size >> 20, vcpus: source.vcpus, cid };
+        let uds = sandbox_dir.join(VSOCK_SOCKET);
+        self.launch(name, sandbox_dir, shape, ready_timeout, |api| {
+            api.put(
+                "/snapshot/load",
+                &SnapshotLoadParams {
+                    snapshot_path: source.state.display().to_string(),
+                    mem_backend: Some(MemBackend { backend_type: MemBackendType::File, backend_path: source.memory.clone() }),
+                    mem_file_path: None,
+                    enable_diff_snapshots: false,
+                    track_dirty_pages: false,
+                    resume_vm: true,
+                    drive_overrides: vec![DriveOverride { index: 0, path_on_host: overlay_path.display().to_string() }],
+                    vsock_override: Some(VsockOverride { guest_cid: Some(cid), uds_path: Some(uds.display().to_string()) }),
+                    mem_layers: source.mem_layers.clone(),
+                },
+            )
         })
     }
+}
+
+/// What a new sandbox is restored from: a state file, the guest memory to map (a snapshot's
+/// memory file, or a forked VM's frozen memory with its layers) and the disk its overlay goes on.
+pub(super) struct RestoreSource<'a> {
+    pub state: &'a Path,
+    pub mem_size: u64,
+    pub vcpus: u8,
+    pub memory: String,
+    pub mem_layers: Vec<String>,
+    pub disk: &'a Path,
 }
 
 #[cfg(test)]

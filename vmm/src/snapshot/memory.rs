@@ -2,45 +2,16 @@
 //! layout (RAM below the MMIO hole, then the rest), sparse where the guest's pages are zero.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::SnapshotError;
+use crate::vstate::freeze::data_extents;
 use crate::vstate::memory::{self, Backing, GuestRam};
 
 const PAGE: usize = 4096;
-
-/// Byte ranges of the memfd that hold data; the rest are holes, which read as zeros. Asking the
-/// memfd rather than reading the mapping keeps untouched RAM from being allocated just to be
-/// found zero.
-fn memfd_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
-    let seek = |offset: u64, whence| {
-        // SAFETY: lseek on an fd this function borrows; the result is checked.
-        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    };
-    let mut extents = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let start = match seek(offset, libc::SEEK_DATA) {
-            Ok(start) => start,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) => return Err(e),
-        };
-        let end = seek(start, libc::SEEK_HOLE)?.min(size);
-        extents.push((start, end));
-        offset = end;
-    }
-    Ok(extents)
-}
 
 /// Writes `bytes` (which start at file offset `offset`) to `out`, leaving out zero pages.
 fn write_nonzero_pages(out: &File, offset: u64, bytes: &[u8]) -> std::io::Result<u64> {
@@ -72,7 +43,9 @@ pub fn write(ram: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
     let out = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io)?;
     out.set_len(ram.size).map_err(io)?;
     let extents = match ram.backing {
-        Backing::Memfd => memfd_extents(&ram.file, ram.size).map_err(io)?,
+        // Asking the memfd rather than reading the mapping keeps untouched RAM from being
+        // allocated just to be found zero.
+        Backing::Memfd => data_extents(&ram.file, ram.size).map_err(io)?,
         // A private mapping's written pages are in the process, not the file: read them all.
         Backing::PrivateFile => vec![(0, ram.size)],
     };
@@ -98,8 +71,8 @@ pub fn write(ram: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
 }
 
 /// Maps the memory file at `path` as `size` bytes of guest RAM, privately, after checking its
-/// size.
-pub fn map(path: &Path, size: u64) -> Result<GuestRam, SnapshotError> {
+/// size; then each of `layers` over it where the layer holds data (a fork's frozen RAM).
+pub fn map(path: &Path, layers: &[PathBuf], size: u64) -> Result<GuestRam, SnapshotError> {
     let file = File::open(path).map_err(|e| SnapshotError::Io { path: path.to_owned(), what: "open", source: e })?;
     let len = file
         .metadata()
@@ -108,7 +81,13 @@ pub fn map(path: &Path, size: u64) -> Result<GuestRam, SnapshotError> {
     if len != size {
         return Err(SnapshotError::MemorySize { path: path.to_owned(), len, expected: size });
     }
-    Ok(memory::map_private(file, size)?)
+    let layers = layers
+        .iter()
+        .map(|p| File::open(p).map_err(|e| SnapshotError::Io { path: p.clone(), what: "open memory layer", source: e }))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ram = memory::map_private(file, size)?;
+    ram.map_layers(layers)?;
+    Ok(ram)
 }
 
 #[cfg(test)]
@@ -137,7 +116,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
         assert!(allocated_bytes(&path) < 1 << 20, "the file is sparse");
 
-        let restored = map(&path, 64 << 20).unwrap();
+        let restored = map(&path, &[], 64 << 20).unwrap();
         assert_eq!(restored.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
         assert_eq!(restored.memory.read_obj::<u64>(GuestAddress(0x3ff_fff8)).unwrap(), 0xbeef);
         restored.memory.write_obj(0x77u64, GuestAddress(0x5000)).unwrap();
@@ -145,7 +124,7 @@ mod tests {
         // A restored VM's own snapshot includes what it wrote since.
         let again = dir.as_path().join("memory2");
         assert_eq!(write(&restored, &again).unwrap(), 3 * PAGE as u64);
-        let second = map(&again, 64 << 20).unwrap();
+        let second = map(&again, &[], 64 << 20).unwrap();
         assert_eq!(second.memory.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0x77);
         assert_eq!(second.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
     }
@@ -155,9 +134,9 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let path = dir.as_path().join("memory");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let err = map(&path, 64 << 20).err().unwrap().to_string();
+        let err = map(&path, &[], 64 << 20).err().unwrap().to_string();
         assert!(err.contains("4096 bytes") && err.contains("67108864"), "{err}");
-        let err = map(&dir.as_path().join("none"), 64 << 20).err().unwrap().to_string();
+        let err = map(&dir.as_path().join("none"), &[], 64 << 20).err().unwrap().to_string();
         assert!(err.contains("cannot open") && err.contains("none"), "{err}");
     }
 }

@@ -135,8 +135,27 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Sna
 /// restored from an earlier snapshot at the same paths keep their mappings of the old memory
 /// file, and a crash midway never leaves a state file without its memory.
 pub fn create(files: &SnapshotFiles, parts: SnapshotParts) -> Result<SnapshotInfo, SnapshotError> {
-    create_parent(&files.state)?;
     create_parent(&files.memory)?;
+    let ram = parts.ram;
+    let bytes = encode_state(&files.state, parts)?;
+    let memory_tmp = temporary(&files.memory);
+    let memory_bytes = memory::write(ram, &memory_tmp)?;
+    std::fs::rename(&memory_tmp, &files.memory).map_err(io_err(&files.memory, "rename into place"))?;
+    write_state(&files.state, &bytes)?;
+    Ok(SnapshotInfo { state_bytes: bytes.len() as u64, memory_bytes })
+}
+
+/// Writes the state file alone (a fork freezes guest memory in place instead of writing it);
+/// returns its size.
+pub fn create_state(path: &Path, parts: SnapshotParts) -> Result<u64, SnapshotError> {
+    let bytes = encode_state(path, parts)?;
+    write_state(path, &bytes)?;
+    Ok(bytes.len() as u64)
+}
+
+/// Flushes the disks and encodes the state of everything but guest memory.
+fn encode_state(path: &Path, parts: SnapshotParts) -> Result<Vec<u8>, SnapshotError> {
+    create_parent(path)?;
     let mut drives = Vec::new();
     let mut vsock = None;
     for attached in parts.virtio {
@@ -148,6 +167,7 @@ pub fn create(files: &SnapshotFiles, parts: SnapshotParts) -> Result<SnapshotInf
                 let mut capacity = [0u8; 8];
                 transport.device_mut().read_config(0, &mut capacity);
                 drives.push(DriveSnapshot {
+                    id: drive.id.clone(),
                     path: drive.path.clone(),
                     read_only: drive.read_only,
                     root: drive.root,
@@ -168,15 +188,13 @@ pub fn create(files: &SnapshotFiles, parts: SnapshotParts) -> Result<SnapshotInf
         drives,
         vsock,
     };
-    let bytes = format::encode(&state)?;
+    format::encode(&state)
+}
 
-    let memory_tmp = temporary(&files.memory);
-    let memory_bytes = memory::write(parts.ram, &memory_tmp)?;
-    std::fs::rename(&memory_tmp, &files.memory).map_err(io_err(&files.memory, "rename into place"))?;
-    let state_tmp = temporary(&files.state);
-    write_synced(&state_tmp, &bytes).map_err(io_err(&state_tmp, "write"))?;
-    std::fs::rename(&state_tmp, &files.state).map_err(io_err(&files.state, "rename into place"))?;
-    Ok(SnapshotInfo { state_bytes: bytes.len() as u64, memory_bytes })
+fn write_state(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    let tmp = temporary(path);
+    write_synced(&tmp, bytes).map_err(io_err(&tmp, "write"))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -194,9 +212,9 @@ pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
     Ok(state)
 }
 
-/// Maps the memory file at `path` for `state`.
-pub fn map_memory(path: &Path, state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
-    memory::map(path, state.mem_size)
+/// Maps the memory file at `path` for `state`, with a fork's memory `layers` over it.
+pub fn map_memory(path: &Path, layers: &[PathBuf], state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
+    memory::map(path, layers, state.mem_size)
 }
 
 /// A KVM VM made before the snapshot to load is known: /dev/kvm opened, the VM with its irqchip
@@ -223,7 +241,7 @@ pub fn restore(
 ) -> Result<BuiltVm, SnapshotError> {
     let state = read_state(&files.state)?;
     let devices = open_devices(&state, overrides)?;
-    let ram = map_memory(&files.memory, &state)?;
+    let ram = map_memory(&files.memory, &[], &state)?;
     restore_vm(prepare()?, &state, ram, devices, console_sink)
 }
 
@@ -248,7 +266,7 @@ pub fn open_devices(state: &SnapshotState, overrides: &Overrides) -> Result<Open
         if disk.size() != d.size {
             return Err(SnapshotError::DiskSize { index, path, len: disk.size(), expected: d.size });
         }
-        drives.push((DriveConfig { path, read_only: d.read_only, root: d.root }, disk));
+        drives.push((DriveConfig { id: d.id.clone(), path, read_only: d.read_only, root: d.root }, disk));
     }
     let vsock = match &state.vsock {
         Some(v) => {

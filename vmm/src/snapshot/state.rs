@@ -33,6 +33,8 @@ pub struct SnapshotState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriveSnapshot {
+    /// The API's drive_id, if the drive was configured through the API.
+    pub id: Option<String>,
     /// The disk the guest had; a restore may put another one with the same size in its place.
     pub path: PathBuf,
     pub read_only: bool,

@@ -82,6 +82,7 @@ pub(super) fn sample() -> SnapshotState {
             in_buffer: b"ls\n".to_vec(),
         },
         drives: vec![DriveSnapshot {
+            id: Some("rootfs".into()),
             path: "/images/rootfs.qcow2".into(),
             read_only: false,
             root: true,
@@ -202,7 +203,7 @@ fn restore_reports_missing_and_bad_files_before_building_anything() {
 
     let state = sample();
     std::fs::write(dir.as_path().join(MEMORY_FILE), vec![0u8; 1 << 20]).unwrap();
-    let err = map_memory(&dir.as_path().join(MEMORY_FILE), &state).err().unwrap().to_string();
+    let err = map_memory(&dir.as_path().join(MEMORY_FILE), &[], &state).err().unwrap().to_string();
     assert!(err.contains("is 1048576 bytes, the snapshot's guest has 268435456"), "{err}");
 }
 

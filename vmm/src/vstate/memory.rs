@@ -1,7 +1,9 @@
 //! Guest RAM, backed by a memfd from the first instruction on: a snapshot can then write it
 //! out, and a fork can freeze it and map it copy-on-write, without copying. A restored VM's RAM
 //! is the snapshot's memory file mapped privately: pages are read in as the guest touches them,
-//! and its writes stay in the process (copy-on-write), never reaching the file.
+//! and its writes stay in the process (copy-on-write), never reaching the file. A fork freezes
+//! RAM in place ([`freeze`](crate::vstate::freeze)): the memfd is sealed and mapped privately,
+//! and parent and children share it copy-on-write.
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -22,14 +24,22 @@ pub enum MemoryError {
     Truncate { mib: u64, source: std::io::Error },
     #[error("cannot map guest memory: {0}")]
     Mmap(String),
+    #[error("cannot freeze guest memory: {what}: {source}")]
+    Freeze { what: &'static str, source: std::io::Error },
+    #[error("memory layer {index}: {reason}")]
+    Layer { index: usize, reason: String },
 }
 
 /// Guest RAM and the file behind it.
 pub struct GuestRam {
     pub memory: GuestMemoryMmap,
+    /// The base file, mapped over all of RAM.
     pub file: Arc<File>,
     pub size: u64,
     pub backing: Backing,
+    /// Files mapped privately over `file` where they hold data, in order: what forks of a
+    /// restored VM froze (the pages it had written by then).
+    pub layers: Vec<Arc<File>>,
 }
 
 /// What the file behind guest RAM holds.
@@ -37,14 +47,16 @@ pub struct GuestRam {
 pub enum Backing {
     /// A memfd mapped shared: the file is the guest's memory.
     Memfd,
-    /// A snapshot's memory file mapped privately: the file holds the memory as the snapshot
-    /// left it; pages the guest wrote since live only in the mapping.
+    /// A snapshot's memory file (or a frozen memfd, with its layers) mapped privately: the
+    /// files hold the memory as the snapshot or fork left it; pages the guest wrote since live
+    /// only in the mapping.
     PrivateFile,
 }
 
-fn memfd(name: &std::ffi::CStr) -> std::io::Result<File> {
+/// A memfd that can be sealed, so that a frozen one is known never to change.
+pub(crate) fn memfd(name: &std::ffi::CStr) -> std::io::Result<File> {
     // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked before use.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -96,7 +108,7 @@ fn map(file: Arc<File>, size: u64, backing: Backing) -> Result<GuestRam, MemoryE
         file_offset += len;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-    Ok(GuestRam { memory, file, size, backing })
+    Ok(GuestRam { memory, file, size, backing, layers: Vec::new() })
 }
 
 #[cfg(test)]

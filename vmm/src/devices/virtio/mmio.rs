@@ -274,6 +274,10 @@ pub(crate) mod tests {
     pub struct FakeDevice(pub Arc<Mutex<Probe>>);
 
     impl VirtioDevice for FakeDevice {
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+
         fn device_type(&self) -> u32 {
             42
         }

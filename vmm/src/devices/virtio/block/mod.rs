@@ -82,7 +82,78 @@ impl Block {
     }
 }
 
+/// Stands behind the device while its disk is being replaced, and after a failed replacement:
+/// every request fails with an I/O error rather than reaching a file.
+struct Detached {
+    size: u64,
+    read_only: bool,
+}
+
+impl DiskBackend for Detached {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_vectored(&mut self, _: u64, _: &[vm_memory::VolatileSlice<'_>]) -> std::io::Result<()> {
+        Err(std::io::Error::other("the drive has no disk"))
+    }
+
+    fn write_vectored(&mut self, _: u64, _: &[vm_memory::VolatileSlice<'_>]) -> std::io::Result<()> {
+        Err(std::io::Error::other("the drive has no disk"))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::Error::other("the drive has no disk"))
+    }
+
+    fn id(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+impl Block {
+    /// Puts the disk `open` returns behind the device (PATCH /drives/{id}). The current disk
+    /// is flushed and closed first, so that its locks are gone when `open` opens a chain that
+    /// holds its file as a backing layer. The new disk must have the same size and
+    /// writability, since the guest already knows them; its id stays the old one for the same
+    /// reason. If `open` fails the device is left without a disk (its requests fail) and the
+    /// caller puts one back with [`Block::attach`].
+    pub fn replace_disk(
+        &mut self,
+        open: impl FnOnce() -> Result<Box<dyn DiskBackend>, String>,
+    ) -> Result<(), String> {
+        self.disk.flush().map_err(|e| format!("cannot flush the current disk: {e}"))?;
+        let (size, read_only) = (self.disk.size(), self.disk.read_only());
+        self.disk = Box::new(Detached { size, read_only });
+        self.attach(open)
+    }
+
+    /// Puts the disk `open` returns behind a device whose disk was detached.
+    pub fn attach(&mut self, open: impl FnOnce() -> Result<Box<dyn DiskBackend>, String>) -> Result<(), String> {
+        let (size, read_only) = (self.disk.size(), self.disk.read_only());
+        let disk = open()?;
+        if disk.size() != size || disk.read_only() != read_only {
+            return Err(format!(
+                "the new disk is {} bytes{}, the drive is {size} bytes{}",
+                disk.size(),
+                if disk.read_only() { " read-only" } else { "" },
+                if read_only { " read-only" } else { "" }
+            ));
+        }
+        self.disk = disk;
+        Ok(())
+    }
+}
+
 impl VirtioDevice for Block {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }

@@ -30,6 +30,10 @@ impl VsockHandle {
 }
 
 impl VirtioDevice for VsockHandle {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }

@@ -207,6 +207,10 @@ impl Drop for Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }
