@@ -9,10 +9,14 @@ kib() { awk -v f="$1:" '$1 == f {print $2}' "/proc/$2/smaps_rollup"; }
 pid_of() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$1/sandbox.json"; }
 
 : >cold.ms
+: >cold.exits
+# exits SANDBOX: its VM exits so far.
+exits() { ember stats "$1" | sed -n 's/^vm exits: //p'; }
 for i in $(seq "$N"); do
   t0=$(ms)
   ember run --detach --name cold$i --mem-mib "$MEM" >/dev/null || exit 1
   echo $(($(ms) - t0)) >>cold.ms
+  exits cold$i >>cold.exits
   [ "$i" = "$N" ] || ember rm cold$i
 done
 t0=$(ms)
@@ -21,11 +25,13 @@ snap_ms=$(($(ms) - t0))
 ember rm cold$N
 
 : >restore.ms
+: >restore.exits
 : >vmm.ms
 for i in $(seq "$N"); do
   t0=$(ms)
   EMBER_LOG=info ember run --detach --from-snapshot /tmp/snap --name warm$i >/dev/null || exit 1
   echo $(($(ms) - t0)) >>restore.ms
+  exits warm$i >>restore.exits
   sed -n 's/.*first KVM_RUN \([0-9.]*\)\(µs\|ms\) after.*/\1 \2/p' "$STATE/warm$i/vmm.log" |
     awk '{printf "%.3f\n", $2 == "ms" ? $1 : $1 / 1000}' >>vmm.ms
 done
@@ -41,10 +47,44 @@ uss=$(($(kib Private_Clean $pid) + $(kib Private_Dirty $pid)))
 cold=$(median <cold.ms)
 warm=$(median <restore.ms)
 echo "guest: $MEM MiB Debian sandbox, $N runs each, medians (harness time)"
-echo "cold boot to agent-ready:            $cold ms"
-echo "restore from snapshot to agent-ready: $warm ms ($(awk "BEGIN{printf \"%.1f\", $cold / $warm}")x faster)"
+echo "cold boot to agent-ready:            $cold ms, $(median <cold.exits) VM exits"
+echo "restore from snapshot to agent-ready: $warm ms ($(awk "BEGIN{printf \"%.1f\", $cold / $warm}")x faster), $(median <restore.exits) VM exits"
 echo "snapshot of a running sandbox:        $snap_ms ms (memory file $(du -k /tmp/snap/memory | cut -f1) KiB on disk)"
 echo "VMM: load request to first KVM_RUN:   $(median <vmm.ms) ms"
 echo "guest memory faulted in by a restored sandbox: $before KiB up to agent-ready, $after KiB after one exec"
 echo "idle restored sandbox's VMM process: PSS $pss KiB, USS $uss KiB"
 for i in $(seq "$N"); do ember rm warm$i; done
+
+# Forks of a running sandbox, 256 MiB and 2 GiB guests: the time `ember fork` takes to a
+# child whose agent answers, the part of it the parent is paused for, and the VMM's own freeze
+# (state file + memory frozen in place); then the idle child's unique memory.
+# guest_anon_kib PID: anonymous memory in a VMM's guest RAM mappings: the guest pages it dirtied.
+guest_anon_kib() {
+  awk '/^[0-9a-f]+-/ {m = /ember-guest-ram/} m && $1 == "Anonymous:" {s += $2} END {print s + 0}' "/proc/$1/smaps"
+}
+for mem in 256 2048; do
+  EMBER_LOG=info ember run --detach --name f$mem --mem-mib $mem >/dev/null || exit 1
+  : >fork$mem.ms
+  : >pause$mem.ms
+  for i in $(seq "$N"); do
+    t0=$(ms)
+    EMBER_LOG=debug ember fork f$mem 2>fork.err >/dev/null || { cat fork.err; exit 1; }
+    echo $(($(ms) - t0)) >>fork$mem.ms
+    sed -n 's/.*frozen and resumed after \([0-9.]*\)\(µs\|ms\|s\)$/\1 \2/p' fork.err |
+      awk '{printf "%.1f\n", $2 == "s" ? $1 * 1000 : $2 == "ms" ? $1 : $1 / 1000}' >>pause$mem.ms
+    [ "$i" = "$N" ] || ember rm f$mem-1
+  done
+  child=f$mem-1
+  sleep 2
+  cpid=$(pid_of $child)
+  echo "fork of a running $mem MiB sandbox (median of $N): $(median <fork$mem.ms) ms to the child's agent answering," \
+    "parent paused $(median <pause$mem.ms) ms"
+  sed -n 's/.*state written and memory frozen in \(.*\)$/  VMM freeze (state file + memory, last fork): \1/p' "$STATE/f$mem/vmm.log" | tail -n 1
+  anon=$(kib Anonymous $cpid)
+  guest=$(guest_anon_kib $cpid)
+  echo "  idle child: unique memory $anon KiB = guest pages it dirtied $guest KiB + VMM process $((anon - guest)) KiB" \
+    "(anonymous); USS $(($(kib Private_Clean $cpid) + $(kib Private_Dirty $cpid))) KiB, PSS $(kib Pss $cpid) KiB"
+  echo "$(median <fork$mem.ms)" >fork$mem.median
+  ember rm f$mem $child
+done
+echo "fork time 2 GiB / 256 MiB: $(awk "BEGIN{printf \"%.2f\", $(cat fork2048.median) / $(cat fork256.median)}") (target <= 2)"

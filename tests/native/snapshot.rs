@@ -260,6 +260,7 @@ fn a_vcpu_saves_its_state_as_it_parks_with_its_last_port_read_completed() {
         exit: Arc::new(ExitSignal::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap())),
         gate: gate.clone(),
         parked_states: ParkedStates::default(),
+        exits: Default::default(),
         loaded_at: None,
     });
     let vcpu = vm.vcpus.remove(0);

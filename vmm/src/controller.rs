@@ -77,6 +77,10 @@ pub fn serve(
             }
             ApiRequest::PutDrive(drive) => resources.set_drive(drive),
             ApiRequest::PutVsock(vsock) => resources.set_vsock(vsock),
+            ApiRequest::PutMetrics(metrics) => {
+                resources.metrics_path = Some(metrics.metrics_path.into());
+                Ok(())
+            }
             ApiRequest::PatchDrive(_) => Err("The microVM is not running yet: configure its drives with PUT /drives.".into()),
             ApiRequest::PatchVm(_) => Err("The microVM is not running yet: start it first.".into()),
             ApiRequest::CreateSnapshot(_) => Err("The microVM is not running yet: there is nothing to snapshot.".into()),
@@ -97,6 +101,7 @@ pub fn serve(
                             machine,
                             start_paused: !params.resume_vm,
                             loaded_at: params.resume_vm.then_some(received),
+                            metrics_path: resources.metrics_path,
                         };
                         return Ok(runtime::run_with_api(vm, started, false, Some(api))?);
                     }
@@ -118,6 +123,7 @@ pub fn serve(
                             machine: resources.machine,
                             start_paused: false,
                             loaded_at: None,
+                            metrics_path: resources.metrics_path,
                         };
                         return Ok(runtime::run_with_api(vm, started, false, Some(api))?);
                     }

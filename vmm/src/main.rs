@@ -51,6 +51,8 @@ enum Command {
     /// sandbox is paused meanwhile and runs on after. Start copies with
     /// `ember run --detach --from-snapshot DIR`.
     Snapshot { name: String, dir: PathBuf },
+    /// Print a sandbox's VM exits so far (they measure its work whatever the host's speed).
+    Stats { name: String },
     /// Fork a running sandbox into N children that go on from its exact state (memory, disk,
     /// processes) while it runs on; they share its memory and disk copy-on-write. Prints the
     /// children's names (NAME-1, NAME-2, ...).
@@ -316,6 +318,10 @@ fn main() -> ExitCode {
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),
         Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
+        Command::Stats { name } => store().and_then(|s| {
+            println!("vm exits: {}", s.vm_exits(&name)?);
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
         Command::Disk(cmd) => disk(cmd),
     };

@@ -12,6 +12,8 @@ pub struct VmResources {
     pub machine: MachineConfig,
     /// In the order they were first configured; the root drive becomes /dev/vda.
     pub drives: Vec<Drive>,
+    /// Where FlushMetrics appends (PUT /metrics).
+    pub metrics_path: Option<PathBuf>,
     pub vsock: Option<Vsock>,
 }
 

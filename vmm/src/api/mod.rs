@@ -24,6 +24,7 @@ pub enum ApiRequest {
     PutDrive(models::Drive),
     PatchDrive(models::PartialDrive),
     PutVsock(models::Vsock),
+    PutMetrics(models::MetricsConfig),
     Action(models::ActionType),
     PatchVm(models::VmState),
     CreateSnapshot(models::SnapshotCreateParams),

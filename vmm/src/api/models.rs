@@ -161,6 +161,26 @@ pub struct InstanceInfo {
     pub app_name: String,
 }
 
+/// PUT /metrics: the file FlushMetrics appends to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub metrics_path: String,
+}
+
+/// One line of the metrics file (Firecracker's shape, ember's few counters).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub utc_timestamp_ms: u64,
+    pub vcpu: VcpuMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuMetrics {
+    /// VM exits of all vCPUs since the VMM started the VM (or loaded it).
+    pub exits: u64,
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotType {
     #[default]

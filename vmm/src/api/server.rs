@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use tiny_http::{Header, Method, Response, Server};
 
 use super::models::{
-    BootSource, Drive, InstanceActionInfo, MachineConfig, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
+    BootSource, Drive, InstanceActionInfo, MachineConfig, MetricsConfig, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
 };
 use super::{ApiRequest, ApiResponse, ApiSender};
 
@@ -97,6 +97,7 @@ pub fn route(method: &Method, url: &str, body: &[u8]) -> Result<ApiRequest, ApiR
             drive.check(id).map_err(ApiResponse::bad_request)?;
             Ok(ApiRequest::PatchDrive(drive))
         }
+        (Method::Put, ["metrics"]) => Ok(ApiRequest::PutMetrics(parse::<MetricsConfig>(body)?)),
         (Method::Put, ["vsock"]) => Ok(ApiRequest::PutVsock(parse::<Vsock>(body)?)),
         (Method::Put, ["actions"]) => Ok(ApiRequest::Action(parse::<InstanceActionInfo>(body)?.action_type)),
         (Method::Patch, ["vm"]) => Ok(ApiRequest::PatchVm(parse::<Vm>(body)?.state)),

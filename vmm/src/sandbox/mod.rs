@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use record::{vmm_alive, Record, API_SOCKET, CONSOLE_LOG, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
+use record::{vmm_alive, Record, API_SOCKET, CONSOLE_LOG, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
 
 use crate::agent_client;
 use crate::api::client::{ApiClient, ApiClientError};
-use crate::api::models::{ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, MachineConfig, Vsock};
+use crate::api::models::{
+    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, MachineConfig, Metrics, MetricsConfig, Vsock,
+};
 use crate::disk::{overlay, DiskError};
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL), less room for the
@@ -338,7 +340,9 @@ impl Store {
         }
 
         tracing::debug!("sandbox {name}: API socket up {:?} after spawning the VMM", started.elapsed());
-        if let Err(e) = configure(&ApiClient::new(&api_socket)) {
+        let api = ApiClient::new(&api_socket);
+        let metrics = MetricsConfig { metrics_path: dir.join(METRICS).display().to_string() };
+        if let Err(e) = api.put("/metrics", &metrics).and_then(|()| configure(&api)) {
             return Err(died(&mut child).unwrap_or(e.into()));
         }
 
@@ -369,6 +373,19 @@ impl Store {
                 return Err(e);
             }
         }
+    }
+
+    /// The VM exits of sandbox `name` so far, which measure its work independently of the
+    /// host's speed (through the API's FlushMetrics).
+    pub fn vm_exits(&self, name: &str) -> Result<u64, SandboxError> {
+        self.record(name)?;
+        self.api(name).put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics })?;
+        let path = self.dir(name).join(METRICS);
+        let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+        let last = text.lines().last().unwrap_or_default();
+        let metrics: Metrics = serde_json::from_str(last)
+            .map_err(|e| SandboxError::BadRecord { path: path.clone(), reason: e.to_string() })?;
+        Ok(metrics.vcpu.exits)
     }
 
     /// The smallest guest CID from 3 up that no live sandbox uses, so that CIDs stay unique

@@ -14,6 +14,7 @@ pub const VSOCK_SOCKET: &str = "vsock.sock";
 pub const OVERLAY: &str = "disk.qcow2";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
+pub const METRICS: &str = "metrics.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

@@ -99,6 +99,8 @@ pub struct VcpuContext {
     pub parked_states: ParkedStates,
     /// When the snapshot this VM was restored from was asked for, if it runs at once.
     pub loaded_at: Option<std::time::Instant>,
+    /// VM exits of all vCPUs so far (each KVM_RUN that returns), for the API's metrics.
+    pub exits: std::sync::atomic::AtomicU64,
 }
 
 /// The states vCPU threads save as they park, by vCPU index; an entry is the error text when
@@ -239,7 +241,9 @@ impl Vcpu {
             if let Some(at) = loaded_at.take() {
                 tracing::info!("first KVM_RUN {:?} after the snapshot load request", at.elapsed());
             }
-            let next = match self.fd.run() {
+            let result = self.fd.run();
+            ctx.exits.fetch_add(1, Ordering::Relaxed);
+            let next = match result {
                 Ok(exit) => handle_exit(exit, ctx, &mut counts),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
