@@ -308,14 +308,16 @@ pub fn restore_vm(
         virtio_states: Some(&virtio_states),
     };
     let wired = builder::wire_devices(&vm, &ram, console_sink, setup)?;
-    if let Some(vsock) = vsock {
-        lock(&vsock.0).send_transport_reset();
-    }
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for vcpu_state in &state.vcpus {
         let vcpu = Vcpu::new(&vm, vcpu_state.index)?;
         vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
+    }
+    // Only now: the interrupt that announces the reset would be lost in a local APIC whose
+    // state is set after it arrived.
+    if let Some(vsock) = vsock {
+        lock(&vsock.0).send_transport_reset();
     }
     Ok(BuiltVm::new(vcpus, vm, ram, kvm, wired))
 }

@@ -405,6 +405,7 @@ impl Vsock {
         let Some(active) = self.active.as_mut() else { return };
         let mem = active.mem.clone();
         let q = &mut active.queues[EVQ];
+        let mut delivered = false;
         while let Some(mut chain) = q.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             let written = match chain.next() {
@@ -416,11 +417,16 @@ impl Vsock {
             let _ = q.add_used(&mem, head, if written { 4 } else { 0 });
             if written {
                 self.reset_pending = false;
+                self.reset_unacked = Some(Instant::now());
+                self.cid_read.set(false);
+                delivered = true;
                 break;
             }
             tracing::debug!("virtio-vsock: malformed event buffer skipped");
         }
-        if q.needs_notification(&mem).unwrap_or(true) {
+        // A reset is delivered right after a restore, when the queue's record of what the
+        // guest was last told may be stale: it always gets an interrupt.
+        if delivered || q.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal(INT_VRING);
         }
     }

@@ -34,6 +34,7 @@ impl Vsock {
             }
         }
         self.expire_deadlines();
+        self.release_deferred();
         self.run_queues();
         self.rearm_timer();
     }
@@ -42,6 +43,7 @@ impl Vsock {
         match token {
             TOKEN_LISTENER => self.accept_clients(),
             TOKEN_TIMER => {
+                self.release_deferred();
                 let mut b = [0u8; 8];
                 // SAFETY: reads at most 8 bytes into a local buffer from our own timerfd.
                 unsafe { libc::read(self.timer.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
@@ -124,11 +126,39 @@ impl Vsock {
         }
         let key = ConnKey { local_port, peer_port: port };
         let mut conn = Conn::new(p.stream, token, State::LocalInit);
-        conn.send_request = true;
+        let defer = self.reset_unacked.is_some();
+        conn.send_request = !defer;
         conn.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
         self.by_token.insert(token, key);
         self.conns.insert(key, conn);
-        self.schedule(key);
+        if defer {
+            self.deferred.push(key);
+        } else {
+            self.schedule(key);
+        }
+    }
+
+    /// Sends the host clients' waiting requests once the guest has taken in its reset (or
+    /// has had long enough to).
+    pub(super) fn release_deferred(&mut self) {
+        let Some(since) = self.reset_unacked else { return };
+        let acked = self.cid_read.take();
+        if !acked && since.elapsed() < RESET_ACK_TIMEOUT {
+            return;
+        }
+        tracing::debug!(
+            "virtio-vsock: {} {:?} after the transport reset; {} host connections waited",
+            if acked { "the guest took in the reset" } else { "gave up waiting for the guest to take in the reset" },
+            since.elapsed(),
+            self.deferred.len()
+        );
+        self.reset_unacked = None;
+        for key in std::mem::take(&mut self.deferred) {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.send_request = true;
+            }
+            self.schedule(key);
+        }
     }
 
     pub(super) fn alloc_host_port(&mut self) -> Option<u32> {
@@ -228,6 +258,7 @@ impl Vsock {
         self.rx_ready.clear();
         self.rst_queue.clear();
         self.tx_stalled = false;
+        self.deferred.clear();
     }
 
     pub(super) fn expire_deadlines(&mut self) {
@@ -250,6 +281,7 @@ impl Vsock {
             .values()
             .map(|p| p.deadline)
             .chain(self.conns.values().filter_map(|c| c.deadline))
+            .chain((!self.deferred.is_empty()).then(|| Instant::now() + RESET_ACK_POLL))
             .min();
         let r = match next {
             Some(d) => {

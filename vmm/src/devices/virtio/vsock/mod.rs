@@ -75,6 +75,11 @@ pub const HOST_PORT_BASE: u32 = 1 << 30;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// After the host closed and we sent SHUTDOWN both ways, the guest must answer RST this fast.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long host clients wait for a guest to take in a TRANSPORT_RESET before their
+/// connections are sent anyway (a guest that never reads its CID back).
+pub const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the device looks whether the guest has taken in the reset, while clients wait.
+const RESET_ACK_POLL: Duration = Duration::from_millis(2);
 const CONNECT_LINE_MAX: usize = 32;
 
 const TOKEN_LISTENER: u64 = 0;
@@ -125,6 +130,14 @@ pub struct Vsock {
     tx_stalled: bool,
     /// A TRANSPORT_RESET event is owed to the guest.
     reset_pending: bool,
+    /// When the guest was given a TRANSPORT_RESET it has not yet taken in. Until it has, a
+    /// connection the host opens would be killed by the guest's reset handling (or answered
+    /// from its old CID), so host clients' requests wait in `deferred`. Linux reads the CID
+    /// from the config space first thing when it handles the event: that read is the sign.
+    reset_unacked: Option<Instant>,
+    /// The guest read its CID from the config space (set from the vCPU's MMIO exit).
+    cid_read: std::cell::Cell<bool>,
+    deferred: Vec<ConnKey>,
 }
 
 impl Vsock {
@@ -161,6 +174,9 @@ impl Vsock {
             rst_queue: VecDeque::new(),
             tx_stalled: false,
             reset_pending: false,
+            reset_unacked: None,
+            cid_read: std::cell::Cell::new(false),
+            deferred: Vec::new(),
         })
     }
 
@@ -228,6 +244,9 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if offset < 8 {
+            self.cid_read.set(true);
+        }
         let config = self.cid.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset.checked_add(i as u64).and_then(|o| config.get(o as usize)).copied().unwrap_or(0);
@@ -265,6 +284,7 @@ impl VirtioDevice for Vsock {
         self.active = None;
         self.acked_features = 0;
         self.reset_pending = false;
+        self.reset_unacked = None;
     }
 
     fn queue_states(&self) -> Vec<QueueState> {

@@ -669,6 +669,36 @@ fn transport_reset_closes_everything() {
 }
 
 #[test]
+fn host_connections_wait_until_the_guest_has_taken_in_a_reset() {
+    let mut g = Guest::new();
+    g.give_rx(8, 4096);
+    g.ev.push(&g.mem.clone(), 0, &[(EV_BUFS, 4, true)]);
+    g.dev.send_transport_reset();
+    assert_eq!(g.ev.used(&g.mem), [(0, 4)], "the reset went out");
+    let mut cl = client(&g);
+    cl.write_all(b"CONNECT 1024\n").unwrap();
+    g.host();
+    assert!(g.recv().is_empty(), "no request while the guest still handles its reset");
+    // Linux reads its CID back first thing when it handles the event.
+    let mut cid = [0u8; 8];
+    g.dev.read_config(0, &mut cid);
+    g.host();
+    assert_eq!(ops(&g.recv_refill(4096)), [OP_REQUEST]);
+
+    // A guest that never reads its CID gets the request after a while all the same.
+    g.ev.push(&g.mem.clone(), 1, &[(EV_BUFS, 4, true)]);
+    g.dev.send_transport_reset();
+    let mut cl2 = client(&g);
+    cl2.write_all(b"CONNECT 1024\n").unwrap();
+    g.host();
+    assert!(g.recv().is_empty());
+    std::thread::sleep(RESET_ACK_TIMEOUT);
+    g.host();
+    assert_eq!(ops(&g.recv_refill(4096)), [OP_REQUEST]);
+    drop((cl, cl2));
+}
+
+#[test]
 fn a_device_restored_on_the_saved_queues_resets_the_guests_connections() {
     let mut g = Guest::new();
     g.give_rx(8, 4096);
