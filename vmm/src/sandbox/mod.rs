@@ -4,9 +4,10 @@
 //! its API socket, its vsock socket, its copy-on-write overlay over the base image, and the
 //! guest console's and the VMM's logs. Starting one creates the overlay, spawns `ember vmm`
 //! and configures and starts it through its API, exactly as any control plane would; the
-//! sandbox is ready when its guest agent answers.
+//! sandbox is ready when its guest agent answers, and has been given its own identity.
 
 mod fork;
+mod identity;
 pub mod record;
 mod snapshot;
 
@@ -57,6 +58,10 @@ pub enum SandboxError {
     ForkPanicked,
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
+    #[error("sandbox {name}: cannot give the guest its own identity: {source}")]
+    Identity { name: String, source: agent_client::ClientError },
+    #[error("cannot get random bytes from the host kernel: {0}")]
+    HostRandom(std::io::Error),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -110,9 +115,7 @@ fn check_name(name: &str) -> Result<(), SandboxError> {
 
 fn random_name() -> String {
     let mut bytes = [0u8; 4];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    if identity::host_random(&mut bytes).is_err() {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         bytes = (nanos ^ std::process::id()).to_le_bytes();
     }
@@ -271,7 +274,7 @@ impl Store {
     }
 
     /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
-    /// API, and waits until its guest agent answers.
+    /// API, waits until its guest agent answers, and gives the guest its own identity.
     fn launch(
         &self,
         name: &str,
@@ -354,6 +357,8 @@ impl Store {
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
                 Ok(_) => {
                     tracing::debug!("sandbox {name}: agent ready {:?} after spawning the VMM", started.elapsed());
+                    self.fix_identity(name).map_err(|e| died(&mut child).unwrap_or(e))?;
+                    tracing::debug!("sandbox {name}: identity set {:?} after spawning the VMM", started.elapsed());
                     return Ok(record);
                 }
                 Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
