@@ -198,10 +198,6 @@ fn store() -> anyhow::Result<vmm::sandbox::Store> {
     Ok(vmm::sandbox::Store::new(vmm::sandbox::Store::default_root(), exe))
 }
 
-fn templates() -> vmm::sandbox::template::Templates {
-    vmm::sandbox::template::Templates::new(vmm::sandbox::template::Templates::default_root())
-}
-
 /// What to boot a sandbox from; `image` is `default` or a path.
 fn sandbox_spec(
     name: Option<String>,
@@ -231,7 +227,7 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
     let record = if let Some(dir) = &args.from_snapshot {
         store.start_from_snapshot(args.name, dir, timeout)?
     } else if let Some(template) = &args.template {
-        templates().start(&store, template, args.name, timeout)?
+        store.start_from_template(template, args.name, timeout)?
     } else {
         if args.initrd.is_some() {
             bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
@@ -241,7 +237,7 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
         if args.cold {
             store.start(&spec)?
         } else {
-            templates().start_auto(&store, &spec, |name| {
+            store.start_auto(&spec, |name| {
                 eprintln!("ember: making template {name} for these settings (once)");
             })?
         }
@@ -357,7 +353,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
-        Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s, &templates())),
+        Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {

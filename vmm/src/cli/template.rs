@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Args, Subcommand};
-use vmm::sandbox::template::Templates;
 use vmm::sandbox::Store;
 
 #[derive(Subcommand)]
@@ -20,7 +19,7 @@ pub enum TemplateCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete templates; refused for one that a sandbox restored from it still runs on.
+    /// Delete templates; refused for one that a sandbox's disk is still stacked on.
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
@@ -50,20 +49,20 @@ pub struct CreateArgs {
     ready_timeout: u64,
 }
 
-pub fn template(cmd: TemplateCommand, store: &Store, templates: &Templates) -> anyhow::Result<ExitCode> {
+pub fn template(cmd: TemplateCommand, store: &Store) -> anyhow::Result<ExitCode> {
     match cmd {
         TemplateCommand::Create(args) => {
             vmm::vstate::kvm::check_host()?;
             let (kernel, image) = (args.kernel, &args.image);
             let spec =
                 crate::sandbox_spec(None, kernel, image, args.mem_mib, args.vcpus, args.cmdline, args.ready_timeout)?;
-            templates.create(store, &args.name, &spec)?;
+            store.create_template(&args.name, &spec)?;
         }
-        TemplateCommand::Ls { json } => ls(templates, json)?,
+        TemplateCommand::Ls { json } => ls(store, json)?,
         TemplateCommand::Rm { names } => {
             let mut failed = false;
             for name in names {
-                if let Err(e) = templates.remove(store, &name) {
+                if let Err(e) = store.remove_template(&name) {
                     eprintln!("ember: error: {e}");
                     failed = true;
                 }
@@ -76,8 +75,8 @@ pub fn template(cmd: TemplateCommand, store: &Store, templates: &Templates) -> a
     Ok(ExitCode::SUCCESS)
 }
 
-fn ls(templates: &Templates, json: bool) -> anyhow::Result<()> {
-    let list = templates.list()?;
+fn ls(store: &Store, json: bool) -> anyhow::Result<()> {
+    let list = store.templates()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());

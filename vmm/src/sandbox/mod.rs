@@ -153,20 +153,16 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// ember's state directory: `$EMBER_STATE`, else `$XDG_STATE_HOME/ember`, else
-/// `~/.local/state/ember`.
-pub fn state_dir() -> PathBuf {
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    env("EMBER_STATE")
-        .or_else(|| env("XDG_STATE_HOME").map(|p| p.join("ember")))
-        .or_else(|| env("HOME").map(|p| p.join(".local/state/ember")))
-        .unwrap_or_else(|| PathBuf::from("/tmp/ember-state"))
-}
-
 impl Store {
-    /// `sandboxes` in the state directory.
+    /// `$EMBER_STATE/sandboxes`, else `$XDG_STATE_HOME/ember/sandboxes`, else
+    /// `~/.local/state/ember/sandboxes`.
     pub fn default_root() -> PathBuf {
-        state_dir().join("sandboxes")
+        let env = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let base = env("EMBER_STATE")
+            .or_else(|| env("XDG_STATE_HOME").map(|p| p.join("ember")))
+            .or_else(|| env("HOME").map(|p| p.join(".local/state/ember")))
+            .unwrap_or_else(|| PathBuf::from("/tmp/ember-state"));
+        base.join("sandboxes")
     }
 
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {

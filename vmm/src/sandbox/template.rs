@@ -1,12 +1,12 @@
 //! Templates: snapshots of freshly booted sandboxes, kept by name, from which new sandboxes are
 //! restored instead of booted.
 //!
-//! A template is a directory `<root>/NAME/` (root: `templates` in ember's state directory,
-//! beside `sandboxes`) holding a sandbox snapshot (`state`, `memory`, `disk.qcow2`) and
-//! `template.json` (what it was booted from). Making one boots a hidden sandbox, waits for its
-//! agent, snapshots it into a temporary directory beside the final one, removes the sandbox,
-//! and renames the directory into place without replacing anything: a template directory is
-//! complete or absent, and of two makers of one name the second finds the first's.
+//! A template is a directory `$EMBER_STATE/templates/NAME/` (beside the sandboxes) holding a
+//! sandbox snapshot (`state`, `memory`, `disk.qcow2`) and `template.json` (what it was booted
+//! from). Making one boots a hidden sandbox, waits for its agent, snapshots it into a
+//! temporary directory beside the final one, removes the sandbox, and renames the directory
+//! into place without replacing anything: a template directory is complete or absent, and of
+//! two makers of one name the second finds the first's.
 //!
 //! `ember run --detach` restores from an automatic template, `auto-<16 hex digits>`, named
 //! after everything a boot would depend on (kernel, image and ember binary by path, size and
@@ -20,9 +20,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::Record;
+use super::record::{Record, OVERLAY};
 use super::snapshot::SNAPSHOT_DISK;
-use super::{check_name, io, random_hex, state_dir, SandboxError, SandboxSpec, Store};
+use super::{check_name, io, random_hex, SandboxError, SandboxSpec, Store};
+use crate::disk::overlay;
 
 /// What a template was made from, in its directory.
 pub const TEMPLATE_INFO: &str = "template.json";
@@ -38,10 +39,6 @@ pub struct TemplateInfo {
     pub boot_args: Option<String>,
     /// Seconds since the Unix epoch.
     pub created: u64,
-}
-
-pub struct Templates {
-    root: PathBuf,
 }
 
 /// FNV-1a: a hash whose values do not depend on the Rust release, unlike std's.
@@ -60,24 +57,20 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-impl Templates {
-    /// `templates` in the state directory.
-    pub fn default_root() -> PathBuf {
-        state_dir().join("templates")
+impl Store {
+    /// Templates: `$EMBER_STATE/templates`, beside the sandboxes.
+    pub fn templates_dir(&self) -> PathBuf {
+        self.root.with_file_name("templates")
     }
 
-    pub fn new(root: PathBuf) -> Self {
-        Self { root }
-    }
-
-    pub fn dir(&self, name: &str) -> PathBuf {
-        self.root.join(name)
+    pub fn template_dir(&self, name: &str) -> PathBuf {
+        self.templates_dir().join(name)
     }
 
     /// What template `name` was made from, if it exists.
-    pub fn info(&self, name: &str) -> Result<TemplateInfo, SandboxError> {
+    pub fn template(&self, name: &str) -> Result<TemplateInfo, SandboxError> {
         check_name(name)?;
-        let path = self.dir(name).join(TEMPLATE_INFO);
+        let path = self.template_dir(name).join(TEMPLATE_INFO);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -90,49 +83,45 @@ impl Templates {
         Ok(TemplateInfo { name: name.to_string(), ..info })
     }
 
-    pub fn list(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
-        let entries = match std::fs::read_dir(&self.root) {
+    pub fn templates(&self) -> Result<Vec<TemplateInfo>, SandboxError> {
+        let root = self.templates_dir();
+        let entries = match std::fs::read_dir(&root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io("cannot list", &self.root)(e)),
+            Err(e) => return Err(io("cannot list", &root)(e)),
         };
-        // Directories being made or removed have names `info` refuses.
+        // Directories being made or removed have names `template` refuses.
         let mut out: Vec<TemplateInfo> =
-            entries.flatten().filter_map(|e| self.info(&e.file_name().to_string_lossy()).ok()).collect();
+            entries.flatten().filter_map(|e| self.template(&e.file_name().to_string_lossy()).ok()).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
     /// Makes template `name` by booting a sandbox as `spec` says (its name aside).
-    pub fn create(&self, store: &Store, name: &str, spec: &SandboxSpec) -> Result<TemplateInfo, SandboxError> {
+    pub fn create_template(&self, name: &str, spec: &SandboxSpec) -> Result<TemplateInfo, SandboxError> {
         check_name(name)?;
         // Checked first so that a taken name costs no boot; the final rename checks again.
-        if self.dir(name).exists() {
+        if self.template_dir(name).exists() {
             return Err(SandboxError::TemplateExists(name.into()));
         }
-        self.build(store, name, spec)
+        self.build_template(name, spec)
     }
 
-    fn build(&self, store: &Store, name: &str, spec: &SandboxSpec) -> Result<TemplateInfo, SandboxError> {
-        std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
-        let building = self.root.join(format!(".{name}.{}", random_hex()));
-        let result = self.build_in(store, name, spec, &building);
+    fn build_template(&self, name: &str, spec: &SandboxSpec) -> Result<TemplateInfo, SandboxError> {
+        let root = self.templates_dir();
+        std::fs::create_dir_all(&root).map_err(io("cannot create", &root))?;
+        let building = root.join(format!(".{name}.{}", random_hex()));
+        let result = self.build_template_in(name, spec, &building);
         if result.is_err() {
             let _ = std::fs::remove_dir_all(&building);
         }
         result
     }
 
-    fn build_in(
-        &self,
-        store: &Store,
-        name: &str,
-        spec: &SandboxSpec,
-        building: &Path,
-    ) -> Result<TemplateInfo, SandboxError> {
-        let booted = store.start_hidden(spec)?;
-        let taken = store.snapshot(&booted.name, building);
-        let removed = store.remove(&booted.name);
+    fn build_template_in(&self, name: &str, spec: &SandboxSpec, building: &Path) -> Result<TemplateInfo, SandboxError> {
+        let booted = self.start_hidden(spec)?;
+        let taken = self.snapshot(&booted.name, building);
+        let removed = self.remove(&booted.name);
         taken?;
         removed?;
         let absolute = |p: &Path| std::path::absolute(p).map_err(io("cannot resolve", p));
@@ -149,7 +138,7 @@ impl Templates {
         let json = serde_json::to_vec_pretty(&info)
             .map_err(|e| SandboxError::BadRecord { path: info_path.clone(), reason: e.to_string() })?;
         std::fs::write(&info_path, json).map_err(io("cannot write", &info_path))?;
-        let dir = self.dir(name);
+        let dir = self.template_dir(name);
         match rename_noreplace(building, &dir) {
             Ok(()) => Ok(info),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EEXIST) | Some(libc::ENOTEMPTY)) => {
@@ -159,41 +148,53 @@ impl Templates {
         }
     }
 
-    /// Deletes template `name`, unless a sandbox restored from it still has it as its disk's
-    /// backing file.
-    pub fn remove(&self, store: &Store, name: &str) -> Result<(), SandboxError> {
+    /// Deletes template `name`, unless a sandbox's disk is stacked on the template's.
+    pub fn remove_template(&self, name: &str) -> Result<(), SandboxError> {
         check_name(name)?;
-        let dir = self.dir(name);
+        let dir = self.template_dir(name);
         if !dir.is_dir() {
             return Err(SandboxError::TemplateNotFound(name.into()));
         }
-        let disk = std::path::absolute(&dir).map_err(io("cannot resolve", &dir))?.join(SNAPSHOT_DISK);
-        let users: Vec<String> =
-            store.list_all()?.into_iter().filter(|s| s.record.image == disk).map(|s| s.record.name).collect();
+        let users = self.template_users(&dir);
         if !users.is_empty() {
             return Err(SandboxError::TemplateInUse { name: name.into(), users: users.join(", ") });
         }
         // Out of the way first, so that no restore finds it half deleted.
-        let doomed = self.root.join(format!(".{name}.{}", random_hex()));
+        let doomed = self.templates_dir().join(format!(".{name}.{}", random_hex()));
         std::fs::rename(&dir, &doomed).map_err(io("cannot remove", &dir))?;
         std::fs::remove_dir_all(&doomed).map_err(io("cannot remove", &doomed))
     }
 
+    /// The sandboxes whose disk's backing chain goes through the template in `dir`: directly
+    /// (restored from it), or through a layer (forked from such a sandbox).
+    fn template_users(&self, dir: &Path) -> Vec<String> {
+        let Ok(disk) = dir.join(SNAPSHOT_DISK).canonicalize() else { return Vec::new() };
+        let entries = std::fs::read_dir(&self.root).into_iter().flatten().flatten();
+        let mut users: Vec<String> = entries
+            .filter(|e| {
+                let chain = overlay::info(&e.path().join(OVERLAY)).unwrap_or_default();
+                chain.iter().any(|layer| layer.path.canonicalize().is_ok_and(|p| p == disk))
+            })
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        users.sort();
+        users
+    }
+
     /// Starts a new sandbox restored from template `template`.
-    pub fn start(
+    pub fn start_from_template(
         &self,
-        store: &Store,
         template: &str,
         name: Option<String>,
         ready_timeout: Duration,
     ) -> Result<Record, SandboxError> {
-        self.info(template)?;
-        store.start_from_snapshot(name, &self.dir(template), ready_timeout)
+        self.template(template)?;
+        self.start_from_snapshot(name, &self.template_dir(template), ready_timeout)
     }
 
     /// The automatic template for `spec`: `auto-` and 16 hex digits of a hash of everything a
     /// boot as `spec` says depends on.
-    pub fn auto_name(store: &Store, spec: &SandboxSpec) -> Result<String, SandboxError> {
+    pub fn auto_template_name(&self, spec: &SandboxSpec) -> Result<String, SandboxError> {
         let mut key = format!(
             "ember auto template\nember {}\nsnapshot format {}\nmem {} MiB\nvcpus {}\nboot args {:?}\n",
             env!("CARGO_PKG_VERSION"),
@@ -203,7 +204,7 @@ impl Templates {
             spec.boot_args
         );
         // The VMM binary too: a rebuilt ember may restore devices differently.
-        for (what, path) in [("kernel", &spec.kernel), ("image", &spec.image), ("vmm", &store.vmm_binary)] {
+        for (what, path) in [("kernel", &spec.kernel), ("image", &spec.image), ("vmm", &self.vmm_binary)] {
             let real = std::fs::canonicalize(path).map_err(io("cannot read", path))?;
             let meta = std::fs::metadata(&real).map_err(io("cannot read", &real))?;
             let stamp = format!("{} {} {}.{:09}", real.display(), meta.len(), meta.mtime(), meta.mtime_nsec());
@@ -214,25 +215,20 @@ impl Templates {
 
     /// Starts a sandbox as `spec` says by restoring the automatic template for it, made first
     /// if it does not exist yet (`making` hears its name then).
-    pub fn start_auto(
-        &self,
-        store: &Store,
-        spec: &SandboxSpec,
-        making: impl FnOnce(&str),
-    ) -> Result<Record, SandboxError> {
+    pub fn start_auto(&self, spec: &SandboxSpec, making: impl FnOnce(&str)) -> Result<Record, SandboxError> {
         if let Some(name) = &spec.name {
-            store.check_new_name(name)?;
+            self.check_new_name(name)?;
         }
-        let auto = Self::auto_name(store, spec)?;
-        if !self.dir(&auto).exists() {
+        let auto = self.auto_template_name(spec)?;
+        if !self.template_dir(&auto).exists() {
             making(&auto);
-            match self.build(store, &auto, spec) {
+            match self.build_template(&auto, spec) {
                 // Another ember made it meanwhile: theirs serves as well.
                 Ok(_) | Err(SandboxError::TemplateExists(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        store.start_from_snapshot(spec.name.clone(), &self.dir(&auto), spec.ready_timeout)
+        self.start_from_snapshot(spec.name.clone(), &self.template_dir(&auto), spec.ready_timeout)
     }
 }
 
@@ -244,15 +240,13 @@ mod tests {
     struct Fixture {
         tmp: TempDir,
         store: Store,
-        templates: Templates,
     }
 
-    /// A store whose "VMM" is `vmm`, and an empty templates root beside it.
+    /// A store whose "VMM" is `vmm`, with no sandboxes and no templates.
     fn fixture(vmm: &str) -> Fixture {
         let tmp = TempDir::new_with_prefix("/tmp/ember-templates-").unwrap();
         let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from(vmm));
-        let templates = Templates::new(tmp.as_path().join("templates"));
-        Fixture { tmp, store, templates }
+        Fixture { tmp, store }
     }
 
     impl Fixture {
@@ -274,23 +268,26 @@ mod tests {
             path
         }
 
-        /// What is in the sandboxes and templates roots, hidden entries included.
+        /// What is in the sandboxes and templates directories, hidden entries included.
         fn leftovers(&self) -> Vec<String> {
-            ["sandboxes", "templates"]
+            [self.store.root.clone(), self.store.templates_dir()]
                 .iter()
-                .flat_map(|d| std::fs::read_dir(self.tmp.as_path().join(d)).into_iter().flatten().flatten())
+                .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
                 .map(|e| e.path().display().to_string())
                 .collect()
         }
 
-        /// A template directory as `build` leaves one (its snapshot files left out).
+        /// A template directory as `build_template` leaves one, with a disk over a 1 MiB base
+        /// but no VM state.
         fn fake_template(&self, name: &str) {
-            let dir = self.templates.dir(name);
+            let dir = self.store.template_dir(name);
             std::fs::create_dir_all(&dir).unwrap();
+            let base = self.file("base.raw", 1 << 20);
+            overlay::create(&base, &dir.join(SNAPSHOT_DISK)).unwrap();
             let info = TemplateInfo {
                 name: name.into(),
                 kernel: "/k".into(),
-                image: "/i".into(),
+                image: base,
                 mem_mib: 256,
                 vcpus: 1,
                 boot_args: None,
@@ -298,75 +295,76 @@ mod tests {
             };
             std::fs::write(dir.join(TEMPLATE_INFO), serde_json::to_vec(&info).unwrap()).unwrap();
         }
+
+        /// A sandbox directory whose overlay is stacked on `backing`.
+        fn sandbox_on(&self, name: &str, backing: &Path) {
+            std::fs::create_dir_all(self.store.dir(name)).unwrap();
+            overlay::create(backing, &self.store.dir(name).join(OVERLAY)).unwrap();
+        }
     }
 
     #[test]
     fn a_failed_create_leaves_no_template_and_no_sandbox() {
         // The image is missing: the boot fails before any VMM runs.
         let f = fixture("/nonexistent/ember");
-        let err = f.templates.create(&f.store, "t1", &f.spec("missing.ext4")).unwrap_err();
+        let err = f.store.create_template("t1", &f.spec("missing.ext4")).unwrap_err();
         assert!(err.to_string().contains("missing.ext4"), "{err}");
         assert_eq!(f.leftovers(), Vec::<String>::new());
         // The VMM dies at once: its sandbox was started, and is torn down.
         let f = fixture("/bin/false");
         f.file("zeros.img", 1 << 20);
-        let err = f.templates.create(&f.store, "t1", &f.spec("zeros.img")).unwrap_err();
+        let err = f.store.create_template("t1", &f.spec("zeros.img")).unwrap_err();
         assert!(matches!(err, SandboxError::VmmDied { ref name, .. } if name.starts_with(".sb-")), "{err}");
         assert_eq!(f.leftovers(), Vec::<String>::new());
-        assert!(!f.templates.dir("t1").exists());
     }
 
     #[test]
     fn names_are_checked_before_anything_boots() {
         let f = fixture("/nonexistent/ember");
         let spec = f.spec("missing.ext4");
-        assert!(matches!(f.templates.create(&f.store, "../up", &spec), Err(SandboxError::BadName(_))));
+        assert!(matches!(f.store.create_template("../up", &spec), Err(SandboxError::BadName(_))));
         f.fake_template("t1");
-        assert!(matches!(f.templates.create(&f.store, "t1", &spec), Err(SandboxError::TemplateExists(_))));
+        assert!(matches!(f.store.create_template("t1", &spec), Err(SandboxError::TemplateExists(_))));
         // An automatic start under a taken sandbox name fails before it makes a template.
         std::fs::create_dir_all(f.store.dir("taken")).unwrap();
         let named = SandboxSpec { name: Some("taken".into()), ..spec.clone() };
         let made = std::cell::Cell::new(false);
-        let err = f.templates.start_auto(&f.store, &named, |_| made.set(true)).unwrap_err();
+        let err = f.store.start_auto(&named, |_| made.set(true)).unwrap_err();
         assert!(matches!(err, SandboxError::Exists(_)) && !made.get(), "{err}");
-        let err = f.templates.start(&f.store, "nope", None, Duration::from_secs(1)).unwrap_err();
+        let err = f.store.start_from_template("nope", None, Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("there is no template named nope"), "{err}");
     }
 
     #[test]
-    fn list_shows_complete_templates_only() {
+    fn ls_shows_complete_templates_only() {
         let f = fixture("/nonexistent/ember");
-        assert!(f.templates.list().unwrap().is_empty());
+        assert!(f.store.templates().unwrap().is_empty());
         f.fake_template("b");
         f.fake_template("a");
-        std::fs::create_dir_all(f.templates.dir(".b.0123abcd")).unwrap();
-        std::fs::create_dir_all(f.templates.dir("no-info")).unwrap();
-        let names: Vec<String> = f.templates.list().unwrap().into_iter().map(|t| t.name).collect();
+        std::fs::create_dir_all(f.store.template_dir(".b.0123abcd")).unwrap();
+        std::fs::create_dir_all(f.store.template_dir("no-info")).unwrap();
+        let names: Vec<String> = f.store.templates().unwrap().into_iter().map(|t| t.name).collect();
         assert_eq!(names, ["a", "b"]);
     }
 
     #[test]
-    fn remove_refuses_while_a_sandbox_uses_the_template() {
+    fn rm_refuses_while_a_sandbox_disk_is_stacked_on_the_template() {
         let f = fixture("/nonexistent/ember");
-        assert!(matches!(f.templates.remove(&f.store, "t1"), Err(SandboxError::TemplateNotFound(_))));
+        assert!(matches!(f.store.remove_template("t1"), Err(SandboxError::TemplateNotFound(_))));
         f.fake_template("t1");
-        let user = Record {
-            name: "user".into(),
-            pid: i32::MAX,
-            cid: 3,
-            image: f.templates.dir("t1").join(SNAPSHOT_DISK),
-            mem_mib: 256,
-            vcpus: 1,
-            created: 1,
-        };
-        std::fs::create_dir_all(f.store.dir("user")).unwrap();
-        std::fs::write(f.store.dir("user").join(super::super::record::RECORD), serde_json::to_vec(&user).unwrap())
-            .unwrap();
-        let err = f.templates.remove(&f.store, "t1").unwrap_err();
-        assert!(err.to_string().contains("in use by sandbox user"), "{err}");
-        f.store.remove("user").unwrap();
-        f.templates.remove(&f.store, "t1").unwrap();
-        assert_eq!(f.leftovers(), Vec::<String>::new());
+        let disk = f.store.template_dir("t1").join(SNAPSHOT_DISK);
+        // Restored from it, and forked from such a sandbox (its disk on a layer on the template's).
+        f.sandbox_on("restored", &disk);
+        let layer = f.tmp.as_path().join("layer.qcow2");
+        overlay::create(&disk, &layer).unwrap();
+        f.sandbox_on("forked", &layer);
+        f.sandbox_on("unrelated", &f.tmp.as_path().join("base.raw"));
+        let err = f.store.remove_template("t1").unwrap_err();
+        assert!(err.to_string().contains("in use by sandbox forked, restored:"), "{err}");
+        std::fs::remove_dir_all(f.store.dir("restored")).unwrap();
+        std::fs::remove_dir_all(f.store.dir("forked")).unwrap();
+        f.store.remove_template("t1").unwrap();
+        assert!(f.store.templates_dir().read_dir().unwrap().next().is_none(), "nothing left of it");
     }
 
     #[test]
@@ -374,10 +372,10 @@ mod tests {
         let f = fixture("/bin/true");
         let spec = f.spec("image.ext4");
         f.file("image.ext4", 1 << 20);
-        let name = Templates::auto_name(&f.store, &spec).unwrap();
+        let name = f.store.auto_template_name(&spec).unwrap();
         assert!(name.starts_with("auto-") && name.len() == 21 && check_name(&name).is_ok(), "{name}");
-        assert_eq!(Templates::auto_name(&f.store, &spec).unwrap(), name);
-        let differs = |s: &SandboxSpec| Templates::auto_name(&f.store, s).unwrap() != name;
+        assert_eq!(f.store.auto_template_name(&spec).unwrap(), name);
+        let differs = |s: &SandboxSpec| f.store.auto_template_name(s).unwrap() != name;
         assert!(differs(&SandboxSpec { mem_mib: 256, ..spec.clone() }));
         assert!(differs(&SandboxSpec { vcpus: 2, ..spec.clone() }));
         assert!(differs(&SandboxSpec { boot_args: Some("quiet".into()), ..spec.clone() }));
@@ -387,7 +385,7 @@ mod tests {
         // A rebuilt image is another image.
         f.file("image.ext4", 2 << 20);
         assert!(differs(&spec));
-        let err = Templates::auto_name(&f.store, &f.spec("gone.ext4")).unwrap_err();
+        let err = f.store.auto_template_name(&f.spec("gone.ext4")).unwrap_err();
         assert!(err.to_string().contains("gone.ext4"), "{err}");
     }
 
