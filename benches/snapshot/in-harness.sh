@@ -14,7 +14,7 @@ pid_of() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$1/sandbox.json"; }
 exits() { ember stats "$1" | sed -n 's/^vm exits: //p'; }
 for i in $(seq "$N"); do
   t0=$(ms)
-  ember run --detach --name cold$i --mem-mib "$MEM" >/dev/null || exit 1
+  ember run --detach --cold --name cold$i --mem-mib "$MEM" >/dev/null || exit 1
   echo $(($(ms) - t0)) >>cold.ms
   exits cold$i >>cold.exits
   [ "$i" = "$N" ] || ember rm cold$i
@@ -63,7 +63,7 @@ guest_anon_kib() {
   awk '/^[0-9a-f]+-/ {m = /ember-guest-ram/} m && $1 == "Anonymous:" {s += $2} END {print s + 0}' "/proc/$1/smaps"
 }
 for mem in 256 2048; do
-  EMBER_LOG=info ember run --detach --name f$mem --mem-mib $mem >/dev/null || exit 1
+  EMBER_LOG=info ember run --detach --cold --name f$mem --mem-mib $mem >/dev/null || exit 1
   : >fork$mem.ms
   : >pause$mem.ms
   for i in $(seq "$N"); do

@@ -46,7 +46,9 @@ sees() { in_sb "$1" test -e "$2"; }
 case_children_go_on_from_the_parent_and_diverge() {
   export EMBER_STATE="$PWD/st"
   EXTRA_LOGS="st/sandboxes/p/vmm.log st/sandboxes/p-1/vmm.log st/sandboxes/p-2/vmm.log"
-  ember run --detach --name p >>out 2>>err || { echo "    the parent did not start"; return 1; }
+  # Booted: its memory is frozen in place (a sandbox restored from a template, as in the next
+  # case, already runs on a private mapping).
+  ember run --detach --cold --name p >>out 2>>err || { echo "    the parent did not start"; return 1; }
   ok=1
   # On disk (synced and in the page cache) and in memory (tmpfs).
   in_sb p sh -c 'echo before > /root/marker && sync && echo mem-before > /dev/shm/m' && start_counting p || ok=0

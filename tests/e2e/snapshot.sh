@@ -34,6 +34,7 @@ start_counting() {
 
 case_a_sandbox_started_from_a_snapshot_continues_it() {
   export EMBER_STATE="$PWD/st"
+  # orig is itself restored (from the automatic template): a snapshot of a restored sandbox.
   ember run --detach --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
   ok=1
   in_sb orig sh -c 'echo written-before > /root/marker && sync' && start_counting orig || ok=0
@@ -66,7 +67,7 @@ case_a_sandbox_started_from_a_snapshot_continues_it() {
 
 case_a_corrupt_snapshot_fails_cleanly() {
   export EMBER_STATE="$PWD/st"
-  ember run --detach --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
+  ember run --detach --cold --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
   ember snapshot orig snap >>out 2>>err
   ok=1
   expect_status 0 || ok=0

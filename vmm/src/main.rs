@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -65,6 +65,9 @@ enum Command {
         #[arg(long, default_value_t = 120)]
         ready_timeout: u64,
     },
+    /// Templates: snapshots of freshly booted sandboxes that new sandboxes are restored from.
+    #[command(subcommand)]
+    Template(cli::template::TemplateCommand),
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -126,7 +129,8 @@ struct VmmArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Start a sandbox in the background (its own VMM process, API socket, vsock socket, overlay
-    /// and logs in a state directory) and return once its guest agent answers
+    /// and logs in a state directory) and return once its guest agent answers. It is restored
+    /// from the automatic template for its settings, made on first use (see --cold)
     #[arg(long, short = 'd')]
     detach: bool,
     /// Name of the sandbox (with --detach) [default: generated]
@@ -140,6 +144,17 @@ struct RunArgs {
     /// instead of booting: it continues where the snapshotted sandbox was, on its own disk
     #[arg(long, value_name = "DIR", requires = "detach", conflicts_with_all = ["image", "kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
     from_snapshot: Option<PathBuf>,
+    /// Start the sandbox (with --detach) from template NAME (`ember template create`)
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "detach",
+        conflicts_with_all = ["from_snapshot", "image", "kernel", "initrd", "cmdline", "mem_mib", "vcpus"]
+    )]
+    template: Option<String>,
+    /// Boot the sandbox (with --detach) instead of restoring it from the automatic template
+    #[arg(long, requires = "detach", conflicts_with_all = ["from_snapshot", "template"])]
+    cold: bool,
     /// Seconds the guest agent has to answer after a detached sandbox starts
     #[arg(long, requires = "detach", default_value_t = 120)]
     ready_timeout: u64,
@@ -183,35 +198,50 @@ fn store() -> anyhow::Result<vmm::sandbox::Store> {
     Ok(vmm::sandbox::Store::new(vmm::sandbox::Store::default_root(), exe))
 }
 
-fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
-    vmm::vstate::kvm::check_host()?;
-    if let Some(dir) = &args.from_snapshot {
-        let timeout = std::time::Duration::from_secs(args.ready_timeout);
-        let record = store()?.start_from_snapshot(args.name, dir, timeout)?;
-        println!("{}", record.name);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let kernel = match args.kernel {
+/// What to boot a sandbox from; `image` is `default` or a path.
+fn sandbox_spec(
+    name: Option<String>,
+    kernel: Option<PathBuf>,
+    image: &str,
+    mem_mib: u64,
+    vcpus: u8,
+    boot_args: Option<String>,
+    ready_timeout_secs: u64,
+) -> anyhow::Result<vmm::sandbox::SandboxSpec> {
+    let kernel = match kernel {
         Some(k) => k,
         None => ember_home("--kernel")?.join("vmlinux"),
     };
-    let image = match args.image.as_str() {
+    let image = match image {
         "default" => ember_home("--image")?.join("images/default.ext4"),
         path => PathBuf::from(path),
     };
-    if args.initrd.is_some() {
-        bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
-    }
-    let spec = vmm::sandbox::SandboxSpec {
-        name: args.name,
-        kernel,
-        image,
-        mem_mib: args.mem_mib,
-        vcpus: args.vcpus,
-        boot_args: args.cmdline,
-        ready_timeout: std::time::Duration::from_secs(args.ready_timeout),
+    let ready_timeout = Duration::from_secs(ready_timeout_secs);
+    Ok(vmm::sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, ready_timeout })
+}
+
+fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let store = store()?;
+    let timeout = Duration::from_secs(args.ready_timeout);
+    let record = if let Some(dir) = &args.from_snapshot {
+        store.start_from_snapshot(args.name, dir, timeout)?
+    } else if let Some(template) = &args.template {
+        store.start_from_template(template, args.name, timeout)?
+    } else {
+        if args.initrd.is_some() {
+            bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
+        }
+        let (kernel, image, boot_args) = (args.kernel, &args.image, args.cmdline);
+        let spec = sandbox_spec(args.name, kernel, image, args.mem_mib, args.vcpus, boot_args, args.ready_timeout)?;
+        if args.cold {
+            store.start(&spec)?
+        } else {
+            store.start_auto(&spec, |name| {
+                eprintln!("ember: making template {name} for these settings (once)");
+            })?
+        }
     };
-    let record = store()?.start(&spec)?;
     println!("{}", record.name);
     Ok(ExitCode::SUCCESS)
 }
@@ -327,6 +357,7 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
+        Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
         Command::Disk(cmd) => disk(cmd),
     };
     result.unwrap_or_else(|e| {

@@ -1,7 +1,8 @@
 //! The host side of the guest agent's protocol (guest-agent/PROTOCOL.md): reaching the agent
 //! through the VMM's vsock socket (`connect`, `wait_ready`), running commands with their output
-//! streamed back and stdin passed through (`exec`, `Exec`), and moving files (`upload`,
-//! `download`, `stat`, ...).
+//! streamed back and stdin passed through (`exec`, `Exec`), moving files (`upload`,
+//! `download`, `stat`, ...), and the identity hooks for restored guests (`set_hostname`,
+//! `set_clock`, `add_entropy`).
 //!
 //! Each call takes a fresh request id, and replies for any other id are skipped: an operation
 //! that ended early (a local write failed mid-download, say) leaves frames behind that the next
@@ -11,6 +12,7 @@
 mod connect;
 mod exec;
 mod files;
+mod identity;
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -22,6 +24,7 @@ use ember_agent::{decode, read_frame, write_frame, ErrorKind, FrameError, Reply,
 pub use connect::{connect, health, hello, wait_ready, Health};
 pub use exec::{exec, spawn_detached, Exec, ExecControl, Outcome};
 pub use files::{download, list_dir, mkdir, remove, stat, upload};
+pub use identity::{add_entropy, set_clock, set_hostname};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -49,6 +52,8 @@ pub enum ClientError {
     Unexpected(String),
     #[error("the agent refused the command ({kind:?}): {message}")]
     Refused { kind: ErrorKind, message: String },
+    #[error("the agent could not {what} ({kind:?}): {message}")]
+    Failed { what: &'static str, kind: ErrorKind, message: String },
     #[error("{path} (in the guest): no such file or directory")]
     NotFound { path: String },
     #[error("{path} (in the guest): is a directory")]

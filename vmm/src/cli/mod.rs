@@ -1,7 +1,8 @@
-//! The `ember` commands that talk to a sandbox's guest agent.
+//! The `ember` commands that talk to a sandbox's guest agent, and those on templates.
 
 pub mod cp;
 pub mod exec;
+pub mod template;
 mod terminal;
 
 use std::os::unix::net::UnixStream;

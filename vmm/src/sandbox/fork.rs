@@ -88,7 +88,7 @@ impl Store {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(SandboxError::ForkPanicked))).collect()
+            handles.into_iter().map(|h| h.join().unwrap_or(Err(SandboxError::ForkPanicked))).collect()
         });
         let _ = std::fs::remove_file(&state);
         tracing::debug!("fork of {parent}: {count} children ready after {:?}", started.elapsed());
@@ -145,12 +145,11 @@ impl Store {
     /// Deletes the frozen layers that no sandbox's or template's disk is stacked on.
     pub fn collect_layers(&self) {
         let Ok(entries) = std::fs::read_dir(self.layers_dir()) else { return };
-        // Templates are snapshot directories beside the sandboxes.
         let disks_in = |dir: PathBuf, file: &str| -> Vec<PathBuf> {
             std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path().join(file)).collect()
         };
         let mut disks = disks_in(self.root.clone(), OVERLAY);
-        disks.extend(disks_in(self.root.with_file_name("templates"), SNAPSHOT_DISK));
+        disks.extend(disks_in(self.templates_dir(), SNAPSHOT_DISK));
         let mut used = Vec::new();
         for disk in disks.iter().filter(|d| d.exists()) {
             match overlay::info(disk) {

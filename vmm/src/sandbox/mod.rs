@@ -4,11 +4,16 @@
 //! its API socket, its vsock socket, its copy-on-write overlay over the base image, and the
 //! guest console's and the VMM's logs. Starting one creates the overlay, spawns `ember vmm`
 //! and configures and starts it through its API, exactly as any control plane would; the
-//! sandbox is ready when its guest agent answers.
+//! sandbox is ready when its guest agent answers, and has been given its own identity.
+//!
+//! A name with a leading '.' is a hidden sandbox: one that a command makes for its own use
+//! (the one a template is made from). `ls` leaves it out, and its VMM dies with the command.
 
 mod fork;
+mod identity;
 pub mod record;
 mod snapshot;
+pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,7 +34,7 @@ const MAX_SOCKET_PATH: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("'{0}' is not a valid sandbox name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    #[error("'{0}' is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
     BadName(String),
     #[error("a sandbox named {0} already exists")]
     Exists(String),
@@ -57,6 +62,16 @@ pub enum SandboxError {
     ForkPanicked,
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
+    #[error("sandbox {name}: cannot give the guest its own identity: {source}")]
+    Identity { name: String, source: agent_client::ClientError },
+    #[error("cannot get random bytes from the host kernel: {0}")]
+    HostRandom(std::io::Error),
+    #[error("a template named {0} already exists")]
+    TemplateExists(String),
+    #[error("there is no template named {0} (`ember template ls` lists them)")]
+    TemplateNotFound(String),
+    #[error("template {name} is in use by sandbox {users}: remove those first")]
+    TemplateInUse { name: String, users: String },
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
@@ -108,15 +123,27 @@ fn check_name(name: &str) -> Result<(), SandboxError> {
     if ok { Ok(()) } else { Err(SandboxError::BadName(name.to_string())) }
 }
 
-fn random_name() -> String {
+/// A name as `check_name` takes it, or the same with a leading '.' (a hidden sandbox).
+fn check_existing_name(name: &str) -> Result<(), SandboxError> {
+    check_name(name.strip_prefix('.').unwrap_or(name)).map_err(|_| SandboxError::BadName(name.to_string()))
+}
+
+fn is_hidden(name: &str) -> bool {
+    name.starts_with('.')
+}
+
+/// Eight hex digits, for names that must not collide.
+fn random_hex() -> String {
     let mut bytes = [0u8; 4];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    if identity::host_random(&mut bytes).is_err() {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
         bytes = (nanos ^ std::process::id()).to_le_bytes();
     }
-    format!("sb-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_name() -> String {
+    format!("sb-{}", random_hex())
 }
 
 /// The tail of a log file, for error messages.
@@ -148,7 +175,7 @@ impl Store {
 
     /// The sandbox's record, if `name` exists.
     pub fn record(&self, name: &str) -> Result<Record, SandboxError> {
-        check_name(name)?;
+        check_existing_name(name)?;
         let path = self.dir(name).join(RECORD);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -168,7 +195,14 @@ impl Store {
         ApiClient::new(self.dir(name).join(API_SOCKET))
     }
 
+    /// The sandboxes, hidden ones left out.
     pub fn list(&self) -> Result<Vec<Status>, SandboxError> {
+        let mut all = self.list_all()?;
+        all.retain(|s| !is_hidden(&s.record.name));
+        Ok(all)
+    }
+
+    fn list_all(&self) -> Result<Vec<Status>, SandboxError> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -205,6 +239,22 @@ impl Store {
         self.create(spec.name.clone(), |name, dir| self.boot(name, dir, spec))
     }
 
+    /// Boots a hidden sandbox as `spec` says (whatever name it gives) for this process's own
+    /// use; its VMM dies with this process's thread that called this.
+    fn start_hidden(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        self.create_as(format!(".{}", random_name()), |name, dir| self.boot(name, dir, spec))
+    }
+
+    /// Fails unless `name` is a valid name that no sandbox has (yet): a check before slow
+    /// work whose only purpose is to start a sandbox by that name.
+    fn check_new_name(&self, name: &str) -> Result<(), SandboxError> {
+        check_name(name)?;
+        match self.dir(name).exists() {
+            true => Err(SandboxError::Exists(name.to_string())),
+            false => Ok(()),
+        }
+    }
+
     /// Makes the state directory of a new sandbox and runs `make` in it; a failure leaves
     /// nothing behind.
     fn create(
@@ -214,6 +264,14 @@ impl Store {
     ) -> Result<Record, SandboxError> {
         let name = name.unwrap_or_else(random_name);
         check_name(&name)?;
+        self.create_as(name, make)
+    }
+
+    fn create_as(
+        &self,
+        name: String,
+        make: impl FnOnce(&str, &Path) -> Result<Record, SandboxError>,
+    ) -> Result<Record, SandboxError> {
         let dir = self.dir(&name);
         if dir.join(VSOCK_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
             return Err(SandboxError::PathTooLong(self.root.clone()));
@@ -271,7 +329,7 @@ impl Store {
     }
 
     /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
-    /// API, and waits until its guest agent answers.
+    /// API, waits until its guest agent answers, and gives the guest its own identity.
     fn launch(
         &self,
         name: &str,
@@ -294,10 +352,21 @@ impl Store {
             .stdout(console)
             .stderr(log);
         // Its own session: the sandbox outlives the terminal and the command that started it.
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // A hidden one is that command's scratch, and must not outlive it even if it is killed.
+        let hidden = is_hidden(name);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: setsid, prctl and getppid are async-signal-safe and touch no memory of the
+        // parent; the error is made without allocating.
         unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 libc::setsid();
+                if hidden {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    // The parent may have died before the prctl, unnoticed by it.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                }
                 Ok(())
             });
         }
@@ -354,6 +423,8 @@ impl Store {
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
                 Ok(_) => {
                     tracing::debug!("sandbox {name}: agent ready {:?} after spawning the VMM", started.elapsed());
+                    self.fix_identity(name).map_err(|e| died(&mut child).unwrap_or(e))?;
+                    tracing::debug!("sandbox {name}: identity set {:?} after spawning the VMM", started.elapsed());
                     return Ok(record);
                 }
                 Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
@@ -397,7 +468,7 @@ impl Store {
     /// The `count` smallest free guest CIDs, for sandboxes started together.
     fn free_cids(&self, count: usize) -> Vec<u32> {
         let used: Vec<u32> = self
-            .list()
+            .list_all()
             .unwrap_or_default()
             .into_iter()
             .filter(|s| s.state != "Stopped")
@@ -456,6 +527,27 @@ mod tests {
         assert!(store.list().unwrap().is_empty());
         assert!(matches!(store.remove("nope"), Err(SandboxError::NotFound(_))));
         assert!(matches!(store.vsock_socket("nope"), Err(SandboxError::NotFound(_))));
+    }
+
+    #[test]
+    fn hidden_sandboxes_are_left_out_of_ls_but_found_by_name() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(dir.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
+        for name in ["shown", ".sb-0123abcd"] {
+            let image = "/i".into();
+            let record = Record { name: name.into(), pid: i32::MAX, cid: 3, image, mem_mib: 256, vcpus: 1, created: 1 };
+            std::fs::create_dir_all(store.dir(name)).unwrap();
+            std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        }
+        let names: Vec<String> = store.list().unwrap().into_iter().map(|s| s.record.name).collect();
+        assert_eq!(names, ["shown"]);
+        assert_eq!(store.list_all().unwrap().len(), 2);
+        assert!(matches!(store.check_new_name(".sb-0123abcd"), Err(SandboxError::BadName(_))));
+        assert!(matches!(store.check_new_name("shown"), Err(SandboxError::Exists(_))));
+        store.check_new_name("free").unwrap();
+        assert!(matches!(store.record("..sb"), Err(SandboxError::BadName(_))));
+        store.remove(".sb-0123abcd").unwrap();
+        assert!(!store.dir(".sb-0123abcd").exists());
     }
 
     #[test]
