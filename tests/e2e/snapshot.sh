@@ -73,9 +73,16 @@ case_a_corrupt_snapshot_fails_cleanly() {
   expect_status 0 || ok=0
   command ember rm orig >/dev/null 2>&1
   [ $ok = 1 ] || return 1
+  cp snap/state state.good
   printf 'X' | dd of=snap/state bs=1 seek=100 conv=notrunc 2>/dev/null
   ember run --detach --from-snapshot snap --name copy >>out 2>err2
   expect_status 1 && expect_in err2 "is corrupt: checksum mismatch" || return 1
+  [ ! -e "$EMBER_STATE/sandboxes/copy" ] || { echo "    the failed start left its state directory"; return 1; }
+  # A memory file that does not match the state.
+  cp state.good snap/state
+  dd if=snap/memory of=short bs=1M count=1 2>/dev/null && mv short snap/memory
+  ember run --detach --from-snapshot snap --name copy >>out 2>err4
+  expect_status 1 && expect_in err4 "is 1048576 bytes, the snapshot's guest has 268435456" || return 1
   [ ! -e "$EMBER_STATE/sandboxes/copy" ] || { echo "    the failed start left its state directory"; return 1; }
   ember snapshot orig snap2 >/dev/null 2>err3
   expect_status 1 && expect_in err3 "there is no sandbox named orig"

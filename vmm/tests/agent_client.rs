@@ -359,7 +359,7 @@ fn wait_ready_until_the_agent_answers() {
         std::fs::rename(&ready, &s2).unwrap();
     });
     let t = Instant::now();
-    let h = agent_client::wait_ready(&sock, 1024, Duration::from_secs(20)).unwrap();
+    let (h, _) = agent_client::wait_ready(&sock, 1024, Duration::from_secs(20)).unwrap();
     assert!(t.elapsed() >= Duration::from_millis(600));
     assert_eq!(h.protocol_version, ember_agent::PROTOCOL_VERSION);
     booting.join().unwrap();

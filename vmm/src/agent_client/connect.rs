@@ -82,8 +82,9 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Retries connect + `Health` until the agent answers (a VM that is still booting: no socket
 /// yet, no listener yet) or `timeout` has passed; then returns the last attempt's error in
-/// `NotReady`. A protocol version mismatch is not retried.
-pub fn wait_ready(uds: &Path, port: u32, timeout: Duration) -> Result<Health, ClientError> {
+/// `NotReady`. A protocol version mismatch is not retried. Returns the answer and the
+/// connection, which stays usable for further requests.
+pub fn wait_ready(uds: &Path, port: u32, timeout: Duration) -> Result<(Health, UnixStream), ClientError> {
     let start = Instant::now();
     let mut pause = Duration::from_millis(1);
     loop {
@@ -98,7 +99,7 @@ pub fn wait_ready(uds: &Path, port: u32, timeout: Duration) -> Result<Health, Cl
                     h.protocol_version
                 )));
             }
-            Ok(h)
+            Ok((h, s))
         })();
         match attempt {
             Ok(h) => return Ok(h),

@@ -5,6 +5,7 @@
 //! gets fresh entropy from the host, the host's time and its own name; after a cold boot too,
 //! so that every sandbox's hostname is its name.
 
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::record::VSOCK_SOCKET;
@@ -43,20 +44,26 @@ impl Store {
     /// before it is handed out.
     pub fn fix_identity(&self, name: &str) -> Result<(), SandboxError> {
         self.record(name)?;
-        let failed = |source| SandboxError::Identity { name: name.to_string(), source };
         let uds = self.dir(name).join(VSOCK_SOCKET);
-        let mut agent = agent_client::connect(&uds, ember_agent::DEFAULT_PORT, STEP_TIMEOUT).map_err(failed)?;
-        agent.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|e| failed(e.into()))?;
-        let mut seed = [0u8; ENTROPY_BYTES];
-        host_random(&mut seed).map_err(SandboxError::HostRandom)?;
-        // The RNG first: whatever runs in the guest meanwhile draws from the shared state.
-        agent_client::add_entropy(&mut agent, &seed, 8 * ENTROPY_BYTES as u32).map_err(failed)?;
-        // Taken as late as possible: the guest's clock starts from this reading.
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        agent_client::set_clock(&mut agent, now.as_secs() as i64, now.subsec_nanos()).map_err(failed)?;
-        agent_client::set_hostname(&mut agent, name).map_err(failed)?;
-        Ok(())
+        let mut agent = agent_client::connect(&uds, ember_agent::DEFAULT_PORT, STEP_TIMEOUT)
+            .map_err(|source| SandboxError::Identity { name: name.to_string(), source })?;
+        fix(&mut agent, name)
     }
+}
+
+/// [`Store::fix_identity`] over a connection to the agent already open.
+pub(super) fn fix(agent: &mut UnixStream, name: &str) -> Result<(), SandboxError> {
+    let failed = |source| SandboxError::Identity { name: name.to_string(), source };
+    agent.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|e| failed(e.into()))?;
+    let mut seed = [0u8; ENTROPY_BYTES];
+    host_random(&mut seed).map_err(SandboxError::HostRandom)?;
+    // The RNG first: whatever runs in the guest meanwhile draws from the shared state.
+    agent_client::add_entropy(agent, &seed, 8 * ENTROPY_BYTES as u32).map_err(failed)?;
+    // Taken as late as possible: the guest's clock starts from this reading.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    agent_client::set_clock(agent, now.as_secs() as i64, now.subsec_nanos()).map_err(failed)?;
+    agent_client::set_hostname(agent, name).map_err(failed)?;
+    Ok(())
 }
 
 #[cfg(test)]

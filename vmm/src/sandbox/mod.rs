@@ -421,9 +421,9 @@ impl Store {
         loop {
             let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
-                Ok(_) => {
+                Ok((_, mut agent)) => {
                     tracing::debug!("sandbox {name}: agent ready {:?} after spawning the VMM", started.elapsed());
-                    self.fix_identity(name).map_err(|e| died(&mut child).unwrap_or(e))?;
+                    identity::fix(&mut agent, name).map_err(|e| died(&mut child).unwrap_or(e))?;
                     tracing::debug!("sandbox {name}: identity set {:?} after spawning the VMM", started.elapsed());
                     return Ok(record);
                 }
