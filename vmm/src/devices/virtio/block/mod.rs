@@ -64,18 +64,21 @@ impl Block {
     fn serve(active: &mut Active, disk: &mut dyn DiskBackend, id: &[u8]) -> Result<(), virtio_queue::Error> {
         let limits = Limits { seg_max: SEG_MAX, size_max: SIZE_MAX };
         let mem = &active.mem;
+        let mut served = false;
         loop {
             active.queue.disable_notification(mem)?;
             while let Some(chain) = active.queue.iter(mem)?.next() {
                 let head = chain.head_index();
                 let done = execute(mem, chain, disk, id, limits);
                 active.queue.add_used(mem, head, done.used_len)?;
+                served = true;
             }
             if !active.queue.enable_notification(mem)? {
                 break;
             }
         }
-        if active.queue.needs_notification(mem)? {
+        // Nothing served, nothing to tell (activation serves a queue that is usually empty).
+        if served && active.queue.needs_notification(mem)? {
             active.interrupt.signal(INT_VRING);
         }
         Ok(())
@@ -191,6 +194,10 @@ impl VirtioDevice for Block {
         };
         queue.set_event_idx(self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
         self.active = Some(Active { mem, queue, interrupt });
+        // Activated from a snapshot, the queue may hold requests the guest notified just before
+        // the VM was paused and that were never served; the guest will not notify them again
+        // (with EVENT_IDX, not even for later ones), so its disk would hang.
+        self.process_queue(0);
         Ok(())
     }
 

@@ -280,6 +280,29 @@ fn device_serves_its_queue_and_interrupts_the_guest() {
 }
 
 #[test]
+fn activation_serves_requests_already_queued() {
+    // As when a snapshot was taken between the guest's notification and the device's service.
+    let m = mem();
+    let mut dev = Block::new(Box::new(MemDisk::new(16, false)));
+    let vq = MockSplitQueue::new(&m, 16);
+    header(&m, VIRTIO_BLK_T_IN, 7);
+    let next = VRING_DESC_F_NEXT as u16;
+    let chain = [
+        raw(Descriptor::new(HDR, 16, next, 1)),
+        raw(Descriptor::new(DATA, 512, VRING_DESC_F_WRITE as u16 | next, 2)),
+        raw(Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0)),
+    ];
+    vq.add_desc_chains(&chain, 0).unwrap();
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    let irq = Arc::new(Interrupt::new(evt.try_clone().unwrap()));
+    dev.set_acked_features(VIRTIO_F_VERSION_1);
+    dev.activate(m.clone(), vec![vq.create_queue().unwrap()], irq.clone()).unwrap();
+    assert_eq!(vq.used().idx().load(), 1, "served without a notification");
+    assert_eq!(m.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 7);
+    assert_eq!(evt.read().unwrap(), 1, "and the guest interrupted");
+}
+
+#[test]
 fn activation_needs_exactly_one_queue() {
     let m = mem();
     let mut dev = Block::new(Box::new(MemDisk::new(8, false)));
