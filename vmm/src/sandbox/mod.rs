@@ -203,19 +203,19 @@ impl Store {
     }
 
     fn list_all(&self) -> Result<Vec<Status>, SandboxError> {
+        let mut out: Vec<Status> = self.records()?.into_iter().map(|r| self.status(r)).collect();
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(out)
+    }
+
+    /// Every sandbox's record, hidden ones included.
+    fn records(&self) -> Result<Vec<Record>, SandboxError> {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io("cannot list", &self.root)(e)),
         };
-        let mut out = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Ok(record) = self.record(&name) else { continue };
-            out.push(self.status(record));
-        }
-        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        Ok(out)
+        Ok(entries.flatten().filter_map(|e| self.record(&e.file_name().to_string_lossy()).ok()).collect())
     }
 
     fn status(&self, record: Record) -> Status {
@@ -467,12 +467,14 @@ impl Store {
 
     /// The `count` smallest free guest CIDs, for sandboxes started together.
     fn free_cids(&self, count: usize) -> Vec<u32> {
+        // Whether a VMM lives is enough, and asking each one over its API would make every
+        // start slower the more sandboxes run.
         let used: Vec<u32> = self
-            .list_all()
+            .records()
             .unwrap_or_default()
             .into_iter()
-            .filter(|s| s.state != "Stopped")
-            .map(|s| s.record.cid)
+            .filter(|r| vmm_alive(r.pid, &self.dir(&r.name)))
+            .map(|r| r.cid)
             .collect();
         (3..).filter(|c| !used.contains(c)).take(count).collect()
     }
