@@ -16,7 +16,7 @@ use super::record::{vmm_alive, Record, OVERLAY};
 use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
 use super::{io, random_name, SandboxError, Store};
 use crate::api::client::ApiClient;
-use crate::api::models::{FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType, Vm, VmState};
+use crate::api::models::{FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType};
 use crate::disk::overlay;
 
 /// The drive every sandbox has, configured by [`Store::start`].
@@ -50,19 +50,11 @@ impl Store {
         let cids = self.free_cids(count);
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
-        let api = self.api(parent);
-        api.patch("/vm", &Vm { state: VmState::Paused })?;
-        let frozen = self.freeze_paused(&api, &dir, &state);
-        let resumed = api.patch("/vm", &Vm { state: VmState::Resumed });
-        let frozen = match (frozen, resumed) {
-            (Ok(f), Ok(())) => f,
-            (Err(e), _) => {
+        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &dir, &state)) {
+            Ok(f) => f,
+            Err(e) => {
                 let _ = std::fs::remove_file(&state);
                 return Err(e);
-            }
-            (Ok(_), Err(e)) => {
-                let _ = std::fs::remove_file(&state);
-                return Err(e.into());
             }
         };
         tracing::debug!("fork of {parent}: frozen and resumed after {:?}", started.elapsed());

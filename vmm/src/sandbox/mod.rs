@@ -24,7 +24,8 @@ use record::{vmm_alive, Record, API_SOCKET, CONSOLE_LOG, METRICS, OVERLAY, RECOR
 use crate::agent_client;
 use crate::api::client::{ApiClient, ApiClientError};
 use crate::api::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, MachineConfig, Metrics, MetricsConfig, Vsock,
+    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics,
+    MetricsConfig, Vm, VmState, Vsock,
 };
 use crate::disk::{overlay, DiskError};
 
@@ -444,6 +445,21 @@ impl Store {
                 return Err(e);
             }
         }
+    }
+
+    /// Runs `f` with sandbox `name`'s VM paused, then resumes it, whatever `f` returned; a
+    /// sandbox that was paused already stays paused.
+    fn while_paused<T>(&self, name: &str, f: impl FnOnce(&ApiClient) -> Result<T, SandboxError>) -> Result<T, SandboxError> {
+        let api = self.api(name);
+        let was_paused = api.get::<InstanceInfo>("/")?.state == InstanceState::Paused;
+        if !was_paused {
+            api.patch("/vm", &Vm { state: VmState::Paused })?;
+        }
+        let result = f(&api);
+        let resumed = if was_paused { Ok(()) } else { api.patch("/vm", &Vm { state: VmState::Resumed }) };
+        let value = result?;
+        resumed?;
+        Ok(value)
     }
 
     /// The VM exits of sandbox `name` so far, which measure its work independently of the

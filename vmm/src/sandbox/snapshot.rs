@@ -14,7 +14,7 @@ use super::record::{Record, OVERLAY, VSOCK_SOCKET};
 use super::{io, SandboxError, Shape, Store};
 use crate::api::client::ApiClient;
 use crate::api::models::{
-    DriveOverride, MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, Vm, VmState,
+    DriveOverride, MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
     VsockOverride,
 };
 use crate::disk::overlay;
@@ -38,12 +38,7 @@ impl Store {
             return Err(SandboxError::SnapshotExists(dir));
         }
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        let api = self.api(name);
-        api.patch("/vm", &Vm { state: VmState::Paused })?;
-        let taken = self.snapshot_paused(&api, name, &files, &dir);
-        let resumed = api.patch("/vm", &Vm { state: VmState::Resumed });
-        taken?;
-        Ok(resumed?)
+        self.while_paused(name, |api| self.snapshot_paused(api, name, &files, &dir))
     }
 
     fn snapshot_paused(&self, api: &ApiClient, name: &str, files: &SnapshotFiles, dir: &Path) -> Result<(), SandboxError> {
