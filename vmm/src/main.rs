@@ -343,6 +343,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tracing::debug!("started");
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),

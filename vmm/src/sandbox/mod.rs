@@ -371,6 +371,7 @@ impl Store {
                 Ok(())
             });
         }
+        tracing::debug!("sandbox {name}: spawning the VMM");
         let started = Instant::now();
         let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
         let record = Record {

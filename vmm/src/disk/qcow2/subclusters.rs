@@ -73,9 +73,52 @@ enum State {
 }
 
 struct L2Table {
-    entries: Box<[Entry]>,
+    entries: L2Entries,
     /// Range of entries changed since the last flush.
     dirty: Option<(usize, usize)>,
+}
+
+/// An L2 table's entries: all of them for a writable layer; for a read-only layer, which is
+/// never written, only the non-empty ones (by index). A sandbox restored from a template or
+/// forked has read-only layers whose tables are mostly empty, and every table would otherwise
+/// cost 64 KiB of its VMM's memory for the VM's whole life.
+enum L2Entries {
+    Dense(Box<[Entry]>),
+    Sparse(Box<[(u32, Entry)]>),
+}
+
+impl L2Entries {
+    fn get(&self, i: usize) -> Entry {
+        match self {
+            L2Entries::Dense(entries) => entries[i],
+            L2Entries::Sparse(entries) => entries
+                .binary_search_by_key(&(i as u32), |(at, _)| *at)
+                .map(|k| entries[k].1)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The entries, made dense first if they were not.
+    fn dense(&mut self, per_table: usize) -> &mut [Entry] {
+        if let L2Entries::Sparse(entries) = self {
+            let mut dense = vec![Entry::default(); per_table].into_boxed_slice();
+            for &(i, e) in entries.iter() {
+                dense[i as usize] = e;
+            }
+            *self = L2Entries::Dense(dense);
+        }
+        match self {
+            L2Entries::Dense(entries) => entries,
+            L2Entries::Sparse(_) => unreachable!("made dense above"),
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = Entry> + '_> {
+        match self {
+            L2Entries::Dense(entries) => Box::new(entries.iter().copied()),
+            L2Entries::Sparse(entries) => Box::new(entries.iter().map(|(_, e)| *e)),
+        }
+    }
 }
 
 /// A qcow2 layer with subclusters, over an optional backing image.
@@ -194,6 +237,12 @@ impl SubclusterLayer {
                     }
                 }
             }
+            let entries = if writable {
+                L2Entries::Dense(entries)
+            } else {
+                let used = entries.iter().enumerate().filter(|(_, e)| **e != Entry::default());
+                L2Entries::Sparse(used.map(|(i, e)| (i as u32, *e)).collect())
+            };
             l2.push(any.then_some(L2Table { entries, dirty: None }));
         }
         let used_end = l2
@@ -281,7 +330,7 @@ impl SubclusterLayer {
     fn entry(&self, cluster: u64) -> Entry {
         let t = (cluster >> self.table_bits()) as usize;
         match self.l2.get(t) {
-            Some(Some(table)) => table.entries[(cluster & ((1 << self.table_bits()) - 1)) as usize],
+            Some(Some(table)) => table.entries.get((cluster & ((1 << self.table_bits()) - 1)) as usize),
             _ => Entry::default(),
         }
     }
@@ -289,9 +338,11 @@ impl SubclusterLayer {
     fn set_entry(&mut self, cluster: u64, e: Entry) {
         let per = self.per_table();
         let (t, i) = ((cluster >> self.table_bits()) as usize, (cluster & (per as u64 - 1)) as usize);
-        let table = self.l2[t]
-            .get_or_insert_with(|| L2Table { entries: vec![Entry::default(); per].into_boxed_slice(), dirty: None });
-        table.entries[i] = e;
+        let table = self.l2[t].get_or_insert_with(|| L2Table {
+            entries: L2Entries::Dense(vec![Entry::default(); per].into_boxed_slice()),
+            dirty: None,
+        });
+        table.entries.dense(per)[i] = e;
         table.dirty = Some(match table.dirty {
             Some((a, b)) => (a.min(i), b.max(i + 1)),
             None => (i, i + 1),
@@ -437,11 +488,12 @@ impl SubclusterLayer {
         if l2_dirty {
             self.file.sync_data()?;
             let mut raw = Vec::new();
+            let per = self.per_table();
             for (t, table) in self.l2.iter_mut().enumerate() {
                 let Some(table) = table else { continue };
                 let Some((a, b)) = table.dirty else { continue };
                 raw.clear();
-                for e in &table.entries[a..b] {
+                for e in &table.entries.dense(per)[a..b] {
                     raw.extend_from_slice(&e.desc.to_be_bytes());
                     raw.extend_from_slice(&e.bitmap.to_be_bytes());
                 }
