@@ -57,10 +57,13 @@ for i in $(seq "$N"); do ember rm warm$i; done
 
 # Forks of a running sandbox, 256 MiB and 2 GiB guests: the time `ember fork` takes to a
 # child whose agent answers, the part of it the parent is paused for, and the VMM's own freeze
-# (state file + memory frozen in place); then the idle child's unique memory.
-# guest_anon_kib PID: anonymous memory in a VMM's guest RAM mappings: the guest pages it dirtied.
+# (state file + memory frozen in place); then the idle child's unique memory. The parent boots
+# cold, so its first fork freezes its memfd in place and later ones freeze the pages it wrote
+# since into a layer.
+# guest_anon_kib PID: anonymous memory in a VMM's guest RAM mappings (memfd, layers, a
+# snapshot's memory file): the guest pages it dirtied.
 guest_anon_kib() {
-  awk '/^[0-9a-f]+-/ {m = /ember-guest-ram/} m && $1 == "Anonymous:" {s += $2} END {print s + 0}' "/proc/$1/smaps"
+  awk '/^[0-9a-f]+-/ {m = /ember-guest-ram|\/memory$/} m && $1 == "Anonymous:" {s += $2} END {print s + 0}' "/proc/$1/smaps"
 }
 for mem in 256 2048; do
   EMBER_LOG=info ember run --detach --cold --name f$mem --mem-mib $mem >/dev/null || exit 1
@@ -70,6 +73,7 @@ for mem in 256 2048; do
     t0=$(ms)
     EMBER_LOG=debug ember fork f$mem 2>fork.err >/dev/null || { cat fork.err; exit 1; }
     echo $(($(ms) - t0)) >>fork$mem.ms
+    [ "$i" = 1 ] && cp fork$mem.ms fork$mem.first
     sed -n 's/.*frozen and resumed after \([0-9.]*\)\(µs\|ms\|s\)$/\1 \2/p' fork.err |
       awk '{printf "%.1f\n", $2 == "s" ? $1 * 1000 : $2 == "ms" ? $1 : $1 / 1000}' >>pause$mem.ms
     [ "$i" = "$N" ] || ember rm f$mem-1
@@ -77,9 +81,10 @@ for mem in 256 2048; do
   child=f$mem-1
   sleep 2
   cpid=$(pid_of $child)
-  echo "fork of a running $mem MiB sandbox (median of $N): $(median <fork$mem.ms) ms to the child's agent answering," \
-    "parent paused $(median <pause$mem.ms) ms"
-  sed -n 's/.*state written and memory frozen in \(.*\)$/  VMM freeze (state file + memory, last fork): \1/p' "$STATE/f$mem/vmm.log" | tail -n 1
+  echo "fork of a running $mem MiB sandbox (median of $N): $(median <fork$mem.ms) ms to the child's agent answering" \
+    "(the first, memory frozen in place: $(cat fork$mem.first) ms), parent paused $(median <pause$mem.ms) ms"
+  sed -n 's/.*state written and memory frozen in \(.*\)$/\1/p' "$STATE/f$mem/vmm.log" |
+    awk 'NR == 1 {f = $1} {l = $1} END {print "  VMM freeze (state file + memory): first fork " f ", last " l}' 
   anon=$(kib Anonymous $cpid)
   guest=$(guest_anon_kib $cpid)
   echo "  idle child: unique memory $anon KiB = guest pages it dirtied $guest KiB + VMM process $((anon - guest)) KiB" \
