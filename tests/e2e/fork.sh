@@ -4,31 +4,6 @@
 # on; then parent and children go their own ways, in memory and on disk.
 . /opt/ember/extra/lib.sh
 
-COUNTER='import time
-n = 0
-while True:
-    n += 1
-    print(n, flush=True)
-    time.sleep(0.1)'
-
-in_sb() {
-  sb=$1
-  shift
-  command ember exec "$sb" -- "$@" 2>>err
-}
-
-# start_counting SANDBOX: a counter detached from the agent's session, once it has reached 5.
-start_counting() {
-  in_sb "$1" sh -c 'setsid nohup python3 -c "$1" >/tmp/c.log 2>&1 </dev/null & echo $! >/tmp/c.pid' sh "$COUNTER" ||
-    return 1
-  n=0
-  until [ "$(in_sb "$1" tail -n 1 /tmp/c.log)" -ge 5 ] 2>/dev/null; do
-    n=$((n + 1))
-    [ $n -lt 50 ] || { echo "    the counter never reached 5"; return 1; }
-    sleep 0.2
-  done
-}
-
 # counts_on SANDBOX PID FLOOR: the counter PID is alive in SANDBOX, has counted at least to
 # FLOOR, counts on, and never started over.
 counts_on() {

@@ -36,6 +36,35 @@ expect_in() {
   return 1
 }
 
+# COUNTER prints 1, 2, 3, ... ten times a second: its state lives only in its memory, which is
+# what the snapshot and fork suites carry over.
+COUNTER='import time
+n = 0
+while True:
+    n += 1
+    print(n, flush=True)
+    time.sleep(0.1)'
+
+# in_sb SANDBOX COMMAND...: runs COMMAND in SANDBOX, its output on stdout.
+in_sb() {
+  sb=$1
+  shift
+  command ember exec "$sb" -- "$@" 2>>err
+}
+
+# start_counting SANDBOX: the counter runs detached from the agent's session; waits until it
+# has counted to 5.
+start_counting() {
+  in_sb "$1" sh -c 'setsid nohup python3 -c "$1" >/tmp/c.log 2>&1 </dev/null & echo $! >/tmp/c.pid' sh "$COUNTER" ||
+    return 1
+  n=0
+  until [ "$(in_sb "$1" tail -n 1 /tmp/c.log)" -ge 5 ] 2>/dev/null; do
+    n=$((n + 1))
+    [ $n -lt 50 ] || { echo "    the counter never reached 5"; return 1; }
+    sleep 0.2
+  done
+}
+
 run_cases() {
   passed=0
   failed=0

@@ -4,34 +4,6 @@
 # counting from where it was, while the original runs on unchanged.
 . /opt/ember/extra/lib.sh
 
-# Prints 1, 2, 3, ... ten times a second: its state lives only in its memory.
-COUNTER='import time
-n = 0
-while True:
-    n += 1
-    print(n, flush=True)
-    time.sleep(0.1)'
-
-# in SANDBOX COMMAND...: runs COMMAND in SANDBOX, its output on stdout.
-in_sb() {
-  sb=$1
-  shift
-  command ember exec "$sb" -- "$@" 2>>err
-}
-
-# start_counting SANDBOX: the counter runs detached from the agent's session; waits until it
-# has counted to 5.
-start_counting() {
-  in_sb "$1" sh -c 'setsid nohup python3 -c "$1" >/tmp/c.log 2>&1 </dev/null & echo $! >/tmp/c.pid' sh "$COUNTER" ||
-    return 1
-  n=0
-  until [ "$(in_sb "$1" tail -n 1 /tmp/c.log)" -ge 5 ] 2>/dev/null; do
-    n=$((n + 1))
-    [ $n -lt 50 ] || { echo "    the counter never reached 5"; return 1; }
-    sleep 0.2
-  done
-}
-
 case_a_sandbox_started_from_a_snapshot_continues_it() {
   export EMBER_STATE="$PWD/st"
   # orig is itself restored (from the automatic template): a snapshot of a restored sandbox.
