@@ -47,7 +47,7 @@ impl Store {
             return Err(SandboxError::NotRunning(parent.into()));
         }
         let names = self.child_names(parent, count);
-        let cids = self.free_cids(count);
+        let cids = self.reserve_cids(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
         let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &dir, &state)) {

@@ -293,7 +293,7 @@ impl Store {
     fn boot(&self, name: &str, dir: &Path, spec: &SandboxSpec) -> Result<Record, SandboxError> {
         let overlay_path = dir.join(OVERLAY);
         overlay::create(&spec.image, &overlay_path)?;
-        let cid = self.free_cid();
+        let cid = self.reserve_cid(name)?;
         let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid };
         self.launch(name, dir, shape, spec.ready_timeout, |api| {
             api.put(
@@ -476,24 +476,54 @@ impl Store {
         Ok(metrics.vcpu.exits)
     }
 
-    /// The smallest guest CID from 3 up that no live sandbox uses, so that CIDs stay unique
-    /// on the host even though each VM has its own vsock socket.
-    fn free_cid(&self) -> u32 {
-        self.free_cids(1)[0]
+    /// Reserves the smallest guest CID from 3 up that no other sandbox holds, for sandbox
+    /// `owner`.
+    fn reserve_cid(&self, owner: &str) -> Result<u32, SandboxError> {
+        Ok(self.reserve_cids(&[owner])?[0])
     }
 
-    /// The `count` smallest free guest CIDs, for sandboxes started together.
-    fn free_cids(&self, count: usize) -> Vec<u32> {
-        // Whether a VMM lives is enough, and asking each one over its API would make every
-        // start slower the more sandboxes run.
-        let used: Vec<u32> = self
-            .records()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| vmm_alive(r.pid, &self.dir(&r.name)))
-            .map(|r| r.cid)
-            .collect();
-        (3..).filter(|c| !used.contains(c)).take(count).collect()
+    /// Reserves one guest CID for each of `owners`, so that CIDs stay unique on the host (each
+    /// VM has its own vsock socket, but guests see their CIDs) even when several `ember`
+    /// processes start sandboxes at once. A reservation is a file `$EMBER_STATE/cids/CID`
+    /// made with O_EXCL and naming its sandbox; it lapses once that sandbox's directory is
+    /// gone, after a grace period for sandboxes still being made.
+    fn reserve_cids(&self, owners: &[&str]) -> Result<Vec<u32>, SandboxError> {
+        const GRACE: Duration = Duration::from_secs(60);
+        let dir = self.root.with_file_name("cids");
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let mut cids = Vec::with_capacity(owners.len());
+        let mut cid = 3u32;
+        while cids.len() < owners.len() {
+            let path = dir.join(cid.to_string());
+            let owner = owners[cids.len()];
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    std::io::Write::write_all(&mut f, owner.as_bytes()).map_err(io("cannot write", &path))?;
+                    cids.push(cid);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let age = std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    let lapsed = !holder.is_empty() && !self.dir(&holder).exists() && age.is_some_and(|a| a > GRACE);
+                    // Removed, then taken again with O_EXCL on the next turn: two processes
+                    // that both find it lapsed cannot both get it.
+                    if lapsed && std::fs::remove_file(&path).is_ok() {
+                        continue;
+                    }
+                }
+                Err(e) => return Err(io("cannot create", &path)(e)),
+            }
+            cid = cid.checked_add(1).ok_or_else(|| io("no free CID in", &dir)(std::io::ErrorKind::Other.into()))?;
+        }
+        Ok(cids)
+    }
+
+    /// Gives up sandbox `name`'s CID reservation.
+    fn release_cid(&self, name: &str, cid: u32) {
+        let path = self.root.with_file_name("cids").join(cid.to_string());
+        if std::fs::read_to_string(&path).is_ok_and(|holder| holder == name) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included.
@@ -510,6 +540,7 @@ impl Store {
 
     fn teardown(&self, name: &str, dir: &Path) {
         if let Ok(record) = self.record(name) {
+            self.release_cid(name, record.cid);
             if vmm_alive(record.pid, dir) {
                 // SAFETY: plain kill(2); vmm_alive checked that the pid is this sandbox's VMM.
                 unsafe { libc::kill(record.pid, libc::SIGKILL) };
@@ -537,6 +568,45 @@ mod tests {
         }
         let n = random_name();
         assert!(check_name(&n).is_ok() && n.len() == 11, "{n}");
+    }
+
+    #[test]
+    fn cids_are_unique_among_concurrent_starts_and_lapsed_ones_come_back() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let root = dir.as_path().join("sandboxes");
+        let mut all: Vec<u32> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    let store = Store::new(root.clone(), PathBuf::from("/nonexistent/ember"));
+                    s.spawn(move || {
+                        let names: Vec<String> = (0..10).map(|i| format!("s{t}-{i}")).collect();
+                        store.reserve_cids(&names.iter().map(String::as_str).collect::<Vec<_>>()).unwrap()
+                    })
+                })
+                .collect();
+            threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all, (3..43).collect::<Vec<u32>>(), "40 reservations, 40 distinct CIDs");
+
+        let store = Store::new(root, PathBuf::from("/nonexistent/ember"));
+        // CID 3's sandbox never got a directory and its reservation is old: it lapsed. CID 4's
+        // sandbox exists: it keeps it.
+        let cids = store.root.with_file_name("cids");
+        let holder_of_4 = std::fs::read_to_string(cids.join("4")).unwrap();
+        std::fs::create_dir_all(store.dir(&holder_of_4)).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for cid in [3, 4] {
+            let f = std::fs::File::options().write(true).open(cids.join(cid.to_string())).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        assert_eq!(store.reserve_cid("new").unwrap(), 3);
+        assert_eq!(store.reserve_cid("newer").unwrap(), 43);
+        store.release_cid("someone-else", 4);
+        assert_eq!(store.reserve_cid("newest").unwrap(), 44, "only its holder releases a CID");
+        store.release_cid(&holder_of_4, 4);
+        assert_eq!(store.reserve_cid("last").unwrap(), 4);
     }
 
     #[test]

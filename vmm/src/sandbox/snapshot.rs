@@ -78,7 +78,9 @@ impl Store {
             mem_layers: Vec::new(),
             disk: &dir.join(SNAPSHOT_DISK),
         };
-        self.create(name, |name, sandbox_dir| self.restore_into(name, sandbox_dir, &source, self.free_cid(), ready_timeout))
+        self.create(name, |name, sandbox_dir| {
+            self.restore_into(name, sandbox_dir, &source, self.reserve_cid(name)?, ready_timeout)
+        })
     }
 
     /// Restores `source` as sandbox `name` in `sandbox_dir`, on a new overlay over its disk.
