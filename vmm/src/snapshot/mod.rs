@@ -317,6 +317,10 @@ pub fn restore_vm(
         vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
     }
+    // Now that the vCPUs have their local APICs: interrupts the guest has not taken yet.
+    for device in &wired.virtio {
+        lock(&device.transport).reassert_interrupt();
+    }
     Ok(BuiltVm::new(vcpus, vm, ram, kvm, wired))
 }
 
