@@ -314,8 +314,11 @@ pub fn restore_vm(
         vcpu.restore_state(vcpu_state)?;
         vcpus.push(vcpu);
     }
-    // Only now: the interrupt that announces the reset would be lost in a local APIC whose
-    // state is set after it arrived.
+    // Now that the vCPUs have their local APICs (an interrupt raised before would be wiped by
+    // their state): the interrupts the guest had not taken yet, then the vsock reset.
+    for device in &wired.virtio {
+        lock(&device.transport).reassert_interrupt();
+    }
     if let Some(vsock) = vsock {
         lock(&vsock.0).send_transport_reset();
     }

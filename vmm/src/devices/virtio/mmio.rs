@@ -81,6 +81,11 @@ impl MmioTransport {
         self.status
     }
 
+    /// See [`Interrupt::reassert`].
+    pub fn reassert_interrupt(&self) {
+        self.interrupt.reassert();
+    }
+
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }
@@ -463,5 +468,20 @@ pub(crate) mod tests {
         let mut t = t;
         wr(&mut t, 0x64, super::super::INT_VRING);
         assert_eq!(rd(&mut t, 0x60), INT_CONFIG);
+    }
+
+    #[test]
+    fn an_unacknowledged_interrupt_is_raised_again_and_only_that() {
+        let (mut t, _, evt) = transport();
+        t.reassert_interrupt();
+        assert!(evt.read().is_err(), "nothing pending, nothing raised");
+        t.interrupt.signal(super::super::INT_VRING);
+        assert_eq!(evt.read().unwrap(), 1);
+        t.reassert_interrupt();
+        assert_eq!(evt.read().unwrap(), 1, "raised again while the driver has not acknowledged it");
+        assert_eq!(rd(&mut t, 0x60), super::super::INT_VRING, "with the same status");
+        wr(&mut t, 0x64, super::super::INT_VRING);
+        t.reassert_interrupt();
+        assert!(evt.read().is_err(), "acknowledged: not raised again");
     }
 }

@@ -53,6 +53,17 @@ impl Interrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Raises the line again if the driver has status bits left to acknowledge. After a
+    /// restore, an interrupt signalled before the snapshot may never have reached the guest
+    /// (KVM injects IOAPIC interrupts from an irqfd in a worker, which the snapshot can
+    /// outrun), nor one signalled while the restored devices were wired before the vCPUs
+    /// existed; the guest would wait for it forever.
+    pub fn reassert(&self) {
+        if self.status() != 0 {
+            self.signal(0);
+        }
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
     }
