@@ -101,6 +101,48 @@ case_the_clock_of_a_restore_is_the_hosts_not_the_templates() {
   [ -n "$guest" ] && [ "${d#-}" -le 2 ]
 }
 
+# spare_dirs: the spare VMMs' directories (ready or starting).
+spare_dirs() { ls "$STATE/spares" 2>/dev/null | grep -v '^\.'; }
+# spare_pid: the pid of the one spare VMM, once its API socket is up.
+spare_pid() {
+  for _ in $(seq 100); do
+    d=$(spare_dirs)
+    [ "$(echo "$d" | wc -w)" = 1 ] && [ -S "$STATE/spares/$d/api.sock" ] && { cat "$STATE/spares/$d/pid"; return 0; }
+    sleep 0.1
+  done
+  echo "    spares: $(spare_dirs)" >&2
+  return 1
+}
+sandbox_pid() { sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/sandboxes/$1/sandbox.json"; }
+
+case_a_start_takes_over_a_spare_vmm_and_leaves_another() {
+  ok=1
+  command ember run --detach --template t1 --name s1 >/dev/null 2>err || { echo "    s1 did not start"; return 1; }
+  spare=$(spare_pid) || return 1
+  command ember run --detach --template t1 --name s2 >/dev/null 2>err || { echo "    s2 did not start"; return 1; }
+  [ "$(sandbox_pid s2)" = "$spare" ] || { echo "    s2 runs on VMM $(sandbox_pid s2), not the spare $spare"; ok=0; }
+  [ "$(in_sb s2 hostname)" = s2 ] || { echo "    s2 does not answer as itself"; ok=0; }
+  next=$(spare_pid) || return 1
+  [ "$next" != "$spare" ] || { echo "    no new spare after s2 took $spare"; ok=0; }
+  # A spare that died is passed over and cleared away.
+  kill -9 "$next"
+  command ember run --detach --template t1 --name s3 >/dev/null 2>err || { echo "    s3 did not start"; cat err; ok=0; }
+  [ "$(sandbox_pid s3)" != "$next" ] || { echo "    s3 is recorded with the dead spare's pid"; ok=0; }
+  [ "$(in_sb s3 hostname)" = s3 ] || { echo "    s3 does not answer as itself"; ok=0; }
+  last=$(spare_pid) || return 1
+  # Removing a sandbox whose VMM was a spare stops that VMM.
+  command ember rm s2
+  st=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' /proc/$spare/status 2>/dev/null)
+  [ -z "$st" ] || [ "$st" = Z ] || { echo "    s2's VMM $spare outlived ember rm (state $st)"; ok=0; }
+  # No spares wanted: the one left is stopped.
+  EMBER_SPARE_VMMS=0 command ember run --detach --template t1 --name s4 >/dev/null 2>err || { echo "    s4 did not start"; ok=0; }
+  [ "$(sandbox_pid s4)" = "$last" ] || { echo "    s4 did not take the last spare"; ok=0; }
+  [ -z "$(spare_dirs)" ] || { echo "    spares left with EMBER_SPARE_VMMS=0: $(spare_dirs)"; ok=0; }
+  [ -z "$(command ember ls | sed 1d | grep -v '^s[134] ')" ] || { echo "    ls shows more: $(command ember ls)"; ok=0; }
+  command ember rm s1 s3 s4
+  [ $ok = 1 ]
+}
+
 case_template_rm_and_bad_templates_fail_clearly() {
   ok=1
   command ember run --detach --template t1 --name u1 >/dev/null 2>err || { echo "    u1 did not start"; return 1; }

@@ -195,7 +195,10 @@ fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
 
 fn store() -> anyhow::Result<vmm::sandbox::Store> {
     let exe = std::env::current_exe().context("cannot find the ember binary")?;
-    Ok(vmm::sandbox::Store::new(vmm::sandbox::Store::default_root(), exe))
+    let spares = std::env::var("EMBER_SPARE_VMMS")
+        .map_or(Ok(1), |v| v.parse())
+        .context("EMBER_SPARE_VMMS must be a number of spare VMMs")?;
+    Ok(vmm::sandbox::Store::new(vmm::sandbox::Store::default_root(), exe).with_spare_vmms(spares))
 }
 
 /// What to boot a sandbox from; `image` is `default` or a path.

@@ -1,98 +1,76 @@
-//! The identity hooks of the host client (hostname, clock, entropy): against the real agent
-//! served on one end of a socket pair, and against a scripted agent where the real one would
-//! change the host itself (its clock). Run as root, like the agent's own tests.
+//! The host client's identity call (entropy, clock, hostname in one round trip), against a
+//! scripted agent: the real agent would set this host's clock. The agent's own handling of
+//! each request is tested in guest-agent/tests/agent.rs, and the whole in the harness.
 
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ember_agent::server::{serve, Config};
-use ember_agent::{decode, read_frame, write_frame, ErrorKind, ExecRequest, Reply, ReplyBody, Request, RequestBody};
-use vmm::agent_client::{self, ClientError, Outcome};
+use ember_agent::{decode, read_frame, write_frame, ErrorKind, Reply, ReplyBody, Request, RequestBody};
+use vmm::agent_client::{self, ClientError, Identity};
 
-/// A connection to an in-process agent; with `own_uts`, the thread that serves it (and so
-/// every command it runs) has its own UTS namespace, and `None` means it could not get one.
-fn agent(own_uts: bool) -> Option<UnixStream> {
-    let (a, b) = UnixStream::pair().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // SAFETY: unshare(2) on this thread only; it touches no memory.
-        let ok = !own_uts || unsafe { libc::unshare(libc::CLONE_NEWUTS) } == 0;
-        tx.send(ok).unwrap();
-        if ok {
-            let _ = serve(b, &Config::default());
-        }
-    });
-    a.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    rx.recv().unwrap().then_some(a)
-}
-
-/// An agent that reads one request, answers it with `reply`, and hands back what it got.
-fn scripted_agent(reply: ReplyBody) -> (UnixStream, std::thread::JoinHandle<RequestBody>) {
+/// An agent that reads three requests before it answers any (a client that waited for each
+/// answer would hang it), answers each with `answer`, and hands back what it got.
+fn scripted_agent(answer: fn(&RequestBody) -> ReplyBody) -> (UnixStream, std::thread::JoinHandle<Vec<RequestBody>>) {
     let (a, mut b) = UnixStream::pair().unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let server = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        read_frame(&mut b, &mut buf).unwrap();
-        let request: Request = decode(&buf).unwrap();
-        write_frame(&mut b, &Reply { id: request.id, body: reply }).unwrap();
-        request.body
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            read_frame(&mut b, &mut buf).unwrap();
+            requests.push(decode::<Request>(&buf).unwrap());
+        }
+        for request in &requests {
+            write_frame(&mut b, &Reply { id: request.id, body: answer(&request.body) }).unwrap();
+        }
+        requests.into_iter().map(|r| r.body).collect()
     });
     (a, server)
 }
 
-fn hostname_seen_by_a_command(stream: UnixStream) -> String {
-    let request = ExecRequest { argv: vec!["cat".into(), "/proc/sys/kernel/hostname".into()], ..Default::default() };
-    let mut out = Vec::new();
-    let outcome = agent_client::exec(stream, request, &mut out, &mut std::io::sink()).unwrap();
-    assert_eq!(outcome, Outcome::Exit(0));
-    String::from_utf8(out).unwrap().trim_end().to_string()
+fn identity<'a>(entropy: &'a [u8], hostname: &'a str) -> Identity<'a> {
+    Identity { entropy, entropy_bits: 256, hostname }
 }
 
 #[test]
-fn set_hostname_names_the_machine_for_the_agents_commands() {
-    let Some(mut c) = agent(true) else {
-        eprintln!("skipped: cannot unshare the UTS namespace here");
-        return;
+fn entropy_then_the_hosts_time_then_the_name_go_out_together() {
+    let data: Vec<u8> = (0..32).map(|i| i * 7 + 1).collect();
+    let (mut c, server) = scripted_agent(|_| ReplyBody::Ok);
+    let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    agent_client::set_identity(&mut c, &identity(&data, "sb-clone-7")).unwrap();
+    let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let seen = server.join().unwrap();
+    let [RequestBody::AddEntropy { data: sent, entropy_bits: 256 }, RequestBody::SetClock { secs, nanos }, RequestBody::SetHostname { name }] =
+        &seen[..]
+    else {
+        panic!("{seen:?}")
     };
-    agent_client::set_hostname(&mut c, "sb-clone-7").unwrap();
-    // Longer than the kernel's 64 bytes: refused, with the agent's reason, changing nothing.
-    match agent_client::set_hostname(&mut c, &"x".repeat(65)) {
-        Err(e @ ClientError::Failed { what: "set the hostname", .. }) => {
-            assert!(e.to_string().contains("sethostname"), "{e}")
+    assert_eq!(sent, &data);
+    let set = Duration::new(*secs as u64, *nanos);
+    assert!(before <= set && set <= after, "{set:?} not within {before:?}..{after:?}");
+    assert_eq!(name, "sb-clone-7");
+}
+
+#[test]
+fn a_refused_step_is_named_and_an_odd_answer_is_not_taken_for_done() {
+    let (mut c, server) = scripted_agent(|r| match r {
+        RequestBody::SetClock { .. } => {
+            ReplyBody::Error { kind: ErrorKind::PermissionDenied, message: "clock_settime: denied".into() }
+        }
+        _ => ReplyBody::Ok,
+    });
+    match agent_client::set_identity(&mut c, &identity(&[1; 32], "a")) {
+        Err(e @ ClientError::Failed { what: "set the clock", kind: ErrorKind::PermissionDenied, .. }) => {
+            assert!(e.to_string().contains("clock_settime: denied"), "{e}")
         }
         r => panic!("{r:?}"),
     }
-    // Last: an exec ends by shutting its connection down.
-    assert_eq!(hostname_seen_by_a_command(c), "sb-clone-7");
-}
-
-#[test]
-fn add_entropy_sends_the_bytes_and_the_credit() {
-    let data: Vec<u8> = (0..32).map(|i| i * 7 + 1).collect();
-    let (mut c, server) = scripted_agent(ReplyBody::Ok);
-    agent_client::add_entropy(&mut c, &data, 256).unwrap();
-    assert_eq!(server.join().unwrap(), RequestBody::AddEntropy { data: data.clone(), entropy_bits: 256 });
-    // The real agent mixes them into this kernel's pool and reseeds (harmless to the host).
-    let mut c = agent(false).unwrap();
-    agent_client::add_entropy(&mut c, &data, 256).unwrap();
-}
-
-#[test]
-fn set_clock_sends_the_time_and_reports_a_refusal() {
-    let (mut c, server) = scripted_agent(ReplyBody::Ok);
-    agent_client::set_clock(&mut c, 1_750_000_000, 123_456_789).unwrap();
-    assert_eq!(server.join().unwrap(), RequestBody::SetClock { secs: 1_750_000_000, nanos: 123_456_789 });
-    // The real agent would set this host's clock: only its refusal of a bad time is tried.
-    let mut c = agent(false).unwrap();
-    let e = agent_client::set_clock(&mut c, 0, 2_000_000_000).unwrap_err();
-    assert!(e.to_string().starts_with("the agent could not set the clock"), "{e}");
-    match e {
-        ClientError::Failed { what: "set the clock", kind: ErrorKind::Io, message } => {
-            assert!(message.contains("nanos out of range"), "{message}")
-        }
-        e => panic!("{e:?}"),
-    }
-    // An agent that answers something else is not taken as having done it.
-    let (mut c, server) = scripted_agent(ReplyBody::FileWritten { size: 1 });
-    assert!(matches!(agent_client::set_clock(&mut c, 1, 0), Err(ClientError::Unexpected(_))));
+    server.join().unwrap();
+    let (mut c, server) = scripted_agent(|r| match r {
+        RequestBody::SetHostname { .. } => ReplyBody::FileWritten { size: 1 },
+        _ => ReplyBody::Ok,
+    });
+    assert!(matches!(agent_client::set_identity(&mut c, &identity(&[1; 32], "a")), Err(ClientError::Unexpected(_))));
     server.join().unwrap();
 }

@@ -2,33 +2,44 @@
 //! restored from a snapshot would otherwise share with every other copy of that snapshot.
 
 use std::os::unix::net::UnixStream;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use ember_agent::{ReplyBody, RequestBody};
 
-use super::{call, ClientError};
+use super::{next_id, recv, send, ClientError};
 
-/// sethostname in the guest.
-pub fn set_hostname(stream: &mut UnixStream, name: &str) -> Result<(), ClientError> {
-    unit(stream, "set the hostname", RequestBody::SetHostname { name: name.to_string() })
+/// What makes a guest a machine of its own.
+pub struct Identity<'a> {
+    /// Mixed into the guest kernel's entropy pool, crediting `entropy_bits` (at most 8 per
+    /// byte); the kernel then reseeds its CRNG, so that what the guest draws from then on
+    /// depends on it.
+    pub entropy: &'a [u8],
+    pub entropy_bits: u32,
+    pub hostname: &'a str,
 }
 
-/// Sets the guest's wall clock (CLOCK_REALTIME) to `secs` + `nanos` since the Unix epoch;
-/// the agent refuses `nanos` of a second or more.
-pub fn set_clock(stream: &mut UnixStream, secs: i64, nanos: u32) -> Result<(), ClientError> {
-    unit(stream, "set the clock", RequestBody::SetClock { secs, nanos })
-}
-
-/// Mixes `data` into the guest kernel's entropy pool crediting `entropy_bits` (at most 8 per
-/// byte), then has it reseed its CRNG, so that what the guest draws from then on depends on
-/// `data`.
-pub fn add_entropy(stream: &mut UnixStream, data: &[u8], entropy_bits: u32) -> Result<(), ClientError> {
-    unit(stream, "add entropy", RequestBody::AddEntropy { data: data.to_vec(), entropy_bits })
-}
-
-fn unit(stream: &mut UnixStream, what: &'static str, request: RequestBody) -> Result<(), ClientError> {
-    match call(stream, request)? {
-        ReplyBody::Ok => Ok(()),
-        ReplyBody::Error { kind, message } => Err(ClientError::Failed { what, kind, message }),
-        other => Err(ClientError::unexpected(&other)),
+/// Gives the guest `identity` and sets its wall clock (CLOCK_REALTIME) to the host's. The
+/// three requests go out together and are answered in order, in one round trip rather than
+/// three: every sandbox start waits for this.
+pub fn set_identity(stream: &mut UnixStream, identity: &Identity) -> Result<(), ClientError> {
+    // The RNG first: whatever runs in the guest meanwhile draws from the shared state.
+    let entropy = RequestBody::AddEntropy { data: identity.entropy.to_vec(), entropy_bits: identity.entropy_bits };
+    let hostname = RequestBody::SetHostname { name: identity.hostname.to_string() };
+    let entropy_id = next_id();
+    send(stream, entropy_id, entropy)?;
+    // Read as late as possible: the guest's clock starts from this reading.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let clock_id = next_id();
+    send(stream, clock_id, RequestBody::SetClock { secs: now.as_secs() as i64, nanos: now.subsec_nanos() })?;
+    let hostname_id = next_id();
+    send(stream, hostname_id, hostname)?;
+    let mut buf = Vec::new();
+    for (id, what) in [(entropy_id, "add entropy"), (clock_id, "set the clock"), (hostname_id, "set the hostname")] {
+        match recv(stream, &mut buf, id)? {
+            ReplyBody::Ok => {}
+            ReplyBody::Error { kind, message } => return Err(ClientError::Failed { what, kind, message }),
+            other => return Err(ClientError::unexpected(&other)),
+        }
     }
+    Ok(())
 }

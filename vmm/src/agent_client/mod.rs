@@ -1,8 +1,7 @@
 //! The host side of the guest agent's protocol (guest-agent/PROTOCOL.md): reaching the agent
 //! through the VMM's vsock socket (`connect`, `wait_ready`), running commands with their output
 //! streamed back and stdin passed through (`exec`, `Exec`), moving files (`upload`,
-//! `download`, `stat`, ...), and the identity hooks for restored guests (`set_hostname`,
-//! `set_clock`, `add_entropy`).
+//! `download`, `stat`, ...), and the identity hooks for restored guests (`set_identity`).
 //!
 //! Each call takes a fresh request id, and replies for any other id are skipped: an operation
 //! that ended early (a local write failed mid-download, say) leaves frames behind that the next
@@ -24,7 +23,7 @@ use ember_agent::{decode, read_frame, write_frame, ErrorKind, FrameError, Reply,
 pub use connect::{connect, health, hello, wait_ready, Health};
 pub use exec::{exec, spawn_detached, Exec, ExecControl, Outcome};
 pub use files::{download, list_dir, mkdir, remove, stat, upload};
-pub use identity::{add_entropy, set_clock, set_hostname};
+pub use identity::{set_identity, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

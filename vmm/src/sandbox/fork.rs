@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::record::{vmm_alive, Record, OVERLAY};
+use super::record::{Record, OVERLAY};
 use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
 use super::{io, random_name, SandboxError, Store};
 use crate::api::client::ApiClient;
@@ -43,7 +43,7 @@ impl Store {
     pub fn fork(&self, parent: &str, count: usize, ready_timeout: Duration) -> Result<Vec<Record>, SandboxError> {
         let record = self.record(parent)?;
         let dir = self.dir(parent);
-        if !vmm_alive(record.pid, &dir) {
+        if !record.vmm_alive(&dir) {
             return Err(SandboxError::NotRunning(parent.into()));
         }
         let names = self.child_names(parent, count);
@@ -179,6 +179,7 @@ mod tests {
             mem_mib: 256,
             vcpus: 1,
             created: 0,
+            vmm_socket: None,
         };
         std::fs::write(dir.join(super::super::record::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

@@ -6,7 +6,7 @@
 //! so that every sandbox's hostname is its name.
 
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::record::VSOCK_SOCKET;
 use super::{SandboxError, Store};
@@ -57,13 +57,8 @@ pub(super) fn fix(agent: &mut UnixStream, name: &str) -> Result<(), SandboxError
     agent.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|e| failed(e.into()))?;
     let mut seed = [0u8; ENTROPY_BYTES];
     host_random(&mut seed).map_err(SandboxError::HostRandom)?;
-    // The RNG first: whatever runs in the guest meanwhile draws from the shared state.
-    agent_client::add_entropy(agent, &seed, 8 * ENTROPY_BYTES as u32).map_err(failed)?;
-    // Taken as late as possible: the guest's clock starts from this reading.
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    agent_client::set_clock(agent, now.as_secs() as i64, now.subsec_nanos()).map_err(failed)?;
-    agent_client::set_hostname(agent, name).map_err(failed)?;
-    Ok(())
+    let identity = agent_client::Identity { entropy: &seed, entropy_bits: 8 * ENTROPY_BYTES as u32, hostname: name };
+    agent_client::set_identity(agent, &identity).map_err(failed)
 }
 
 #[cfg(test)]
@@ -71,6 +66,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
     use std::path::PathBuf;
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use ember_agent::{decode, read_frame, write_frame, ErrorKind, Reply, ReplyBody, Request, RequestBody};
 
@@ -88,7 +84,16 @@ mod tests {
         let dir = store.dir(name);
         std::fs::create_dir_all(&dir).unwrap();
         let record =
-            Record { name: name.into(), pid: i32::MAX, cid: 3, image: "/i".into(), mem_mib: 256, vcpus: 1, created: 1 };
+            Record {
+            name: name.into(),
+            pid: i32::MAX,
+            cid: 3,
+            image: "/i".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            created: 1,
+            vmm_socket: None,
+        };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -153,7 +158,8 @@ mod tests {
             "sandbox sb-1: cannot give the guest its own identity: the agent could not set the clock \
              (PermissionDenied): clock_settime: denied"
         );
-        assert_eq!(seen.try_iter().count(), 2, "nothing is sent after the refusal");
+        // Sent together, in one round trip; the start fails all the same.
+        assert_eq!(seen.try_iter().count(), 3);
         assert!(matches!(store.fix_identity("sb-9"), Err(SandboxError::NotFound(_))));
     }
 }

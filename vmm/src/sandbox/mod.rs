@@ -13,13 +13,14 @@ mod fork;
 mod identity;
 pub mod record;
 mod snapshot;
+mod spares;
 pub mod template;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use record::{vmm_alive, Record, API_SOCKET, CONSOLE_LOG, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
+use record::{Record, API_SOCKET, CONSOLE_LOG, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
 
 use crate::agent_client;
 use crate::api::client::{ApiClient, ApiClientError};
@@ -111,10 +112,35 @@ pub struct Status {
     pub state: String,
 }
 
+/// A sandbox's VMM process while the sandbox starts: spawned by this process, or a spare
+/// taken over (some earlier ember's child).
+enum VmmProcess {
+    Child(std::process::Child),
+    Adopted(spares::Adopted),
+}
+
+impl VmmProcess {
+    fn pid(&self) -> i32 {
+        match self {
+            VmmProcess::Child(child) => child.id() as i32,
+            VmmProcess::Adopted(spare) => spare.pid,
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        match self {
+            VmmProcess::Child(child) => matches!(child.try_wait(), Ok(Some(_))),
+            VmmProcess::Adopted(spare) => !record::vmm_serves(spare.pid, &spare.started_as),
+        }
+    }
+}
+
 pub struct Store {
     root: PathBuf,
     /// The `ember` binary, which is also the VMM.
     vmm_binary: PathBuf,
+    /// How many spare VMMs sandbox starts keep (see `spares`).
+    spare_vmms: usize,
 }
 
 fn check_name(name: &str) -> Result<(), SandboxError> {
@@ -167,7 +193,7 @@ impl Store {
     }
 
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary }
+        Self { root, vmm_binary, spare_vmms: 0 }
     }
 
     pub fn dir(&self, name: &str) -> PathBuf {
@@ -221,7 +247,7 @@ impl Store {
 
     fn status(&self, record: Record) -> Status {
         let dir = self.dir(&record.name);
-        let state = if !vmm_alive(record.pid, &dir) {
+        let state = if !record.vmm_alive(&dir) {
             "Stopped".to_string()
         } else {
             match ApiClient::new(dir.join(API_SOCKET)).get::<InstanceInfo>("/") {
@@ -340,13 +366,109 @@ impl Store {
         configure: impl FnOnce(&ApiClient) -> Result<(), ApiClientError>,
     ) -> Result<Record, SandboxError> {
         let api_socket = dir.join(API_SOCKET);
+        let started = Instant::now();
+        // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
+        let adopted = if is_hidden(name) { None } else { self.adopt_spare(dir) };
+        let mut vmm = match adopted {
+            Some(spare) => {
+                tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
+                VmmProcess::Adopted(spare)
+            }
+            None => VmmProcess::Child(self.spawn_vmm(name, dir)?),
+        };
+        let record = Record {
+            name: name.to_string(),
+            pid: vmm.pid(),
+            cid: shape.cid,
+            image: shape.image,
+            mem_mib: shape.mem_mib,
+            vcpus: shape.vcpus,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            vmm_socket: match &vmm {
+                VmmProcess::Adopted(spare) => Some(spare.started_as.clone()),
+                VmmProcess::Child(_) => None,
+            },
+        };
+        let record_path = dir.join(RECORD);
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
+            path: record_path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
+
+        let died = |vmm: &mut VmmProcess| -> Option<SandboxError> {
+            vmm.exited().then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
+            if let Some(e) = died(&mut vmm) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    name: name.into(),
+                    what: "the VMM's API socket did not appear",
+                    secs: 10,
+                    console: tail(&dir.join(VMM_LOG), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        tracing::debug!("sandbox {name}: API socket up {:?} into the start", started.elapsed());
+        let api = ApiClient::new(&api_socket);
+        let metrics = MetricsConfig { metrics_path: dir.join(METRICS).display().to_string() };
+        if let Err(e) = api.put("/metrics", &metrics).and_then(|()| configure(&api)) {
+            return Err(died(&mut vmm).unwrap_or(e.into()));
+        }
+
+        // In short rounds, so that a VMM that dies is noticed at once.
+        tracing::debug!("sandbox {name}: VM configured and started {:?} into the start", started.elapsed());
+        let deadline = Instant::now() + ready_timeout;
+        loop {
+            let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+            match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
+                Ok((_, mut agent)) => {
+                    tracing::debug!("sandbox {name}: agent ready {:?} into the start", started.elapsed());
+                    identity::fix(&mut agent, name).map_err(|e| died(&mut vmm).unwrap_or(e))?;
+                    tracing::debug!("sandbox {name}: identity set {:?} into the start", started.elapsed());
+                    // Only now: a spare getting ready while the guest does would slow it down.
+                    // A hidden sandbox is some command's scratch, made before those it serves.
+                    if !is_hidden(name) {
+                        if let Err(e) = self.refill_spares() {
+                            tracing::warn!("cannot start a spare VMM: {e}");
+                        }
+                    }
+                    return Ok(record);
+                }
+                Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
+                    tracing::debug!("sandbox {name}: {e}");
+                }
+                Err(e) => {
+                    tracing::debug!("sandbox {name}: {e}");
+                    return Err(died(&mut vmm).unwrap_or_else(|| SandboxError::NotReady {
+                        name: name.into(),
+                        what: "the guest agent did not answer",
+                        secs: ready_timeout.as_secs(),
+                        console: tail(&dir.join(CONSOLE_LOG), 20),
+                    }));
+                }
+            }
+            if let Some(e) = died(&mut vmm) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Starts a VMM process for sandbox `name`, whose state directory is `dir`.
+    fn spawn_vmm(&self, name: &str, dir: &Path) -> Result<std::process::Child, SandboxError> {
         let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
         let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
         let mut command = Command::new(&self.vmm_binary);
         command
             .arg("vmm")
             .arg("--api-sock")
-            .arg(&api_socket)
+            .arg(dir.join(API_SOCKET))
             .arg("--id")
             .arg(name)
             .stdin(Stdio::null())
@@ -372,80 +494,7 @@ impl Store {
             });
         }
         tracing::debug!("sandbox {name}: spawning the VMM");
-        let started = Instant::now();
-        let mut child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
-        let record = Record {
-            name: name.to_string(),
-            pid: child.id() as i32,
-            cid: shape.cid,
-            image: shape.image,
-            mem_mib: shape.mem_mib,
-            vcpus: shape.vcpus,
-            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
-        };
-        let record_path = dir.join(RECORD);
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
-            path: record_path.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
-
-        let died = |child: &mut std::process::Child| -> Option<SandboxError> {
-            matches!(child.try_wait(), Ok(Some(_)))
-                .then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
-            if let Some(e) = died(&mut child) {
-                return Err(e);
-            }
-            if Instant::now() > deadline {
-                return Err(SandboxError::NotReady {
-                    name: name.into(),
-                    what: "the VMM's API socket did not appear",
-                    secs: 10,
-                    console: tail(&dir.join(VMM_LOG), 20),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-
-        tracing::debug!("sandbox {name}: API socket up {:?} after spawning the VMM", started.elapsed());
-        let api = ApiClient::new(&api_socket);
-        let metrics = MetricsConfig { metrics_path: dir.join(METRICS).display().to_string() };
-        if let Err(e) = api.put("/metrics", &metrics).and_then(|()| configure(&api)) {
-            return Err(died(&mut child).unwrap_or(e.into()));
-        }
-
-        // In short rounds, so that a VMM that dies is noticed at once.
-        tracing::debug!("sandbox {name}: VM configured and started {:?} after spawning the VMM", started.elapsed());
-        let deadline = Instant::now() + ready_timeout;
-        loop {
-            let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
-            match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), ember_agent::DEFAULT_PORT, round) {
-                Ok((_, mut agent)) => {
-                    tracing::debug!("sandbox {name}: agent ready {:?} after spawning the VMM", started.elapsed());
-                    identity::fix(&mut agent, name).map_err(|e| died(&mut child).unwrap_or(e))?;
-                    tracing::debug!("sandbox {name}: identity set {:?} after spawning the VMM", started.elapsed());
-                    return Ok(record);
-                }
-                Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
-                    tracing::debug!("sandbox {name}: {e}");
-                }
-                Err(e) => {
-                    tracing::debug!("sandbox {name}: {e}");
-                    return Err(died(&mut child).unwrap_or_else(|| SandboxError::NotReady {
-                        name: name.into(),
-                        what: "the guest agent did not answer",
-                        secs: ready_timeout.as_secs(),
-                        console: tail(&dir.join(CONSOLE_LOG), 20),
-                    }));
-                }
-            }
-            if let Some(e) = died(&mut child) {
-                return Err(e);
-            }
-        }
+        command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))
     }
 
     /// Runs `f` with sandbox `name`'s VM paused, then resumes it, whatever `f` returned; a
@@ -541,11 +590,11 @@ impl Store {
     fn teardown(&self, name: &str, dir: &Path) {
         if let Ok(record) = self.record(name) {
             self.release_cid(name, record.cid);
-            if vmm_alive(record.pid, dir) {
+            if record.vmm_alive(dir) {
                 // SAFETY: plain kill(2); vmm_alive checked that the pid is this sandbox's VMM.
                 unsafe { libc::kill(record.pid, libc::SIGKILL) };
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while vmm_alive(record.pid, dir) && Instant::now() < deadline {
+                while record.vmm_alive(dir) && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -624,7 +673,16 @@ mod tests {
         let store = Store::new(dir.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
         for name in ["shown", ".sb-0123abcd"] {
             let image = "/i".into();
-            let record = Record { name: name.into(), pid: i32::MAX, cid: 3, image, mem_mib: 256, vcpus: 1, created: 1 };
+            let record = Record {
+                name: name.into(),
+                pid: i32::MAX,
+                cid: 3,
+                image,
+                mem_mib: 256,
+                vcpus: 1,
+                created: 1,
+                vmm_socket: None,
+            };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         }
