@@ -6,8 +6,8 @@
 //! read from the backing layer). A first write into a cluster therefore writes only the
 //! subclusters it covers: no copy of the rest of the cluster from the backing layer.
 //!
-//! ember keeps a layer's whole L2 state in memory (16 bytes per 64 KiB of disk, all-zero tables
-//! not at all) and writes metadata back only on flush, in an order that keeps the file
+//! ember keeps a layer's L2 entries in memory (those in use, or a whole table once that is
+//! smaller; all-zero tables not at all) and writes metadata back only on flush, in an order that keeps the file
 //! consistent whatever point a crash (process or power) stops it at:
 //! data and refcount blocks, fdatasync, new refcount-table entries, fdatasync, L2 entries,
 //! fdatasync. Clusters are taken from the end of the file and never freed, so the worst a crash
