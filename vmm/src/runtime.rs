@@ -184,8 +184,10 @@ pub fn run_with_api(
         stop_vcpus(&ctx, &mut threads);
         return Err(RunError::Thread(std::io::Error::other("the vCPU threads did not park within 5 s")));
     }
-    // What building or restoring the VM allocated and freed would stay resident for the VM's
-    // whole life: every idle VM's VMM counts against the host's density.
+    // What building or restoring the VM allocated and freed, and the stack it went through,
+    // would stay resident for the VM's whole life: every idle VM's VMM counts against the
+    // host's density.
+    trim_stack();
     trim_heap();
     let mut machine = Machine { vm: &kvm_vm, ram: &mut ram, serial: &serial, virtio: &mut virtio };
     let mut loop_result = Ok(());
@@ -413,6 +415,37 @@ fn flush_metrics(api: &RuntimeApi, ctx: &VcpuContext) -> ApiResponse {
 fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory of the allocator; it has no preconditions.
     unsafe { libc::malloc_trim(0) };
+}
+
+/// Gives the pages of this thread's stack below the current frame back to the host. They hold
+/// nothing live (the stack grows down); a deeper call later faults in zeroed pages again.
+/// Never inlined, so that its small frame is the last one and the address of its local marks
+/// where the live stack ends.
+#[inline(never)]
+fn trim_stack() {
+    // Room for this frame and the madvise call below it.
+    const KEEP: usize = 4 << 10;
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    let (mut lowest, mut size) = (std::ptr::null_mut(), 0);
+    // SAFETY: attr is initialised by pthread_getattr_np before it is read, and destroyed after.
+    let known = unsafe {
+        let ok = libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) == 0;
+        if ok {
+            libc::pthread_attr_getstack(attr.as_ptr(), &mut lowest, &mut size);
+            libc::pthread_attr_destroy(attr.as_mut_ptr());
+        }
+        ok
+    };
+    let here = &attr as *const _ as usize;
+    let page = 4096;
+    let end = here.saturating_sub(KEEP) & !(page - 1);
+    let start = (lowest as usize).next_multiple_of(page);
+    if !known || start >= end {
+        return;
+    }
+    // SAFETY: the range lies in this thread's stack below every live frame, so nothing in it
+    // is in use; MADV_DONTNEED only drops its pages. Parts of it not mapped yet are skipped.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
 }
 
 /// Sends each vCPU thread the kick signal, so that it leaves (or does not enter) KVM_RUN.

@@ -1,10 +1,12 @@
 //! Refcounts of a writable qcow2 layer that ember writes itself (see `subclusters.rs`).
 //!
 //! Clusters are handed out from the end of the used part of the file and never freed (the
-//! block device has no discard), so only the last refcount block is ever read, and a new block
-//! goes in the first cluster it counts. Changes stay in memory until [`Refcounts::write_back`].
+//! block device has no discard), so every cluster from the first free one on has refcount 0
+//! and every cluster handed out gets refcount 1: nothing of the refcount blocks needs to be
+//! kept in memory, only where the free part starts (the blocks would cost a writable layer
+//! 64 KiB of its VMM's memory each, for the VM's whole life). A new block goes in the first
+//! cluster it counts. Changes reach the file only in [`Refcounts::write_back`].
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -16,21 +18,31 @@ use crate::disk::DiskError;
 /// How far beyond the last cluster handed out the file is made to reach.
 const GROW_BYTES: u64 = 4 << 20;
 
-struct Block {
-    counts: Box<[u16]>,
-    /// Range of entries changed since the last write-back.
-    dirty: Option<(usize, usize)>,
-}
+/// What refcount blocks are written from: zeros, and 16-bit big-endian ones.
+const CHUNK: usize = 4096;
+static ZEROS: [u8; CHUNK] = [0; CHUNK];
+static ONES: [u8; CHUNK] = {
+    let mut ones = [0u8; CHUNK];
+    let mut i = 1;
+    while i < CHUNK {
+        ones[i] = 1;
+        i += 2;
+    }
+    ones
+};
 
 pub(crate) struct Refcounts {
     cluster_bits: u32,
     table_offset: u64,
-    /// Refcount block offsets.
+    /// Refcount block offsets, up to the last block in use (the rest of the table is zeros).
     table: Vec<u64>,
-    /// Refcount table entries changed since the last write-back.
-    table_dirty: Vec<usize>,
-    blocks: HashMap<usize, Block>,
-    /// The next cluster to hand out.
+    /// Entries the refcount table has room for.
+    table_room: usize,
+    /// Refcount table entries of blocks made since the last write-back.
+    new_blocks: Vec<usize>,
+    /// The first cluster handed out since the last write-back.
+    written: u64,
+    /// The next cluster to hand out; it and all after it have refcount 0.
     next: u64,
     /// Length of the file.
     file_len: u64,
@@ -55,35 +67,45 @@ impl Refcounts {
         }
         let mut raw = vec![0u8; rt_len as usize];
         read_full(file, &mut raw, header.reftable_offset, path)?;
-        let table: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0) & REFTABLE_OFFSET_MASK).collect();
+        let mut table: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0) & REFTABLE_OFFSET_MASK).collect();
+        drop(raw);
         for (i, &off) in table.iter().enumerate() {
             if off != 0 && (off % cs != 0 || off + cs > len) {
                 return Err(DiskError::Truncated { path: path.into(), what: format!("refcount block {i}"), end: off + cs, len });
             }
         }
+        let table_room = table.len();
+        table.truncate(table.iter().rposition(|&off| off != 0).map_or(0, |last| last + 1));
+        table.shrink_to_fit();
         let mut rc = Refcounts {
             cluster_bits: header.cluster_bits,
             table_offset: header.reftable_offset,
             table,
-            table_dirty: Vec::new(),
-            blocks: HashMap::new(),
+            table_room,
+            new_blocks: Vec::new(),
+            written: 0,
             next: 0,
             file_len: len,
         };
         let io = |error| DiskError::Io { path: path.into(), op: "read refcounts", error };
-        let used: Vec<usize> = (0..rc.table.len()).rev().filter(|b| rc.table[*b] != 0).collect();
-        for bi in used {
-            let per = rc.per_block();
-            let block = rc.block(file, bi).map_err(io)?;
-            if let Some(last) = block.counts.iter().rposition(|c| *c != 0) {
-                rc.next = bi as u64 * per + last as u64 + 1;
+        for bi in (0..rc.table.len()).rev().filter(|b| rc.table[*b] != 0) {
+            if let Some(last) = rc.last_in_use(file, bi).map_err(io)? {
+                rc.next = bi as u64 * rc.per_block() + last + 1;
                 break;
             }
         }
         if rc.next == 0 {
             return Err(bad("its refcounts count no cluster at all".into()));
         }
+        rc.written = rc.next;
         Ok(rc)
+    }
+
+    /// The index of the last cluster block BI counts with a refcount other than 0.
+    fn last_in_use(&self, file: &File, bi: usize) -> io::Result<Option<u64>> {
+        let mut raw = vec![0u8; 1 << self.cluster_bits];
+        file.read_exact_at(&mut raw, self.table[bi])?;
+        Ok(raw.chunks(2).rposition(|c| c != [0, 0]).map(|i| i as u64))
     }
 
     /// Clusters one refcount block counts.
@@ -96,47 +118,24 @@ impl Refcounts {
         self.next << self.cluster_bits
     }
 
-    fn block(&mut self, file: &File, bi: usize) -> io::Result<&mut Block> {
-        if !self.blocks.contains_key(&bi) {
-            let mut raw = vec![0u8; 1 << self.cluster_bits];
-            file.read_exact_at(&mut raw, self.table[bi])?;
-            let counts = raw.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
-            self.blocks.insert(bi, Block { counts, dirty: None });
-        }
-        Ok(self.blocks.get_mut(&bi).expect("just loaded"))
-    }
-
     /// Takes a free cluster (refcount 1 from now on) and returns its offset; the file is long
     /// enough to hold it.
     pub fn allocate(&mut self, file: &File) -> io::Result<u64> {
-        let per = self.per_block();
         loop {
             let c = self.next;
-            let bi = (c / per) as usize;
-            let i = (c % per) as usize;
-            if bi >= self.table.len() {
+            let bi = (c / self.per_block()) as usize;
+            if bi >= self.table_room {
                 return Err(io::Error::other("the refcount table is full: the image cannot grow any further"));
             }
-            self.next = c + 1;
             self.grow(file, c + 1)?;
-            if self.table[bi] == 0 {
+            self.next = c + 1;
+            if self.table.get(bi).is_none_or(|&off| off == 0) {
                 // A new refcount block, in the cluster that it is the first to count.
-                let mut counts = vec![0u16; per as usize].into_boxed_slice();
-                counts[i] = 1;
-                self.blocks.insert(bi, Block { counts, dirty: Some((0, per as usize)) });
+                self.table.resize(self.table.len().max(bi + 1), 0);
                 self.table[bi] = c << self.cluster_bits;
-                self.table_dirty.push(bi);
+                self.new_blocks.push(bi);
                 continue;
             }
-            let block = self.block(file, bi)?;
-            if block.counts[i] != 0 {
-                continue;
-            }
-            block.counts[i] = 1;
-            block.dirty = Some(match block.dirty {
-                Some((a, b)) => (a.min(i), b.max(i + 1)),
-                None => (i, i + 1),
-            });
             return Ok(c << self.cluster_bits);
         }
     }
@@ -153,24 +152,40 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Writes changed refcounts to the file; when the refcount table changed too, syncs the
-    /// new blocks before writing the table entries that point to them.
+    /// Writes changed refcounts to the file: new blocks whole (whatever an earlier crash left
+    /// in their clusters must read as zeros), then refcount 1 for every cluster handed out since
+    /// the last write-back. When the refcount table changed too, syncs the blocks before
+    /// writing the table entries that point to them.
     pub fn write_back(&mut self, file: &File) -> io::Result<()> {
-        let mut raw = Vec::new();
-        for (&bi, block) in self.blocks.iter_mut() {
-            let Some((a, b)) = block.dirty else { continue };
-            raw.clear();
-            raw.extend(block.counts[a..b].iter().flat_map(|c| c.to_be_bytes()));
-            file.write_all_at(&raw, self.table[bi] + a as u64 * 2)?;
-            block.dirty = None;
+        let cs = 1u64 << self.cluster_bits;
+        for &bi in &self.new_blocks {
+            write_pattern(file, &ZEROS, self.table[bi], cs)?;
         }
-        if !self.table_dirty.is_empty() {
+        let per = self.per_block();
+        while self.written < self.next {
+            let (bi, i) = ((self.written / per) as usize, self.written % per);
+            let n = (per - i).min(self.next - self.written);
+            write_pattern(file, &ONES, self.table[bi] + i * 2, n * 2)?;
+            self.written += n;
+        }
+        if !self.new_blocks.is_empty() {
             file.sync_data()?;
-            for &bi in &self.table_dirty {
+            for &bi in &self.new_blocks {
                 file.write_all_at(&self.table[bi].to_be_bytes(), self.table_offset + bi as u64 * 8)?;
             }
-            self.table_dirty.clear();
+            self.new_blocks.clear();
         }
         Ok(())
     }
+}
+
+/// Writes LEN bytes at AT, PATTERN over and over.
+fn write_pattern(file: &File, pattern: &[u8], mut at: u64, len: u64) -> io::Result<()> {
+    let end = at + len;
+    while at < end {
+        let n = (end - at).min(pattern.len() as u64) as usize;
+        file.write_all_at(&pattern[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }

@@ -6,8 +6,8 @@
 //! read from the backing layer). A first write into a cluster therefore writes only the
 //! subclusters it covers: no copy of the rest of the cluster from the backing layer.
 //!
-//! ember keeps a layer's whole L2 state in memory (16 bytes per 64 KiB of disk, all-zero tables
-//! not at all) and writes metadata back only on flush, in an order that keeps the file
+//! ember keeps a layer's L2 entries in memory (those in use, or a whole table once that is
+//! smaller; all-zero tables not at all) and writes metadata back only on flush, in an order that keeps the file
 //! consistent whatever point a crash (process or power) stops it at:
 //! data and refcount blocks, fdatasync, new refcount-table entries, fdatasync, L2 entries,
 //! fdatasync. Clusters are taken from the end of the file and never freed, so the worst a crash
@@ -78,16 +78,28 @@ struct L2Table {
     dirty: Option<(usize, usize)>,
 }
 
-/// An L2 table's entries: all of them for a writable layer; for a read-only layer, which is
-/// never written, only the non-empty ones (by index). A sandbox restored from a template or
-/// forked has read-only layers whose tables are mostly empty, and every table would otherwise
-/// cost 64 KiB of its VMM's memory for the VM's whole life.
+/// An L2 table's entries: only the non-empty ones (by index), until they would take more
+/// memory than all of them. A writable layer gets an entry per cluster the guest writes, and a
+/// read-only layer (a template's or a fork's) is never written, so the tables of most layers
+/// stay small; every full table would cost its VMM 64 KiB for the VM's whole life.
 enum L2Entries {
     Dense(Box<[Entry]>),
-    Sparse(Box<[(u32, Entry)]>),
+    Sparse(Vec<(u32, Entry)>),
 }
 
 impl L2Entries {
+    /// The table of PER_TABLE entries holding ENTRIES (by index, in order), in the smaller form.
+    fn new(entries: Vec<(u32, Entry)>, per_table: usize) -> L2Entries {
+        if entries.len() * size_of::<(u32, Entry)>() < per_table * size_of::<Entry>() {
+            return L2Entries::Sparse(entries);
+        }
+        let mut dense = vec![Entry::default(); per_table].into_boxed_slice();
+        for (at, e) in entries {
+            dense[at as usize] = e;
+        }
+        L2Entries::Dense(dense)
+    }
+
     fn get(&self, i: usize) -> Entry {
         match self {
             L2Entries::Dense(entries) => entries[i],
@@ -98,18 +110,27 @@ impl L2Entries {
         }
     }
 
-    /// The entries, made dense first if they were not.
-    fn dense(&mut self, per_table: usize) -> &mut [Entry] {
-        if let L2Entries::Sparse(entries) = self {
-            let mut dense = vec![Entry::default(); per_table].into_boxed_slice();
-            for &(i, e) in entries.iter() {
-                dense[i as usize] = e;
+    /// Sets entry I of a table of PER_TABLE entries.
+    fn set(&mut self, i: usize, e: Entry, per_table: usize) {
+        let entries = match self {
+            L2Entries::Dense(entries) => {
+                entries[i] = e;
+                return;
             }
-            *self = L2Entries::Dense(dense);
-        }
-        match self {
-            L2Entries::Dense(entries) => entries,
-            L2Entries::Sparse(_) => unreachable!("made dense above"),
+            L2Entries::Sparse(entries) => entries,
+        };
+        match entries.binary_search_by_key(&(i as u32), |(at, _)| *at) {
+            Ok(k) => entries[k].1 = e,
+            Err(k) => {
+                if entries.len() == entries.capacity() {
+                    // Slow growth: the slack of doubling would outweigh what the sparse form saves.
+                    entries.reserve_exact((entries.len() / 4).max(16));
+                }
+                entries.insert(k, (i as u32, e));
+                if entries.len() * size_of::<(u32, Entry)>() >= per_table * size_of::<Entry>() {
+                    *self = L2Entries::new(std::mem::take(entries), per_table);
+                }
+            }
         }
     }
 
@@ -208,15 +229,13 @@ impl SubclusterLayer {
                 continue;
             }
             read_full(&file, &mut raw, off, path)?;
-            let mut entries = vec![Entry::default(); per_table].into_boxed_slice();
-            let mut any = false;
-            for (i, e) in entries.iter_mut().enumerate() {
-                *e = Entry { desc: be64(&raw, i * 16), bitmap: be64(&raw, i * 16 + 8) };
+            let mut entries = Vec::new();
+            for i in 0..per_table {
+                let e = Entry { desc: be64(&raw, i * 16), bitmap: be64(&raw, i * 16 + 8) };
                 let guest = (t * per_table + i) as u64 * cs;
-                if *e == Entry::default() || guest >= header.size {
+                if e == Entry::default() || guest >= header.size {
                     continue;
                 }
-                any = true;
                 let what = || format!("L2 entry for guest offset {guest:#x} ({:#018x} {:#018x})", e.desc, e.bitmap);
                 if e.desc & L2_COMPRESSED != 0 {
                     return Err(bad(format!("{}: compressed clusters are not supported with subclusters", what())));
@@ -236,14 +255,10 @@ impl SubclusterLayer {
                         return Err(truncated(path, format!("data cluster for guest offset {guest:#x}"), end, len));
                     }
                 }
+                entries.push((i as u32, e));
             }
-            let entries = if writable {
-                L2Entries::Dense(entries)
-            } else {
-                let used = entries.iter().enumerate().filter(|(_, e)| **e != Entry::default());
-                L2Entries::Sparse(used.map(|(i, e)| (i as u32, *e)).collect())
-            };
-            l2.push(any.then_some(L2Table { entries, dirty: None }));
+            entries.shrink_to_fit();
+            l2.push((!entries.is_empty()).then(|| L2Table { entries: L2Entries::new(entries, per_table), dirty: None }));
         }
         let used_end = l2
             .iter()
@@ -338,11 +353,8 @@ impl SubclusterLayer {
     fn set_entry(&mut self, cluster: u64, e: Entry) {
         let per = self.per_table();
         let (t, i) = ((cluster >> self.table_bits()) as usize, (cluster & (per as u64 - 1)) as usize);
-        let table = self.l2[t].get_or_insert_with(|| L2Table {
-            entries: L2Entries::Dense(vec![Entry::default(); per].into_boxed_slice()),
-            dirty: None,
-        });
-        table.entries.dense(per)[i] = e;
+        let table = self.l2[t].get_or_insert_with(|| L2Table { entries: L2Entries::Sparse(Vec::new()), dirty: None });
+        table.entries.set(i, e, per);
         table.dirty = Some(match table.dirty {
             Some((a, b)) => (a.min(i), b.max(i + 1)),
             None => (i, i + 1),
@@ -488,12 +500,11 @@ impl SubclusterLayer {
         if l2_dirty {
             self.file.sync_data()?;
             let mut raw = Vec::new();
-            let per = self.per_table();
             for (t, table) in self.l2.iter_mut().enumerate() {
                 let Some(table) = table else { continue };
                 let Some((a, b)) = table.dirty else { continue };
                 raw.clear();
-                for e in &table.entries.dense(per)[a..b] {
+                for e in (a..b).map(|i| table.entries.get(i)) {
                     raw.extend_from_slice(&e.desc.to_be_bytes());
                     raw.extend_from_slice(&e.bitmap.to_be_bytes());
                 }
