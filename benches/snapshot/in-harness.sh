@@ -27,9 +27,12 @@ ember rm cold$N
 : >restore.ms
 : >restore.exits
 : >vmm.ms
+# Restores from a template (a snapshot of a freshly booted sandbox), as `ember run --detach`
+# does by default; the spare VMM a start takes over was started by the start before.
+ember template create bench --mem-mib "$MEM" >/dev/null || exit 1
 for i in $(seq "$N"); do
   t0=$(ms)
-  EMBER_LOG=info ember run --detach --from-snapshot /tmp/snap --name warm$i >/dev/null || exit 1
+  EMBER_LOG=info ember run --detach --template bench --name warm$i >/dev/null || exit 1
   echo $(($(ms) - t0)) >>restore.ms
   exits warm$i >>restore.exits
   sed -n 's/.*first KVM_RUN \([0-9.]*\)\(µs\|ms\) after.*/\1 \2/p' "$STATE/warm$i/vmm.log" |
@@ -37,9 +40,9 @@ for i in $(seq "$N"); do
 done
 pid=$(pid_of warm1)
 # Guest pages faulted in: the resident part of the memory file's private mapping.
-before=$(awk '/\/tmp\/snap\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
+before=$(awk '/\/templates\/bench\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
 ember exec warm1 -- true </dev/null
-after=$(awk '/\/tmp\/snap\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
+after=$(awk '/\/templates\/bench\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
 sleep 2
 pss=$(kib Pss $pid)
 uss=$(($(kib Private_Clean $pid) + $(kib Private_Dirty $pid)))
@@ -48,12 +51,13 @@ cold=$(median <cold.ms)
 warm=$(median <restore.ms)
 echo "guest: $MEM MiB Debian sandbox, $N runs each, medians (harness time)"
 echo "cold boot to agent-ready:            $cold ms, $(median <cold.exits) VM exits"
-echo "restore from snapshot to agent-ready: $warm ms ($(awk "BEGIN{printf \"%.1f\", $cold / $warm}")x faster), $(median <restore.exits) VM exits"
+echo "restore from template to agent-ready: $warm ms ($(awk "BEGIN{printf \"%.1f\", $cold / $warm}")x faster), $(median <restore.exits) VM exits"
 echo "snapshot of a running sandbox:        $snap_ms ms (memory file $(du -k /tmp/snap/memory | cut -f1) KiB on disk)"
 echo "VMM: load request to first KVM_RUN:   $(median <vmm.ms) ms"
 echo "guest memory faulted in by a restored sandbox: $before KiB up to agent-ready, $after KiB after one exec"
 echo "idle restored sandbox's VMM process: PSS $pss KiB, USS $uss KiB"
 for i in $(seq "$N"); do ember rm warm$i; done
+ember template rm bench
 
 # Forks of a running sandbox, 256 MiB and 2 GiB guests: the time `ember fork` takes to a
 # child whose agent answers, the part of it the parent is paused for, and the VMM's own freeze
