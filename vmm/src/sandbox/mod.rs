@@ -374,7 +374,7 @@ impl Store {
                 tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
                 VmmProcess::Adopted(spare)
             }
-            None => VmmProcess::Child(self.spawn_vmm(name, dir)?),
+            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name))?),
         };
         let record = Record {
             name: name.to_string(),
@@ -460,8 +460,11 @@ impl Store {
         }
     }
 
-    /// Starts a VMM process for sandbox `name`, whose state directory is `dir`.
-    fn spawn_vmm(&self, name: &str, dir: &Path) -> Result<std::process::Child, SandboxError> {
+    /// Starts a VMM process named `id` serving `dir`/api.sock, its console and log in `dir`;
+    /// in its own session, so that it outlives the terminal and the command that started it,
+    /// unless `tied` (a hidden sandbox's, that command's scratch): then it dies with this
+    /// process even if that is killed.
+    fn spawn_vmm(&self, id: &str, dir: &Path, tied: bool) -> Result<std::process::Child, SandboxError> {
         let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
         let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
         let mut command = Command::new(&self.vmm_binary);
@@ -470,20 +473,17 @@ impl Store {
             .arg("--api-sock")
             .arg(dir.join(API_SOCKET))
             .arg("--id")
-            .arg(name)
+            .arg(id)
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(log);
-        // Its own session: the sandbox outlives the terminal and the command that started it.
-        // A hidden one is that command's scratch, and must not outlive it even if it is killed.
-        let hidden = is_hidden(name);
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: setsid, prctl and getppid are async-signal-safe and touch no memory of the
         // parent; the error is made without allocating.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
                 libc::setsid();
-                if hidden {
+                if tied {
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                     // The parent may have died before the prctl, unnoticed by it.
                     if libc::getppid() != parent {
@@ -493,7 +493,7 @@ impl Store {
                 Ok(())
             });
         }
-        tracing::debug!("sandbox {name}: spawning the VMM");
+        tracing::debug!("{id}: spawning the VMM");
         command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))
     }
 

@@ -15,7 +15,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use super::record::{vmm_serves, API_SOCKET, CONSOLE_LOG, VMM_LOG};
 use super::{io, random_hex, SandboxError, Store};
@@ -76,7 +75,7 @@ impl Store {
     /// The pid of the spare in `dir` if it is ready to be taken over: its process serves the
     /// socket there and runs this ember binary (a rebuilt ember may restore differently).
     fn live_spare(&self, dir: &Path) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()?;
+        let pid = spare_pid(dir)?;
         let socket = dir.join(API_SOCKET);
         if !socket.exists() || !vmm_serves(pid, &socket) {
             return None;
@@ -94,15 +93,11 @@ impl Store {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age.as_secs() < 60);
-        let pid = std::fs::read_to_string(dir.join(PID_FILE)).ok().and_then(|p| p.trim().parse::<i32>().ok());
+        let pid = spare_pid(dir);
         let starting = young && (pid.is_none() || !dir.join(API_SOCKET).exists());
-        if starting {
-            return;
+        if !starting {
+            self.discard_spare_now(dir);
         }
-        if let Some(pid) = pid {
-            kill_if_serving(pid, &dir.join(API_SOCKET));
-        }
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Starts spare VMMs until as many as wanted are ready or starting, and stops any beyond.
@@ -133,7 +128,7 @@ impl Store {
     }
 
     fn discard_spare_now(&self, dir: &Path) {
-        if let Some(pid) = std::fs::read_to_string(dir.join(PID_FILE)).ok().and_then(|p| p.trim().parse().ok()) {
+        if let Some(pid) = spare_pid(dir) {
             kill_if_serving(pid, &dir.join(API_SOCKET));
         }
         let _ = std::fs::remove_dir_all(dir);
@@ -143,29 +138,14 @@ impl Store {
         let id = format!("spare-{}", random_hex());
         let dir = spares.join(&id);
         std::fs::create_dir(&dir).map_err(io("cannot create", &dir))?;
-        let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", &dir))?;
-        let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", &dir))?;
-        let mut command = Command::new(&self.vmm_binary);
-        command
-            .arg("vmm")
-            .arg("--api-sock")
-            .arg(dir.join(API_SOCKET))
-            .arg("--id")
-            .arg(&id)
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(log);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))?;
+        let child = self.spawn_vmm(&id, &dir, false)?;
         let pid_path = dir.join(PID_FILE);
         std::fs::write(&pid_path, child.id().to_string()).map_err(io("cannot write", &pid_path))
     }
+}
+
+fn spare_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()
 }
 
 fn kill_if_serving(pid: i32, socket: &Path) {
