@@ -11,6 +11,9 @@
 //! booted guest's is not; restore does not depend on it, since the memory file is mapped and
 //! never read here.
 
+mod common;
+
+use common::{elf, env};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -22,37 +25,6 @@ use vmm_sys_util::tempdir::TempDir;
 
 /// `inc rbx; out 0x80, eax; jmp $-5`: one port write per loop.
 const GUEST: [u8; 7] = [0x48, 0xff, 0xc3, 0xe7, 0x80, 0xeb, 0xf9];
-const LOAD_ADDR: u64 = 0x10_0000;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A 64-bit ELF with one loadable segment holding `code` at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 0x1000];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4..7].copy_from_slice(&[2, 1, 1]);
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
 
 /// Boots the guest, lets it run a few loops, and snapshots it into `dir/snap`.
 fn make_snapshot(dir: &Path, mem_mib: u64, vcpus: u8) -> snapshot::SnapshotInfo {

@@ -18,6 +18,9 @@
 //! halts. Memory counts as in the harness: `Anonymous` of /proc/PID/smaps, guest RAM mappings
 //! (the frozen memfd) apart from the VMM's own.
 
+mod common;
+
+use common::{elf, env};
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -41,7 +44,6 @@ use vmm_sys_util::tempdir::TempDir;
 
 /// `out 0x80, al; hlt; jmp $-1`: one exit to show it ran, then halted for good (interrupts off).
 const GUEST: [u8; 5] = [0xe6, 0x80, 0xf4, 0xeb, 0xfd];
-const LOAD_ADDR: u64 = 0x10_0000;
 const MEM_MIB: u64 = 256;
 const BASE_BYTES: u64 = 1 << 30;
 /// Where the driver's rings go: 64 KiB per device, 16 KiB per queue.
@@ -52,36 +54,6 @@ const QUEUE_SIZE: u16 = 256;
 /// What the guest writes to its disk; the child's write goes to this sector.
 const DATA_BYTE: u8 = 0xab;
 const CHILD_SECTOR: u64 = 100 << 11;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A 64-bit ELF with one loadable segment holding `code` at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 0x1000];
-    f[..4].copy_from_slice(b"\x7fELF");
-    f[4..7].copy_from_slice(&[2, 1, 1]);
-    f[16..18].copy_from_slice(&2u16.to_le_bytes());
-    f[18..20].copy_from_slice(&62u16.to_le_bytes());
-    f[20..24].copy_from_slice(&1u32.to_le_bytes());
-    f[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    f[32..40].copy_from_slice(&64u64.to_le_bytes());
-    f[52..54].copy_from_slice(&64u16.to_le_bytes());
-    f[54..56].copy_from_slice(&56u16.to_le_bytes());
-    f[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let ph = &mut f[64..120];
-    ph[0..4].copy_from_slice(&1u32.to_le_bytes());
-    ph[4..8].copy_from_slice(&5u32.to_le_bytes());
-    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
-    ph[16..24].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    ph[24..32].copy_from_slice(&LOAD_ADDR.to_le_bytes());
-    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
-    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
-    f.extend_from_slice(code);
-    f
-}
 
 /// Guest memory addresses of queue `q` of virtio device `dev`: descriptors, avail, used.
 fn ring(dev: u64, q: u64) -> (u64, u64, u64) {
