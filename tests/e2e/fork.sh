@@ -20,7 +20,6 @@ sees() { in_sb "$1" test -e "$2"; }
 
 case_children_go_on_from_the_parent_and_diverge() {
   export EMBER_STATE="$PWD/st"
-  EXTRA_LOGS="st/sandboxes/p/vmm.log st/sandboxes/p-1/vmm.log st/sandboxes/p-2/vmm.log"
   # Booted: its memory is frozen in place (a sandbox restored from a template, as in the next
   # case, already runs on a private mapping).
   ember run --detach --cold --name p >>out 2>>err || { echo "    the parent did not start"; return 1; }
@@ -66,21 +65,20 @@ before" ] || { echo "    $sb: its own file did not reach its disk"; ok=0; }
     [ "$p1" != "$p2" ] || { echo "    both children's Python drew $p1"; ok=0; }
   fi
   # The children outlive their parent, disk layer included.
-  command ember rm p >/dev/null 2>&1
+  rm_sb p
   if [ $ok = 1 ]; then
     in_sb p-1 sh -c 'echo 3 > /proc/sys/vm/drop_caches' &&
       [ "$(in_sb p-1 cat /root/marker)" = before ] || { echo "    p-1 lost its disk with its parent"; ok=0; }
     counts_on p-1 "$pid" "$before" || ok=0
   fi
   [ "$(ls st/layers | wc -l)" = 1 ] || { echo "    layers after removing the parent: $(ls st/layers)"; ok=0; }
-  command ember rm p-1 p-2 >/dev/null 2>&1
+  rm_sb p-1 p-2
   [ "$(ls st/layers | wc -l)" = 0 ] || { echo "    layers left after removing everyone: $(ls st/layers)"; ok=0; }
   [ $ok = 1 ]
 }
 
 case_forks_of_forks_and_a_second_fork_of_the_parent() {
   export EMBER_STATE="$PWD/st"
-  EXTRA_LOGS="st/sandboxes/p/vmm.log st/sandboxes/p-1/vmm.log st/sandboxes/p-1-1/vmm.log st/sandboxes/p-2/vmm.log"
   ember run --detach --name p >>out 2>>err || { echo "    the parent did not start"; return 1; }
   ok=1
   start_counting p || ok=0
@@ -100,7 +98,7 @@ gen1" ] || { echo "    the grandchild misses its parent's writes"; ok=0; }
       counts_on $sb "$pid" 5 || ok=0
     done
   fi
-  command ember rm p p-1 p-1-1 p-2 >/dev/null 2>&1
+  rm_sb p p-1 p-1-1 p-2
   [ $ok = 1 ]
 }
 

@@ -52,6 +52,18 @@ in_sb() {
   command ember exec "$sb" -- "$@" 2>>err
 }
 
+# rm_sb SANDBOX...: removes the sandboxes, keeping their VMM and console logs in kept/ for the
+# case's report should it fail.
+rm_sb() {
+  mkdir -p kept
+  for sb in "$@"; do
+    for log in vmm console; do
+      cp "${EMBER_STATE:-$HOME/.local/state/ember}/sandboxes/$sb/$log.log" "kept/$sb.$log.log" 2>/dev/null
+    done
+  done
+  command ember rm "$@" >/dev/null 2>&1
+}
+
 # start_counting SANDBOX: the counter runs detached from the agent's session; waits until it
 # has counted to 5.
 start_counting() {
@@ -87,8 +99,8 @@ run_cases() {
     echo "$result ${name#case_} ($(awk "BEGIN{printf \"%.1f\", $end-$start}") s)"
     if [ "$result" = FAILED ]; then
       sed 's/^/    /' case.log
-      # A suite can name more logs to show (a sandbox's VMM and console logs) in EXTRA_LOGS.
-      for f in out err $EXTRA_LOGS; do
+      # A suite can name more logs to show in EXTRA_LOGS; rm_sb keeps sandboxes' logs.
+      for f in out err $EXTRA_LOGS kept/*; do
         [ -f "$f" ] && { echo "    --- $f:"; tail -n 20 "$f" | sed 's/^/    | /'; }
       done
     fi

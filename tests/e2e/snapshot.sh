@@ -33,7 +33,7 @@ case_a_sandbox_started_from_a_snapshot_continues_it() {
     in_sb orig test -e /root/mine && { echo "    the original sees the copy's file"; ok=0; }
     in_sb orig kill -0 "$pid" || { echo "    the original's counter died"; ok=0; }
   fi
-  command ember rm orig copy >/dev/null 2>&1
+  rm_sb orig copy
   [ $ok = 1 ]
 }
 
@@ -43,7 +43,7 @@ case_a_corrupt_snapshot_fails_cleanly() {
   ember snapshot orig snap >>out 2>>err
   ok=1
   expect_status 0 || ok=0
-  command ember rm orig >/dev/null 2>&1
+  rm_sb orig
   [ $ok = 1 ] || return 1
   cp snap/state state.good
   printf 'X' | dd of=snap/state bs=1 seek=100 conv=notrunc 2>/dev/null

@@ -46,7 +46,8 @@ case_twenty_sandboxes_from_one_template_each_answer_as_themselves() {
   : >restore.ms
   for i in 1 2 3 4 5; do
     t0=$(ms)
-    command ember run --detach --template t1 --name t$i >/dev/null 2>err.$i || { echo "    t$i did not start"; ok=0; }
+    command ember run --detach --template t1 --name t$i >/dev/null 2>err.$i ||
+      { echo "    t$i did not start:"; sed 's/^/      /' err.$i; ok=0; }
     echo $(($(ms) - t0)) >>restore.ms
   done
   for batch in "6 7 8 9 10" "11 12 13 14 15" "16 17 18 19 20"; do
@@ -57,7 +58,10 @@ case_twenty_sandboxes_from_one_template_each_answer_as_themselves() {
     wait
     echo "restore from template, 5 at once: $(($(ms) - t0)) ms for the batch" >>batch.ms
   done
-  [ ! -s failed ] || { echo "    did not start: $(cat failed)"; ok=0; }
+  if [ -s failed ]; then
+    ok=0
+    for t in $(cat failed); do echo "    $t did not start:"; sed 's/^/      /' "err.${t#t}"; done
+  fi
   all=
   for i in $(seq 20); do
     all="$all t$i"
@@ -201,7 +205,10 @@ case_run_detach_makes_an_automatic_template_once_and_restores_from_it() {
     (command ember run --detach --mem-mib 320 --name $sb >/dev/null 2>err.$sb || echo $sb >>failed) &
   done
   wait
-  [ ! -s failed ] || { echo "    did not start: $(cat failed)"; ok=0; }
+  if [ -s failed ]; then
+    ok=0
+    for t in $(cat failed); do echo "    $t did not start:"; sed 's/^/      /' "err.${t#t}"; done
+  fi
   [ "$(command ember template ls | grep -c '^auto-')" = 2 ] || { echo "    templates: $(command ember template ls)"; ok=0; }
   for sb in k1 k2; do
     kib=$(in_sb $sb sed -n 's/^MemTotal: *\([0-9]*\).*/\1/p' /proc/meminfo)

@@ -298,7 +298,15 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
     vmm::api::server::start(&args.api_sock, sender)?;
     let outcome = vmm::controller::serve(channel, args.id, started, Box::new(std::io::stdout()));
     let _ = std::fs::remove_file(&args.api_sock);
-    exit_status(outcome?.exit)
+    let exit = outcome?.exit;
+    // A sandbox's VMM runs detached: its log is the only place that says why its guest ended.
+    match &exit {
+        GuestExit::Reset => eprintln!("ember: the guest reset itself (a reboot or power-off)"),
+        GuestExit::TripleFault => eprintln!("ember: the guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
+        GuestExit::SystemEvent(kind) => eprintln!("ember: the guest ended with KVM system event {kind}"),
+        GuestExit::Panic(_) | GuestExit::Failure(_) => {}
+    }
+    exit_status(exit)
 }
 
 fn exit_status(exit: GuestExit) -> anyhow::Result<ExitCode> {

@@ -52,8 +52,8 @@ pub enum SandboxError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Api(#[from] ApiClientError),
-    #[error("the VMM of sandbox {name} exited during start-up; its log says:\n{log}")]
-    VmmDied { name: String, log: String },
+    #[error("the VMM of sandbox {name} exited during start-up ({how}); its log says:\n{log}\nthe guest console's last lines:\n{console}")]
+    VmmDied { name: String, how: String, log: String, console: String },
     #[error("{0} already holds a snapshot")]
     SnapshotExists(PathBuf),
     #[error(transparent)]
@@ -127,10 +127,19 @@ impl VmmProcess {
         }
     }
 
-    fn exited(&mut self) -> bool {
+    /// How the VMM ended, if it has: a silent death (no log) is told apart from an error
+    /// exit by its signal.
+    fn exited(&mut self) -> Option<String> {
         match self {
-            VmmProcess::Child(child) => matches!(child.try_wait(), Ok(Some(_))),
-            VmmProcess::Adopted(spare) => !record::vmm_serves(spare.pid, &spare.started_as),
+            VmmProcess::Child(child) => child.try_wait().ok().flatten().map(|status| {
+                use std::os::unix::process::ExitStatusExt;
+                match status.signal() {
+                    Some(signal) => format!("killed by signal {signal}"),
+                    None => status.to_string(),
+                }
+            }),
+            VmmProcess::Adopted(spare) => (!record::vmm_serves(spare.pid, &spare.started_as))
+                .then(|| format!("process {} is gone", spare.pid)),
         }
     }
 }
@@ -397,7 +406,12 @@ impl Store {
         std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
 
         let died = |vmm: &mut VmmProcess| -> Option<SandboxError> {
-            vmm.exited().then(|| SandboxError::VmmDied { name: name.to_string(), log: tail(&dir.join(VMM_LOG), 20) })
+            vmm.exited().map(|how| SandboxError::VmmDied {
+                name: name.to_string(),
+                how,
+                log: tail(&dir.join(VMM_LOG), 20),
+                console: tail(&dir.join(CONSOLE_LOG), 20),
+            })
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {

@@ -52,10 +52,9 @@ impl Store {
                 self.discard_spare(&entry.path());
                 continue;
             };
-            let claimed = spares.join(format!(".{id}.{}", std::process::id()));
-            if std::fs::rename(entry.path(), &claimed).is_err() {
+            let Some(claimed) = claim(&entry.path()) else {
                 continue;
-            }
+            };
             let moved = [API_SOCKET, CONSOLE_LOG, VMM_LOG]
                 .iter()
                 .try_for_each(|f| std::fs::rename(claimed.join(f), dir.join(f)));
@@ -127,11 +126,16 @@ impl Store {
         Ok(())
     }
 
+    /// Stops the spare in `dir` and removes its files, unless another ember process claims it
+    /// first (to take it over, or to stop it itself).
     fn discard_spare_now(&self, dir: &Path) {
-        if let Some(pid) = spare_pid(dir) {
+        let Some(claimed) = claim(dir) else {
+            return;
+        };
+        if let Some(pid) = spare_pid(&claimed) {
             kill_if_serving(pid, &dir.join(API_SOCKET));
         }
-        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(&claimed);
     }
 
     fn start_spare(&self, spares: &Path) -> Result<(), SandboxError> {
@@ -144,6 +148,15 @@ impl Store {
     }
 }
 
+/// Claims the spare in `dir` for this process by renaming its directory to a hidden name:
+/// of several ember processes after it (to take it over or to stop it), exactly one gets
+/// it, so that no process stops a VMM another has just taken over.
+fn claim(dir: &Path) -> Option<PathBuf> {
+    let id = dir.file_name()?.to_string_lossy();
+    let claimed = dir.with_file_name(format!(".{id}.{}", std::process::id()));
+    std::fs::rename(dir, &claimed).ok().map(|()| claimed)
+}
+
 fn spare_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join(PID_FILE)).ok()?.trim().parse().ok()
 }
@@ -152,5 +165,67 @@ fn kill_if_serving(pid: i32, socket: &Path) {
     if vmm_serves(pid, socket) {
         // SAFETY: plain kill(2) of a process that vmm_serves identified as that VMM.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    use vmm_sys_util::tempdir::TempDir;
+
+    use super::*;
+
+    /// A stand-in spare in `spares`/`id`: a shell (the store's "VMM binary") whose command line
+    /// names the spare's socket, as an `ember vmm` started for it does.
+    fn fake_spare(spares: &Path, id: &str) -> (PathBuf, Child) {
+        let dir = spares.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [API_SOCKET, CONSOLE_LOG, VMM_LOG] {
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        // The trailing `:` keeps the shell from exec'ing sleep, so its argv stays in /proc.
+        let child = Command::new("/bin/sh").args(["-c", "sleep 30; :", "sh"]).arg(dir.join(API_SOCKET)).spawn().unwrap();
+        std::fs::write(dir.join(PID_FILE), child.id().to_string()).unwrap();
+        assert!(serving_becomes(&dir, child.id() as i32, true), "the stand-in spare did not start");
+        (dir, child)
+    }
+
+    fn serving_becomes(dir: &Path, pid: i32, want: bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vmm_serves(pid, &dir.join(API_SOCKET)) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vmm_serves(pid, &dir.join(API_SOCKET)) == want
+    }
+
+    #[test]
+    fn a_spare_taken_over_is_not_stopped_by_a_refill_that_listed_it_before() {
+        let tmp = TempDir::new_with_prefix("/tmp/ember-spares-").unwrap();
+        let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from("/bin/sh"));
+        let spares = store.spares_dir();
+        let (spare_dir, mut spare) = fake_spare(&spares, "spare-a");
+        let sandbox = store.dir("sb");
+        std::fs::create_dir_all(&sandbox).unwrap();
+
+        let adopted = store.adopt_spare(&sandbox).expect("the live spare is taken over");
+        assert_eq!(adopted.pid, spare.id() as i32);
+        assert_eq!(adopted.started_as, spare_dir.join(API_SOCKET));
+        assert!(sandbox.join(API_SOCKET).exists() && sandbox.join(VMM_LOG).exists(), "its files moved");
+        // Another start's refill saw the spare before the takeover and now finds it one too
+        // many: the VMM is the sandbox's now, and must live on.
+        store.discard_spare_now(&spare_dir);
+        assert!(vmm_serves(adopted.pid, &adopted.started_as), "the taken-over VMM was stopped");
+        assert!(store.adopt_spare(&sandbox).is_none(), "a spare was taken over twice");
+
+        // One not taken over is stopped, and its files removed.
+        let (other_dir, mut other) = fake_spare(&spares, "spare-b");
+        store.discard_spare_now(&other_dir);
+        other.wait().unwrap();
+        assert!(!other_dir.exists());
+        assert_eq!(std::fs::read_dir(&spares).unwrap().count(), 0, "claimed directories are removed");
+        spare.kill().unwrap();
+        spare.wait().unwrap();
     }
 }
