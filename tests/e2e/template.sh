@@ -10,14 +10,6 @@ EXTRA_LOGS="err.1 err.6 err.k1 err.k2"
 ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
 
-# in_sb SANDBOX COMMAND...: runs COMMAND in SANDBOX, its output on stdout; a guest that
-# stopped answering fails the case instead of hanging the suite.
-in_sb() {
-  sb=$1
-  shift
-  timeout 60 ember exec "$sb" -- "$@" </dev/null 2>>err
-}
-
 # nothing_hidden_left: no sandbox or template being made or removed is left over.
 nothing_hidden_left() {
   left=$(ls -A "$STATE/sandboxes" "$STATE/templates" 2>/dev/null | grep '^\.')
