@@ -33,7 +33,8 @@ ember rm cold$N
 : >restore.exits
 : >vmm.ms
 # Restores from a template (a snapshot of a freshly booted sandbox), as `ember run --detach`
-# does by default; the spare VMM a start takes over was started by the start before.
+# does by default; the spare VMM a start takes over was started by the start before. Each is
+# removed once measured, as each cold boot is: idle guests take the harness's CPU.
 ember template create bench --mem-mib "$MEM" >/dev/null || exit 1
 for i in $(seq 0 "$N"); do
   sleep 1
@@ -44,11 +45,12 @@ for i in $(seq 0 "$N"); do
   exits warm$i >>restore.exits
   sed -n 's/.*first KVM_RUN \([0-9.]*\)\(µs\|ms\) after.*/\1 \2/p' "$STATE/warm$i/vmm.log" |
     awk '{printf "%.3f\n", $2 == "ms" ? $1 : $1 / 1000}' >>vmm.ms
+  [ "$i" = "$N" ] || ember rm warm$i
 done
-pid=$(pid_of warm1)
+pid=$(pid_of warm$N)
 # Guest pages faulted in: the resident part of the memory file's private mapping.
 before=$(awk '/\/templates\/bench\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
-ember exec warm1 -- true </dev/null
+ember exec warm$N -- true </dev/null
 after=$(awk '/\/templates\/bench\/memory/ {m=1; next} /^[0-9a-f]+-/ {m=0} m && $1 == "Rss:" {s += $2} END {print s + 0}' /proc/$pid/smaps)
 sleep 2
 pss=$(kib Pss $pid)
@@ -64,7 +66,7 @@ echo "snapshot of a running sandbox:        $snap_ms ms (memory file $(du -k /tm
 echo "VMM: load request to first KVM_RUN:   $(median <vmm.ms) ms"
 echo "guest memory faulted in by a restored sandbox: $before KiB up to agent-ready, $after KiB after one exec"
 echo "idle restored sandbox's VMM process: PSS $pss KiB, USS $uss KiB"
-for i in $(seq "$N"); do ember rm warm$i; done
+ember rm warm$N
 ember template rm bench
 
 # Forks of a running sandbox, 256 MiB and 2 GiB guests: the time `ember fork` takes to a

@@ -154,13 +154,22 @@ fn load(
         overrides.vsock_cid = vsock.guest_cid;
         overrides.vsock_uds = vsock.uds_path.clone().map(Into::into);
     }
+    let started = Instant::now();
     let state = snapshot::read_state(params.snapshot_path.as_ref())?;
+    let read = started.elapsed();
     let devices = snapshot::open_devices(&state, &overrides)?;
+    let opened = started.elapsed();
     let layers: Vec<std::path::PathBuf> = params.mem_layers.iter().map(Into::into).collect();
     let ram = snapshot::map_memory(mem_file.as_ref(), &layers, &state)?;
+    let mapped = started.elapsed();
     let prepared = match prepared.take() {
         Some(p) => p,
         None => snapshot::prepare()?,
     };
-    snapshot::restore_vm(prepared, &state, ram, devices, console)
+    let vm = snapshot::restore_vm(prepared, &state, ram, devices, console)?;
+    tracing::debug!(
+        "snapshot load: state read {read:?}, devices opened {opened:?}, memory mapped {mapped:?}, VM restored {:?}",
+        started.elapsed()
+    );
+    Ok(vm)
 }
