@@ -14,6 +14,7 @@ mod exec;
 mod files;
 pub mod server;
 pub mod sys;
+pub mod workers;
 
 use std::io::{self, Read, Write};
 

@@ -1,5 +1,5 @@
 //! `ember-agent`: listens on AF_VSOCK (or a Unix socket, for testing on the host) and serves
-//! the protocol of PROTOCOL.md, one thread per connection.
+//! the protocol of PROTOCOL.md, one thread per connection (threads are kept for later ones).
 //!
 //! Usage: `ember-agent [--port N] [--unix PATH] [--init]` (see --help).
 //! `--init` (implied when the agent is PID 1): mount /proc, /sys, /dev, /dev/pts, /dev/shm,
@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use ember_agent::server::{serve, Config};
 use ember_agent::sys;
+use ember_agent::workers::Workers;
 use ember_agent::Connection;
 use tracing::{info, warn};
 
@@ -30,19 +31,14 @@ struct Args {
     init: bool,
 }
 
-fn spawn_conn<S: Connection>(s: S, config: &Config) {
+/// Connection threads: 256 KiB stacks, which the deepest request (an exec's set-up) fits in.
+fn workers<S: Connection>(config: &Config) -> Workers<S> {
     let config = config.clone();
-    let r = std::thread::Builder::new()
-        .name("conn".into())
-        .stack_size(256 << 10)
-        .spawn(move || {
-            if let Err(e) = serve(s, &config) {
-                warn!("connection: {e}");
-            }
-        });
-    if let Err(e) = r {
-        warn!("cannot start a connection thread: {e}");
-    }
+    Workers::new(256 << 10, move |s| {
+        if let Err(e) = serve(s, &config) {
+            warn!("connection: {e}");
+        }
+    })
 }
 
 fn main() -> Result<()> {
@@ -71,9 +67,10 @@ fn main() -> Result<()> {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path).with_context(|| format!("bind {path}"))?;
         info!("listening on unix:{path}");
+        let workers = workers(&config);
         loop {
             match l.accept() {
-                Ok((s, _)) => spawn_conn(s, &config),
+                Ok((s, _)) => workers.dispatch(s),
                 Err(e) => warn!("accept: {e}"),
             }
         }
@@ -81,9 +78,10 @@ fn main() -> Result<()> {
     let l = sys::VsockListener::bind(args.port)
         .with_context(|| format!("bind vsock port {}", args.port))?;
     info!("listening on vsock port {}", args.port);
+    let workers = workers(&config);
     loop {
         match l.accept() {
-            Ok(s) => spawn_conn(s, &config),
+            Ok(s) => workers.dispatch(s),
             Err(e) => {
                 warn!("accept: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(10));
