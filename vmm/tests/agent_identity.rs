@@ -1,26 +1,32 @@
-//! The host client's identity call (entropy, clock, hostname in one round trip), against a
+//! The host client's identity call (entropy, clock, hostname in one write and one round trip), against a
 //! scripted agent: the real agent would set this host's clock. The agent's own handling of
 //! each request is tested in guest-agent/tests/agent.rs, and the whole in the harness.
 
+use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ember_agent::{decode, read_frame, write_frame, ErrorKind, Reply, ReplyBody, Request, RequestBody};
 use vmm::agent_client::{self, ClientError, Identity};
 
-/// An agent that reads three requests before it answers any (a client that waited for each
-/// answer would hang it), answers each with `answer`, and hands back what it got.
+/// An agent that takes the three requests in one read before it answers any (a client that
+/// waited for each answer would hang it; one that wrote them one by one would reach a guest as
+/// several packets), answers each with `answer`, and hands back what it got.
 fn scripted_agent(answer: fn(&RequestBody) -> ReplyBody) -> (UnixStream, std::thread::JoinHandle<Vec<RequestBody>>) {
     let (a, mut b) = UnixStream::pair().unwrap();
     a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let server = std::thread::spawn(move || {
+        let mut chunk = vec![0u8; 64 << 10];
+        let n = b.read(&mut chunk).unwrap();
+        let mut one_read = &chunk[..n];
         let mut buf = Vec::new();
         let mut requests = Vec::new();
-        for _ in 0..3 {
-            read_frame(&mut b, &mut buf).unwrap();
+        for i in 0..3 {
+            read_frame(&mut one_read, &mut buf).unwrap_or_else(|e| panic!("request {i} was not in the first read: {e:?}"));
             requests.push(decode::<Request>(&buf).unwrap());
         }
+        assert!(one_read.is_empty(), "more than three requests");
         for request in &requests {
             write_frame(&mut b, &Reply { id: request.id, body: answer(&request.body) }).unwrap();
         }
