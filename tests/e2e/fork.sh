@@ -53,6 +53,12 @@ p-2" ] || { echo "    fork printed: $(cat children)"; ok=0; }
       [ "$(in_sb $sb cat /root/own-$sb /root/marker)" = "$sb
 before" ] || { echo "    $sb: its own file did not reach its disk"; ok=0; }
     done
+    # Their clocks went on together: the kernel still trusts the TSC against kvmclock (its
+    # watchdog, every half second, has had a second of counting above to compare them).
+    for sb in p-1 p-2; do
+      in_sb $sb dmesg | grep -q "Marking clocksource 'tsc' as unstable" &&
+        { echo "    $sb: the guest found its TSC out of step with kvmclock"; ok=0; }
+    done
     # Each child is itself: its own hostname and its own random numbers.
     for sb in p-1 p-2; do
       [ "$(in_sb $sb hostname)" = $sb ] || { echo "    $sb has hostname $(in_sb $sb hostname)"; ok=0; }

@@ -27,6 +27,8 @@ use crate::vstate::memory::{GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::tsc;
+use crate::arch::x86_64::msr::MSR_KVM_SYSTEM_TIME_NEW;
 
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
@@ -180,15 +182,27 @@ fn encode_state(path: &Path, parts: SnapshotParts) -> Result<Vec<u8>, SnapshotEr
             }
         }
     }
+    let mut vm = parts.vm.save_state()?;
+    if let Some(ns) = guest_kvmclock(&parts, vm.clock_host_tsc) {
+        vm.clock.clock = ns;
+    }
     let state = SnapshotState {
         mem_size: parts.ram.size,
-        vm: parts.vm.save_state()?,
+        vm,
         vcpus: parts.vcpus,
         serial: lock(parts.serial).save_state(),
         drives,
         vsock,
     };
     format::encode(&state)
+}
+
+/// The guest's own kvmclock (vCPU 0's) when the host TSC read `host_tsc`: what its clock goes
+/// on from after a restore (see `vstate::tsc`).
+fn guest_kvmclock(parts: &SnapshotParts, host_tsc: u64) -> Option<u64> {
+    let vcpu = parts.vcpus.first()?;
+    let msr = vcpu.msrs.iter().find(|m| m.index == MSR_KVM_SYSTEM_TIME_NEW)?;
+    tsc::guest_kvmclock_ns(&parts.ram.memory, msr.data, host_tsc.wrapping_add(vcpu.tsc_offset?))
 }
 
 fn write_state(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
@@ -298,7 +312,7 @@ pub fn restore_vm(
         return Err(BuildError::from(KvmError::TooManyVcpus { requested: state.vcpus.len() as u64, max }).into());
     }
     vm.register_ram(&ram)?;
-    vm.restore_state(&state.vm)?;
+    let tsc_shift = vm.restore_state(&state.vm)?;
     let vsock = devices.vsock.as_ref().map(|(_, handle)| handle.clone());
     let virtio_states = state.virtio_states();
     let setup = DeviceSetup {
@@ -311,7 +325,7 @@ pub fn restore_vm(
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for vcpu_state in &state.vcpus {
         let vcpu = Vcpu::new(&vm, vcpu_state.index)?;
-        vcpu.restore_state(vcpu_state)?;
+        vcpu.restore_state(vcpu_state, tsc_shift)?;
         vcpus.push(vcpu);
     }
     // Now that the vCPUs have their local APICs (an interrupt raised before would be wiped by

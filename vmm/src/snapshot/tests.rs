@@ -54,6 +54,7 @@ fn vcpu(index: u8) -> VcpuState {
         mp_state: kvm_bindings::kvm_mp_state { mp_state: 0 },
         events: Default::default(),
         tsc_khz: Some(2_400_000),
+        tsc_offset: Some(u64::MAX - 5_000 + index as u64),
     }
 }
 
@@ -67,6 +68,7 @@ pub(super) fn sample() -> SnapshotState {
             ioapic: chip(KVM_IRQCHIP_IOAPIC),
             pit: Default::default(),
             clock: kvm_clock_data { clock: 123_456_789, ..Default::default() },
+            clock_host_tsc: 987_654_321,
         },
         vcpus: vec![vcpu(0), vcpu(1)],
         serial: SerialSnapshot {
@@ -109,6 +111,8 @@ fn the_state_round_trips_through_the_file_format() {
     assert_eq!(back.vcpus[0].xsave.len(), 1064);
     assert_eq!(back.vcpus[0].msrs[0].data, 0x1234_5678_9abc);
     assert_eq!(back.vm.clock.clock, 123_456_789);
+    assert_eq!(back.vm.clock_host_tsc, 987_654_321);
+    assert_eq!(back.vcpus[1].tsc_offset, Some(u64::MAX - 4_999));
     assert_eq!(back.vm.ioapic.chip_id, KVM_IRQCHIP_IOAPIC);
     assert_eq!(back.serial, state.serial);
     assert_eq!(back.drives, state.drives);
@@ -119,12 +123,12 @@ fn the_state_round_trips_through_the_file_format() {
 #[test]
 fn another_format_version_is_named_as_such() {
     let mut bytes = encode(&sample()).unwrap();
-    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
     let err = decode(path(), &bytes).err().unwrap();
-    assert!(matches!(err, SnapshotError::Version { version: 3, .. }));
+    assert!(matches!(err, SnapshotError::Version { version: 2, .. }));
     assert_eq!(
         err.to_string(),
-        format!("state file /snap/state is format version 3, this ember reads version {FORMAT_VERSION}")
+        format!("state file /snap/state is format version 2, this ember reads version {FORMAT_VERSION}")
     );
 }
 

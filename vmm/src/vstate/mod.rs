@@ -4,6 +4,7 @@ pub mod freeze;
 pub mod kvm;
 pub mod memory;
 pub mod pause;
+pub mod tsc;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -10,6 +10,7 @@ use kvm_bindings::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::tsc::TscShift;
 use super::vcpu::{Vcpu, VcpuError};
 use crate::arch::x86_64::msr::MSR_IA32_TSC_DEADLINE;
 
@@ -37,6 +38,8 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// None where the host's KVM cannot tell its TSC frequency.
     pub tsc_khz: Option<u32>,
+    /// KVM_VCPU_TSC_OFFSET; None where the host's KVM cannot tell it (see `vstate::tsc`).
+    pub tsc_offset: Option<u64>,
 }
 
 impl Vcpu {
@@ -71,6 +74,7 @@ impl Vcpu {
         cpuid.retain(|e| !(e.function == 0 && e.index == 0 && e.flags == 0 && e.eax == 0));
         let msrs = self.get_msrs()?;
         let events = fd.get_vcpu_events().map_err(self.state_err("KVM_GET_VCPU_EVENTS"))?;
+        let tsc_offset = self.tsc_offset();
         Ok(VcpuState {
             index: self.index(),
             cpuid,
@@ -84,6 +88,7 @@ impl Vcpu {
             mp_state,
             events,
             tsc_khz,
+            tsc_offset,
         })
     }
 
@@ -126,16 +131,17 @@ impl Vcpu {
     }
 
     /// Sets everything KVM holds for this vCPU from `state`, which must have passed
-    /// [`VcpuState::check`].
-    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+    /// [`VcpuState::check`]; `tsc_shift` is what the VM's restore returned.
+    pub fn restore_state(&self, state: &VcpuState, tsc_shift: TscShift) -> Result<(), VcpuError> {
         let fd = &self.fd;
         let index = self.index();
         // CPUID first: what KVM accepts in the MSRs and XSAVE depends on it.
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::CpuidTooLarge { index })?;
         fd.set_cpuid2(&cpuid).map_err(self.state_err("KVM_SET_CPUID2"))?;
-        if let Some(khz) = state.tsc_khz {
-            self.match_tsc_khz(khz)?;
-        }
+        let unscaled_khz = match state.tsc_khz {
+            Some(khz) => self.match_tsc_khz(khz)?,
+            None => None,
+        };
         fd.set_mp_state(state.mp_state).map_err(self.state_err("KVM_SET_MP_STATE"))?;
         // KVM_SET_REGS clears a pending exception, which KVM_SET_VCPU_EVENTS at the end restores.
         fd.set_regs(&state.regs).map_err(self.state_err("KVM_SET_REGS"))?;
@@ -149,13 +155,16 @@ impl Vcpu {
         // The LAPIC goes before the MSRs: KVM only accepts the TSC deadline with the LAPIC in
         // TSC-deadline mode.
         fd.set_lapic(&state.lapic).map_err(self.state_err("KVM_SET_LAPIC"))?;
-        for chunk in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
-            let msrs = Msrs::from_entries(chunk).expect("chunk within KVM_MAX_MSR_ENTRIES");
-            let written = fd.set_msrs(&msrs).map_err(self.state_err("KVM_SET_MSRS"))?;
-            if let Some(refused) = chunk.get(written) {
-                return Err(VcpuError::Msr { index, msr: refused.index });
+        let deadline = state.msrs.iter().position(|e| e.index == MSR_IA32_TSC_DEADLINE).unwrap_or(state.msrs.len());
+        let (msrs, deadline) = state.msrs.split_at(deadline);
+        self.set_msrs(msrs)?;
+        if let (Some(offset), Some(khz)) = (state.tsc_offset, unscaled_khz) {
+            // Over the TSC value the MSRs just set, which left it out of step with kvmclock.
+            if let Err(e) = self.set_tsc_offset(tsc_shift.moved(offset, khz)) {
+                tracing::debug!("vCPU {index}: KVM_VCPU_TSC_OFFSET: {e}; the TSC is restored by value");
             }
         }
+        self.set_msrs(deadline)?;
         fd.set_vcpu_events(&state.events).map_err(self.state_err("KVM_SET_VCPU_EVENTS"))?;
         // Tells a guest using kvmclock that it was paused, so its soft-lockup watchdog does not
         // fire for the time it spent in the snapshot. Fails harmlessly when kvmclock is unused.
@@ -165,17 +174,30 @@ impl Vcpu {
         Ok(())
     }
 
-    /// A guest that measured its TSC at one rate must keep seeing that rate.
-    fn match_tsc_khz(&self, khz: u32) -> Result<(), VcpuError> {
+    fn set_msrs(&self, entries: &[kvm_msr_entry]) -> Result<(), VcpuError> {
+        for chunk in entries.chunks(KVM_MAX_MSR_ENTRIES) {
+            let msrs = Msrs::from_entries(chunk).expect("chunk within KVM_MAX_MSR_ENTRIES");
+            let written = self.fd.set_msrs(&msrs).map_err(self.state_err("KVM_SET_MSRS"))?;
+            if let Some(refused) = chunk.get(written) {
+                return Err(VcpuError::Msr { index: self.index(), msr: refused.index });
+            }
+        }
+        Ok(())
+    }
+
+    /// A guest that measured its TSC at one rate must keep seeing that rate. Returns the rate
+    /// where the guest's TSC runs at the host's own (no scaling).
+    fn match_tsc_khz(&self, khz: u32) -> Result<Option<u32>, VcpuError> {
         let Ok(here) = self.fd.get_tsc_khz() else {
-            return Ok(());
+            return Ok(None);
         };
         if (here as u64).abs_diff(khz as u64) * 1_000_000 <= khz as u64 * TSC_KHZ_TOLERANCE_PPM {
-            return Ok(());
+            return Ok(Some(here));
         }
         self.fd
             .set_tsc_khz(khz)
-            .map_err(|source| VcpuError::TscFrequency { index: self.index(), saved: khz, here, source })
+            .map_err(|source| VcpuError::TscFrequency { index: self.index(), saved: khz, here, source })?;
+        Ok(None)
     }
 
     fn xsave_for_restore(&self, words: &[u32]) -> Result<Xsave, VcpuError> {

@@ -15,6 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
 use crate::arch::x86_64::msr::snapshot_msr_list;
 use crate::vstate::memory::GuestRam;
+use crate::vstate::tsc::{self, TscShift};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -42,6 +43,9 @@ pub struct VmState {
     pub ioapic: kvm_irqchip,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
+    /// The host TSC when `clock` was read: with each vCPU's TSC offset, what keeps the guest's
+    /// TSC and kvmclock together on restore (see `vstate::tsc`).
+    pub clock_host_tsc: u64,
 }
 
 impl Vm {
@@ -114,7 +118,7 @@ impl Vm {
             self.fd.get_irqchip(&mut chip).map_err(setup("KVM_GET_IRQCHIP"))?;
             Ok(chip)
         };
-        let mut clock = self.fd.get_clock().map_err(setup("KVM_GET_CLOCK"))?;
+        let (mut clock, clock_host_tsc) = tsc::clock_and_host_tsc(&self.fd).map_err(setup("KVM_GET_CLOCK"))?;
         // The flags KVM_GET_CLOCK reports (TSC_STABLE, REALTIME, HOST_TSC) describe this host at
         // this moment; KVM_SET_CLOCK on another host must set the clock value alone.
         clock.flags = 0;
@@ -124,18 +128,22 @@ impl Vm {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.fd.get_pit2().map_err(setup("KVM_GET_PIT2"))?,
             clock,
+            clock_host_tsc,
         })
     }
 
-    /// Sets the state [`Vm::save_state`] read, on a VM made by [`Vm::new`].
-    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+    /// Sets the state [`Vm::save_state`] read, on a VM made by [`Vm::new`]. Returns how the
+    /// vCPUs' TSC offsets must move to stay in step with the restored kvmclock.
+    pub fn restore_state(&self, state: &VmState) -> Result<TscShift, VmError> {
         let setup = |what| move |source| VmError::Setup { what, source };
         self.fd.set_pit2(&state.pit).map_err(setup("KVM_SET_PIT2"))?;
         self.fd.set_clock(&state.clock).map_err(setup("KVM_SET_CLOCK"))?;
+        let (now, now_tsc) = tsc::clock_and_host_tsc(&self.fd).map_err(setup("KVM_GET_CLOCK"))?;
+        let shift = TscShift::between((state.clock.clock, state.clock_host_tsc), (now.clock, now_tsc));
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd.set_irqchip(chip).map_err(setup("KVM_SET_IRQCHIP"))?;
         }
-        Ok(())
+        Ok(shift)
     }
 
     /// Wires `evt` to interrupt line `gsi` of the in-kernel irqchip.

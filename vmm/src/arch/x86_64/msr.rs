@@ -71,6 +71,8 @@ const SNAPSHOT_MSR_RANGES: [(u32, u32); 20] = [
 const MSR_IA32_CR_PAT: u32 = 0x277;
 const MSR_EFER: u32 = 0xc000_0080;
 pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// Where the guest's kvmclock (pvclock) structure is, bit 0 set when enabled.
+pub const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 /// KVM's paravirtual MSRs 0x4b564d00..: kvmclock (WALL_CLOCK_NEW, SYSTEM_TIME_NEW), async page
 /// faults, steal time, PV EOI, poll control.
 const MSR_KVM_FIRST: u32 = 0x4b56_4d00;
