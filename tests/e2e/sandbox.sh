@@ -132,6 +132,25 @@ case_garbage_on_the_vsock_socket_and_malformed_frames_leave_it_serving() {
   expect_status 0 && expect_in out "still serving"
 }
 
+case_no_shell_holds_the_console_and_a_killed_agent_comes_back() {
+  # Sandboxes boot headless (ember-init's ember_headless): no shell starts on a console that
+  # only goes to a log.
+  ember exec $SB -- sh -c 'cat /proc/[0-9]*/comm' >comms 2>err </dev/null
+  expect_status 0 || return 1
+  ! grep -qxE 'bash|sh -i' comms || { echo "    a shell runs: $(tr '\n' ' ' <comms)"; return 1; }
+  ember exec $SB -- sh -c 'for p in /proc/[0-9]*; do
+      [ "$(cat $p/comm 2>/dev/null)" = ember-agent ] && kill -9 ${p#/proc/}; done' >/dev/null 2>&1 </dev/null
+  # init starts it again a second later.
+  i=0
+  until ember exec $SB -- true >/dev/null 2>&1 </dev/null; do
+    i=$((i + 1))
+    [ $i -lt 20 ] || { echo "    the agent did not come back"; return 1; }
+    sleep 0.5
+  done
+  ember exec $SB -- cat /run/ember-agent.log </dev/null | grep -c "listening on vsock" >starts
+  [ "$(cat starts)" = 2 ] || { echo "    the agent's log shows $(cat starts) starts"; return 1; }
+}
+
 case_rm_stops_the_sandbox_and_deletes_its_state() {
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$SB/sandbox.json")
   [ -n "$pid" ] && [ -d /proc/$pid ] || { echo "    no running VMM recorded"; return 1; }

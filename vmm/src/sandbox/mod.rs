@@ -335,8 +335,9 @@ impl Store {
                 "/boot-source",
                 &BootSource {
                     kernel_image_path: spec.kernel.display().to_string(),
+                    // Headless: no shell on a console that only goes to a log (ember-init).
                     boot_args: Some(format!(
-                        "init=/sbin/ember-init{}",
+                        "init=/sbin/ember-init ember_headless{}",
                         spec.boot_args.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
                     )),
                     initrd_path: None,
