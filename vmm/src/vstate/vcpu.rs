@@ -265,6 +265,9 @@ impl Vcpu {
                     ))
                 }
             };
+            if exit == GuestExit::TripleFault {
+                self.log_fault_state();
+            }
             ctx.exit.report(exit);
             break;
         }
@@ -287,6 +290,41 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(0);
         completed?;
         self.save_state().map_err(|e| e.to_string())
+    }
+}
+
+impl Vcpu {
+    /// Where the guest was when it triple-faulted: what there is to go on, since the guest
+    /// itself prints nothing.
+    fn log_fault_state(&self) {
+        let (Ok(r), Ok(s), Ok(ev)) = (self.fd.get_regs(), self.fd.get_sregs(), self.fd.get_vcpu_events()) else {
+            tracing::error!("vCPU {}: triple fault; its registers cannot be read", self.index);
+            return;
+        };
+        tracing::error!(
+            "vCPU {}: triple fault at rip {:#x} rsp {:#x} rflags {:#x}; cr0 {:#x} cr2 {:#x} cr3 {:#x} cr4 {:#x} \
+             efer {:#x}; cs {:#x} ss {:#x}; idt {:#x}+{:#x} gdt {:#x}+{:#x}; exception pending {} injected {} nr {} \
+             error code {:#x}",
+            self.index,
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.cs.selector,
+            s.ss.selector,
+            s.idt.base,
+            s.idt.limit,
+            s.gdt.base,
+            s.gdt.limit,
+            ev.exception.pending,
+            ev.exception.injected,
+            ev.exception.nr,
+            ev.exception.error_code,
+        );
     }
 }
 
