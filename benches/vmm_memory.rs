@@ -1,11 +1,10 @@
 //! Memory benchmark: the private memory of an idle VMM process started from a snapshot, as a
 //! forked child sandbox is. Prints its anonymous memory by kind; checks nothing.
 //!
-//!     cargo build --release --bin ember
 //!     cargo bench -p ember-benches --bench vmm_memory
 //!
-//! EMBER_BIN is the `ember` binary to measure (default: `ember` in the release directory this
-//! bench was built into; the figures that matter are those of the static build the harness
+//! EMBER_BIN is the `ember` binary to measure (default: `ember` built first into the release
+//! directory this bench was built into; the figures that matter are those of the static build the harness
 //! uses). EMBER_IDLE_SECS is how long the VMM idles before it is measured (default 2).
 //!
 //! A hand-assembled guest of 256 MiB (this host's KVM may not boot Linux) with a drive and a
@@ -268,6 +267,16 @@ fn pass_host_check(command: &mut Command, dir: &Path) {
 
 fn main() {
     let ember = std::env::var_os("EMBER_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        // Built here, so that a stale binary from an older tree (another snapshot format) is
+        // never what gets measured.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let built = Command::new(cargo)
+            .args(["build", "--release", "--quiet", "--bin", "ember", "--manifest-path"])
+            .arg(&manifest)
+            .status()
+            .expect("cargo runs");
+        assert!(built.success(), "cargo build --release --bin ember failed");
         let exe = std::env::current_exe().unwrap();
         exe.parent().and_then(Path::parent).unwrap().join("ember")
     });
