@@ -1,6 +1,6 @@
 //! The host client's identity call (entropy, clock, hostname in one write and one round trip), against a
 //! scripted agent: the real agent would set this host's clock. The agent's own handling of
-//! each request is tested in guest-agent/tests/agent.rs, and the whole in the harness.
+//! each request is tested in guest-agent/tests/ (identity.rs), and the whole in the harness.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
