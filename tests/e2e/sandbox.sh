@@ -151,6 +151,18 @@ case_no_shell_holds_the_console_and_a_killed_agent_comes_back() {
   [ "$(cat starts)" = 2 ] || { echo "    the agent's log shows $(cat starts) starts"; return 1; }
 }
 
+case_the_root_file_system_leaves_no_deferred_work() {
+  # What a sandbox's kernel would do on its own later, every restore and fork of it does again:
+  # no access times written for reads, no lazyinit thread prefetching block bitmaps.
+  ember exec $SB -- sh -c 'grep " / " /proc/mounts; cat /proc/[0-9]*/comm' >out 2>err </dev/null
+  expect_status 0 || return 1
+  opts=$(awk '$2 == "/" {o = $4} END {print o}' out)
+  for o in rw noatime noinit_itable no_prefetch_block_bitmaps; do
+    case ",$opts," in *",$o,"*) ;; *) echo "    the root is mounted $opts, without $o"; return 1 ;; esac
+  done
+  ! grep -qx ext4lazyinit out || { echo "    ext4lazyinit runs"; return 1; }
+}
+
 case_rm_stops_the_sandbox_and_deletes_its_state() {
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$SB/sandbox.json")
   [ -n "$pid" ] && [ -d /proc/$pid ] || { echo "    no running VMM recorded"; return 1; }
