@@ -97,6 +97,9 @@ for mem in 256 2048; do
     [ "$i" = 1 ] || [ "$i" = "$N" ] || ember rm f$mem-2
   done
   sleep 2
+  early=$(guest_anon_kib "$(pid_of f$mem-2)")
+  # The same idle time for both children: a young child's kernel work can come seconds later.
+  sleep 13
   echo "fork of a running $mem MiB sandbox (median of $N): $(median <fork$mem.ms) ms to the child's agent answering" \
     "(the first, memory frozen in place: $(cat fork$mem.first) ms), parent paused $(median <pause$mem.ms) ms"
   sed -n 's/.*state written and memory frozen in \(.*\)$/\1/p' "$STATE/f$mem/vmm.log" |
@@ -105,7 +108,8 @@ for mem in 256 2048; do
     cpid=$(pid_of $child)
     anon=$(kib Anonymous $cpid)
     guest=$(guest_anon_kib $cpid)
-    [ $child = f$mem-2 ] && of="a parent that had run 10 s, 2 s after the fork" || of="the just-booted parent, some 15 s after the fork"
+    [ $child = f$mem-2 ] && of="a parent that had run 10 s, 15 s after the fork (guest pages 2 s after it: $early KiB)" ||
+      of="the just-booted parent, some 20 s after the fork"
     echo "  idle child of $of: unique memory $anon KiB = guest pages it dirtied $guest KiB + VMM process" \
       "$((anon - guest)) KiB (anonymous); USS $(($(kib Private_Clean $cpid) + $(kib Private_Dirty $cpid))) KiB, PSS $(kib Pss $cpid) KiB"
   done
