@@ -17,14 +17,14 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm::devices::virtio::block::request::{execute, Limits};
-use vmm::disk::{open, overlay, DiskBackend};
+use disk::{open, overlay, DiskBackend};
 use vmm_sys_util::tempdir::TempDir;
 
 /// Cluster size of the overlays under test (EMBER_DISK_BENCH_CLUSTER, default ember's).
 fn cluster_size() -> u64 {
     std::env::var("EMBER_DISK_BENCH_CLUSTER")
         .map(|s| s.parse().unwrap())
-        .unwrap_or(vmm::disk::qcow2::CLUSTER_SIZE)
+        .unwrap_or(disk::qcow2::CLUSTER_SIZE)
 }
 
 const HEADER: u64 = 0x1000;
@@ -191,7 +191,7 @@ fn raw_vs_overlay() {
         // 4 overlay clusters of 64 KiB, so nearly 90% land in new clusters). Rewrite: the
         // same once every block has been written (by one sequential pass).
         let first_ops = match op {
-            Op::RandWrite => size / vmm::disk::qcow2::CLUSTER_SIZE / 4,
+            Op::RandWrite => size / disk::qcow2::CLUSTER_SIZE / 4,
             _ => u64::MAX,
         };
         let mut n = 0;

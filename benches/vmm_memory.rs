@@ -30,14 +30,14 @@ use kvm_ioctls::VcpuExit;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::api::client::ApiClient;
-use vmm::api::models::{
+use api::client::ApiClient;
+use api::models::{
     DriveOverride, MemBackend, MemBackendType, MetricsConfig, SnapshotLoadParams, VsockOverride,
 };
 use vmm::arch::x86_64::layout::VIRTIO_MMIO_START;
 use vmm::builder::{build, BuiltVm};
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
-use vmm::disk::overlay;
+use disk::overlay;
 use vmm::snapshot::{self, SnapshotParts};
 use vmm_sys_util::tempdir::TempDir;
 
@@ -339,7 +339,7 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     let mut sector = [0u8; 512];
-    let mut disk = vmm::disk::open(&child_disk, true).unwrap();
+    let mut disk = disk::open(&child_disk, true).unwrap();
     disk.read_vectored(CHILD_SECTOR * 512, &[vm_memory::VolatileSlice::from(&mut sector[..])]).unwrap();
     assert_eq!(sector, [DATA_BYTE; 512], "the child served the write waiting in its queue");
 

@@ -9,8 +9,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{elf, Console, Guest, LOAD_ADDR, RESET};
-use vmm::api::client::{ApiClient, ApiClientError};
-use vmm::api::models::*;
+use api::client::{ApiClient, ApiClientError};
+use api::models::*;
 use vmm::vstate::vcpu::GuestExit;
 
 /// Prints `count` 'x' to COM1, about a millisecond apart (on the PVM host), then resets.
@@ -54,9 +54,9 @@ fn configure_start_pause_resume_through_the_api_socket() {
     const TICKS: u16 = 3000;
     let kernel = g.file("vmlinux", &elf(&ticking_guest(TICKS), LOAD_ADDR, 0));
     let socket = g.dir.as_path().join("api.sock");
-    let (sender, channel) = vmm::api::channel().unwrap();
-    vmm::api::server::start(&socket, sender).unwrap();
-    assert!(vmm::api::server::start(&socket, vmm::api::channel().unwrap().0)
+    let (sender, channel) = api::channel().unwrap();
+    api::server::start(&socket, sender).unwrap();
+    assert!(api::server::start(&socket, api::channel().unwrap().0)
         .unwrap_err()
         .to_string()
         .contains("already exists"));
@@ -106,8 +106,8 @@ fn configure_start_pause_resume_through_the_api_socket() {
 fn malformed_http_gets_a_400_and_the_api_keeps_serving() {
     let g = Guest::new();
     let socket = g.dir.as_path().join("api.sock");
-    let (sender, channel) = vmm::api::channel().unwrap();
-    vmm::api::server::start(&socket, sender).unwrap();
+    let (sender, channel) = api::channel().unwrap();
+    api::server::start(&socket, sender).unwrap();
     std::thread::spawn(move || vmm::controller::serve(channel, "x".into(), Instant::now(), Box::new(std::io::sink())));
 
     let raw = |bytes: &[u8]| {
@@ -140,8 +140,8 @@ fn spawn_vmm(
     socket: &std::path::Path,
     id: &str,
 ) -> (ApiClient, Console, std::thread::JoinHandle<Result<vmm::runtime::RunOutcome, vmm::controller::ControllerError>>) {
-    let (sender, channel) = vmm::api::channel().unwrap();
-    vmm::api::server::start(socket, sender).unwrap();
+    let (sender, channel) = api::channel().unwrap();
+    api::server::start(socket, sender).unwrap();
     let console = Console::default();
     let sink = console.clone();
     let id = id.to_string();
@@ -277,7 +277,7 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
     assert!(frozen.mem_layers.is_empty(), "a cold-booted VM's memfd freezes in place");
     // The disk: the raw file becomes the base of a new overlay, which the VM switches to.
     let overlay = g.dir.as_path().join("top.qcow2");
-    vmm::disk::overlay::create_over_in_use(&disk, &overlay).unwrap();
+    disk::overlay::create_over_in_use(&disk, &overlay).unwrap();
     let small = g.file("small.raw", &[0u8; 4096]);
     let message = fault(api.patch("/drives/rootfs", &patch(&small)));
     assert!(message.contains("1048576 bytes") || message.contains("size"), "{message}");
@@ -285,7 +285,7 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
         .contains("no such drive"));
     api.patch("/drives/rootfs", &patch(&overlay)).unwrap();
     // The base is no longer held for writing: another overlay can lock it for reading.
-    vmm::disk::overlay::create(&disk, &g.dir.as_path().join("child.qcow2")).unwrap();
+    disk::overlay::create(&disk, &g.dir.as_path().join("child.qcow2")).unwrap();
     api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
 
     // A child maps the frozen memory (while the parent runs on) and continues from the pause.

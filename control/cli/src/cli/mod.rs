@@ -1,0 +1,29 @@
+//! The `ember` commands that talk to a sandbox's guest agent, and those on templates.
+
+pub mod cp;
+pub mod exec;
+pub mod template;
+mod terminal;
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_client;
+use sandbox::Store;
+
+/// Exit status for ember's own failures in `exec` and `cp`, as distinct from a command's.
+pub const EXIT_EMBER_ERROR: u8 = 125;
+
+/// Where a command reaches the guest agent: a sandbox by name, or a VM's vsock socket.
+pub fn agent_socket(store: &Store, name: Option<&str>, uds: Option<&PathBuf>) -> Result<PathBuf, String> {
+    match (uds, name) {
+        (Some(uds), _) => Ok(uds.clone()),
+        (None, Some(name)) => store.vsock_socket(name).map_err(|e| e.to_string()),
+        (None, None) => Err("name a sandbox or pass --uds".into()),
+    }
+}
+
+pub fn connect(socket: &std::path::Path, port: u32) -> Result<UnixStream, String> {
+    agent_client::connect(socket, port, Duration::from_secs(10)).map_err(|e| e.to_string())
+}

@@ -1,0 +1,379 @@
+//! The `ember` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use vmm::config::VmConfig;
+use vmm::vstate::vcpu::GuestExit;
+
+mod cli;
+
+/// Exit status when the guest kernel panicked (ember's own failures exit 1).
+const EXIT_GUEST_PANIC: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "ember", version, about = "A microVM sandbox for running untrusted code")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM, with its console on this terminal, until the guest reboots;
+    /// or, with --detach, start a sandbox in the background and return once it is ready.
+    Run(RunArgs),
+    /// List sandboxes.
+    Ls {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop sandboxes and delete them with their overlays.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Be one VM's VMM process, configured and started through the Firecracker-style HTTP API
+    /// served on --api-sock (what `ember run --detach` and control planes use).
+    Vmm(VmmArgs),
+    /// Run a command in a running VM through its guest agent, streaming its output; exits with
+    /// the command's status (128+N if killed by signal N, 124 on timeout, 125 for ember's own
+    /// errors, 126/127 when the command cannot run / is not found)
+    Exec(cli::exec::ExecArgs),
+    /// Copy a file into or out of a sandbox: `ember cp LOCAL NAME:PATH` or `ember cp NAME:PATH
+    /// LOCAL` (`-` for stdin/stdout)
+    Cp(cli::cp::CpArgs),
+    /// Snapshot a sandbox into DIR (VM state, memory, and a frozen copy of its disk); the
+    /// sandbox is paused meanwhile and runs on after. Start copies with
+    /// `ember run --detach --from-snapshot DIR`.
+    Snapshot { name: String, dir: PathBuf },
+    /// Print a sandbox's VM exits so far (they measure its work whatever the host's speed).
+    Stats { name: String },
+    /// Fork a running sandbox into N children that go on from its exact state (memory, disk,
+    /// processes) while it runs on; they share its memory and disk copy-on-write. Prints the
+    /// children's names (NAME-1, NAME-2, ...).
+    Fork {
+        name: String,
+        /// How many children
+        #[arg(short = 'n', long = "count", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        count: u16,
+        /// Seconds each child's guest agent has to answer
+        #[arg(long, default_value_t = 120)]
+        ready_timeout: u64,
+    },
+    /// Templates: snapshots of freshly booted sandboxes that new sandboxes are restored from.
+    #[command(subcommand)]
+    Template(cli::template::TemplateCommand),
+    /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+}
+
+#[derive(Subcommand)]
+enum DiskCommand {
+    /// Create a qcow2 overlay of BASE (raw or qcow2); BASE is recorded by absolute path and
+    /// is never written. Refuses to overwrite OVERLAY.
+    Create {
+        /// The image the overlay starts as (a raw base or a frozen overlay)
+        #[arg(long)]
+        base: PathBuf,
+        overlay: PathBuf,
+    },
+    /// Show the backing chain of an image, top layer first.
+    Info {
+        image: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the content of an image's whole chain to OUT, a standalone sparse raw image.
+    Flatten { image: PathBuf, out: PathBuf },
+}
+
+fn disk(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
+    use disk::overlay;
+    match cmd {
+        DiskCommand::Create { base, overlay: path } => {
+            overlay::create(&base, &path)?;
+        }
+        DiskCommand::Info { image, json } => {
+            print!("{}", overlay::render_info(&overlay::info(&image)?, json));
+        }
+        DiskCommand::Flatten { image, out } => {
+            let stats = overlay::flatten(&image, &out)?;
+            eprintln!(
+                "ember: wrote {} ({} of data in a {} disk)",
+                out.display(),
+                overlay::human_size(stats.data_bytes),
+                overlay::human_size(stats.size)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+struct VmmArgs {
+    /// Unix socket to serve the API on (must not exist yet)
+    #[arg(long)]
+    api_sock: PathBuf,
+    /// The instance id `GET /` reports
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Start a sandbox in the background (its own VMM process, API socket, vsock socket, overlay
+    /// and logs in a state directory) and return once its guest agent answers. It is restored
+    /// from the automatic template for its settings, made on first use (see --cold)
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// Name of the sandbox (with --detach) [default: generated]
+    #[arg(long, requires = "detach")]
+    name: Option<String>,
+    /// Base image of the sandbox (with --detach): `default` ($EMBER_HOME/images/default.ext4) or
+    /// a path; the sandbox writes only to its own overlay on it
+    #[arg(long, requires = "detach", default_value = "default")]
+    image: String,
+    /// Start the sandbox (with --detach) from a snapshot `ember snapshot` wrote into DIR,
+    /// instead of booting: it continues where the snapshotted sandbox was, on its own disk
+    #[arg(long, value_name = "DIR", requires = "detach", conflicts_with_all = ["image", "kernel", "initrd", "cmdline", "mem_mib", "vcpus"])]
+    from_snapshot: Option<PathBuf>,
+    /// Start the sandbox (with --detach) from template NAME (`ember template create`)
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "detach",
+        conflicts_with_all = ["from_snapshot", "image", "kernel", "initrd", "cmdline", "mem_mib", "vcpus"]
+    )]
+    template: Option<String>,
+    /// Boot the sandbox (with --detach) instead of restoring it from the automatic template
+    #[arg(long, requires = "detach", conflicts_with_all = ["from_snapshot", "template"])]
+    cold: bool,
+    /// Seconds the guest agent has to answer after a detached sandbox starts
+    #[arg(long, requires = "detach", default_value_t = 120)]
+    ready_timeout: u64,
+    /// ELF vmlinux to boot [default: $EMBER_HOME/vmlinux]
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// initramfs (cpio, optionally compressed) for the kernel to unpack
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel parameters appended to ember's defaults
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB (a multiple of 2)
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// Number of vCPUs
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on]; repeatable, the guest sees them
+    /// as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as / (rw unless ro=on)
+    #[arg(long = "drive", value_name = "OPTIONS", conflicts_with = "detach")]
+    drives: Vec<vmm::config::DriveConfig>,
+    /// A virtio-vsock device: cid=N,uds=PATH. Host programs connect to PATH and write
+    /// "CONNECT <port>\n"; guest connections to host port P reach PATH_P
+    #[arg(long, value_name = "OPTIONS", conflicts_with = "detach")]
+    vsock: Option<vmm::config::VsockConfig>,
+    /// On exit, print VM exits by reason and boot timings to stderr
+    #[arg(long)]
+    stats: bool,
+}
+
+fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
+    match std::env::var_os("EMBER_HOME") {
+        Some(home) => Ok(PathBuf::from(home)),
+        None => bail!("no {what} given: pass it, or set EMBER_HOME to a directory holding vmlinux and images/"),
+    }
+}
+
+fn store() -> anyhow::Result<sandbox::Store> {
+    let exe = std::env::current_exe().context("cannot find the ember binary")?;
+    let spares = std::env::var("EMBER_SPARE_VMMS")
+        .map_or(Ok(1), |v| v.parse())
+        .context("EMBER_SPARE_VMMS must be a number of spare VMMs")?;
+    Ok(sandbox::Store::new(sandbox::Store::default_root(), exe).with_spare_vmms(spares))
+}
+
+/// What to boot a sandbox from; `image` is `default` or a path.
+fn sandbox_spec(
+    name: Option<String>,
+    kernel: Option<PathBuf>,
+    image: &str,
+    mem_mib: u64,
+    vcpus: u8,
+    boot_args: Option<String>,
+    ready_timeout_secs: u64,
+) -> anyhow::Result<sandbox::SandboxSpec> {
+    let kernel = match kernel {
+        Some(k) => k,
+        None => ember_home("--kernel")?.join("vmlinux"),
+    };
+    let image = match image {
+        "default" => ember_home("--image")?.join("images/default.ext4"),
+        path => PathBuf::from(path),
+    };
+    let ready_timeout = Duration::from_secs(ready_timeout_secs);
+    Ok(sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, ready_timeout })
+}
+
+fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let store = store()?;
+    let timeout = Duration::from_secs(args.ready_timeout);
+    let record = if let Some(dir) = &args.from_snapshot {
+        store.start_from_snapshot(args.name, dir, timeout)?
+    } else if let Some(template) = &args.template {
+        store.start_from_template(template, args.name, timeout)?
+    } else {
+        if args.initrd.is_some() {
+            bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
+        }
+        let (kernel, image, boot_args) = (args.kernel, &args.image, args.cmdline);
+        let spec = sandbox_spec(args.name, kernel, image, args.mem_mib, args.vcpus, boot_args, args.ready_timeout)?;
+        if args.cold {
+            store.start(&spec)?
+        } else {
+            store.start_auto(&spec, |name| {
+                eprintln!("ember: making template {name} for these settings (once)");
+            })?
+        }
+    };
+    println!("{}", record.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ls(json: bool) -> anyhow::Result<ExitCode> {
+    let sandboxes = store()?.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<20} {:<12} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS");
+    for s in sandboxes {
+        let r = &s.record;
+        println!("{:<20} {:<12} {:>8} {:>8} {:>5}  {}", r.name, s.state, r.pid, r.mem_mib, r.vcpus, r.image.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rm(names: Vec<String>) -> anyhow::Result<ExitCode> {
+    let store = store()?;
+    let mut failed = false;
+    for name in names {
+        if let Err(e) = store.remove(&name) {
+            eprintln!("ember: error: {e}");
+            failed = true;
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn snapshot_sandbox(name: &str, dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    store()?.snapshot(name, dir)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fork(name: &str, count: u16, ready_timeout: u64) -> anyhow::Result<ExitCode> {
+    let children = store()?.fork(name, count.into(), std::time::Duration::from_secs(ready_timeout))?;
+    for child in children {
+        println!("{}", child.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
+    // One malloc arena rather than one per thread: the VMM's threads seldom allocate at once,
+    // and each arena's touched pages would be resident for the VM's whole life.
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    vmm::vstate::kvm::check_host()?;
+    let (sender, channel) = api::channel().context("cannot set up the API channel")?;
+    api::server::start(&args.api_sock, sender)?;
+    let outcome = vmm::controller::serve(channel, args.id, started, Box::new(std::io::stdout()));
+    let _ = std::fs::remove_file(&args.api_sock);
+    let exit = outcome?.exit;
+    // A sandbox's VMM runs detached: its log is the only place that says why its guest ended.
+    match &exit {
+        GuestExit::Reset => eprintln!("ember: the guest reset itself (a reboot or power-off)"),
+        GuestExit::TripleFault => eprintln!("ember: the guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
+        GuestExit::SystemEvent(kind) => eprintln!("ember: the guest ended with KVM system event {kind}"),
+        GuestExit::Panic(_) | GuestExit::Failure(_) => {}
+    }
+    exit_status(exit)
+}
+
+fn exit_status(exit: GuestExit) -> anyhow::Result<ExitCode> {
+    Ok(match exit {
+        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) => ExitCode::SUCCESS,
+        GuestExit::Panic(line) => {
+            eprintln!("ember: the guest kernel panicked: {line}");
+            ExitCode::from(EXIT_GUEST_PANIC)
+        }
+        GuestExit::Failure(reason) => bail!("the VM failed: {reason}"),
+    })
+}
+
+fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
+    if args.detach {
+        return run_detached(args);
+    }
+    vmm::vstate::kvm::check_host()?;
+    let cfg = VmConfig {
+        kernel: match args.kernel {
+            Some(k) => k,
+            None => ember_home("--kernel")?.join("vmlinux"),
+        },
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+        drives: args.drives,
+        vsock: args.vsock,
+    };
+    let vm = vmm::builder::build(&cfg, Box::new(std::io::stdout())).context("cannot build the VM")?;
+    let outcome = vmm::runtime::run(vm, started, true).context("cannot run the VM")?;
+    if args.stats {
+        eprint!("{}", outcome.stats.report());
+    }
+    exit_status(outcome.exit)
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    tracing::debug!("started");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args, started),
+        Command::Exec(args) => store().and_then(|s| cli::exec::exec(args, &s)),
+        Command::Cp(args) => store().and_then(|s| cli::cp::cp(args, &s)),
+        Command::Ls { json } => ls(json),
+        Command::Rm { names } => rm(names),
+        Command::Vmm(args) => vmm_process(args, started),
+        Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
+        Command::Stats { name } => store().and_then(|s| {
+            println!("vm exits: {}", s.vm_exits(&name)?);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
+        Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
+        Command::Disk(cmd) => disk(cmd),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("ember: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}

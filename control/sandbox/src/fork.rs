@@ -1,0 +1,215 @@
+//! Forks of a running sandbox: children that go on from the parent's exact state while the
+//! parent runs on, sharing its memory and its disk until they write.
+//!
+//! The parent is paused for the freeze alone: its VMM writes its state file and freezes its
+//! RAM in place (no copy: see `vstate::freeze`), and its overlay becomes a read-only layer
+//! under `$EMBER_STATE/layers/` with a fresh overlay on top that the VMM switches to (PATCH
+//! /drives/rootfs). Then the parent resumes, and each child is a new VMM that loads the state,
+//! maps the frozen memory through the parent VMM's /proc/PID/fd links (so the parent must be
+//! alive while children start; once mapped, a child holds its own reference), and gets its own
+//! overlay on the layer, its own vsock socket and CID.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::record::{Record, OVERLAY};
+use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
+use super::{io, random_name, SandboxError, Store};
+use api::client::ApiClient;
+use api::models::{FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType};
+use disk::overlay;
+
+/// The drive every sandbox has, configured by [`Store::start`].
+const ROOT_DRIVE: &str = "rootfs";
+
+/// The parent's state file for its children to load, in its own directory while they start.
+const FORK_STATE: &str = "fork.state";
+
+/// Removes a fork's state file and its metadata once the children have loaded it.
+fn remove_state(state: &Path) {
+    let _ = std::fs::remove_file(state);
+    let _ = std::fs::remove_file(api::snapshot_meta::meta_path(state));
+}
+
+/// What the frozen parent leaves for its children.
+struct Frozen {
+    memory: FrozenMemory,
+    layer: PathBuf,
+}
+
+impl Store {
+    /// Frozen disk layers of forked sandboxes: `$EMBER_STATE/layers`, beside the sandboxes.
+    pub fn layers_dir(&self) -> PathBuf {
+        self.root.with_file_name("layers")
+    }
+
+    /// Forks sandbox `parent` into `count` children named `<parent>-<n>` (the first free
+    /// numbers); returns once every child's guest agent answers. If any child fails, none is
+    /// kept.
+    pub fn fork(&self, parent: &str, count: usize, ready_timeout: Duration) -> Result<Vec<Record>, SandboxError> {
+        let record = self.record(parent)?;
+        let dir = self.dir(parent);
+        if !record.vmm_alive(&dir) {
+            return Err(SandboxError::NotRunning(parent.into()));
+        }
+        let names = self.child_names(parent, count);
+        let cids = self.reserve_cids(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let started = Instant::now();
+        let state = dir.join(FORK_STATE);
+        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &dir, &state)) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_state(&state);
+                return Err(e);
+            }
+        };
+        tracing::debug!("fork of {parent}: frozen and resumed after {:?}", started.elapsed());
+
+        let source = RestoreSource {
+            state: &state,
+            mem_size: record.mem_mib << 20,
+            vcpus: record.vcpus,
+            memory: frozen.memory.mem_file_path.clone(),
+            mem_layers: frozen.memory.mem_layers.clone(),
+            disk: &frozen.layer,
+        };
+        let results: Vec<Result<Record, SandboxError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = names
+                .iter()
+                .zip(&cids)
+                .map(|(name, &cid)| {
+                    let source = &source;
+                    s.spawn(move || {
+                        self.create(Some(name.clone()), |name, child_dir| {
+                            self.restore_into(name, child_dir, source, cid, ready_timeout)
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(Err(SandboxError::ForkPanicked))).collect()
+        });
+        remove_state(&state);
+        tracing::debug!("fork of {parent}: {count} children ready after {:?}", started.elapsed());
+        if results.iter().any(Result::is_err) {
+            for record in results.iter().flatten() {
+                let _ = self.remove(&record.name);
+            }
+            return Err(results.into_iter().find_map(Result::err).expect("one failed"));
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    /// With the parent paused: its state and frozen memory, then its disk frozen into a layer
+    /// with a new overlay on it, which the VMM switches to.
+    fn freeze_paused(&self, api: &ApiClient, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
+        // The create flushes the disk first, so the layer holds everything written before.
+        let memory: FrozenMemory = api.put_for(
+            "/snapshot/create",
+            &SnapshotCreateParams {
+                snapshot_type: SnapshotType::Full,
+                snapshot_path: state.display().to_string(),
+                mem_file_path: String::new(),
+                freeze_memory: true,
+            },
+        )?;
+        let layers = self.layers_dir();
+        std::fs::create_dir_all(&layers).map_err(io("cannot create", &layers))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let layer = layers.join(format!("{name}-{}.qcow2", &random_name()[3..]));
+        let overlay_path = dir.join(OVERLAY);
+        std::fs::rename(&overlay_path, &layer).map_err(io("cannot move the sandbox's disk to", &layer))?;
+        let switched = overlay::create_over_in_use(&layer, &overlay_path).map_err(SandboxError::from).and_then(|()| {
+            let patch = PartialDrive {
+                drive_id: ROOT_DRIVE.into(),
+                path_on_host: Some(overlay_path.display().to_string()),
+                rate_limiter: None,
+            };
+            Ok(api.patch(&format!("/drives/{ROOT_DRIVE}"), &patch)?)
+        });
+        if let Err(e) = switched {
+            // The VMM still writes the old file (or reopened it at its old path): put it back.
+            let _ = std::fs::remove_file(&overlay_path);
+            let _ = std::fs::rename(&layer, &overlay_path);
+            return Err(e);
+        }
+        Ok(Frozen { memory, layer })
+    }
+
+    /// `<parent>-<n>` for the `count` smallest n from 1 that no sandbox has.
+    fn child_names(&self, parent: &str, count: usize) -> Vec<String> {
+        (1..).map(|n| format!("{parent}-{n}")).filter(|n| !self.dir(n).exists()).take(count).collect()
+    }
+
+    /// Deletes the frozen layers that no sandbox's or template's disk is stacked on.
+    pub fn collect_layers(&self) {
+        let Ok(entries) = std::fs::read_dir(self.layers_dir()) else { return };
+        let disks_in = |dir: PathBuf, file: &str| -> Vec<PathBuf> {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path().join(file)).collect()
+        };
+        let mut disks = disks_in(self.root.clone(), OVERLAY);
+        disks.extend(disks_in(self.templates_dir(), SNAPSHOT_DISK));
+        let mut used = Vec::new();
+        for disk in disks.iter().filter(|d| d.exists()) {
+            match overlay::info(disk) {
+                Ok(chain) => used.extend(chain.into_iter().filter_map(|l| l.path.canonicalize().ok())),
+                // An unreadable chain might use any layer: keep them all.
+                Err(_) => return,
+            }
+        }
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !path.canonicalize().is_ok_and(|p| used.contains(&p)) {
+                tracing::debug!("removing unused disk layer {}", path.display());
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forking_needs_a_running_sandbox() {
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
+        assert!(matches!(store.fork("nope", 1, Duration::from_secs(1)), Err(SandboxError::NotFound(_))));
+        let dir = store.dir("dead");
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = Record {
+            name: "dead".into(),
+            pid: i32::MAX,
+            cid: 3,
+            image: "/base.ext4".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            created: 0,
+            vmm_socket: None,
+        };
+        std::fs::write(dir.join(super::super::record::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("dead is not running"), "{err}");
+        std::fs::create_dir_all(store.dir("dead-1")).unwrap();
+        assert_eq!(store.child_names("dead", 2), ["dead-2", "dead-3"]);
+    }
+
+    #[test]
+    fn unused_layers_are_collected_and_used_ones_kept() {
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
+        let layers = store.layers_dir();
+        std::fs::create_dir_all(&layers).unwrap();
+        let base = tmp.as_path().join("base.raw");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let (used, unused) = (layers.join("a.qcow2"), layers.join("b.qcow2"));
+        overlay::create(&base, &used).unwrap();
+        overlay::create(&base, &unused).unwrap();
+        std::fs::create_dir_all(store.dir("child")).unwrap();
+        overlay::create(&used, &store.dir("child").join(OVERLAY)).unwrap();
+        store.collect_layers();
+        assert!(used.exists(), "a sandbox's disk is stacked on it");
+        assert!(!unused.exists());
+        assert!(base.exists(), "only layers are collected");
+    }
+}

@@ -1,0 +1,365 @@
+//! Exec: spawn (on pipes or a pty), supervise (stream output, timeout, exit status).
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::server::{spawn_thread, ExecHandle, Execs, Out, RUNNING_EXECS};
+use crate::sys::{self, Reaper};
+use agent_protocol::{ErrorKind, ExecRequest, ReplyBody, User, CHUNK};
+
+/// How long after the process exits its pipes are still drained: descendants that escaped
+/// the process group (or were started with `&` and keep running) may hold them open; their
+/// later output is not reported.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+const STDIN_QUEUE: usize = 8;
+
+fn spawn_error_kind(e: &io::Error) -> ErrorKind {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) => ErrorKind::NotFound,
+        Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EISDIR) | Some(libc::ENOTDIR)
+        | Some(libc::ETXTBSY) | Some(libc::ELIBBAD) => ErrorKind::CannotExecute,
+        Some(libc::EPERM) => ErrorKind::PermissionDenied,
+        _ => ErrorKind::Io,
+    }
+}
+
+pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
+    if req.argv.is_empty() {
+        out.error(id, ErrorKind::InvalidRequest, "empty argv");
+        return;
+    }
+    if execs.lock().unwrap().contains_key(&id) {
+        out.error(
+            id,
+            ErrorKind::InvalidRequest,
+            "an exec with this id is running",
+        );
+        return;
+    }
+    let user = match &req.user {
+        None => None,
+        Some(User::Id { uid, gid }) => Some((*uid, *gid, vec![*gid])),
+        Some(User::Name(name)) => match sys::lookup_user(name) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                out.error(id, ErrorKind::InvalidRequest, format!("user {name:?}: {e}"));
+                return;
+            }
+        },
+    };
+    if let Some(cwd) = &req.cwd {
+        match std::fs::metadata(cwd) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                out.error(
+                    id,
+                    ErrorKind::InvalidRequest,
+                    format!("cwd {cwd}: not a directory"),
+                );
+                return;
+            }
+            Err(e) => {
+                out.error(id, ErrorKind::InvalidRequest, format!("cwd {cwd}: {e}"));
+                return;
+            }
+        }
+    }
+
+    let pty = match req.pty.filter(|_| !req.detach) {
+        None => None,
+        Some(size) => match sys::open_pty(size) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                out.io_error(id, "open a pty", &e);
+                return;
+            }
+        },
+    };
+
+    let mut cmd = Command::new(&req.argv[0]);
+    cmd.args(&req.argv[1..]);
+    if req.clear_env {
+        cmd.env_clear();
+    }
+    cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &req.cwd {
+        cmd.current_dir(cwd);
+    }
+    if let Some((_, slave)) = &pty {
+        let stdio = || slave.try_clone().map(Stdio::from);
+        match (stdio(), stdio(), stdio()) {
+            (Ok(i), Ok(o), Ok(e)) => {
+                cmd.stdin(i).stdout(o).stderr(e);
+            }
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                out.io_error(id, "dup the pty", &e);
+                return;
+            }
+        }
+    } else {
+        let piped = |yes: bool| if yes { Stdio::piped() } else { Stdio::null() };
+        cmd.stdin(piped(req.stdin && !req.detach));
+        cmd.stdout(piped(!req.detach));
+        cmd.stderr(piped(!req.detach));
+    }
+    let controlling_tty = pty.is_some();
+    unsafe {
+        cmd.pre_exec(move || {
+            // Its own session and process group: a timeout or a dropped connection kills the
+            // whole tree with one killpg, and a detached process survives the agent's group.
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // std has put the slave on fds 0-2 by now.
+            if controlling_tty {
+                sys::make_controlling_tty()?;
+            }
+            if let Some((uid, gid, groups)) = &user {
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(*gid) < 0
+                    || libc::setuid(*uid) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+
+    let guard = Reaper::get().spawn_locked();
+    let spawned = cmd.spawn();
+    // The command holds copies of the slave: the master reads EOF (EIO) only once every copy
+    // outside the child's tree is closed.
+    drop(cmd);
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            drop(guard);
+            out.error(id, spawn_error_kind(&e), format!("{}: {e}", req.argv[0]));
+            return;
+        }
+    };
+    let pid = child.id();
+    if req.detach {
+        guard.forget();
+        out.send(id, ReplyBody::Started { pid });
+        return;
+    }
+    let status_rx = guard.register(pid);
+    RUNNING_EXECS.fetch_add(1, Ordering::Relaxed);
+    let pidfd = sys::pidfd_open(pid);
+
+    let (sources, stdin, pty_master, eof) = match pty {
+        Some((master, slave)) => {
+            drop(slave);
+            let eof = sys::eof_char(&master);
+            let dup = |m: &OwnedFd| m.try_clone().map_err(|e| tracing::warn!("exec {id}: dup pty master: {e}")).ok();
+            let stdin = dup(&master).map(File::from);
+            let handle = dup(&master);
+            (vec![(File::from(master), Channel::Stdout)], stdin, handle, Some(eof))
+        }
+        None => {
+            let mut sources = Vec::with_capacity(2);
+            if let Some(o) = child.stdout.take() {
+                sources.push((File::from(OwnedFd::from(o)), Channel::Stdout));
+            }
+            if let Some(e) = child.stderr.take() {
+                sources.push((File::from(OwnedFd::from(e)), Channel::Stderr));
+            }
+            let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+            (sources, stdin, None, None)
+        }
+    };
+    drop(child);
+
+    let stdin_tx = stdin.and_then(|mut stdin| {
+        let (tx, rx) = sync_channel::<Vec<u8>>(STDIN_QUEUE);
+        let r = spawn_thread("exec-stdin", 64 << 10, move || {
+            for data in rx {
+                if stdin.write_all(&data).is_err() {
+                    break; // child closed its stdin; later data is dropped
+                }
+            }
+        });
+        r.ok().map(|()| tx)
+    });
+    // Registered before `Started` goes out, so that a follow-up frame the host sends as soon
+    // as it sees `Started` finds the exec.
+    execs.lock().unwrap().insert(
+        id,
+        ExecHandle {
+            pid,
+            stdin: stdin_tx,
+            pty: pty_master,
+            eof,
+        },
+    );
+
+    let timeout = req.timeout_ms.map(Duration::from_millis);
+    let (out2, execs2) = (out.clone(), execs.clone());
+    let r = spawn_thread("exec", 128 << 10, move || {
+        // Sent by the supervisor, so that the host sees `Started` before any output and a
+        // failure to start the supervisor is reported as the exec's only reply.
+        out2.send(id, ReplyBody::Started { pid });
+        supervise(id, pid, pidfd, status_rx, sources, timeout, &out2, &execs2)
+    });
+    if let Err(e) = r {
+        // Without a supervisor nobody would report or reap it: kill it and say so.
+        let _ = sys::kill(pid, true, libc::SIGKILL);
+        execs.lock().unwrap().remove(&id);
+        RUNNING_EXECS.fetch_sub(1, Ordering::Relaxed);
+        out.io_error(id, "spawn supervisor thread", &e);
+    }
+}
+
+/// Where the bytes read from one of the child's output fds go.
+#[derive(Clone, Copy)]
+enum Channel {
+    Stdout,
+    Stderr,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn supervise(
+    id: u64,
+    pid: u32,
+    pidfd: Option<OwnedFd>,
+    status_rx: Receiver<libc::c_int>,
+    mut sources: Vec<(File, Channel)>,
+    timeout: Option<Duration>,
+    out: &Out,
+    execs: &Execs,
+) {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut buf = vec![0u8; CHUNK];
+    let mut open = vec![true; sources.len()];
+    let mut status: Option<libc::c_int> = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut timed_out = false;
+    loop {
+        if status.is_none() {
+            if let Ok(s) = status_rx.try_recv() {
+                status = Some(s);
+            }
+        }
+        if status.is_some() && exited_at.is_none() {
+            exited_at = Some(Instant::now());
+            // Reaped: the pid may be reused, so signals must no longer reach it.
+            execs.lock().unwrap().remove(&id);
+        }
+        if status.is_some() && !open.contains(&true) {
+            break;
+        }
+        let now = Instant::now();
+        if let (Some(d), None, false) = (deadline, status, timed_out) {
+            if now >= d {
+                let _ = sys::kill(pid, true, libc::SIGKILL);
+                timed_out = true;
+            }
+        }
+        // How long to poll.
+        let mut wait: Option<Duration> = None;
+        if let Some(t) = exited_at {
+            let left = (t + DRAIN_GRACE).saturating_duration_since(now);
+            if left.is_zero() {
+                break;
+            }
+            wait = Some(left);
+        } else {
+            if pidfd.is_none() || timed_out {
+                // No pidfd to wake on (old kernel), or the kill was sent and the reaper is
+                // about to deliver the status: poll it.
+                wait = Some(Duration::from_millis(10));
+            }
+            if let (Some(d), false) = (deadline, timed_out) {
+                let left = d.saturating_duration_since(now);
+                wait = Some(wait.map_or(left, |w| w.min(left)));
+            }
+        }
+        let mut fds = Vec::with_capacity(3);
+        let mut which = Vec::with_capacity(3);
+        for (i, (f, _)) in sources.iter().enumerate() {
+            if open[i] {
+                fds.push(libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                which.push(Some(i));
+            }
+        }
+        if let (Some(p), None) = (&pidfd, status) {
+            fds.push(libc::pollfd {
+                fd: p.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            which.push(None);
+        }
+        let ms = wait.map_or(-1, |w| {
+            w.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+        });
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            tracing::warn!("exec {id}: poll: {e}");
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        for (pfd, &w) in fds.iter().zip(&which) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            match w {
+                Some(i) => {
+                    let (f, channel) = &mut sources[i];
+                    match f.read(&mut buf) {
+                        Ok(0) => open[i] = false,
+                        Ok(n) => {
+                            let data = buf[..n].to_vec();
+                            let body = match channel {
+                                Channel::Stdout => ReplyBody::Stdout { data },
+                                Channel::Stderr => ReplyBody::Stderr { data },
+                            };
+                            // Blocks while the host is slow; that is the backpressure.
+                            out.send(id, body);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // EIO is a pty master's EOF: every slave fd is closed.
+                        Err(_) => open[i] = false,
+                    }
+                }
+                None => {
+                    // The process exited; the reaper delivers its status momentarily.
+                    if let Ok(s) = status_rx.recv() {
+                        status = Some(s);
+                    }
+                }
+            }
+        }
+    }
+    RUNNING_EXECS.fetch_sub(1, Ordering::Relaxed);
+    let s = status.unwrap_or(0);
+    let body = if timed_out {
+        ReplyBody::TimedOut
+    } else if libc::WIFSIGNALED(s) {
+        ReplyBody::Killed {
+            signal: libc::WTERMSIG(s),
+        }
+    } else {
+        ReplyBody::Exit {
+            code: libc::WEXITSTATUS(s),
+        }
+    };
+    out.send(id, body);
+}

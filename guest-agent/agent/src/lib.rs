@@ -1,0 +1,29 @@
+//! ember's guest agent: serves exec, files and identity requests from the host over vsock.
+//!
+//! The protocol it speaks is the `agent_protocol` crate (`guest-agent/PROTOCOL.md`); this
+//! crate is the server ([`server`]) and the system calls it needs ([`sys`]).
+
+mod exec;
+mod files;
+pub mod server;
+pub mod sys;
+pub mod workers;
+
+use std::io::{self, Read, Write};
+
+/// A connected byte stream the server can run over: `UnixStream`, or the vsock stream.
+pub trait Connection: Read + Write + Send + Sized + 'static {
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Shuts down both directions (unblocks a reader on another handle).
+    fn shutdown(&self);
+}
+
+impl Connection for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) {
+        let _ = std::os::unix::net::UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+}
+

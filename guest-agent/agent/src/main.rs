@@ -1,0 +1,91 @@
+//! `ember-agent`: listens on AF_VSOCK (or a Unix socket, for testing on the host) and serves
+//! the protocol of PROTOCOL.md, one thread per connection (threads are kept for later ones).
+//!
+//! Usage: `ember-agent [--port N] [--unix PATH] [--init]` (see --help).
+//! `--init` (implied when the agent is PID 1): mount /proc, /sys, /dev, /dev/pts, /dev/shm,
+//! /run, /tmp, set a default PATH, and honour `PowerOff`. The agent is always a child
+//! subreaper, and its reaper thread reaps every child, so orphans never stay zombies.
+
+use std::os::unix::net::UnixListener;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use ember_agent::server::{serve, Config};
+use ember_agent::sys;
+use ember_agent::workers::Workers;
+use ember_agent::Connection;
+use tracing::{info, warn};
+
+/// The agent inside an ember sandbox: serves the host's requests (guest-agent/PROTOCOL.md).
+#[derive(Parser)]
+#[command(name = "ember-agent", version = ember_agent::server::AGENT_VERSION)]
+struct Args {
+    /// vsock port to listen on
+    #[arg(long, default_value_t = agent_protocol::DEFAULT_PORT)]
+    port: u32,
+    /// Serve a Unix socket at PATH instead of vsock (for tests on the host)
+    #[arg(long, value_name = "PATH")]
+    unix: Option<String>,
+    /// Act as init: mount the usual file systems and honour PowerOff (implied as PID 1)
+    #[arg(long)]
+    init: bool,
+}
+
+/// Connection threads: 256 KiB stacks, which the deepest request (an exec's set-up) fits in.
+fn workers<S: Connection>(config: &Config) -> Workers<S> {
+    let config = config.clone();
+    Workers::new(256 << 10, move |s| {
+        if let Err(e) = serve(s, &config) {
+            warn!("connection: {e}");
+        }
+    })
+}
+
+fn main() -> Result<()> {
+    let mut args = Args::parse();
+    args.init |= std::process::id() == 1;
+    if args.init {
+        sys::init_mounts();
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EMBER_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if let Err(e) = sys::set_subreaper() {
+        warn!("PR_SET_CHILD_SUBREAPER: {e}");
+    }
+    // Start the reaper now, so that zombies are collected even before the first exec.
+    sys::Reaper::get();
+    let config = Config {
+        allow_power_off: args.init,
+    };
+    if let Some(path) = &args.unix {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path).with_context(|| format!("bind {path}"))?;
+        info!("listening on unix:{path}");
+        let workers = workers(&config);
+        loop {
+            match l.accept() {
+                Ok((s, _)) => workers.dispatch(s),
+                Err(e) => warn!("accept: {e}"),
+            }
+        }
+    }
+    let l = sys::VsockListener::bind(args.port)
+        .with_context(|| format!("bind vsock port {}", args.port))?;
+    info!("listening on vsock port {}", args.port);
+    let workers = workers(&config);
+    loop {
+        match l.accept() {
+            Ok(s) => workers.dispatch(s),
+            Err(e) => {
+                warn!("accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}

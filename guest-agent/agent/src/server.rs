@@ -1,0 +1,345 @@
+//! The server: one reader thread per connection decodes requests and dispatches them; replies
+//! from any thread go through one shared writer, a frame at a time.
+//!
+//! Threads: the connection's reader (this is where `serve` runs), one supervisor per running
+//! exec (polls the child's stdout/stderr or pty master and a pidfd, enforces the timeout, sends
+//! `Started` and the final status), one stdin writer per exec started with `stdin: true` or a
+//! pty, one thread per `ReadFile`, and the process-wide reaper. Stacks are small (64–256 KiB
+//! reserved, a few pages touched).
+//!
+//! Backpressure: a chunk is read from a child's pipe only once the previous one has been
+//! written to the connection, so at most one 64 KiB chunk per exec (and per file read) is in
+//! memory; a host that reads slowly blocks those writers, and the blocked child then blocks in
+//! its own `write`. Writers take the connection lock one frame at a time, so a slow or chatty
+//! exec delays the others' frames by at most one frame each turn and never starves them. The
+//! reader never waits for the connection's write side except to send its own short replies.
+//! There is no per-stream credit: a host must keep reading the connection (demultiplexing into
+//! its own per-stream buffers), or every stream stalls.
+//! Stdin: each exec has a queue of 8 frames; when a child does not read its stdin and the
+//! queue is full, the reader waits, which delays the next requests on that connection (not
+//! other connections) until the child reads or exits. A host that sends large stdin should
+//! use its own connection for it.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+use crate::sys::{self, error_kind};
+use crate::Connection;
+use agent_protocol::{
+    decode, encode, leading_id, read_frame, ErrorKind, FrameError, Reply, ReplyBody, Request,
+    RequestBody, CONNECTION_ID, MAX_DISCARD, MAX_FRAME, PROTOCOL_VERSION,
+};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Honour `PowerOff` (only when the agent is the guest's init).
+    pub allow_power_off: bool,
+}
+
+pub(crate) static RUNNING_EXECS: AtomicU32 = AtomicU32::new(0);
+
+pub(crate) fn start_time() -> Instant {
+    static T: OnceLock<Instant> = OnceLock::new();
+    *T.get_or_init(Instant::now)
+}
+
+/// The write side of a connection, shared by every thread that replies.
+pub(crate) struct Out {
+    w: Mutex<Box<dyn Write + Send>>,
+}
+
+impl Out {
+    /// Sends one reply; false when the connection is gone.
+    pub(crate) fn send(&self, id: u64, body: ReplyBody) -> bool {
+        let frame = match encode(&Reply { id, body }) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("cannot encode reply to {id}: {e}");
+                return false;
+            }
+        };
+        let mut w = self.w.lock().unwrap();
+        w.write_all(&frame).is_ok()
+    }
+
+    pub(crate) fn error(&self, id: u64, kind: ErrorKind, message: impl Into<String>) -> bool {
+        self.send(
+            id,
+            ReplyBody::Error {
+                kind,
+                message: message.into(),
+            },
+        )
+    }
+
+    pub(crate) fn io_error(&self, id: u64, what: &str, e: &io::Error) -> bool {
+        self.error(id, error_kind(e), format!("{what}: {e}"))
+    }
+}
+
+/// A running (not detached) exec, as the reader sees it.
+pub(crate) struct ExecHandle {
+    pub pid: u32,
+    pub stdin: Option<SyncSender<Vec<u8>>>,
+    /// The pty master, for `Resize`.
+    pub pty: Option<OwnedFd>,
+    /// With a pty, `StdinClose` sends this (the terminal's EOF character) instead of closing.
+    pub eof: Option<u8>,
+}
+
+pub(crate) type Execs = Arc<Mutex<HashMap<u64, ExecHandle>>>;
+
+pub(crate) fn spawn_thread(
+    name: &str,
+    stack: usize,
+    f: impl FnOnce() + Send + 'static,
+) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(stack)
+        .spawn(f)
+        .map(drop)
+}
+
+/// Serves one connection until the peer closes it (or it fails). Running execs started on
+/// it are killed (their process groups, SIGKILL) when it ends; detached ones are not.
+pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
+    start_time();
+    let out = Arc::new(Out {
+        w: Mutex::new(Box::new(stream.try_clone()?)),
+    });
+    let execs: Execs = Arc::default();
+    let mut writes = crate::files::Writes::default();
+    let mut buf = Vec::new();
+    let result = loop {
+        match read_frame(&mut stream, &mut buf) {
+            Ok(()) => {}
+            Err(FrameError::Closed) => break Ok(()),
+            Err(FrameError::TooLarge(n)) => {
+                out.error(
+                    CONNECTION_ID,
+                    ErrorKind::FrameTooLarge,
+                    format!("frame of {n} bytes"),
+                );
+                if n > MAX_DISCARD {
+                    break Ok(());
+                }
+                continue;
+            }
+            Err(FrameError::Truncated) => {
+                // The host may have shut down only its write side: tell it why we stop.
+                out.error(
+                    CONNECTION_ID,
+                    ErrorKind::MalformedFrame,
+                    "the stream ended in the middle of a frame",
+                );
+                break Ok(());
+            }
+            Err(FrameError::Io(e)) => break Err(e),
+            Err(FrameError::Malformed(m)) => break Err(io::Error::other(m)),
+        }
+        let req: Request = match decode(&buf) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("malformed frame: {e}");
+                // A request from a newer host (an unknown variant) is answered under its own
+                // id, so that the host is not left waiting; garbage gets the connection's id.
+                let id = leading_id(&buf).unwrap_or(CONNECTION_ID);
+                out.error(id, ErrorKind::MalformedFrame, e.to_string());
+                continue;
+            }
+        };
+        // Uploads come in frames of up to a few hundred KiB: keep a buffer that size, but
+        // not one that a single large frame grew.
+        if buf.capacity() > MAX_FRAME / 2 {
+            buf = Vec::new();
+        }
+        handle(req, &out, &execs, &mut writes, config);
+    };
+    // The peer is gone: stop what it started.
+    let running: Vec<_> = execs.lock().unwrap().drain().collect();
+    for (_, h) in running {
+        let _ = sys::kill(h.pid, true, libc::SIGKILL);
+    }
+    stream.shutdown();
+    result
+}
+
+fn handle(
+    req: Request,
+    out: &Arc<Out>,
+    execs: &Execs,
+    writes: &mut crate::files::Writes,
+    config: &Config,
+) {
+    let id = req.id;
+    if id == CONNECTION_ID {
+        out.error(id, ErrorKind::InvalidRequest, "request id 0 is reserved");
+        return;
+    }
+    match req.body {
+        RequestBody::Hello { protocol_version } => {
+            if protocol_version != PROTOCOL_VERSION {
+                out.error(
+                    id,
+                    ErrorKind::VersionMismatch,
+                    format!("agent speaks protocol {PROTOCOL_VERSION}, host {protocol_version}"),
+                );
+            } else {
+                out.send(
+                    id,
+                    ReplyBody::Hello {
+                        protocol_version: PROTOCOL_VERSION,
+                        agent_version: AGENT_VERSION.into(),
+                    },
+                );
+            }
+        }
+        RequestBody::Health => {
+            out.send(
+                id,
+                ReplyBody::Health {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_version: AGENT_VERSION.into(),
+                    uptime_ms: start_time().elapsed().as_millis() as u64,
+                    running_execs: RUNNING_EXECS.load(Ordering::Relaxed),
+                },
+            );
+        }
+        RequestBody::Exec(e) => crate::exec::start(id, e, out, execs),
+        RequestBody::Stdin { data } => {
+            let tx = execs.lock().unwrap().get(&id).map(|h| h.stdin.clone());
+            match tx {
+                Some(Some(tx)) => {
+                    // Blocks while the child's stdin queue is full (see the module docs); an
+                    // error means the child closed its stdin: the data is dropped.
+                    let _ = tx.send(data);
+                }
+                Some(None) => {
+                    out.error(id, ErrorKind::InvalidRequest, "stdin is not open");
+                }
+                None => {
+                    out.error(id, ErrorKind::UnknownId, "no running exec with this id");
+                }
+            }
+        }
+        RequestBody::StdinClose => {
+            let mut map = execs.lock().unwrap();
+            match map.get_mut(&id) {
+                Some(h) => {
+                    let tx = h.stdin.take();
+                    let eof = h.eof;
+                    drop(map);
+                    // A pty cannot be closed without hanging up the child: it gets the
+                    // terminal's EOF character, as a user typing ^D would send.
+                    if let (Some(tx), Some(eof)) = (tx, eof) {
+                        let _ = tx.send(vec![eof]);
+                    }
+                }
+                None => {
+                    drop(map);
+                    out.error(id, ErrorKind::UnknownId, "no running exec with this id");
+                }
+            }
+        }
+        RequestBody::Resize(size) => {
+            let map = execs.lock().unwrap();
+            let r = map.get(&id).map(|h| h.pty.as_ref().map(|m| sys::set_pty_size(m, size)));
+            drop(map);
+            match r {
+                Some(Some(Ok(()))) => {}
+                Some(Some(Err(e))) => {
+                    out.io_error(id, "resize the pty", &e);
+                }
+                Some(None) => {
+                    out.error(id, ErrorKind::InvalidRequest, "the exec has no pty");
+                }
+                None => {
+                    out.error(id, ErrorKind::UnknownId, "no running exec with this id");
+                }
+            }
+        }
+        RequestBody::Signal { signal, group } => {
+            let pid = execs.lock().unwrap().get(&id).map(|h| h.pid);
+            match pid {
+                Some(pid) => {
+                    if let Err(e) = sys::kill(pid, group, signal) {
+                        out.io_error(id, "kill", &e);
+                    } else {
+                        out.send(id, ReplyBody::Ok);
+                    }
+                }
+                None => {
+                    out.error(id, ErrorKind::UnknownId, "no running exec with this id");
+                }
+            }
+        }
+        RequestBody::WriteFile {
+            path,
+            mode,
+            create_parents,
+        } => writes.open(id, &path, mode, create_parents, out),
+        RequestBody::FileData { data } => writes.data(id, &data, out),
+        RequestBody::FileEnd => writes.end(id, out),
+        RequestBody::ReadFile { path } => crate::files::read(id, path, out),
+        RequestBody::ListDir { path } => crate::files::list(id, &path, out),
+        RequestBody::Stat { path } => match crate::files::stat(&path) {
+            Ok(s) => {
+                out.send(id, ReplyBody::Stat(s));
+            }
+            Err(e) => {
+                out.io_error(id, &path, &e);
+            }
+        },
+        RequestBody::Mkdir {
+            path,
+            mode,
+            parents,
+        } => reply_unit(id, out, &path, crate::files::mkdir(&path, mode, parents)),
+        RequestBody::Remove { path, recursive } => {
+            reply_unit(id, out, &path, crate::files::remove(&path, recursive))
+        }
+        RequestBody::SetClock { secs, nanos } => {
+            reply_unit(id, out, "clock_settime", sys::set_clock(secs, nanos))
+        }
+        RequestBody::AddEntropy { data, entropy_bits } => reply_unit(
+            id,
+            out,
+            "add entropy",
+            sys::add_entropy(&data, entropy_bits),
+        ),
+        RequestBody::SetHostname { name } => {
+            reply_unit(id, out, "sethostname", sys::set_hostname(&name))
+        }
+        RequestBody::PowerOff => {
+            if !config.allow_power_off {
+                out.error(
+                    id,
+                    ErrorKind::Unsupported,
+                    "power off is only done by an agent running as init",
+                );
+            } else {
+                out.send(id, ReplyBody::Ok);
+                if let Err(e) = sys::power_off() {
+                    warn!("power off: {e}");
+                }
+            }
+        }
+    }
+}
+
+fn reply_unit(id: u64, out: &Out, what: &str, r: io::Result<()>) {
+    match r {
+        Ok(()) => out.send(id, ReplyBody::Ok),
+        Err(e) => out.io_error(id, what, &e),
+    };
+}
