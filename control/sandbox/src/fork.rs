@@ -12,9 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::record::{Record, OVERLAY};
+use crate::paths::OVERLAY;
+use crate::record::Record;
 use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
-use super::{io, random_name, SandboxError, Store};
+use crate::error::io;
+use crate::names::random_name;
+use crate::{SandboxError, Store};
 use api::client::ApiClient;
 use api::models::{FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType};
 use disk::overlay;
@@ -38,11 +41,6 @@ struct Frozen {
 }
 
 impl Store {
-    /// Frozen disk layers of forked sandboxes: `$EMBER_STATE/layers`, beside the sandboxes.
-    pub fn layers_dir(&self) -> PathBuf {
-        self.root.with_file_name("layers")
-    }
-
     /// Forks sandbox `parent` into `count` children named `<parent>-<n>` (the first free
     /// numbers); returns once every child's guest agent answers. If any child fails, none is
     /// kept.
@@ -187,7 +185,7 @@ mod tests {
             created: 0,
             vmm_socket: None,
         };
-        std::fs::write(dir.join(super::super::record::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("dead is not running"), "{err}");
         std::fs::create_dir_all(store.dir("dead-1")).unwrap();

@@ -7,14 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Files in a sandbox's state directory.
-pub const RECORD: &str = "sandbox.json";
-pub const API_SOCKET: &str = "api.sock";
-pub const VSOCK_SOCKET: &str = "vsock.sock";
-pub const OVERLAY: &str = "disk.qcow2";
-pub const CONSOLE_LOG: &str = "console.log";
-pub const VMM_LOG: &str = "vmm.log";
-pub const METRICS: &str = "metrics.json";
+use crate::paths::API_SOCKET;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {

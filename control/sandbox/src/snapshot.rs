@@ -10,8 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::record::{Record, OVERLAY, VSOCK_SOCKET};
-use super::{io, SandboxError, Shape, Store};
+use crate::paths::{OVERLAY, VSOCK_SOCKET};
+use crate::record::Record;
+use crate::error::io;
+use crate::{SandboxError, Shape, Store};
 use api::client::ApiClient;
 use api::models::{
     DriveOverride, MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,

@@ -16,8 +16,11 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::record::{vmm_serves, API_SOCKET, CONSOLE_LOG, VMM_LOG};
-use super::{io, random_hex, SandboxError, Store};
+use crate::paths::{API_SOCKET, CONSOLE_LOG, VMM_LOG};
+use crate::record::vmm_serves;
+use crate::error::io;
+use crate::names::random_hex;
+use crate::{SandboxError, Store};
 
 /// The spare's process id, written by the process that started it.
 const PID_FILE: &str = "pid";
@@ -30,10 +33,6 @@ pub(super) struct Adopted {
 }
 
 impl Store {
-    fn spares_dir(&self) -> PathBuf {
-        self.root.with_file_name("spares")
-    }
-
     /// Keeps `count` spare VMMs (none unless this is called): each sandbox start refills them.
     pub fn with_spare_vmms(self, count: usize) -> Self {
         Self { spare_vmms: count, ..self }

@@ -20,9 +20,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{Record, OVERLAY};
+use crate::paths::OVERLAY;
+use crate::record::Record;
 use super::snapshot::SNAPSHOT_DISK;
-use super::{check_name, io, random_hex, SandboxError, SandboxSpec, Store};
+use crate::error::io;
+use crate::names::{check_name, random_hex};
+use crate::{SandboxError, SandboxSpec, Store};
 use disk::overlay;
 
 /// What a template was made from, in its directory.
@@ -58,15 +61,6 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
-    /// Templates: `$EMBER_STATE/templates`, beside the sandboxes.
-    pub fn templates_dir(&self) -> PathBuf {
-        self.root.with_file_name("templates")
-    }
-
-    pub fn template_dir(&self, name: &str) -> PathBuf {
-        self.templates_dir().join(name)
-    }
-
     /// What template `name` was made from, if it exists.
     pub fn template(&self, name: &str) -> Result<TemplateInfo, SandboxError> {
         check_name(name)?;

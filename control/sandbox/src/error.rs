@@ -1,0 +1,53 @@
+//! What can go wrong with sandboxes, in words that say what to do.
+
+use std::path::{Path, PathBuf};
+
+use api::client::ApiClientError;
+use disk::DiskError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("'{0}' is not a valid name: use 1-63 letters, digits, '-', '_' or '.', starting with a letter or digit")]
+    BadName(String),
+    #[error("a sandbox named {0} already exists")]
+    Exists(String),
+    #[error("there is no sandbox named {0}")]
+    NotFound(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the sandbox state directory {0} is too long for Unix socket paths; set EMBER_STATE to a shorter directory")]
+    PathTooLong(PathBuf),
+    #[error("the sandbox record {path} is unreadable: {reason}")]
+    BadRecord { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Api(#[from] ApiClientError),
+    #[error("the VMM of sandbox {name} exited during start-up ({how}); its log says:\n{log}\nthe guest console's last lines:\n{console}")]
+    VmmDied { name: String, how: String, log: String, console: String },
+    #[error("{0} already holds a snapshot")]
+    SnapshotExists(PathBuf),
+    #[error(transparent)]
+    Snapshot(#[from] api::snapshot_meta::MetaError),
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+    #[error("a thread starting a forked sandbox panicked")]
+    ForkPanicked,
+    #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
+    NotReady { name: String, what: &'static str, secs: u64, console: String },
+    #[error("sandbox {name}: cannot give the guest its own identity: {source}")]
+    Identity { name: String, source: agent_client::ClientError },
+    #[error("cannot get random bytes from the host kernel: {0}")]
+    HostRandom(std::io::Error),
+    #[error("a template named {0} already exists")]
+    TemplateExists(String),
+    #[error("there is no template named {0} (`ember template ls` lists them)")]
+    TemplateNotFound(String),
+    #[error("template {name} is in use by sandbox {users}: remove those first")]
+    TemplateInUse { name: String, users: String },
+}
+
+pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let path = path.to_path_buf();
+    move |source| SandboxError::Io { what, path, source }
+}

@@ -1,0 +1,281 @@
+//! A sandbox's life: its state directory made, its VMM started, configured and booted through
+//! the API, waited for until its agent answers; paused around a step; stopped and removed.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use api::client::{ApiClient, ApiClientError};
+use api::models::{
+    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
+    VmState, Vsock,
+};
+use disk::overlay;
+
+use crate::error::io;
+use crate::names::{check_name, is_hidden, random_name};
+use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
+use crate::process::{tail, VmmProcess};
+use crate::record::Record;
+use crate::{identity, SandboxError, SandboxSpec, Shape, Store};
+
+impl Store {
+    /// Starts a sandbox and returns once its guest agent answers.
+    pub fn start(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        self.create(spec.name.clone(), |name, dir| self.boot(name, dir, spec))
+    }
+
+    /// Boots a hidden sandbox as `spec` says (whatever name it gives) for this process's own
+    /// use; its VMM dies with this process's thread that called this.
+    pub(crate) fn start_hidden(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        self.create_as(format!(".{}", random_name()), |name, dir| self.boot(name, dir, spec))
+    }
+
+    /// Fails unless `name` is a valid name that no sandbox has (yet): a check before slow
+    /// work whose only purpose is to start a sandbox by that name.
+    pub(crate) fn check_new_name(&self, name: &str) -> Result<(), SandboxError> {
+        check_name(name)?;
+        match self.dir(name).exists() {
+            true => Err(SandboxError::Exists(name.to_string())),
+            false => Ok(()),
+        }
+    }
+
+    /// Makes the state directory of a new sandbox and runs `make` in it; a failure leaves
+    /// nothing behind.
+    pub(crate) fn create(
+        &self,
+        name: Option<String>,
+        make: impl FnOnce(&str, &Path) -> Result<Record, SandboxError>,
+    ) -> Result<Record, SandboxError> {
+        let name = name.unwrap_or_else(random_name);
+        check_name(&name)?;
+        self.create_as(name, make)
+    }
+
+    fn create_as(
+        &self,
+        name: String,
+        make: impl FnOnce(&str, &Path) -> Result<Record, SandboxError>,
+    ) -> Result<Record, SandboxError> {
+        let dir = self.dir(&name);
+        if dir.join(VSOCK_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(SandboxError::PathTooLong(self.root.clone()));
+        }
+        std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(name)),
+            Err(e) => return Err(io("cannot create", &dir)(e)),
+        }
+        let result = make(&name, &dir);
+        if result.is_err() {
+            self.teardown(&name, &dir);
+        }
+        result
+    }
+
+    fn boot(&self, name: &str, dir: &Path, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        let overlay_path = dir.join(OVERLAY);
+        overlay::create(&spec.image, &overlay_path)?;
+        let cid = self.reserve_cid(name)?;
+        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid };
+        self.launch(name, dir, shape, spec.ready_timeout, |api| {
+            api.put(
+                "/boot-source",
+                &BootSource {
+                    kernel_image_path: spec.kernel.display().to_string(),
+                    // Headless: no shell on a console that only goes to a log (ember-init).
+                    boot_args: Some(format!(
+                        "init=/sbin/ember-init ember_headless{}",
+                        spec.boot_args.as_deref().map(|a| format!(" {a}")).unwrap_or_default()
+                    )),
+                    initrd_path: None,
+                },
+            )?;
+            api.put(
+                "/machine-config",
+                &MachineConfig { vcpu_count: spec.vcpus, mem_size_mib: spec.mem_mib, ..Default::default() },
+            )?;
+            api.put(
+                "/drives/rootfs",
+                &Drive {
+                    drive_id: "rootfs".into(),
+                    path_on_host: overlay_path.display().to_string(),
+                    is_root_device: true,
+                    is_read_only: false,
+                    partuuid: None,
+                    cache_type: None,
+                    io_engine: None,
+                    rate_limiter: None,
+                },
+            )?;
+            api.put("/vsock", &Vsock { guest_cid: cid, uds_path: dir.join(VSOCK_SOCKET).display().to_string(), vsock_id: None })?;
+            api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart })
+        })
+    }
+
+    /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
+    /// API, waits until its guest agent answers, and gives the guest its own identity.
+    pub(crate) fn launch(
+        &self,
+        name: &str,
+        dir: &Path,
+        shape: Shape,
+        ready_timeout: Duration,
+        configure: impl FnOnce(&ApiClient) -> Result<(), ApiClientError>,
+    ) -> Result<Record, SandboxError> {
+        let api_socket = dir.join(API_SOCKET);
+        let started = Instant::now();
+        // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
+        let adopted = if is_hidden(name) { None } else { self.adopt_spare(dir) };
+        let mut vmm = match adopted {
+            Some(spare) => {
+                tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
+                VmmProcess::Adopted(spare)
+            }
+            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name))?),
+        };
+        let record = Record {
+            name: name.to_string(),
+            pid: vmm.pid(),
+            cid: shape.cid,
+            image: shape.image,
+            mem_mib: shape.mem_mib,
+            vcpus: shape.vcpus,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            vmm_socket: match &vmm {
+                VmmProcess::Adopted(spare) => Some(spare.started_as.clone()),
+                VmmProcess::Child(_) => None,
+            },
+        };
+        let record_path = dir.join(RECORD);
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
+            path: record_path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
+
+        let died = |vmm: &mut VmmProcess| -> Option<SandboxError> {
+            vmm.exited().map(|how| SandboxError::VmmDied {
+                name: name.to_string(),
+                how,
+                log: tail(&dir.join(VMM_LOG), 20),
+                console: tail(&dir.join(CONSOLE_LOG), 20),
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&api_socket).is_err() {
+            if let Some(e) = died(&mut vmm) {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::NotReady {
+                    name: name.into(),
+                    what: "the VMM's API socket did not appear",
+                    secs: 10,
+                    console: tail(&dir.join(VMM_LOG), 20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+
+        tracing::debug!("sandbox {name}: API socket up {:?} into the start", started.elapsed());
+        let api = ApiClient::new(&api_socket);
+        let metrics = MetricsConfig { metrics_path: dir.join(METRICS).display().to_string() };
+        if let Err(e) = api.put("/metrics", &metrics).and_then(|()| configure(&api)) {
+            return Err(died(&mut vmm).unwrap_or(e.into()));
+        }
+
+        // In short rounds, so that a VMM that dies is noticed at once.
+        tracing::debug!("sandbox {name}: VM configured and started {:?} into the start", started.elapsed());
+        let deadline = Instant::now() + ready_timeout;
+        loop {
+            let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
+            match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), agent_protocol::DEFAULT_PORT, round) {
+                Ok((_, mut agent)) => {
+                    tracing::debug!("sandbox {name}: agent ready {:?} into the start", started.elapsed());
+                    identity::fix(&mut agent, name).map_err(|e| died(&mut vmm).unwrap_or(e))?;
+                    tracing::debug!("sandbox {name}: identity set {:?} into the start", started.elapsed());
+                    // Only now: a spare getting ready while the guest does would slow it down.
+                    // A hidden sandbox is some command's scratch, made before those it serves.
+                    if !is_hidden(name) {
+                        if let Err(e) = self.refill_spares() {
+                            tracing::warn!("cannot start a spare VMM: {e}");
+                        }
+                    }
+                    return Ok(record);
+                }
+                Err(e @ agent_client::ClientError::NotReady { .. }) if Instant::now() < deadline => {
+                    tracing::debug!("sandbox {name}: {e}");
+                }
+                Err(e) => {
+                    tracing::debug!("sandbox {name}: {e}");
+                    return Err(died(&mut vmm).unwrap_or_else(|| SandboxError::NotReady {
+                        name: name.into(),
+                        what: "the guest agent did not answer",
+                        secs: ready_timeout.as_secs(),
+                        console: tail(&dir.join(CONSOLE_LOG), 20),
+                    }));
+                }
+            }
+            if let Some(e) = died(&mut vmm) {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Runs `f` with sandbox `name`'s VM paused, then resumes it, whatever `f` returned; a
+    /// sandbox that was paused already stays paused.
+    pub(crate) fn while_paused<T>(&self, name: &str, f: impl FnOnce(&ApiClient) -> Result<T, SandboxError>) -> Result<T, SandboxError> {
+        let api = self.api(name);
+        let was_paused = api.get::<InstanceInfo>("/")?.state == InstanceState::Paused;
+        if !was_paused {
+            api.patch("/vm", &Vm { state: VmState::Paused })?;
+        }
+        let result = f(&api);
+        let resumed = if was_paused { Ok(()) } else { api.patch("/vm", &Vm { state: VmState::Resumed }) };
+        let value = result?;
+        resumed?;
+        Ok(value)
+    }
+
+    /// The VM exits of sandbox `name` so far, which measure its work independently of the
+    /// host's speed (through the API's FlushMetrics).
+    pub fn vm_exits(&self, name: &str) -> Result<u64, SandboxError> {
+        self.record(name)?;
+        self.api(name).put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics })?;
+        let path = self.dir(name).join(METRICS);
+        let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
+        let last = text.lines().last().unwrap_or_default();
+        let metrics: Metrics = serde_json::from_str(last)
+            .map_err(|e| SandboxError::BadRecord { path: path.clone(), reason: e.to_string() })?;
+        Ok(metrics.vcpu.exits)
+    }
+
+    /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included.
+    pub fn remove(&self, name: &str) -> Result<(), SandboxError> {
+        self.record(name)?;
+        self.teardown(name, &self.dir(name));
+        let dir = self.dir(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
+        }
+        self.collect_layers();
+        Ok(())
+    }
+
+    pub(crate) fn teardown(&self, name: &str, dir: &Path) {
+        if let Ok(record) = self.record(name) {
+            self.release_cid(name, record.cid);
+            if record.vmm_alive(dir) {
+                // SAFETY: plain kill(2); vmm_alive checked that the pid is this sandbox's VMM.
+                unsafe { libc::kill(record.pid, libc::SIGKILL) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while record.vmm_alive(dir) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
