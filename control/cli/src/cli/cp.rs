@@ -50,8 +50,8 @@ pub fn cp(args: CpArgs, store: &Store) -> anyhow::Result<ExitCode> {
 }
 
 fn agent(store: &Store, name: &str, args: &CpArgs) -> anyhow::Result<std::os::unix::net::UnixStream> {
-    let socket = agent_socket(store, Some(name), args.uds.as_ref()).map_err(anyhow::Error::msg)?;
-    connect(&socket, agent_protocol::DEFAULT_PORT).map_err(anyhow::Error::msg)
+    let socket = agent_socket(store, Some(name), args.uds.as_ref())?;
+    connect(&socket, agent_protocol::DEFAULT_PORT)
 }
 
 fn copy(args: &CpArgs, store: &Store) -> anyhow::Result<u64> {

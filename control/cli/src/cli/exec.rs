@@ -53,11 +53,11 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     };
     let socket = match agent_socket(store, args.name.as_deref(), args.uds.as_ref()) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let stream = match connect(&socket, args.port) {
         Ok(s) => s,
-        Err(e) => return fail(e),
+        Err(e) => return fail(e.to_string()),
     };
     let mut env = args.env;
     let pty = args

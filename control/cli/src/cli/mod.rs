@@ -9,21 +9,20 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_client;
 use sandbox::Store;
 
 /// Exit status for ember's own failures in `exec` and `cp`, as distinct from a command's.
 pub const EXIT_EMBER_ERROR: u8 = 125;
 
 /// Where a command reaches the guest agent: a sandbox by name, or a VM's vsock socket.
-pub fn agent_socket(store: &Store, name: Option<&str>, uds: Option<&PathBuf>) -> Result<PathBuf, String> {
+pub fn agent_socket(store: &Store, name: Option<&str>, uds: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     match (uds, name) {
         (Some(uds), _) => Ok(uds.clone()),
-        (None, Some(name)) => store.vsock_socket(name).map_err(|e| e.to_string()),
-        (None, None) => Err("name a sandbox or pass --uds".into()),
+        (None, Some(name)) => Ok(store.vsock_socket(name)?),
+        (None, None) => anyhow::bail!("name a sandbox or pass --uds"),
     }
 }
 
-pub fn connect(socket: &std::path::Path, port: u32) -> Result<UnixStream, String> {
-    agent_client::connect(socket, port, Duration::from_secs(10)).map_err(|e| e.to_string())
+pub fn connect(socket: &std::path::Path, port: u32) -> anyhow::Result<UnixStream> {
+    Ok(agent_client::connect(socket, port, Duration::from_secs(10))?)
 }
