@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use crate::server::{spawn_thread, ExecHandle, Execs, Out, RUNNING_EXECS};
 use crate::sys::{self, Reaper};
 use agent_protocol::{ErrorKind, ExecRequest, ReplyBody, User, CHUNK};
+use rustix::event::{poll, PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::process::{setsid, Gid, Signal, Uid, WaitStatus};
+use rustix::thread::{set_thread_gid, set_thread_groups, set_thread_uid};
+use rustix::time::Timespec;
 
 /// How long after the process exits its pipes are still drained: descendants that escaped
 /// the process group (or were started with `&` and keep running) may hold them open; their
@@ -21,11 +26,11 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 const STDIN_QUEUE: usize = 8;
 
 fn spawn_error_kind(e: &io::Error) -> ErrorKind {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => ErrorKind::NotFound,
-        Some(libc::EACCES) | Some(libc::ENOEXEC) | Some(libc::EISDIR) | Some(libc::ENOTDIR)
-        | Some(libc::ETXTBSY) | Some(libc::ELIBBAD) => ErrorKind::CannotExecute,
-        Some(libc::EPERM) => ErrorKind::PermissionDenied,
+    match Errno::from_io_error(e) {
+        Some(Errno::NOENT) => ErrorKind::NotFound,
+        Some(Errno::ACCESS) | Some(Errno::NOEXEC) | Some(Errno::ISDIR) | Some(Errno::NOTDIR)
+        | Some(Errno::TXTBSY) | Some(Errno::LIBBAD) => ErrorKind::CannotExecute,
+        Some(Errno::PERM) => ErrorKind::PermissionDenied,
         _ => ErrorKind::Io,
     }
 }
@@ -45,7 +50,12 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     }
     let user = match &req.user {
         None => None,
-        Some(User::Id { uid, gid }) => Some((*uid, *gid, vec![*gid])),
+        Some(User::Id { uid, gid }) => {
+            // Unchecked: an id of -1 goes to the kernel, which refuses it, instead of
+            // tripping `from_raw`'s debug assertion.
+            let gid = Gid::from_raw_unchecked(*gid);
+            Some((Uid::from_raw_unchecked(*uid), gid, vec![gid]))
+        }
         Some(User::Name(name)) => match sys::lookup_user(name) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -110,24 +120,25 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         cmd.stderr(piped(!req.detach));
     }
     let controlling_tty = pty.is_some();
+    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
+    // work is allowed: it makes raw system calls through rustix and nothing else (no
+    // allocation, no locks; an error becomes an io::Error without allocating), on data
+    // prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // Its own session and process group: a timeout or a dropped connection kills the
             // whole tree with one killpg, and a detached process survives the agent's group.
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            setsid()?;
             // std has put the slave on fds 0-2 by now.
             if controlling_tty {
                 sys::make_controlling_tty()?;
             }
+            // The child of a fork has one thread, so the thread's credentials are the
+            // process's: libc's broadcast of them to other threads has nothing to do.
             if let Some((uid, gid, groups)) = &user {
-                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
-                    || libc::setgid(*gid) < 0
-                    || libc::setuid(*uid) < 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                set_thread_groups(groups)?;
+                set_thread_gid(*gid)?;
+                set_thread_uid(*uid)?;
             }
             Ok(())
         });
@@ -212,7 +223,7 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     });
     if let Err(e) = r {
         // Without a supervisor nobody would report or reap it: kill it and say so.
-        let _ = sys::kill(pid, true, libc::SIGKILL);
+        let _ = sys::kill(pid, true, Signal::KILL.as_raw());
         execs.lock().unwrap().remove(&id);
         RUNNING_EXECS.fetch_sub(1, Ordering::Relaxed);
         out.io_error(id, "spawn supervisor thread", &e);
@@ -231,8 +242,8 @@ fn supervise(
     id: u64,
     pid: u32,
     pidfd: Option<OwnedFd>,
-    status_rx: Receiver<libc::c_int>,
-    mut sources: Vec<(File, Channel)>,
+    status_rx: Receiver<WaitStatus>,
+    sources: Vec<(File, Channel)>,
     timeout: Option<Duration>,
     out: &Out,
     execs: &Execs,
@@ -240,7 +251,7 @@ fn supervise(
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut buf = vec![0u8; CHUNK];
     let mut open = vec![true; sources.len()];
-    let mut status: Option<libc::c_int> = None;
+    let mut status: Option<WaitStatus> = None;
     let mut exited_at: Option<Instant> = None;
     let mut timed_out = false;
     loop {
@@ -260,7 +271,7 @@ fn supervise(
         let now = Instant::now();
         if let (Some(d), None, false) = (deadline, status, timed_out) {
             if now >= d {
-                let _ = sys::kill(pid, true, libc::SIGKILL);
+                let _ = sys::kill(pid, true, Signal::KILL.as_raw());
                 timed_out = true;
             }
         }
@@ -287,42 +298,33 @@ fn supervise(
         let mut which = Vec::with_capacity(3);
         for (i, (f, _)) in sources.iter().enumerate() {
             if open[i] {
-                fds.push(libc::pollfd {
-                    fd: f.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(PollFd::new(f, PollFlags::IN));
                 which.push(Some(i));
             }
         }
         if let (Some(p), None) = (&pidfd, status) {
-            fds.push(libc::pollfd {
-                fd: p.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(PollFd::new(p, PollFlags::IN));
             which.push(None);
         }
-        let ms = wait.map_or(-1, |w| {
-            w.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
-        });
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
+        // Every wait fits a timespec: the longest is a u64 of milliseconds.
+        let timeout = wait.and_then(|w| Timespec::try_from(w).ok());
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!("exec {id}: poll: {}", io::Error::from(e));
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            tracing::warn!("exec {id}: poll: {e}");
-            std::thread::sleep(Duration::from_millis(10));
-            continue;
         }
         for (pfd, &w) in fds.iter().zip(&which) {
-            if pfd.revents == 0 {
+            if pfd.revents().is_empty() {
                 continue;
             }
             match w {
                 Some(i) => {
-                    let (f, channel) = &mut sources[i];
+                    // Through a shared borrow (`&File` reads too): `fds` still borrows them.
+                    let (mut f, channel) = (&sources[i].0, sources[i].1);
                     match f.read(&mut buf) {
                         Ok(0) => open[i] = false,
                         Ok(n) => {
@@ -349,16 +351,13 @@ fn supervise(
         }
     }
     RUNNING_EXECS.fetch_sub(1, Ordering::Relaxed);
-    let s = status.unwrap_or(0);
     let body = if timed_out {
         ReplyBody::TimedOut
-    } else if libc::WIFSIGNALED(s) {
-        ReplyBody::Killed {
-            signal: libc::WTERMSIG(s),
-        }
+    } else if let Some(signal) = status.and_then(WaitStatus::terminating_signal) {
+        ReplyBody::Killed { signal }
     } else {
         ReplyBody::Exit {
-            code: libc::WEXITSTATUS(s),
+            code: status.and_then(WaitStatus::exit_status).unwrap_or(0),
         }
     };
     out.send(id, body);

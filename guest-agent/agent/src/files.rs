@@ -89,7 +89,7 @@ impl Writes {
 pub(crate) fn read(id: u64, path: String, out: &Arc<Out>) {
     let f = match File::open(&path).and_then(|f| {
         if f.metadata()?.is_dir() {
-            Err(io::Error::from_raw_os_error(libc::EISDIR))
+            Err(rustix::io::Errno::ISDIR.into())
         } else {
             Ok(f)
         }

@@ -36,6 +36,7 @@ use agent_protocol::{
     decode, encode, leading_id, read_frame, ErrorKind, FrameError, Reply, ReplyBody, Request,
     RequestBody, CONNECTION_ID, MAX_DISCARD, MAX_FRAME, PROTOCOL_VERSION,
 };
+use rustix::process::Signal;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -168,7 +169,7 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
     // The peer is gone: stop what it started.
     let running: Vec<_> = execs.lock().unwrap().drain().collect();
     for (_, h) in running {
-        let _ = sys::kill(h.pid, true, libc::SIGKILL);
+        let _ = sys::kill(h.pid, true, Signal::KILL.as_raw());
     }
     stream.shutdown();
     result

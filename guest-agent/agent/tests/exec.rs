@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agent_protocol::{write_frame, ErrorKind, ExecRequest, PtySize, ReplyBody, Request, RequestBody};
+use rustix::process::{kill_process, Pid, Signal};
 
 use common::*;
 
@@ -198,7 +199,8 @@ fn detached_process_outlives_request() {
     drop(c);
     std::thread::sleep(Duration::from_millis(50));
     assert!(alive(pid));
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let pid = Pid::from_raw(pid as i32).unwrap();
+    let _ = kill_process(pid, Signal::KILL);
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 
 use ember_agent::server::{serve, Config};
 use agent_protocol::{read_message, ErrorKind, Reply, ReplyBody, RequestBody};
+use rustix::thread::{unshare_unsafe, UnshareFlags};
 
 use common::*;
 
@@ -16,7 +17,9 @@ fn identity_hooks() {
     // host's name is untouched and the execs it spawns see the new one.
     let (a, b) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
-        if unsafe { libc::unshare(libc::CLONE_NEWUTS) } == 0 {
+        // SAFETY: NEWUTS leaves the fd table shared with the other threads, which is all
+        // that unshare's contract is about.
+        if unsafe { unshare_unsafe(UnshareFlags::NEWUTS) }.is_ok() {
             let _ = serve(b, &Config::default());
         }
     });

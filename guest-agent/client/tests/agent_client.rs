@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ember_agent::server::{serve, Config};
 use agent_protocol::{ExecRequest, PtySize};
 use agent_client::{self, ClientError, Exec, Outcome};
+use rustix::process::{kill_process, Pid, Signal};
 
 /// A connection to an in-process agent.
 fn agent() -> UnixStream {
@@ -119,7 +120,8 @@ fn exit_status_stderr_and_refusals() {
     }
     let pid = agent_client::spawn_detached(agent(), cmd(&["sleep", "30"])).unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let pid = Pid::from_raw(pid as i32).unwrap();
+    let _ = kill_process(pid, Signal::KILL);
 }
 
 #[test]
@@ -127,8 +129,8 @@ fn signal_and_resize_while_running() {
     let running = Exec::start(agent(), cmd(&["sleep", "30"]), None).unwrap();
     let ctl = running.control();
     let waiter = std::thread::spawn(move || running.wait(&mut io::sink(), &mut io::sink()));
-    ctl.signal(libc::SIGTERM, false).unwrap();
-    assert_eq!(waiter.join().unwrap().unwrap(), Outcome::Killed(libc::SIGTERM));
+    ctl.signal(Signal::TERM.as_raw(), false).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), Outcome::Killed(Signal::TERM.as_raw()));
 
     // A pty: the size changes before the line that makes the shell print it arrives.
     let mut req = cmd(&["sh", "-c", "stty size; read x; stty size"]);
