@@ -71,8 +71,8 @@ pub enum SnapshotError {
     Inconsistent { path: PathBuf, reason: StateError },
     #[error("memory file {path} is {len} bytes, the snapshot's guest has {expected}")]
     MemorySize { path: PathBuf, len: u64, expected: u64 },
-    #[error("{0}")]
-    Request(String),
+    #[error(transparent)]
+    Request(#[from] api::models::RequestError),
     #[error("cannot encode the snapshot state: {0}")]
     Encode(postcard::Error),
     #[error(transparent)]

@@ -74,6 +74,8 @@ impl Interrupt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    #[error("a queue is not ready or lies outside guest memory")]
+    QueueNotReady,
     #[error("the driver acknowledged {0} queues, the device needs {1}")]
     QueueCount(usize, usize),
 }

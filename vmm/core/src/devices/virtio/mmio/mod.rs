@@ -10,7 +10,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{ActivateError, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
 /// Size of one device's MMIO window.
@@ -156,11 +156,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 .iter()
                 .map(|q| Queue::try_from(q.state()).expect("a queue that passed is_valid rebuilds"))
                 .collect();
-            self.device
-                .activate(self.mem.clone(), queues, self.interrupt.clone())
-                .map_err(|e| e.to_string())
+            self.device.activate(self.mem.clone(), queues, self.interrupt.clone())
         } else {
-            Err("a queue is not ready or lies outside guest memory".to_string())
+            Err(ActivateError::QueueNotReady)
         };
         if let Err(e) = result {
             tracing::warn!("virtio: cannot activate device: {e}");
@@ -271,7 +269,6 @@ pub use self::persist::{MmioRestoreError, MmioState, QueueSnapshot, TransportArg
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::devices::virtio::ActivateError;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
