@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use super::record::VSOCK_SOCKET;
 use super::{SandboxError, Store};
-use agent_client;
 
 /// Enough for the guest kernel to reseed its CRNG from this alone (256 bits, credited in full:
 /// they come from the host's own CRNG).

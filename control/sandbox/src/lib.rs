@@ -22,7 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use record::{Record, API_SOCKET, CONSOLE_LOG, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
 
-use agent_client;
 use api::client::{ApiClient, ApiClientError};
 use api::models::{
     ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics,

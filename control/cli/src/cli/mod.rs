@@ -9,7 +9,6 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_client;
 use sandbox::Store;
 
 /// Exit status for ember's own failures in `exec` and `cp`, as distinct from a command's.

@@ -7,6 +7,7 @@ use agent_protocol::PtySize;
 
 /// The size of the terminal on `fd`, if it is one.
 pub fn size(fd: RawFd) -> Option<PtySize> {
+    // SAFETY: winsize is plain integers, for which all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
     // SAFETY: TIOCGWINSZ writes one winsize into `ws`.
     let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
@@ -21,6 +22,7 @@ pub struct RawMode {
 impl RawMode {
     pub fn enter() -> Option<RawMode> {
         let fd = std::io::stdin().as_raw_fd();
+        // SAFETY: termios is plain integers and arrays of them, for which all zeroes is valid.
         let mut saved: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: tcgetattr fills `saved`; cfmakeraw and tcsetattr read a valid termios.
         unsafe {
