@@ -26,7 +26,7 @@ pub fn virtio_slot(index: usize) -> MmioDevice {
 }
 
 /// Checks a device count against the interrupt lines ember has for virtio devices.
-pub fn check_device_count(devices: usize) -> Result<(), DeviceError> {
+pub(super) fn check_device_count(devices: usize) -> Result<(), DeviceError> {
     let max_devices = (layout::VIRTIO_IRQ_LAST - layout::VIRTIO_IRQ_FIRST + 1) as usize;
     if devices > max_devices {
         return Err(DeviceError::TooMany(devices, max_devices));

@@ -15,7 +15,8 @@ use vm_superio::{I8042Device, Serial};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use self::events::{EventLoop, Subscriber};
-pub use self::mmio::{check_device_count, virtio_slot};
+pub use self::mmio::virtio_slot;
+use self::mmio::check_device_count;
 pub use self::persist::{DeviceStates, Overrides};
 use self::events::DeviceEvents;
 use self::mmio::MmioSlots;

@@ -20,7 +20,7 @@ use crate::device_manager::EventLoop;
 use crate::stats::RunStats;
 use crate::vmm::{Vmm, VmmError};
 use crate::vstate::vcpu::{install_kick_handler, ExitSignal, GuestExit, VcpuError};
-pub(crate) use self::trim::trim_heap;
+use self::trim::{trim_heap, trim_stack};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -129,7 +129,7 @@ pub fn run_with_api(
     let start_paused = api.as_ref().is_some_and(|a| a.start_paused);
     let loaded_at = api.as_ref().and_then(|a| a.loaded_at);
     vmm.start(&mut events, exit.clone(), loaded_at, start_paused)?;
-    trim::trim_stack();
+    trim_stack();
     trim_heap();
 
     let mut loop_result = Ok(());

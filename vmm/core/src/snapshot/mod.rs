@@ -107,6 +107,7 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Sna
 /// memory.
 pub fn create(files: &SnapshotFiles, state: &SnapshotState, ram: &GuestRam) -> Result<SnapshotInfo, SnapshotError> {
     create_parent(&files.memory)?;
+    create_parent(&files.state)?;
     let bytes = format::encode(state)?;
     let memory_tmp = temporary(&files.memory);
     let memory_bytes = memory::write(ram, &memory_tmp)?;
