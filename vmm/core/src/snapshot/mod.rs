@@ -182,7 +182,7 @@ pub fn map_memory(path: &Path, layers: &[PathBuf], state: &SnapshotState) -> Res
 
 /// A KVM VM made before the snapshot to load is known: /dev/kvm opened, the VM with its irqchip
 /// and PIT, KVM's one-time memory-slot set-up paid. A VMM process that waits for a load request
-/// makes one at start; [`restore_vm`] then does only the snapshot's part.
+/// makes one at start; [`Vmm::restore`] then does only the snapshot's part.
 pub struct PreparedVm {
     pub(crate) kvm: kvm_ioctls::Kvm,
     pub(crate) vm: Vm,
