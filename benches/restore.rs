@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmm::builder::build;
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotFiles, SnapshotParts};
+use vmm::snapshot::{self, Overrides, SnapshotFiles};
+use vmm::Vmm;
 use vmm_sys_util::tempdir::TempDir;
 
 /// `inc rbx; out 0x80, eax; jmp $-5`: one port write per loop.
@@ -42,21 +43,15 @@ fn make_snapshot(dir: &Path, mem_mib: u64, vcpus: u8) -> snapshot::SnapshotInfo 
         vsock: Some(VsockConfig { cid: 3, uds: dir.join("vsock.sock") }),
     };
     let mut vm = build(&cfg, Box::new(std::io::sink())).expect("VM builds");
-    let fd = vm.vcpus[0].kvm_fd();
+    let fd = vm.vcpus_mut()[0].kvm_fd();
     for _ in 0..10 {
         assert!(matches!(fd.run().expect("KVM_RUN"), VcpuExit::IoOut(0x80, _)));
     }
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
-    let parts = SnapshotParts {
-        vm: &vm.vm,
-        ram: &vm.ram,
-        vcpus: snapshot::save_vcpus(&vm.vcpus).unwrap(),
-        serial: &vm.serial,
-        virtio: &vm.virtio,
-    };
-    snapshot::create(&SnapshotFiles::in_dir(&dir.join("snap")), parts).expect("snapshot written")
+    let vcpus = vm.save_vcpus().unwrap();
+    vm.snapshot(&SnapshotFiles::in_dir(&dir.join("snap")), vcpus).expect("snapshot written")
 }
 
 #[derive(Default)]
@@ -102,9 +97,9 @@ fn main() {
         let t2 = Instant::now();
         let ram = snapshot::map_memory(&snap.memory, &[], &state).unwrap();
         let t3 = Instant::now();
-        let mut vm = snapshot::restore_vm(prepared, &state, ram, devices, Box::new(std::io::sink())).unwrap();
+        let mut vm = Vmm::restore(prepared, &state, ram, devices, Box::new(std::io::sink())).unwrap();
         let t4 = Instant::now();
-        let exit = vm.vcpus[0].kvm_fd().run().expect("KVM_RUN");
+        let exit = vm.vcpus_mut()[0].kvm_fd().run().expect("KVM_RUN");
         let t5 = Instant::now();
         assert!(matches!(exit, VcpuExit::IoOut(0x80, _)), "the restored guest runs its loop");
         steps.state.push(t1 - t0);

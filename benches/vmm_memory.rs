@@ -35,10 +35,10 @@ use api::models::{
     DriveOverride, MemBackend, MemBackendType, MetricsConfig, SnapshotLoadParams, VsockOverride,
 };
 use vmm::arch::x86_64::layout::VIRTIO_MMIO_START;
-use vmm::builder::{build, BuiltVm};
+use vmm::builder::build;
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
 use disk::overlay;
-use vmm::snapshot::{self, SnapshotParts};
+use vmm::Vmm;
 use vmm_sys_util::tempdir::TempDir;
 
 /// `out 0x80, al; hlt; jmp $-1`: one exit to show it ran, then halted for good (interrupts off).
@@ -62,9 +62,9 @@ fn ring(dev: u64, q: u64) -> (u64, u64, u64) {
 
 /// Sets up virtio device `dev` through its MMIO registers as a guest driver does, with
 /// `queues` queues, and starts it.
-fn activate(vm: &BuiltVm, dev: u64, queues: u64) {
+fn activate(vm: &Vmm, dev: u64, queues: u64) {
     let reg = |offset: u64, value: u32| {
-        vm.mmio.write(VIRTIO_MMIO_START + dev * 0x1000 + offset, &value.to_le_bytes());
+        vm.devices().mmio().write(VIRTIO_MMIO_START + dev * 0x1000 + offset, &value.to_le_bytes());
     };
     reg(0x70, 1);
     reg(0x70, 3);
@@ -82,7 +82,7 @@ fn activate(vm: &BuiltVm, dev: u64, queues: u64) {
     }
     reg(0x70, 15);
     let mut status = [0u8; 4];
-    vm.mmio.read(VIRTIO_MMIO_START + dev * 0x1000 + 0x70, &mut status);
+    vm.devices().mmio().read(VIRTIO_MMIO_START + dev * 0x1000 + 0x70, &mut status);
     assert_eq!(u32::from_le_bytes(status), 15, "virtio device {dev} is active");
 }
 
@@ -118,7 +118,7 @@ fn blk_header(mem: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) -> u64 {
 
 /// Builds the guest, starts its devices, runs it to its first exit, freezes its memory and
 /// writes its state to `state`. Returns the VM, its frozen memory and its drive's file.
-fn make_parent(dir: &Path, state: &Path) -> (BuiltVm, std::sync::Arc<std::fs::File>, PathBuf) {
+fn make_parent(dir: &Path, state: &Path) -> (Vmm, std::sync::Arc<std::fs::File>, PathBuf) {
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, elf(&GUEST)).unwrap();
     let base = dir.join("base.raw");
@@ -137,7 +137,7 @@ fn make_parent(dir: &Path, state: &Path) -> (BuiltVm, std::sync::Arc<std::fs::Fi
     let mut vm = build(&cfg, Box::new(std::io::sink())).expect("VM builds");
     activate(&vm, 0, 1);
     activate(&vm, 1, 3);
-    let mem = &vm.ram.memory;
+    let mem = &vm.ram().memory;
     // The parent's disk holds data of its own (as a booted guest's overlay does), so the layer
     // under the child's overlay is not empty: three writes and a flush, served now. Then a
     // write and a flush wait in the queue, for the child to serve.
@@ -154,7 +154,7 @@ fn make_parent(dir: &Path, state: &Path) -> (BuiltVm, std::sync::Arc<std::fs::Fi
         .collect();
     chains.push(vec![(flush, 16, false), (status + 3, 1, true)]);
     offer(mem, 0, 0, 0, &chains.iter().map(|c| &c[..]).collect::<Vec<_>>());
-    vm.mmio.write(VIRTIO_MMIO_START + 0x50, &0u32.to_le_bytes());
+    vm.devices().mmio().write(VIRTIO_MMIO_START + 0x50, &0u32.to_le_bytes());
     let served: u16 = mem.read_obj(GuestAddress(ring(0, 0).2 + 2)).unwrap();
     assert_eq!(served, 4, "the parent's disk requests were served");
     let write = blk_header(mem, BUFFERS + 0x300, VIRTIO_BLK_T_OUT, CHILD_SECTOR);
@@ -167,20 +167,13 @@ fn make_parent(dir: &Path, state: &Path) -> (BuiltVm, std::sync::Arc<std::fs::Fi
     let ev: Vec<[(u64, u32, bool); 1]> = (0..4).map(|i| [(BUFFERS + 0x900 + i * 8, 8, true)]).collect();
     offer(mem, 1, 2, 0, &ev.iter().map(|c| &c[..]).collect::<Vec<_>>());
 
-    let fd = vm.vcpus[0].kvm_fd();
+    let fd = vm.vcpus_mut()[0].kvm_fd();
     assert!(matches!(fd.run().expect("KVM_RUN"), VcpuExit::IoOut(0x80, _)));
     fd.set_kvm_immediate_exit(1);
     let _ = fd.run();
     fd.set_kvm_immediate_exit(0);
-    let parts = SnapshotParts {
-        vm: &vm.vm,
-        ram: &vm.ram,
-        vcpus: snapshot::save_vcpus(&vm.vcpus).unwrap(),
-        serial: &vm.serial,
-        virtio: &vm.virtio,
-    };
-    snapshot::create_state(state, parts).expect("state written");
-    let frozen = vm.ram.freeze().expect("memory frozen");
+    let vcpus = vm.save_vcpus().unwrap();
+    let frozen = vm.snapshot_frozen(state, vcpus).expect("state written and memory frozen");
     (vm, frozen.base, layer)
 }
 

@@ -9,11 +9,12 @@ use std::path::Path;
 
 use common::{config, elf, Console, Guest, LOAD_ADDR};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::builder::{build, BuiltVm};
+use vmm::builder::build;
 use vmm::config::{DriveConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotFiles, SnapshotParts, MEMORY_FILE};
+use vmm::snapshot::{self, Overrides, SnapshotFiles, MEMORY_FILE};
 use vmm::vstate::vcpu::Vcpu;
 use vmm::vstate::vm::VmState;
+use vmm::Vmm;
 
 /// Where the guest keeps its memory counter.
 const COUNTER: u64 = 0x30_0000;
@@ -62,7 +63,7 @@ fn run_steps(vcpu: &mut Vcpu, steps: usize) -> Vec<(u32, u32)> {
     reports
 }
 
-fn counting_vm(g: &Guest, vcpus: u8) -> BuiltVm {
+fn counting_vm(g: &Guest, vcpus: u8) -> Vmm {
     let kernel = g.file("vmlinux", &elf(&COUNTING_GUEST, LOAD_ADDR, 0));
     let mut cfg = config(&kernel, vcpus, 32);
     cfg.drives.push(DriveConfig { id: Some("rootfs".into()), path: g.file("disk.raw", &vec![0u8; 1 << 20]), read_only: false, root: true });
@@ -70,22 +71,16 @@ fn counting_vm(g: &Guest, vcpus: u8) -> BuiltVm {
     build(&cfg, Box::new(Console::default())).expect("VM builds")
 }
 
-fn take_snapshot(vm: &BuiltVm, dir: &Path) -> snapshot::SnapshotInfo {
-    let parts = SnapshotParts {
-        vm: &vm.vm,
-        ram: &vm.ram,
-        vcpus: snapshot::save_vcpus(&vm.vcpus).expect("vCPU states read"),
-        serial: &vm.serial,
-        virtio: &vm.virtio,
-    };
-    snapshot::create(&SnapshotFiles::in_dir(dir), parts).expect("snapshot written")
+fn take_snapshot(vm: &Vmm, dir: &Path) -> snapshot::SnapshotInfo {
+    let vcpus = vm.save_vcpus().expect("vCPU states read");
+    vm.snapshot(&SnapshotFiles::in_dir(dir), vcpus).expect("snapshot written")
 }
 
-fn mmio_read_u64(vm: &BuiltVm, addr: u64) -> u64 {
+fn mmio_read_u64(vm: &Vmm, addr: u64) -> u64 {
     let mut lo = [0u8; 4];
     let mut hi = [0u8; 4];
-    vm.mmio.read(addr, &mut lo);
-    vm.mmio.read(addr + 4, &mut hi);
+    vm.devices().mmio().read(addr, &mut lo);
+    vm.devices().mmio().read(addr + 4, &mut hi);
     u32::from_le_bytes(lo) as u64 | (u32::from_le_bytes(hi) as u64) << 32
 }
 
@@ -93,7 +88,7 @@ fn mmio_read_u64(vm: &BuiltVm, addr: u64) -> u64 {
 fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_memory() {
     let g = Guest::new();
     let mut original = counting_vm(&g, 2);
-    let before = run_steps(&mut original.vcpus[0], 5);
+    let before = run_steps(&mut original.vcpus_mut()[0], 5);
     let (reg0, mem0) = before[0];
     assert_eq!(before, (0..5).map(|i| (reg0 + i, mem0 + i)).collect::<Vec<_>>());
     let (reg_at, mem_at) = before[4];
@@ -102,7 +97,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
     let info = take_snapshot(&original, &snap);
     assert!(info.memory_bytes > 0 && info.memory_bytes < 1 << 20, "sparse: {info:?}");
     // The original goes on; nothing it does reaches the snapshot.
-    run_steps(&mut original.vcpus[0], 3);
+    run_steps(&mut original.vcpus_mut()[0], 3);
 
     let disk_a = g.file("disk-a.raw", &vec![0u8; 1 << 20]);
     let overrides_a = Overrides {
@@ -111,8 +106,8 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
         vsock_cid: Some(7),
     };
     let mut a = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_a, Box::new(Console::default())).expect("restore A");
-    assert_eq!(a.vcpus.len(), 2);
-    let after_a = run_steps(&mut a.vcpus[0], 4);
+    assert_eq!(a.vcpus().len(), 2);
+    let after_a = run_steps(&mut a.vcpus_mut()[0], 4);
     assert_eq!(after_a, (1..=4).map(|i| (reg_at + i, mem_at + i)).collect::<Vec<_>>(), "A continues, not restarts");
 
     // B restores from the same files while A is alive: A's writes are A's own.
@@ -123,10 +118,10 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
         vsock_cid: None,
     };
     let mut b = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_b, Box::new(Console::default())).expect("restore B");
-    let after_b = run_steps(&mut b.vcpus[0], 2);
+    let after_b = run_steps(&mut b.vcpus_mut()[0], 2);
     assert_eq!(after_b, vec![(reg_at + 1, mem_at + 1), (reg_at + 2, mem_at + 2)], "B starts where the snapshot did");
-    assert_eq!(a.ram.memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 4) as u64);
-    assert_eq!(b.ram.memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 2) as u64);
+    assert_eq!(a.ram().memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 4) as u64);
+    assert_eq!(b.ram().memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 2) as u64);
     let mut on_disk = [0u8; 8];
     std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(snap.join(MEMORY_FILE)).unwrap(), &mut on_disk, COUNTER)
         .unwrap();
@@ -145,7 +140,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
 fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
     let g = Guest::new();
     let mut original = counting_vm(&g, 2);
-    run_steps(&mut original.vcpus[0], 3);
+    run_steps(&mut original.vcpus_mut()[0], 3);
     let snap = g.dir.as_path().join("snap");
     take_snapshot(&original, &snap);
     let saved = snapshot::read_state(&snap.join(snapshot::STATE_FILE)).unwrap();
@@ -156,7 +151,7 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
         vsock_cid: None,
     };
     let restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides, Box::new(Console::default())).unwrap();
-    for (index, vcpu) in restored.vcpus.iter().enumerate() {
+    for (index, vcpu) in restored.vcpus().iter().enumerate() {
         let (before, after) = (&saved.vcpus[index], vcpu.save_state().unwrap());
         assert_eq!(after.regs, before.regs, "vCPU {index} registers");
         assert_eq!(after.sregs, before.sregs, "vCPU {index} special registers");
@@ -170,7 +165,7 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
         }
         assert_eq!(after.msrs.len(), before.msrs.len());
     }
-    let vm_state: VmState = restored.vm.save_state().unwrap();
+    let vm_state: VmState = restored.vm().save_state().unwrap();
     for (a, b) in [(&vm_state.pic_master, &saved.vm.pic_master), (&vm_state.ioapic, &saved.vm.ioapic)] {
         // SAFETY: reading the plain-data union as the bytes KVM filled in.
         let bytes = |c: &kvm_bindings::kvm_irqchip| unsafe { c.chip.dummy };
@@ -183,11 +178,11 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
 
 /// The guest TSC minus kvmclock (in TSC ticks) at one moment: what a guest's clocksource
 /// watchdog compares over time. Two reads a few microseconds apart.
-fn tsc_minus_kvmclock(vm: &mut BuiltVm) -> (i128, u32) {
-    let khz = vm.vcpus[0].kvm_fd().get_tsc_khz().expect("KVM_GET_TSC_KHZ");
+fn tsc_minus_kvmclock(vm: &mut Vmm) -> (i128, u32) {
+    let khz = vm.vcpus_mut()[0].kvm_fd().get_tsc_khz().expect("KVM_GET_TSC_KHZ");
     let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry { index: 0x10, ..Default::default() }]).unwrap();
-    vm.vcpus[0].kvm_fd().get_msrs(&mut msrs).expect("guest TSC read");
-    let clock = vm.vm.fd.get_clock().expect("KVM_GET_CLOCK").clock;
+    vm.vcpus_mut()[0].kvm_fd().get_msrs(&mut msrs).expect("guest TSC read");
+    let clock = vm.vm().fd.get_clock().expect("KVM_GET_CLOCK").clock;
     (msrs.as_slice()[0].data as i128 - clock as i128 * khz as i128 / 1_000_000, khz)
 }
 
@@ -195,23 +190,22 @@ fn tsc_minus_kvmclock(vm: &mut BuiltVm) -> (i128, u32) {
 fn a_restored_guest_finds_its_tsc_and_kvmclock_as_far_apart_as_they_were() {
     let g = Guest::new();
     let mut original = counting_vm(&g, 1);
-    let offset = original.vcpus[0].tsc_offset();
-    if original.vcpus[0].set_tsc_offset(offset.unwrap_or(0).wrapping_add(1 << 40)).is_err()
-        || original.vcpus[0].tsc_offset() != offset.map(|o| o.wrapping_add(1 << 40))
+    let offset = original.vcpus()[0].tsc_offset();
+    if original.vcpus()[0].set_tsc_offset(offset.unwrap_or(0).wrapping_add(1 << 40)).is_err()
+        || original.vcpus()[0].tsc_offset() != offset.map(|o| o.wrapping_add(1 << 40))
     {
         // PVM, as on the machines ember is developed on: guests read the host's TSC as it is.
         eprintln!("skipped: this host's KVM cannot offset a guest's TSC");
         return;
     }
-    run_steps(&mut original.vcpus[0], 2);
+    run_steps(&mut original.vcpus_mut()[0], 2);
     let (before, khz) = tsc_minus_kvmclock(&mut original);
-    let vcpus = snapshot::save_vcpus(&original.vcpus).expect("vCPU states read");
+    let vcpus = original.save_vcpus().expect("vCPU states read");
     // As in a real snapshot, where the disks are flushed between the vCPUs' reads and the
     // clock's: the TSC as read goes stale while kvmclock runs on.
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let parts = SnapshotParts { vm: &original.vm, ram: &original.ram, vcpus, serial: &original.serial, virtio: &original.virtio };
     let snap = g.dir.as_path().join("snap");
-    snapshot::create(&SnapshotFiles::in_dir(&snap), parts).expect("snapshot written");
+    original.snapshot(&SnapshotFiles::in_dir(&snap), vcpus).expect("snapshot written");
     drop(original);
     std::thread::sleep(std::time::Duration::from_millis(50));
 
@@ -226,26 +220,26 @@ fn a_restored_guest_finds_its_tsc_and_kvmclock_as_far_apart_as_they_were() {
 fn a_snapshot_of_a_restored_vm_carries_its_own_writes() {
     let g = Guest::new();
     let mut original = counting_vm(&g, 1);
-    run_steps(&mut original.vcpus[0], 2);
+    run_steps(&mut original.vcpus_mut()[0], 2);
     let first = g.dir.as_path().join("first");
     take_snapshot(&original, &first);
     drop(original);
 
     let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &Overrides::default(), Box::new(Console::default())).unwrap();
-    let (_, mem_at) = *run_steps(&mut restored.vcpus[0], 3).last().unwrap();
+    let (_, mem_at) = *run_steps(&mut restored.vcpus_mut()[0], 3).last().unwrap();
     let second = g.dir.as_path().join("second");
     take_snapshot(&restored, &second);
     drop(restored);
 
     let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &Overrides::default(), Box::new(Console::default())).unwrap();
-    assert_eq!(run_steps(&mut again.vcpus[0], 1)[0].1, mem_at + 1);
+    assert_eq!(run_steps(&mut again.vcpus_mut()[0], 1)[0].1, mem_at + 1);
 }
 
 #[test]
 fn a_corrupt_state_file_is_refused_before_any_vm_exists() {
     let g = Guest::new();
     let mut original = counting_vm(&g, 1);
-    run_steps(&mut original.vcpus[0], 1);
+    run_steps(&mut original.vcpus_mut()[0], 1);
     let snap = g.dir.as_path().join("snap");
     take_snapshot(&original, &snap);
     drop(original);
@@ -296,7 +290,7 @@ fn a_vcpu_saves_its_state_as_it_parks_with_its_last_port_read_completed() {
     pio.insert("gate-closer", 0x81, 1, Arc::new(Mutex::new(GateCloser(gate.clone())))).unwrap();
     let ctx = Arc::new(VcpuContext {
         pio: Arc::new(pio),
-        mmio: vm.mmio.clone(),
+        mmio: vm.devices().mmio().clone(),
         stop: Arc::new(AtomicBool::new(false)),
         exit: Arc::new(ExitSignal::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap())),
         gate: gate.clone(),
@@ -304,14 +298,14 @@ fn a_vcpu_saves_its_state_as_it_parks_with_its_last_port_read_completed() {
         exits: Default::default(),
         loaded_at: None,
     });
-    let vcpu = vm.vcpus.remove(0);
+    let vcpu = vm.take_vcpus().remove(0);
     let thread_ctx = ctx.clone();
     let thread = std::thread::spawn(move || vcpu.run(&thread_ctx));
     assert!(gate.wait_parked(1, std::time::Duration::from_secs(10)), "the vCPU parks");
     let states = ctx.parked_states.all(1).expect("the parked vCPU saved its state");
     assert_eq!(states[0].regs.rip, LOAD_ADDR + 4, "the saved state is past the port read");
     assert_eq!(states[0].regs.rax, 0x5a, "the value read is in the saved register");
-    assert!(ctx.parked_states.all(2).err().unwrap().contains("vCPU 1"));
+    assert!(ctx.parked_states.all(2).err().unwrap().to_string().contains("vCPU 1"));
     ctx.stop.store(true, Ordering::Release);
     gate.wake();
     thread.join().unwrap();

@@ -93,7 +93,7 @@ impl ApiClient {
         if raw.len() > MAX_RESPONSE {
             return Err(self.malformed(format!("the response is larger than {MAX_RESPONSE} bytes")));
         }
-        let (status, body) = parse_response(&raw).map_err(|reason| self.malformed(reason))?;
+        let (status, body) = parse_response(&raw).map_err(|e| self.malformed(e.to_string()))?;
         if (200..300).contains(&status) {
             return Ok(body.to_vec());
         }
@@ -104,17 +104,31 @@ impl ApiClient {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum ResponseError {
+    #[error("the connection closed inside the headers")]
+    Partial,
+    #[error(transparent)]
+    Http(#[from] httparse::Error),
+    #[error("no status code")]
+    NoStatus,
+    #[error("an unreadable Content-Length")]
+    ContentLength,
+    #[error("the body is shorter than its Content-Length {0}")]
+    ShortBody(usize),
+}
+
 /// The status and body of a complete response (`Connection: close`, so the body runs to the
 /// end unless Content-Length says otherwise).
-fn parse_response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
+fn parse_response(raw: &[u8]) -> Result<(u16, &[u8]), ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(raw) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err("the connection closed inside the headers".into()),
-        Err(e) => return Err(e.to_string()),
+        Ok(httparse::Status::Partial) => return Err(ResponseError::Partial),
+        Err(e) => return Err(e.into()),
     };
-    let status = response.code.ok_or("no status code")?;
+    let status = response.code.ok_or(ResponseError::NoStatus)?;
     let body = &raw[head_len..];
     let length = response.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length"));
     match length {
@@ -122,8 +136,8 @@ fn parse_response(raw: &[u8]) -> Result<(u16, &[u8]), String> {
             let n: usize = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
-                .ok_or("an unreadable Content-Length")?;
-            body.get(..n).map(|b| (status, b)).ok_or_else(|| format!("the body is shorter than its Content-Length {n}"))
+                .ok_or(ResponseError::ContentLength)?;
+            body.get(..n).map(|b| (status, b)).ok_or(ResponseError::ShortBody(n))
         }
         None => Ok((status, body)),
     }
@@ -138,8 +152,8 @@ mod tests {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}trailing";
         assert_eq!(parse_response(ok).unwrap(), (200, &b"{}"[..]));
         assert_eq!(parse_response(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(), (204, &b""[..]));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap_err().contains("inside the headers"));
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").unwrap_err().contains("shorter"));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap_err().to_string().contains("inside the headers"));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").unwrap_err().to_string().contains("shorter"));
         assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }
 }

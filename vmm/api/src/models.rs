@@ -5,6 +5,51 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Why a request body is refused: an option ember does not implement, or an inconsistent one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("vcpu_count must be at least 1")]
+    NoVcpu,
+    #[error("mem_size_mib must be at least 1")]
+    NoMemory,
+    #[error("smt: ember gives each vCPU its own core; only false is supported")]
+    Smt,
+    #[error("track_dirty_pages: ember takes full snapshots only; only false is supported")]
+    TrackDirtyPages,
+    #[error("cpu_template {0}: ember has no CPU templates; only \"None\" is supported")]
+    CpuTemplate(String),
+    #[error("huge_pages {0}: only \"None\" is supported")]
+    HugePages(String),
+    #[error("the drive_id in the body ({body}) differs from the one in the path ({path})")]
+    DriveId { body: String, path: String },
+    #[error("partuuid: ember's guests have no partition tables; the root drive is /dev/vda")]
+    Partuuid,
+    #[error("cache_type {0}: expected Unsafe or Writeback")]
+    CacheType(String),
+    #[error("io_engine {0}: only Sync is supported")]
+    IoEngine(String),
+    #[error("rate_limiter: ember has no block rate limiter")]
+    RateLimiter,
+    #[error("path_on_host is missing: it is the only drive property ember can update")]
+    NoPathOnHost,
+    #[error("snapshot_type Diff: ember takes full snapshots only")]
+    DiffSnapshot,
+    #[error("snapshot_path must not be empty")]
+    NoSnapshotPath,
+    #[error("mem_file_path must not be empty (or set freeze_memory)")]
+    NoMemFilePath,
+    #[error("freeze_memory writes no memory file: leave out mem_file_path")]
+    FrozenMemFilePath,
+    #[error("enable_diff_snapshots/track_dirty_pages: ember takes full snapshots only")]
+    DiffLoad,
+    #[error("give either mem_backend or mem_file_path, not both")]
+    TwoMemFiles,
+    #[error("the memory file is missing: give mem_backend (or mem_file_path)")]
+    NoMemFile,
+    #[error("mem_backend Uffd: ember maps the memory file itself; only File is supported")]
+    Uffd,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootSource {
@@ -40,26 +85,26 @@ impl Default for MachineConfig {
 
 impl MachineConfig {
     /// Rejects the options ember does not implement.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RequestError> {
         if self.vcpu_count == 0 {
-            return Err("vcpu_count must be at least 1".into());
+            return Err(RequestError::NoVcpu);
         }
         if self.mem_size_mib == 0 {
-            return Err("mem_size_mib must be at least 1".into());
+            return Err(RequestError::NoMemory);
         }
         if self.smt {
-            return Err("smt: ember gives each vCPU its own core; only false is supported".into());
+            return Err(RequestError::Smt);
         }
         if self.track_dirty_pages {
-            return Err("track_dirty_pages: ember takes full snapshots only; only false is supported".into());
+            return Err(RequestError::TrackDirtyPages);
         }
         match self.cpu_template.as_deref() {
             None | Some("None") => {}
-            Some(t) => return Err(format!("cpu_template {t}: ember has no CPU templates; only \"None\" is supported")),
+            Some(t) => return Err(RequestError::CpuTemplate(t.into())),
         }
         match self.huge_pages.as_deref() {
             None | Some("None") => Ok(()),
-            Some(h) => Err(format!("huge_pages {h}: only \"None\" is supported")),
+            Some(h) => Err(RequestError::HugePages(h.into())),
         }
     }
 }
@@ -83,28 +128,25 @@ pub struct Drive {
 }
 
 impl Drive {
-    pub fn check(&self, id_in_path: &str) -> Result<(), String> {
+    pub fn check(&self, id_in_path: &str) -> Result<(), RequestError> {
         if self.drive_id != id_in_path {
-            return Err(format!(
-                "the drive_id in the body ({}) differs from the one in the path ({id_in_path})",
-                self.drive_id
-            ));
+            return Err(RequestError::DriveId { body: self.drive_id.clone(), path: id_in_path.into() });
         }
         if self.partuuid.is_some() {
-            return Err("partuuid: ember's guests have no partition tables; the root drive is /dev/vda".into());
+            return Err(RequestError::Partuuid);
         }
         // ember always honours the guest's flushes, which is what both Firecracker cache types
         // promise at least.
         match self.cache_type.as_deref() {
             None | Some("Unsafe") | Some("Writeback") => {}
-            Some(c) => return Err(format!("cache_type {c}: expected Unsafe or Writeback")),
+            Some(c) => return Err(RequestError::CacheType(c.into())),
         }
         match self.io_engine.as_deref() {
             None | Some("Sync") => {}
-            Some(e) => return Err(format!("io_engine {e}: only Sync is supported")),
+            Some(e) => return Err(RequestError::IoEngine(e.into())),
         }
         if self.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
-            return Err("rate_limiter: ember has no block rate limiter".into());
+            return Err(RequestError::RateLimiter);
         }
         Ok(())
     }
@@ -207,31 +249,31 @@ pub struct SnapshotCreateParams {
 }
 
 impl PartialDrive {
-    pub fn check(&self, id_in_path: &str) -> Result<(), String> {
+    pub fn check(&self, id_in_path: &str) -> Result<(), RequestError> {
         if self.drive_id != id_in_path {
-            return Err(format!("drive_id {} differs from the path's {id_in_path}", self.drive_id));
+            return Err(RequestError::DriveId { body: self.drive_id.clone(), path: id_in_path.into() });
         }
         if self.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
-            return Err("rate_limiter: ember has no block rate limiter".into());
+            return Err(RequestError::RateLimiter);
         }
         if self.path_on_host.as_deref().is_none_or(str::is_empty) {
-            return Err("path_on_host is missing: it is the only drive property ember can update".into());
+            return Err(RequestError::NoPathOnHost);
         }
         Ok(())
     }
 }
 
 impl SnapshotCreateParams {
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), RequestError> {
         if self.snapshot_type == SnapshotType::Diff {
-            return Err("snapshot_type Diff: ember takes full snapshots only".into());
+            return Err(RequestError::DiffSnapshot);
         }
         if self.snapshot_path.is_empty() {
-            return Err("snapshot_path must not be empty".into());
+            return Err(RequestError::NoSnapshotPath);
         }
         match (self.freeze_memory, self.mem_file_path.is_empty()) {
-            (false, true) => Err("mem_file_path must not be empty (or set freeze_memory)".into()),
-            (true, false) => Err("freeze_memory writes no memory file: leave out mem_file_path".into()),
+            (false, true) => Err(RequestError::NoMemFilePath),
+            (true, false) => Err(RequestError::FrozenMemFilePath),
             _ => Ok(()),
         }
     }
@@ -318,15 +360,15 @@ pub struct SnapshotLoadParams {
 
 impl SnapshotLoadParams {
     /// The memory file, after checking the options ember does not implement.
-    pub fn mem_file(&self) -> Result<&str, String> {
+    pub fn mem_file(&self) -> Result<&str, RequestError> {
         if self.enable_diff_snapshots || self.track_dirty_pages {
-            return Err("enable_diff_snapshots/track_dirty_pages: ember takes full snapshots only".into());
+            return Err(RequestError::DiffLoad);
         }
         match (&self.mem_backend, &self.mem_file_path) {
-            (Some(_), Some(_)) => Err("give either mem_backend or mem_file_path, not both".into()),
-            (None, None) => Err("the memory file is missing: give mem_backend (or mem_file_path)".into()),
+            (Some(_), Some(_)) => Err(RequestError::TwoMemFiles),
+            (None, None) => Err(RequestError::NoMemFile),
             (Some(MemBackend { backend_type: MemBackendType::Uffd, .. }), None) => {
-                Err("mem_backend Uffd: ember maps the memory file itself; only File is supported".into())
+                Err(RequestError::Uffd)
             }
             (Some(MemBackend { backend_path, .. }), None) => Ok(backend_path),
             (None, Some(path)) => Ok(path),
@@ -350,7 +392,7 @@ mod tests {
         )
         .unwrap();
         assert!(d.check("rootfs").is_ok());
-        assert!(d.check("other").unwrap_err().contains("differs"));
+        assert!(d.check("other").unwrap_err().to_string().contains("differs"));
         let a: InstanceActionInfo = serde_json::from_str(r#"{"action_type":"InstanceStart"}"#).unwrap();
         assert_eq!(a.action_type, ActionType::InstanceStart);
         let v: Vm = serde_json::from_str(r#"{"state":"Paused"}"#).unwrap();
@@ -364,14 +406,14 @@ mod tests {
     fn unknown_fields_and_unsupported_options_are_refused() {
         assert!(serde_json::from_str::<BootSource>(r#"{"kernel_image_path":"k","bogus":1}"#).is_err());
         let m: MachineConfig = serde_json::from_str(r#"{"vcpu_count":2,"mem_size_mib":64,"smt":true}"#).unwrap();
-        assert!(m.check().unwrap_err().contains("smt"));
+        assert!(m.check().unwrap_err().to_string().contains("smt"));
         let m = MachineConfig { vcpu_count: 0, ..Default::default() };
-        assert!(m.check().unwrap_err().contains("vcpu_count"));
+        assert!(m.check().unwrap_err().to_string().contains("vcpu_count"));
         let d: Drive = serde_json::from_str(
             r#"{"drive_id":"a","path_on_host":"p","is_root_device":false,"rate_limiter":{"bandwidth":{}}}"#,
         )
         .unwrap();
-        assert!(d.check("a").unwrap_err().contains("rate_limiter"));
+        assert!(d.check("a").unwrap_err().to_string().contains("rate_limiter"));
     }
 
     #[test]
@@ -381,7 +423,7 @@ mod tests {
         assert!(c.check().is_ok());
         let c: SnapshotCreateParams =
             serde_json::from_str(r#"{"snapshot_type":"Diff","snapshot_path":"s","mem_file_path":"m"}"#).unwrap();
-        assert!(c.check().unwrap_err().contains("Diff"));
+        assert!(c.check().unwrap_err().to_string().contains("Diff"));
         let l: SnapshotLoadParams = serde_json::from_str(
             r#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},"resume_vm":true}"#,
         )
@@ -390,12 +432,12 @@ mod tests {
         let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_file_path":"old"}"#).unwrap();
         assert_eq!((l.mem_file().unwrap(), l.resume_vm), ("old", false));
         let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s"}"#).unwrap();
-        assert!(l.mem_file().unwrap_err().contains("missing"));
+        assert!(l.mem_file().unwrap_err().to_string().contains("missing"));
         let l: SnapshotLoadParams = serde_json::from_str(
             r#"{"snapshot_path":"s","mem_backend":{"backend_type":"Uffd","backend_path":"u"}}"#,
         )
         .unwrap();
-        assert!(l.mem_file().unwrap_err().contains("Uffd"));
+        assert!(l.mem_file().unwrap_err().to_string().contains("Uffd"));
         let l: SnapshotLoadParams = serde_json::from_str(
             r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d"}],
                 "vsock_override":{"guest_cid":9,"uds_path":"v"}}"#,

@@ -195,17 +195,17 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiResp
         ("PUT", ["boot-source"]) => Ok(ApiRequest::PutBootSource(parse::<BootSource>(body)?)),
         ("PUT", ["machine-config"]) => {
             let config: MachineConfig = parse(body)?;
-            config.check().map_err(ApiResponse::bad_request)?;
+            config.check().map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             Ok(ApiRequest::PutMachineConfig(config))
         }
         ("PUT", ["drives", id]) => {
             let drive: Drive = parse(body)?;
-            drive.check(id).map_err(ApiResponse::bad_request)?;
+            drive.check(id).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             Ok(ApiRequest::PutDrive(drive))
         }
         ("PATCH", ["drives", id]) => {
             let drive: PartialDrive = parse(body)?;
-            drive.check(id).map_err(ApiResponse::bad_request)?;
+            drive.check(id).map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             Ok(ApiRequest::PatchDrive(drive))
         }
         ("PUT", ["metrics"]) => Ok(ApiRequest::PutMetrics(parse::<MetricsConfig>(body)?)),
@@ -214,12 +214,12 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiResp
         ("PATCH", ["vm"]) => Ok(ApiRequest::PatchVm(parse::<Vm>(body)?.state)),
         ("PUT", ["snapshot", "create"]) => {
             let params: SnapshotCreateParams = parse(body)?;
-            params.check().map_err(ApiResponse::bad_request)?;
+            params.check().map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             Ok(ApiRequest::CreateSnapshot(params))
         }
         ("PUT", ["snapshot", "load"]) => {
             let params: SnapshotLoadParams = parse(body)?;
-            params.mem_file().map_err(ApiResponse::bad_request)?;
+            params.mem_file().map_err(|e| ApiResponse::bad_request(e.to_string()))?;
             Ok(ApiRequest::LoadSnapshot(params))
         }
         _ => Err(ApiResponse::bad_request(format!("Invalid request method and/or path: {method} {url}."))),

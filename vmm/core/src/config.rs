@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::{Deserialize, Serialize};
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -18,13 +20,15 @@ pub struct VmConfig {
 
 /// A virtio-vsock device bridged to Unix sockets, Firecracker-style: host clients connect to
 /// `uds` and write `CONNECT <port>`; guest connections to the host's port P reach `<uds>_P`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Also what a snapshot keeps of the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
     pub cid: u32,
     pub uds: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A virtio-blk drive, whether from `--drive`, from the API (PUT /drives) or from a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DriveConfig {
     /// The API's drive_id, by which a running VM's drive is updated (PATCH /drives/{id}).
     pub id: Option<String>,
@@ -34,50 +38,86 @@ pub struct DriveConfig {
     pub root: bool,
 }
 
-fn on_off(key: &str, value: &str) -> Result<bool, String> {
+/// Firecracker's wire shape of a drive; the options it has and ember does not were refused
+/// when the request was parsed.
+impl From<api::models::Drive> for DriveConfig {
+    fn from(d: api::models::Drive) -> Self {
+        Self { id: Some(d.drive_id), path: d.path_on_host.into(), read_only: d.is_read_only, root: d.is_root_device }
+    }
+}
+
+impl From<api::models::Vsock> for VsockConfig {
+    fn from(v: api::models::Vsock) -> Self {
+        Self { cid: v.guest_cid, uds: v.uds_path.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("'{0}' is not KEY=VALUE")]
+    NotKeyValue(String),
+    #[error("{key}={value}: expected on or off")]
+    OnOff { key: String, value: String },
+    #[error("unknown or empty drive option '{0}' (known: path, ro, root, id)")]
+    DriveOption(String),
+    #[error("a drive needs path=FILE")]
+    NoPath,
+    #[error("cid={value}: {source}")]
+    Cid { value: String, source: std::num::ParseIntError },
+    #[error("unknown or empty vsock option '{0}' (known: cid, uds)")]
+    VsockOption(String),
+    #[error("a vsock device needs cid=N")]
+    NoCid,
+    #[error("a vsock device needs uds=PATH")]
+    NoUds,
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("{key}={value}: expected on or off")),
+        _ => Err(ConfigError::OnOff { key: key.into(), value: value.into() }),
     }
 }
 
 /// `path=FILE[,ro=on|off][,root=on|off]`, as `--drive` takes it.
 impl FromStr for DriveConfig {
-    type Err = String;
+    type Err = ConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let (mut path, mut id) = (None, None);
         let (mut read_only, mut root) = (false, false);
         for part in s.split(',') {
-            let (key, value) = part.split_once('=').ok_or_else(|| format!("'{part}' is not KEY=VALUE"))?;
+            let (key, value) = part.split_once('=').ok_or_else(|| ConfigError::NotKeyValue(part.into()))?;
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "ro" => read_only = on_off(key, value)?,
                 "root" => root = on_off(key, value)?,
                 "id" if !value.is_empty() => id = Some(value.to_string()),
-                _ => return Err(format!("unknown or empty drive option '{part}' (known: path, ro, root, id)")),
+                _ => return Err(ConfigError::DriveOption(part.into())),
             }
         }
-        let path = path.ok_or("a drive needs path=FILE")?;
+        let path = path.ok_or(ConfigError::NoPath)?;
         Ok(Self { id, path, read_only, root })
     }
 }
 
 /// `cid=N,uds=PATH`, as `--vsock` takes it.
 impl FromStr for VsockConfig {
-    type Err = String;
+    type Err = ConfigError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let (mut cid, mut uds) = (None, None);
         for part in s.split(',') {
             match part.split_once('=') {
-                Some(("cid", v)) => cid = Some(v.parse::<u32>().map_err(|e| format!("cid={v}: {e}"))?),
+                Some(("cid", v)) => {
+                    cid = Some(v.parse::<u32>().map_err(|source| ConfigError::Cid { value: v.into(), source })?)
+                }
                 Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
-                _ => return Err(format!("unknown or empty vsock option '{part}' (known: cid, uds)")),
+                _ => return Err(ConfigError::VsockOption(part.into())),
             }
         }
-        Ok(Self { cid: cid.ok_or("a vsock device needs cid=N")?, uds: uds.ok_or("a vsock device needs uds=PATH")? })
+        Ok(Self { cid: cid.ok_or(ConfigError::NoCid)?, uds: uds.ok_or(ConfigError::NoUds)? })
     }
 }
 
@@ -91,20 +131,20 @@ mod tests {
         assert_eq!(d, DriveConfig { id: None, path: "/x/y.qcow2".into(), read_only: true, root: true });
         let d: DriveConfig = "path=disk.img".parse().unwrap();
         assert_eq!(d, DriveConfig { id: None, path: "disk.img".into(), read_only: false, root: false });
-        assert!("ro=on".parse::<DriveConfig>().unwrap_err().contains("path="));
-        assert!("path=a,ro=maybe".parse::<DriveConfig>().unwrap_err().contains("on or off"));
-        assert!("path=a,cache=none".parse::<DriveConfig>().unwrap_err().contains("unknown"));
+        assert!("ro=on".parse::<DriveConfig>().unwrap_err().to_string().contains("path="));
+        assert!("path=a,ro=maybe".parse::<DriveConfig>().unwrap_err().to_string().contains("on or off"));
+        assert!("path=a,cache=none".parse::<DriveConfig>().unwrap_err().to_string().contains("unknown"));
         assert!("path=".parse::<DriveConfig>().is_err());
-        assert!("path=a,bogus".parse::<DriveConfig>().unwrap_err().contains("KEY=VALUE"));
+        assert!("path=a,bogus".parse::<DriveConfig>().unwrap_err().to_string().contains("KEY=VALUE"));
     }
 
     #[test]
     fn vsock_options() {
         let v: VsockConfig = "cid=7,uds=/run/v.sock".parse().unwrap();
         assert_eq!(v, VsockConfig { cid: 7, uds: "/run/v.sock".into() });
-        assert!("uds=/x".parse::<VsockConfig>().unwrap_err().contains("cid=N"));
-        assert!("cid=3".parse::<VsockConfig>().unwrap_err().contains("uds=PATH"));
-        assert!("cid=x,uds=/x".parse::<VsockConfig>().unwrap_err().contains("cid=x"));
-        assert!("cid=3,uds=/x,port=1".parse::<VsockConfig>().unwrap_err().contains("unknown"));
+        assert!("uds=/x".parse::<VsockConfig>().unwrap_err().to_string().contains("cid=N"));
+        assert!("cid=3".parse::<VsockConfig>().unwrap_err().to_string().contains("uds=PATH"));
+        assert!("cid=x,uds=/x".parse::<VsockConfig>().unwrap_err().to_string().contains("cid=x"));
+        assert!("cid=3,uds=/x,port=1".parse::<VsockConfig>().unwrap_err().to_string().contains("unknown"));
     }
 }

@@ -3,86 +3,94 @@
 
 use std::path::{Path, PathBuf};
 
-use api::models::{BootSource, Drive, MachineConfig, Vsock};
+use api::models::{BootSource, MachineConfig};
 use crate::config::{DriveConfig, VmConfig, VsockConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("{what} {} is not a regular file", path.display())]
+    NotAFile { what: &'static str, path: PathBuf },
+    #[error("{what} {}: {source}", path.display())]
+    Unreadable { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("drive {0} is already the root device")]
+    SecondRoot(String),
+    #[error("guest_cid {0} is reserved; use 3 or more")]
+    ReservedCid(u32),
+    #[error("uds_path is empty")]
+    NoUdsPath,
+    #[error("Cannot start microvm without kernel configuration.")]
+    NoKernel,
+}
 
 #[derive(Debug, Default)]
 pub struct VmResources {
     pub boot_source: Option<BootSource>,
     pub machine: MachineConfig,
     /// In the order they were first configured; the root drive becomes /dev/vda.
-    pub drives: Vec<Drive>,
+    pub drives: Vec<DriveConfig>,
     /// Where FlushMetrics appends (PUT /metrics).
     pub metrics_path: Option<PathBuf>,
-    pub vsock: Option<Vsock>,
+    pub vsock: Option<VsockConfig>,
 }
 
-fn readable_file(what: &str, path: &str) -> Result<(), String> {
-    match Path::new(path).metadata() {
+fn readable_file(what: &'static str, path: &Path) -> Result<(), ResourceError> {
+    match path.metadata() {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(format!("{what} {path} is not a regular file")),
-        Err(e) => Err(format!("{what} {path}: {e}")),
+        Ok(_) => Err(ResourceError::NotAFile { what, path: path.to_owned() }),
+        Err(source) => Err(ResourceError::Unreadable { what, path: path.to_owned(), source }),
     }
 }
 
 impl VmResources {
-    pub fn set_boot_source(&mut self, boot: BootSource) -> Result<(), String> {
-        readable_file("kernel_image_path", &boot.kernel_image_path)?;
+    pub fn set_boot_source(&mut self, boot: BootSource) -> Result<(), ResourceError> {
+        readable_file("kernel_image_path", boot.kernel_image_path.as_ref())?;
         if let Some(initrd) = &boot.initrd_path {
-            readable_file("initrd_path", initrd)?;
+            readable_file("initrd_path", initrd.as_ref())?;
         }
         self.boot_source = Some(boot);
         Ok(())
     }
 
     /// Adds a drive, or replaces the one with the same id (as Firecracker does).
-    pub fn set_drive(&mut self, drive: Drive) -> Result<(), String> {
-        readable_file("path_on_host", &drive.path_on_host)?;
-        if drive.is_root_device {
-            if let Some(other) = self.drives.iter().find(|d| d.is_root_device && d.drive_id != drive.drive_id) {
-                return Err(format!("drive {} is already the root device", other.drive_id));
+    pub fn set_drive(&mut self, drive: DriveConfig) -> Result<(), ResourceError> {
+        readable_file("path_on_host", &drive.path)?;
+        if drive.root {
+            if let Some(other) = self.drives.iter().find(|d| d.root && d.id != drive.id) {
+                return Err(ResourceError::SecondRoot(other.id.clone().unwrap_or_default()));
             }
         }
-        match self.drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+        match self.drives.iter_mut().find(|d| d.id == drive.id) {
             Some(existing) => *existing = drive,
             None => self.drives.push(drive),
         }
         Ok(())
     }
 
-    pub fn set_vsock(&mut self, vsock: Vsock) -> Result<(), String> {
+    pub fn set_vsock(&mut self, vsock: VsockConfig) -> Result<(), ResourceError> {
         // CIDs 0-2 are the hypervisor, the local loopback and the host.
-        if vsock.guest_cid < 3 {
-            return Err(format!("guest_cid {} is reserved; use 3 or more", vsock.guest_cid));
+        if vsock.cid < 3 {
+            return Err(ResourceError::ReservedCid(vsock.cid));
         }
-        if vsock.uds_path.is_empty() {
-            return Err("uds_path is empty".into());
+        if vsock.uds.as_os_str().is_empty() {
+            return Err(ResourceError::NoUdsPath);
         }
         self.vsock = Some(vsock);
         Ok(())
     }
 
-    pub fn vm_config(&self) -> Result<VmConfig, String> {
-        let boot = self.boot_source.as_ref().ok_or("Cannot start microvm without kernel configuration.")?;
+    pub fn vm_config(&self) -> Result<VmConfig, ResourceError> {
+        let boot = self.boot_source.as_ref().ok_or(ResourceError::NoKernel)?;
         // The root drive goes first, so that it is /dev/vda whatever order the client used.
-        let mut drives: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        drives.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        let mut drives: Vec<DriveConfig> = self.drives.iter().filter(|d| d.root).cloned().collect();
+        drives.extend(self.drives.iter().filter(|d| !d.root).cloned());
         Ok(VmConfig {
             kernel: PathBuf::from(&boot.kernel_image_path),
             initrd: boot.initrd_path.as_ref().map(PathBuf::from),
             cmdline: boot.boot_args.clone(),
             mem_mib: self.machine.mem_size_mib,
             vcpus: self.machine.vcpu_count,
-            drives: drives
-                .into_iter()
-                .map(|d| DriveConfig {
-                    id: Some(d.drive_id.clone()),
-                    path: PathBuf::from(&d.path_on_host),
-                    read_only: d.is_read_only,
-                    root: d.is_root_device,
-                })
-                .collect(),
-            vsock: self.vsock.as_ref().map(|v| VsockConfig { cid: v.guest_cid, uds: PathBuf::from(&v.uds_path) }),
+            drives,
+            vsock: self.vsock.clone(),
         })
     }
 }
@@ -91,17 +99,8 @@ impl VmResources {
 mod tests {
     use super::*;
 
-    fn drive(id: &str, path: &Path, root: bool) -> Drive {
-        Drive {
-            drive_id: id.into(),
-            path_on_host: path.display().to_string(),
-            is_root_device: root,
-            is_read_only: false,
-            partuuid: None,
-            cache_type: None,
-            io_engine: None,
-            rate_limiter: None,
-        }
+    fn drive(id: &str, path: &Path, root: bool) -> DriveConfig {
+        DriveConfig { id: Some(id.into()), path: path.to_owned(), read_only: false, root }
     }
 
     #[test]
@@ -113,20 +112,20 @@ mod tests {
             p
         };
         let mut r = VmResources::default();
-        assert!(r.vm_config().unwrap_err().contains("without kernel"));
+        assert!(r.vm_config().unwrap_err().to_string().contains("without kernel"));
         let missing = BootSource { kernel_image_path: "/nonexistent/vmlinux".into(), boot_args: None, initrd_path: None };
-        assert!(r.set_boot_source(missing).unwrap_err().contains("/nonexistent/vmlinux"));
+        assert!(r.set_boot_source(missing).unwrap_err().to_string().contains("/nonexistent/vmlinux"));
         let kernel = file("vmlinux");
         r.set_boot_source(BootSource { kernel_image_path: kernel.display().to_string(), boot_args: Some("quiet".into()), initrd_path: None })
             .unwrap();
         r.set_drive(drive("data", &file("data.img"), false)).unwrap();
         r.set_drive(drive("rootfs", &file("root.img"), true)).unwrap();
-        assert!(r.set_drive(drive("other", &file("o.img"), true)).unwrap_err().contains("already the root"));
+        assert!(r.set_drive(drive("other", &file("o.img"), true)).unwrap_err().to_string().contains("already the root"));
         let mut replaced = drive("data", &file("data2.img"), false);
-        replaced.is_read_only = true;
+        replaced.read_only = true;
         r.set_drive(replaced).unwrap();
-        assert!(r.set_vsock(Vsock { guest_cid: 2, uds_path: "/tmp/v".into(), vsock_id: None }).is_err());
-        r.set_vsock(Vsock { guest_cid: 7, uds_path: "/tmp/v".into(), vsock_id: None }).unwrap();
+        assert!(r.set_vsock(VsockConfig { cid: 2, uds: "/tmp/v".into() }).is_err());
+        r.set_vsock(VsockConfig { cid: 7, uds: "/tmp/v".into() }).unwrap();
 
         let cfg = r.vm_config().unwrap();
         assert_eq!(cfg.kernel, kernel);

@@ -24,7 +24,7 @@ pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 24;
 
 pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, SnapshotError> {
-    let body = postcard::to_stdvec(state).map_err(|e| SnapshotError::Encode(e.to_string()))?;
+    let body = postcard::to_stdvec(state).map_err(SnapshotError::Encode)?;
     let mut file = Vec::with_capacity(HEADER_LEN + body.len());
     file.extend_from_slice(&MAGIC);
     file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());

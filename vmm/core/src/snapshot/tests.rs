@@ -7,10 +7,15 @@ use kvm_bindings::{
 use vmm_sys_util::tempdir::TempDir;
 
 use super::format::{decode, encode, FORMAT_VERSION, HEADER_LEN};
-use super::state::{DriveSnapshot, SnapshotState, VsockSnapshot};
+use super::state::SnapshotState;
 use super::*;
+use crate::device_manager::persist::{DeviceStates, VirtioState};
 use crate::devices::legacy::serial::SerialSnapshot;
-use crate::devices::virtio::mmio_state::{MmioState, QueueSnapshot};
+use crate::devices::virtio::block::BlockState;
+use crate::devices::virtio::mmio::{MmioState, QueueSnapshot};
+use crate::vstate::vcpu_state::VcpuState;
+use crate::config::{DriveConfig, VsockConfig};
+use crate::device_manager::DeviceError;
 use crate::vstate::vm::VmState;
 
 fn transport(device_type: u32, queues: usize) -> MmioState {
@@ -71,6 +76,7 @@ pub(super) fn sample() -> SnapshotState {
             clock_host_tsc: 987_654_321,
         },
         vcpus: vec![vcpu(0), vcpu(1)],
+        devices: DeviceStates {
         serial: SerialSnapshot {
             baud_divisor_low: 12,
             baud_divisor_high: 0,
@@ -83,15 +89,15 @@ pub(super) fn sample() -> SnapshotState {
             scratch: 0,
             in_buffer: b"ls\n".to_vec(),
         },
-        drives: vec![DriveSnapshot {
-            id: Some("rootfs".into()),
-            path: "/images/rootfs.qcow2".into(),
-            read_only: false,
-            root: true,
-            size: 1 << 30,
+        drives: vec![VirtioState {
+            device: BlockState {
+                drive: DriveConfig { id: Some("rootfs".into()), path: "/images/rootfs.qcow2".into(), read_only: false, root: true },
+                size: 1 << 30,
+            },
             transport: transport(2, 1),
         }],
-        vsock: Some(VsockSnapshot { cid: 3, uds: "/run/vm.sock".into(), transport: transport(19, 3) }),
+        vsock: Some(VirtioState { device: VsockConfig { cid: 3, uds: "/run/vm.sock".into() }, transport: transport(19, 3) }),
+        },
     }
 }
 
@@ -114,9 +120,7 @@ fn the_state_round_trips_through_the_file_format() {
     assert_eq!(back.vm.clock_host_tsc, 987_654_321);
     assert_eq!(back.vcpus[1].tsc_offset, Some(u64::MAX - 4_999));
     assert_eq!(back.vm.ioapic.chip_id, KVM_IRQCHIP_IOAPIC);
-    assert_eq!(back.serial, state.serial);
-    assert_eq!(back.drives, state.drives);
-    assert_eq!(back.vsock, state.vsock);
+    assert_eq!(back.devices, state.devices);
     back.check().unwrap();
 }
 
@@ -172,25 +176,25 @@ fn other_files_are_not_state_files() {
 fn a_well_formed_but_inconsistent_state_is_refused_by_its_check() {
     let mut s = sample();
     s.mem_size = 3 << 20;
-    assert!(s.check().err().unwrap().contains("multiple of 2 MiB"));
+    assert!(s.check().err().unwrap().to_string().contains("multiple of 2 MiB"));
     let mut s = sample();
     s.vcpus.swap(0, 1);
-    assert!(s.check().err().unwrap().contains("vCPU state 0 is for vCPU 1"));
+    assert!(s.check().err().unwrap().to_string().contains("vCPU state 0 is for vCPU 1"));
     let mut s = sample();
     s.vcpus.clear();
     assert!(s.check().is_err());
     let mut s = sample();
     s.vcpus[0].xsave.truncate(10);
-    assert!(s.check().err().unwrap().contains("XSAVE"));
+    assert!(s.check().err().unwrap().to_string().contains("XSAVE"));
     let mut s = sample();
     s.vm.ioapic.chip_id = 0;
-    assert!(s.check().err().unwrap().contains("irqchip"));
+    assert!(s.check().err().unwrap().to_string().contains("irqchip"));
     let mut s = sample();
-    s.drives[0].transport.device_type = 19;
-    assert!(s.check().err().unwrap().contains("drive 0"));
+    s.devices.drives[0].transport.device_type = 19;
+    assert!(s.check().err().unwrap().to_string().contains("drive 0"));
     let mut s = sample();
-    s.serial.in_buffer = vec![0; 65];
-    assert!(s.check().err().unwrap().contains("FIFO"));
+    s.devices.serial.in_buffer = vec![0; 65];
+    assert!(s.check().err().unwrap().to_string().contains("FIFO"));
 }
 
 #[test]
@@ -214,13 +218,13 @@ fn restore_reports_missing_and_bad_files_before_building_anything() {
 #[test]
 fn overrides_must_name_devices_the_snapshot_has() {
     let mut state = sample();
-    state.drives.clear();
+    state.devices.drives.clear();
     let overrides = Overrides { drives: [(0, "/x".into())].into(), ..Default::default() };
     let err = open_devices(&state, &overrides).err().unwrap();
     assert_eq!(err.to_string(), "drive override for drive 0, but the snapshot has 0 drives");
-    state.vsock = None;
+    state.devices.vsock = None;
     let overrides = Overrides { vsock_cid: Some(9), ..Default::default() };
-    assert!(matches!(open_devices(&state, &overrides), Err(SnapshotError::NoVsock)));
+    assert!(matches!(open_devices(&state, &overrides), Err(SnapshotError::Devices(DeviceError::NoVsock))));
 }
 
 #[test]
@@ -229,10 +233,10 @@ fn a_replacement_disk_must_have_the_size_the_guest_knows() {
     let disk = dir.as_path().join("disk.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut state = sample();
-    state.vsock = None;
+    state.devices.vsock = None;
     let overrides = Overrides { drives: [(0, disk.clone())].into(), ..Default::default() };
     let err = open_devices(&state, &overrides).err().unwrap().to_string();
-    assert!(err.contains("is 1048576 bytes") && err.contains("drive 0 as 1073741824 bytes"), "{err}");
-    state.drives[0].size = 1 << 20;
+    assert!(err.starts_with("drive 0: disk") && err.contains("is 1048576 bytes") && err.contains("as 1073741824 bytes"), "{err}");
+    state.devices.drives[0].device.size = 1 << 20;
     assert!(open_devices(&state, &overrides).is_ok());
 }

@@ -103,25 +103,38 @@ pub struct VcpuContext {
     pub exits: std::sync::atomic::AtomicU64,
 }
 
-/// The states vCPU threads save as they park, by vCPU index; an entry is the error text when
-/// the state could not be read.
+/// Why a parked vCPU has no state to give.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ParkError {
+    #[error("vCPU {0} has not saved its state (it is not parked)")]
+    NotParked(usize),
+    #[error("vCPU {index}: completing its last I/O exit failed: {source}")]
+    CompleteIo { index: u8, source: kvm_ioctls::Error },
+    #[error("vCPU {index}: KVM_RUN with immediate_exit ran the guest: {exit}")]
+    RanGuest { index: u8, exit: String },
+    /// Shared, since every snapshot attempt of the pause reports it.
+    #[error(transparent)]
+    State(Arc<VcpuError>),
+}
+
+/// The states vCPU threads save as they park, by vCPU index, or why one could not be read.
 #[derive(Default)]
-pub struct ParkedStates(Mutex<BTreeMap<u8, Result<VcpuState, String>>>);
+pub struct ParkedStates(Mutex<BTreeMap<u8, Result<VcpuState, ParkError>>>);
 
 impl ParkedStates {
-    fn put(&self, index: u8, state: Result<VcpuState, String>) {
+    fn put(&self, index: u8, state: Result<VcpuState, ParkError>) {
         lock(&self.0).insert(index, state);
     }
 
     /// The states of vCPUs `0..count`, in index order; an error names the first vCPU whose
     /// state is missing or could not be read.
-    pub fn all(&self, count: usize) -> Result<Vec<VcpuState>, String> {
+    pub fn all(&self, count: usize) -> Result<Vec<VcpuState>, ParkError> {
         let states = lock(&self.0);
         (0..count)
             .map(|i| match states.get(&(i as u8)) {
                 Some(Ok(state)) => Ok(state.clone()),
                 Some(Err(e)) => Err(e.clone()),
-                None => Err(format!("vCPU {i} has not saved its state (it is not parked)")),
+                None => Err(ParkError::NotParked(i)),
             })
             .collect()
     }
@@ -280,16 +293,17 @@ impl Vcpu {
     /// Completes the port or MMIO access of the last exit (KVM finishes it on the next
     /// KVM_RUN; with immediate_exit set that returns EINTR without entering the guest), then
     /// reads the vCPU's state, which is only whole once no access is pending.
-    fn state_at_park(&mut self) -> Result<VcpuState, String> {
+    fn state_at_park(&mut self) -> Result<VcpuState, ParkError> {
+        let index = self.index;
         self.fd.set_kvm_immediate_exit(1);
         let completed = match self.fd.run() {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-            Err(e) => Err(format!("vCPU {}: completing its last I/O exit failed: {e}", self.index)),
-            Ok(exit) => Err(format!("vCPU {}: KVM_RUN with immediate_exit ran the guest: {exit:?}", self.index)),
+            Err(source) => Err(ParkError::CompleteIo { index, source }),
+            Ok(exit) => Err(ParkError::RanGuest { index, exit: format!("{exit:?}") }),
         };
         self.fd.set_kvm_immediate_exit(0);
         completed?;
-        self.save_state().map_err(|e| e.to_string())
+        self.save_state().map_err(|e| ParkError::State(Arc::new(e)))
     }
 }
 

@@ -219,17 +219,28 @@ impl Vcpu {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("vCPU state {expected} is for vCPU {found}")]
+    Index { expected: u8, found: u8 },
+    #[error("vCPU {index} has {count} CPUID entries")]
+    Cpuid { index: u8, count: usize },
+    #[error("vCPU {index}'s XSAVE area is {bytes} bytes, less than 4 KiB")]
+    Xsave { index: u8, bytes: usize },
+}
+
 impl VcpuState {
     /// Checks what can be checked without KVM, so that a bad snapshot fails before any VM exists.
-    pub fn check(&self, expected_index: u8) -> Result<(), String> {
+    pub fn check(&self, expected_index: u8) -> Result<(), VcpuStateError> {
+        let index = expected_index;
         if self.index != expected_index {
-            return Err(format!("vCPU state {expected_index} is for vCPU {}", self.index));
+            return Err(VcpuStateError::Index { expected: expected_index, found: self.index });
         }
         if self.cpuid.is_empty() || self.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
-            return Err(format!("vCPU {expected_index} has {} CPUID entries", self.cpuid.len()));
+            return Err(VcpuStateError::Cpuid { index, count: self.cpuid.len() });
         }
         if self.xsave.len() < XSAVE_REGION_WORDS {
-            return Err(format!("vCPU {expected_index}'s XSAVE area is {} bytes, less than 4 KiB", self.xsave.len() * 4));
+            return Err(VcpuStateError::Xsave { index, bytes: self.xsave.len() * 4 });
         }
         Ok(())
     }

@@ -7,7 +7,6 @@
 
 pub mod block;
 pub mod mmio;
-pub mod mmio_state;
 pub mod notify;
 pub mod vsock;
 
@@ -75,14 +74,14 @@ impl Interrupt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    #[error("a queue is not ready or lies outside guest memory")]
+    QueueNotReady,
     #[error("the driver acknowledged {0} queues, the device needs {1}")]
     QueueCount(usize, usize),
 }
 
 /// What the transport needs of a device.
 pub trait VirtioDevice: Send {
-    /// For the operations only one kind of device has (a block device's disk swap).
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// The virtio device ID (2 for block, 19 for vsock, ...).
     fn device_type(&self) -> u32;
     fn queue_max_sizes(&self) -> &[u16];

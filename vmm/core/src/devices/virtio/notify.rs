@@ -8,15 +8,16 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::MmioTransport;
+use super::VirtioDevice;
 use crate::devices::bus::lock;
 
-pub struct QueueNotifier {
-    pub transport: Arc<Mutex<MmioTransport>>,
+pub struct QueueNotifier<D: VirtioDevice> {
+    pub transport: Arc<Mutex<MmioTransport<D>>>,
     /// One eventfd per queue, in queue order.
     pub queue_evts: Vec<EventFd>,
 }
 
-impl MutEventSubscriber for QueueNotifier {
+impl<D: VirtioDevice> MutEventSubscriber for QueueNotifier<D> {
     fn init(&mut self, ops: &mut EventOps) {
         for (index, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {

@@ -2,8 +2,12 @@
 //! Requests are served on the event loop thread when the guest notifies the queue, never on a
 //! vCPU thread.
 
+mod persist;
 pub mod request;
 
+pub use self::persist::BlockState;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -16,7 +20,8 @@ use vm_memory::GuestMemoryMmap;
 use self::request::{execute, Limits, SECTOR_SIZE};
 use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX};
-use disk::DiskBackend;
+use crate::config::DriveConfig;
+use disk::{overlay, DiskBackend, DiskError};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Two descriptors of every chain hold the header and the status byte.
@@ -30,17 +35,39 @@ struct Active {
     interrupt: Arc<Interrupt>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot flush the current disk: {0}")]
+    Flush(std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("the new disk is {size} bytes{}, the drive is {drive_size} bytes{}", ro(*read_only), ro(*drive_read_only))]
+    Mismatch { size: u64, read_only: bool, drive_size: u64, drive_read_only: bool },
+    #[error("disk {path} is {len} bytes, but the snapshot's guest knows the drive as {expected} bytes")]
+    SavedSize { path: std::path::PathBuf, len: u64, expected: u64 },
+}
+
+fn ro(read_only: bool) -> &'static str {
+    if read_only {
+        " read-only"
+    } else {
+        ""
+    }
+}
+
 pub struct Block {
+    /// What the drive was configured as; its path follows disk swaps.
+    config: DriveConfig,
     disk: Box<dyn DiskBackend>,
     id: Vec<u8>,
     avail_features: u64,
     acked_features: u64,
-    config: [u8; CONFIG_LEN],
+    config_space: [u8; CONFIG_LEN],
     active: Option<Active>,
 }
 
 impl Block {
-    pub fn new(disk: Box<dyn DiskBackend>) -> Self {
+    pub fn new(drive: DriveConfig, disk: Box<dyn DiskBackend>) -> Self {
         let mut avail_features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
@@ -51,13 +78,22 @@ impl Block {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
         // struct virtio_blk_config: capacity (sectors), size_max, seg_max, geometry, blk_size.
-        let mut config = [0u8; CONFIG_LEN];
-        config[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes());
-        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes());
+        config_space[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config_space[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config_space[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         let id = disk.id();
-        Self { disk, id, avail_features, acked_features: 0, config, active: None }
+        Self { config: drive, disk, id, avail_features, acked_features: 0, config_space, active: None }
+    }
+
+    pub fn config(&self) -> &DriveConfig {
+        &self.config
+    }
+
+    /// The disk's size in bytes, which the guest knows as the drive's capacity.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size()
     }
 
     /// Serves every request the guest has made available, then interrupts it if it wants.
@@ -119,33 +155,35 @@ impl DiskBackend for Detached {
 }
 
 impl Block {
-    /// Puts the disk `open` returns behind the device (PATCH /drives/{id}). The current disk
-    /// is flushed and closed first, so that its locks are gone when `open` opens a chain that
-    /// holds its file as a backing layer. The new disk must have the same size and
-    /// writability, since the guest already knows them; its id stays the old one for the same
-    /// reason. If `open` fails the device is left without a disk (its requests fail) and the
-    /// caller puts one back with [`Block::attach`].
-    pub fn replace_disk(
-        &mut self,
-        open: impl FnOnce() -> Result<Box<dyn DiskBackend>, String>,
-    ) -> Result<(), String> {
-        self.disk.flush().map_err(|e| format!("cannot flush the current disk: {e}"))?;
+    /// Puts the disk at `path` behind the device (PATCH /drives/{id}). The chain is checked
+    /// first without taking locks; then the current disk is flushed and closed, so that its
+    /// locks are gone when the new chain, which may hold its file as a backing layer, is
+    /// opened. The new disk must have the same size and writability, since the guest already
+    /// knows them; its id stays the old one for the same reason. If it cannot be opened, the
+    /// old file goes back.
+    pub fn update_disk(&mut self, path: &Path) -> Result<(), BlockError> {
+        overlay::info(path)?;
+        self.disk.flush().map_err(BlockError::Flush)?;
         let (size, read_only) = (self.disk.size(), self.disk.read_only());
         self.disk = Box::new(Detached { size, read_only });
-        self.attach(open)
+        if let Err(e) = self.attach(path) {
+            let old = self.config.path.clone();
+            if let Err(back) = self.attach(&old) {
+                let id = self.config.id.as_deref().unwrap_or_default();
+                tracing::error!("drive {id}: cannot reopen {} either, its requests fail: {back}", old.display());
+            }
+            return Err(e);
+        }
+        self.config.path = path.to_owned();
+        Ok(())
     }
 
-    /// Puts the disk `open` returns behind a device whose disk was detached.
-    pub fn attach(&mut self, open: impl FnOnce() -> Result<Box<dyn DiskBackend>, String>) -> Result<(), String> {
-        let (size, read_only) = (self.disk.size(), self.disk.read_only());
-        let disk = open()?;
-        if disk.size() != size || disk.read_only() != read_only {
-            return Err(format!(
-                "the new disk is {} bytes{}, the drive is {size} bytes{}",
-                disk.size(),
-                if disk.read_only() { " read-only" } else { "" },
-                if read_only { " read-only" } else { "" }
-            ));
+    /// Puts the disk at `path` behind a device whose disk was detached.
+    fn attach(&mut self, path: &Path) -> Result<(), BlockError> {
+        let (drive_size, drive_read_only) = (self.disk.size(), self.disk.read_only());
+        let disk = disk::open(path, self.config.read_only)?;
+        if disk.size() != drive_size || disk.read_only() != drive_read_only {
+            return Err(BlockError::Mismatch { size: disk.size(), read_only: disk.read_only(), drive_size, drive_read_only });
         }
         self.disk = disk;
         Ok(())
@@ -153,10 +191,6 @@ impl Block {
 }
 
 impl VirtioDevice for Block {
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BLOCK
     }
@@ -177,7 +211,7 @@ impl VirtioDevice for Block {
         for (i, b) in data.iter_mut().enumerate() {
             *b = offset
                 .checked_add(i as u64)
-                .and_then(|o| self.config.get(o as usize))
+                .and_then(|o| self.config_space.get(o as usize))
                 .copied()
                 .unwrap_or(0);
         }

@@ -63,6 +63,10 @@ impl DiskBackend for MemDisk {
     }
 }
 
+fn drive() -> DriveConfig {
+    DriveConfig { id: None, path: "/test/disk".into(), read_only: false, root: false }
+}
+
 const MEM: usize = 1 << 20;
 const HDR: u64 = 0x1_0000;
 const DATA: u64 = 0x2_0000;
@@ -159,9 +163,9 @@ fn read_only_disks_refuse_writes_and_keep_their_data() {
     let done = run(&m, &mut disk, &[r(HDR, 16), r(DATA, 512), w(STATUS, 1)]);
     assert_eq!(done.status, Some(VIRTIO_BLK_S_IOERR as u8));
     assert!(disk.data.lock().unwrap()[..512].iter().all(|b| *b == 0));
-    let dev = Block::new(Box::new(MemDisk::new(8, true)));
+    let dev = Block::new(drive(), Box::new(MemDisk::new(8, true)));
     assert_ne!(dev.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
-    assert_eq!(Block::new(Box::new(MemDisk::new(8, false))).avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_eq!(Block::new(drive(), Box::new(MemDisk::new(8, false))).avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
 }
 
 #[test]
@@ -249,7 +253,7 @@ fn raw(d: Descriptor) -> RawDescriptor {
 fn device_serves_its_queue_and_interrupts_the_guest() {
     let m = mem();
     let disk = MemDisk::new(16, false);
-    let mut dev = Block::new(Box::new(disk.clone()));
+    let mut dev = Block::new(drive(), Box::new(disk.clone()));
     assert_eq!(dev.device_type(), 2);
     let mut cfg = [0u8; 8];
     dev.read_config(0, &mut cfg);
@@ -283,7 +287,7 @@ fn device_serves_its_queue_and_interrupts_the_guest() {
 fn activation_serves_requests_already_queued() {
     // As when a snapshot was taken between the guest's notification and the device's service.
     let m = mem();
-    let mut dev = Block::new(Box::new(MemDisk::new(16, false)));
+    let mut dev = Block::new(drive(), Box::new(MemDisk::new(16, false)));
     let vq = MockSplitQueue::new(&m, 16);
     header(&m, VIRTIO_BLK_T_IN, 7);
     let next = VRING_DESC_F_NEXT as u16;
@@ -305,7 +309,7 @@ fn activation_serves_requests_already_queued() {
 #[test]
 fn activation_needs_exactly_one_queue() {
     let m = mem();
-    let mut dev = Block::new(Box::new(MemDisk::new(8, false)));
+    let mut dev = Block::new(drive(), Box::new(MemDisk::new(8, false)));
     let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
     assert!(dev.activate(m.clone(), vec![], irq.clone()).is_err());
     dev.process_queue(0);

@@ -9,6 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::virtio::{ActivateError, Interrupt, VirtioDevice};
+use crate::config::VsockConfig;
 use crate::devices::bus::lock;
 use super::*;
 
@@ -22,6 +23,11 @@ impl VsockHandle {
         Self(Arc::new(Mutex::new(vsock)))
     }
 
+    /// The device `config` asks for, listening on its socket.
+    pub fn open(config: &VsockConfig) -> Result<Self, VsockError> {
+        Ok(Self::new(Vsock::new(config.cid as u64, &config.uds)?))
+    }
+
     /// The event-loop subscriber for this device's host sockets.
     pub fn host_events(&self) -> VsockHostEvents {
         let fd = lock(&self.0).host_event_fd();
@@ -30,10 +36,6 @@ impl VsockHandle {
 }
 
 impl VirtioDevice for VsockHandle {
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }

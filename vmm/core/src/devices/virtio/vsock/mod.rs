@@ -12,6 +12,7 @@ mod conn;
 mod guest;
 mod handle;
 mod host;
+mod persist;
 
 pub use self::handle::{VsockHandle, VsockHostEvents};
 use self::host::set_nonblocking;
@@ -223,10 +224,6 @@ impl Drop for Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-
     fn device_type(&self) -> u32 {
         VIRTIO_ID_VSOCK
     }

@@ -8,8 +8,11 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::mmio::{MmioTransport, S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET};
-use super::{Interrupt, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{MmioTransport, S_ACK, S_DRIVER, S_DRIVER_OK, S_FEATURES_OK, S_NEEDS_RESET};
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::persist::Persist;
 
 /// virtio-queue's `QueueState`, in a form serde can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,13 +86,25 @@ pub enum MmioRestoreError {
     #[error("the driver's features {features:#x} include some the device does not offer ({offered:#x})")]
     Features { features: u64, offered: u64 },
     #[error("cannot activate the device again: {0}")]
-    Activate(String),
+    Activate(#[from] crate::devices::virtio::ActivateError),
 }
 
-impl MmioTransport {
+/// What a transport is restored with: its device (itself restored) and the VM's side of it.
+pub struct TransportArgs<D> {
+    pub device: D,
+    pub mem: GuestMemoryMmap,
+    /// The eventfd KVM turns into the device's interrupt (an irqfd).
+    pub irq: EventFd,
+}
+
+impl<D: VirtioDevice> Persist for MmioTransport<D> {
+    type State = MmioState;
+    type ConstructorArgs = TransportArgs<D>;
+    type Error = MmioRestoreError;
+
     /// The transport's state; the device must not be serving a queue meanwhile (the caller
     /// holds the transport's lock, which queue processing also takes).
-    pub fn save_state(&self) -> MmioState {
+    fn save(&self) -> MmioState {
         let live = self.device.queue_states();
         // Once active, the device's copies of the queues hold the positions that matter.
         let queues = if self.is_active() && live.len() == self.queues.len() {
@@ -110,13 +125,9 @@ impl MmioTransport {
         }
     }
 
-    /// A transport for `device` in the state `state`; an active device is activated again.
-    pub fn restore(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<Interrupt>,
-        state: &MmioState,
-    ) -> Result<Self, MmioRestoreError> {
+    /// A transport for `args.device` in the state `state`; an active device is activated again.
+    fn restore(args: TransportArgs<D>, state: &MmioState) -> Result<Self, MmioRestoreError> {
+        let TransportArgs { device, mem, irq } = args;
         let here = device.device_type();
         if state.device_type != here {
             return Err(MmioRestoreError::DeviceType { saved: state.device_type, here });
@@ -142,7 +153,7 @@ impl MmioTransport {
         let mut transport = Self {
             device,
             mem,
-            interrupt,
+            interrupt: Arc::new(Interrupt::with_status(irq, state.interrupt_status)),
             queues,
             status: state.status,
             device_features_sel: state.device_features_sel,
@@ -159,7 +170,9 @@ impl MmioTransport {
         }
         Ok(transport)
     }
+}
 
+impl<D: VirtioDevice> MmioTransport<D> {
     fn reactivate(&mut self) -> Result<(), MmioRestoreError> {
         for (index, q) in self.queues.iter().enumerate() {
             if !q.ready() || !q.is_valid(&self.mem) {
@@ -173,7 +186,7 @@ impl MmioTransport {
             .collect();
         self.device
             .activate(self.mem.clone(), queues, self.interrupt.clone())
-            .map_err(|e| MmioRestoreError::Activate(e.to_string()))
+            .map_err(MmioRestoreError::from)
     }
 }
 
@@ -193,22 +206,22 @@ fn check_status(status: u32) -> Result<(), MmioRestoreError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::mmio::tests::{negotiate, rd, setup_queue, transport, wr, FakeDevice, Probe};
-    use super::super::VIRTIO_F_VERSION_1;
+    use super::super::tests::{negotiate, rd, setup_queue, transport, wr, FakeDevice, Probe};
     use super::*;
+    use crate::devices::virtio::{INT_VRING, VIRTIO_F_VERSION_1};
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    fn restore(state: &MmioState) -> Result<(MmioTransport, Arc<Mutex<Probe>>), MmioRestoreError> {
+    fn restore(state: &MmioState) -> Result<(MmioTransport<FakeDevice>, Arc<Mutex<Probe>>), MmioRestoreError> {
         let probe = Arc::new(Mutex::new(Probe::default()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let irq = Arc::new(Interrupt::with_status(EventFd::new(EFD_NONBLOCK).unwrap(), state.interrupt_status));
-        let t = MmioTransport::restore(Box::new(FakeDevice(probe.clone())), mem, irq, state)?;
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::restore(TransportArgs { device: FakeDevice(probe.clone()), mem, irq }, state)?;
         Ok((t, probe))
     }
 
-    fn active_transport() -> (MmioTransport, Arc<Mutex<Probe>>) {
+    fn active_transport() -> (MmioTransport<FakeDevice>, Arc<Mutex<Probe>>) {
         let (mut t, probe, _) = transport();
         negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b100);
         setup_queue(&mut t, 0, 0x1000);
@@ -222,22 +235,22 @@ mod tests {
         let (t, probe) = active_transport();
         // The device has served two requests on queue 1 since activation.
         probe.lock().unwrap().activated.as_mut().unwrap()[1].set_next_avail(2);
-        t.interrupt.signal(super::super::INT_VRING);
-        let state = t.save_state();
+        t.interrupt.signal(INT_VRING);
+        let state = t.save();
         assert_eq!(state.queues[1].next_avail, 2);
-        assert_eq!(state.interrupt_status, super::super::INT_VRING);
+        assert_eq!(state.interrupt_status, INT_VRING);
 
         let (mut restored, probe) = restore(&state).unwrap();
         assert!(restored.is_active());
         assert_eq!(rd(&mut restored, 0x70), state.status);
-        assert_eq!(rd(&mut restored, 0x60), super::super::INT_VRING);
+        assert_eq!(rd(&mut restored, 0x60), INT_VRING);
         let p = probe.lock().unwrap();
         assert_eq!(p.acked, VIRTIO_F_VERSION_1 | 0b100);
         let queues = p.activated.as_ref().expect("the device is active again");
         assert_eq!(queues[1].next_avail(), 2);
         assert_eq!(queues[1].desc_table(), 0x2000);
         drop(p);
-        assert_eq!(restored.save_state(), state, "a restored transport saves the same state");
+        assert_eq!(restored.save(), state, "a restored transport saves the same state");
     }
 
     #[test]
@@ -245,7 +258,7 @@ mod tests {
         let (mut t, _, _) = transport();
         negotiate(&mut t, VIRTIO_F_VERSION_1);
         setup_queue(&mut t, 0, 0x1000);
-        let state = t.save_state();
+        let state = t.save();
         let (mut restored, probe) = restore(&state).unwrap();
         assert!(!restored.is_active());
         assert!(probe.lock().unwrap().activated.is_none());
@@ -256,7 +269,7 @@ mod tests {
     #[test]
     fn inconsistent_states_are_refused() {
         let (t, _) = active_transport();
-        let good = t.save_state();
+        let good = t.save();
 
         let mut s = good.clone();
         s.device_type = 2;

@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use serde::{Deserialize, Serialize};
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::NoEvents;
 use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 
@@ -89,68 +88,8 @@ pub type Uart = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
 pub struct SerialDevice(pub Uart);
 
-/// The UART's registers and receive FIFO (vm-superio's `SerialState`), for snapshots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialSnapshot {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<SerialState> for SerialSnapshot {
-    fn from(s: SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialSnapshot> for SerialState {
-    fn from(s: &SerialSnapshot) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl SerialDevice {
-    pub fn save_state(&self) -> SerialSnapshot {
-        self.0.state().into()
-    }
-
-    /// A UART in the saved state; it raises its interrupt again if one was pending. Fails for
-    /// a receive FIFO longer than the UART's.
-    pub fn restore(state: &SerialSnapshot, irq: EventFdTrigger, out: ConsoleOut) -> Result<Self, String> {
-        Serial::from_state(&state.into(), irq, NoEvents, out)
-            .map(SerialDevice)
-            .map_err(|e| format!("{e:?}"))
-    }
-}
+mod persist;
+pub use self::persist::{SerialRestoreError, SerialSnapshot};
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
@@ -214,6 +153,7 @@ impl<R: std::io::Read + AsRawFd + Send> MutEventSubscriber for SerialInput<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     #[derive(Clone, Default)]
@@ -281,11 +221,11 @@ mod tests {
         dev.write(3, &[0x03]); // 8N1
         dev.write(7, &[0x5a]); // scratch
         dev.0.enqueue_raw_bytes(b"xy").unwrap();
-        let state = dev.save_state();
+        let state = dev.save();
         let (_, sink, watch, irq) = uart();
         let out = ConsoleOut::new(Box::new(sink), watch);
-        let mut restored = SerialDevice::restore(&state, EventFdTrigger(irq.try_clone().unwrap()), out).unwrap();
-        assert_eq!(restored.save_state(), state);
+        let mut restored = SerialDevice::restore((EventFdTrigger(irq.try_clone().unwrap()), out), &state).unwrap();
+        assert_eq!(restored.save(), state);
         let mut b = [0u8];
         restored.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
@@ -295,7 +235,7 @@ mod tests {
         let mut too_long = state.clone();
         too_long.in_buffer = vec![0; 65];
         let (_, sink, watch, irq) = uart();
-        assert!(SerialDevice::restore(&too_long, EventFdTrigger(irq), ConsoleOut::new(Box::new(sink), watch)).is_err());
+        assert!(SerialDevice::restore((EventFdTrigger(irq), ConsoleOut::new(Box::new(sink), watch)), &too_long).is_err());
     }
 
     #[test]

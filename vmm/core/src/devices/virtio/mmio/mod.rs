@@ -10,7 +10,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{ActivateError, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
 /// Size of one device's MMIO window.
@@ -30,8 +30,10 @@ pub(super) const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
 const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 pub(super) const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
 
-pub struct MmioTransport {
-    pub(super) device: Box<dyn VirtioDevice>,
+/// The transport of one device `D`; generic, so that the device manager keeps typed handles
+/// to its devices (a block device's disk swap) without downcasting.
+pub struct MmioTransport<D: VirtioDevice> {
+    pub(super) device: D,
     pub(super) mem: GuestMemoryMmap,
     pub(super) interrupt: Arc<Interrupt>,
     /// The driver's view of the queues; the device serves its own copies once active.
@@ -44,9 +46,9 @@ pub struct MmioTransport {
     pub(super) config_generation: u32,
 }
 
-impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
-        let queues = Self::fresh_queues(device.as_ref());
+impl<D: VirtioDevice> MmioTransport<D> {
+    pub fn new(device: D, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> Self {
+        let queues = Self::fresh_queues(&device);
         Self {
             device,
             mem,
@@ -61,7 +63,7 @@ impl MmioTransport {
         }
     }
 
-    pub(super) fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+    pub(super) fn fresh_queues(device: &D) -> Vec<Queue> {
         device
             .queue_max_sizes()
             .iter()
@@ -69,8 +71,12 @@ impl MmioTransport {
             .collect()
     }
 
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
     pub fn is_active(&self) -> bool {
@@ -92,7 +98,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         self.device.reset();
-        self.queues = Self::fresh_queues(self.device.as_ref());
+        self.queues = Self::fresh_queues(&self.device);
         self.interrupt.reset();
         self.status = 0;
         self.device_features_sel = 0;
@@ -150,11 +156,9 @@ impl MmioTransport {
                 .iter()
                 .map(|q| Queue::try_from(q.state()).expect("a queue that passed is_valid rebuilds"))
                 .collect();
-            self.device
-                .activate(self.mem.clone(), queues, self.interrupt.clone())
-                .map_err(|e| e.to_string())
+            self.device.activate(self.mem.clone(), queues, self.interrupt.clone())
         } else {
-            Err("a queue is not ready or lies outside guest memory".to_string())
+            Err(ActivateError::QueueNotReady)
         };
         if let Err(e) = result {
             tracing::warn!("virtio: cannot activate device: {e}");
@@ -235,7 +239,7 @@ impl MmioTransport {
     }
 }
 
-impl BusDevice for MmioTransport {
+impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
             self.device.read_config(offset - CONFIG_SPACE, data);
@@ -259,10 +263,12 @@ impl BusDevice for MmioTransport {
     }
 }
 
+mod persist;
+pub use self::persist::{MmioRestoreError, MmioState, QueueSnapshot, TransportArgs};
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::devices::virtio::ActivateError;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -279,10 +285,6 @@ pub(crate) mod tests {
     pub struct FakeDevice(pub Arc<Mutex<Probe>>);
 
     impl VirtioDevice for FakeDevice {
-        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-            self
-        }
-
         fn device_type(&self) -> u32 {
             42
         }
@@ -327,26 +329,26 @@ pub(crate) mod tests {
         }
     }
 
-    pub fn transport() -> (MmioTransport, Arc<Mutex<Probe>>, EventFd) {
+    pub fn transport() -> (MmioTransport<FakeDevice>, Arc<Mutex<Probe>>, EventFd) {
         let probe = Arc::new(Mutex::new(Probe::default()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = Arc::new(Interrupt::new(evt.try_clone().unwrap()));
-        (MmioTransport::new(Box::new(FakeDevice(probe.clone())), mem, irq), probe, evt)
+        (MmioTransport::new(FakeDevice(probe.clone()), mem, irq), probe, evt)
     }
 
-    pub fn rd(t: &mut MmioTransport, off: u64) -> u32 {
+    pub fn rd(t: &mut MmioTransport<FakeDevice>, off: u64) -> u32 {
         let mut b = [0u8; 4];
         t.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    pub fn wr(t: &mut MmioTransport, off: u64, v: u32) {
+    pub fn wr(t: &mut MmioTransport<FakeDevice>, off: u64, v: u32) {
         t.write(off, &v.to_le_bytes());
     }
 
     /// Drives the transport the way Linux's virtio_mmio driver does, up to FEATURES_OK.
-    pub fn negotiate(t: &mut MmioTransport, features: u64) {
+    pub fn negotiate(t: &mut MmioTransport<FakeDevice>, features: u64) {
         wr(t, 0x70, S_ACK);
         wr(t, 0x70, S_ACK | S_DRIVER);
         wr(t, 0x24, 0);
@@ -356,7 +358,7 @@ pub(crate) mod tests {
         wr(t, 0x70, S_ACK | S_DRIVER | S_FEATURES_OK);
     }
 
-    pub fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
+    pub fn setup_queue(t: &mut MmioTransport<FakeDevice>, index: u32, base: u64) {
         wr(t, 0x30, index);
         wr(t, 0x38, 16);
         wr(t, 0x80, base as u32);
