@@ -90,11 +90,26 @@ harness_trouble() {
     xargs -r grep -l "the guest triple-faulted" 2>/dev/null | sed 's/$/: the guest triple-faulted/'
 }
 
+# tests/e2e/run --repeat N / --case NAME write /opt/ember/extra/e2e-options.sh: each chosen case
+# runs N times in this one middle machine (a stress loop for a flake).
+E2E_REPEAT=1
+E2E_CASE=
+[ ! -f /opt/ember/extra/e2e-options.sh ] || . /opt/ember/extra/e2e-options.sh
+
 run_cases() {
   passed=0
   failed=0
   troubled=
-  for name in $(sed -n 's/^\(case_[a-z0-9_]*\)() *{.*/\1/p' "$1"); do
+  cases=$(sed -n 's/^\(case_[a-z0-9_]*\)() *{.*/\1/p' "$1")
+  [ -z "$E2E_CASE" ] || cases=$(echo "$cases" | grep -x "case_$E2E_CASE")
+  [ -n "$cases" ] || { echo "e2e: no case named $E2E_CASE in $1"; return 1; }
+  round=0
+  all=
+  while [ "$round" -lt "$E2E_REPEAT" ]; do
+    round=$((round + 1))
+    all="$all $cases"
+  done
+  for name in $all; do
     dir=$(mktemp -d)
     cd "$dir" || exit 1
     start=$(cut -d' ' -f1 /proc/uptime)

@@ -347,15 +347,19 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let cli = Cli::parse();
+    // A sandbox's VMM logs to its vmm.log, the one record of what its VM went through when a
+    // start or a fork goes wrong: it says more by default than a command on a terminal.
+    let default_level = if matches!(cli.command, Command::Vmm(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| default_level.into());
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     tracing::debug!("started");
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args, started),
         Command::Exec(args) => store().and_then(|s| cli::exec::exec(args, &s)),
