@@ -90,10 +90,11 @@ harness_trouble() {
     xargs -r grep -l "the guest triple-faulted" 2>/dev/null | sed 's/$/: the guest triple-faulted/'
 }
 
-# tests/e2e/run --repeat N / --case NAME write /opt/ember/extra/e2e-options.sh: each chosen case
+# tests/e2e/run --repeat N / --case NAME / --show PATTERN write /opt/ember/extra/e2e-options.sh: each chosen case
 # runs N times in this one middle machine (a stress loop for a flake).
 E2E_REPEAT=1
 E2E_CASE=
+E2E_SHOW=
 [ ! -f /opt/ember/extra/e2e-options.sh ] || . /opt/ember/extra/e2e-options.sh
 
 run_cases() {
@@ -128,6 +129,8 @@ run_cases() {
     fi
     end=$(cut -d' ' -f1 /proc/uptime)
     echo "$result ${name#case_} ($(awk "BEGIN{printf \"%.1f\", $end-$start}") s)"
+    # --show PATTERN: the lines of the kept sandbox logs that match it, failed or not.
+    [ -z "$E2E_SHOW" ] || grep -H -E "$E2E_SHOW" kept/* 2>/dev/null | sed 's/^/    show: /'
     if [ "$result" = FAILED ]; then
       sed 's/^/    /' case.log
       # A suite can name more logs to show in EXTRA_LOGS; rm_sb keeps sandboxes' logs.
