@@ -29,8 +29,13 @@ impl Vmm {
     pub fn save_state(&self, vcpus: Vec<VcpuState>) -> Result<SnapshotState, SnapshotError> {
         let devices = self.devices.save()?;
         let mut vm = self.vm.save_state()?;
-        if let Some(ns) = guest_kvmclock(&vcpus, &self.ram, vm.clock_host_tsc) {
-            vm.clock.clock = ns;
+        match guest_kvmclock(&vcpus, &self.ram, vm.clock_host_tsc) {
+            Some(ns) => {
+                let drift_us = (i128::from(ns) - i128::from(vm.clock.clock)) / 1000;
+                tracing::info!("kvmclock at the snapshot: the guest's {ns} ns, {drift_us} µs from KVM's");
+                vm.clock.clock = ns;
+            }
+            None => tracing::warn!("the guest's kvmclock page is unreadable: the snapshot keeps KVM's clock"),
         }
         Ok(SnapshotState { mem_size: self.ram.size, vm, vcpus, devices })
     }

@@ -140,6 +140,7 @@ impl Vm {
         self.fd.set_clock(&state.clock).map_err(setup("KVM_SET_CLOCK"))?;
         let (now, now_tsc) = tsc::clock_and_host_tsc(&self.fd).map_err(setup("KVM_GET_CLOCK"))?;
         let shift = TscShift::between((state.clock.clock, state.clock_host_tsc), (now.clock, now_tsc));
+        tracing::info!("kvmclock restored: {} ns from the set value at the reading after; TSC offsets move by {} host ticks", -shift.clock_ns, shift.host_tsc);
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd.set_irqchip(chip).map_err(setup("KVM_SET_IRQCHIP"))?;
         }

@@ -31,6 +31,13 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 const CLFLUSH_LINE_8_BYTES: u32 = 8;
 
+/// KVM's paravirtual features (KVM_CPUID_FEATURES, EAX).
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_ASYNC_PF: u32 = 1 << 4;
+const KVM_FEATURE_ASYNC_PF_VMEXIT: u32 = 1 << 10;
+const KVM_FEATURE_ASYNC_PF_INT: u32 = 1 << 14;
+const KVM_ASYNC_PF_FEATURES: u32 = KVM_FEATURE_ASYNC_PF | KVM_FEATURE_ASYNC_PF_VMEXIT | KVM_FEATURE_ASYNC_PF_INT;
+
 const TOPOLOGY_LEVEL_SMT: u32 = 1;
 const TOPOLOGY_LEVEL_CORE: u32 = 2;
 
@@ -142,6 +149,14 @@ pub fn normalize(entries: &mut Vec<kvm_cpuid_entry2>, opts: CpuidOptions) {
                 e.ecx = 0;
                 e.edx = 0;
             }
+            // No asynchronous page faults. With them, a guest task whose page KVM is still
+            // fetching sleeps until KVM tells it "page ready"; that promise lives in the host
+            // kernel, not in any state a snapshot can save, so a snapshot or fork taken
+            // meanwhile holds a task that sleeps for ever in every copy (seen: a forked child
+            // whose agent never answered again; Firecracker #3020 and #4099 are the same).
+            LEAF_KVM_FEATURES => {
+                e.eax &= !KVM_ASYNC_PF_FEATURES;
+            }
             _ => {}
         }
     }
@@ -251,6 +266,17 @@ mod tests {
         normalize(&mut es, CpuidOptions { cpu_index: 0, num_cpus: 1, tsc_deadline: true });
         assert_eq!(find(&es, LEAF_FEATURES, 0).edx & EDX_HTT, 0);
         assert_eq!(find(&es, LEAF_TOPOLOGY, 1).eax, 0);
+    }
+
+    #[test]
+    fn guests_get_no_asynchronous_page_faults_and_keep_the_other_kvm_features() {
+        let mut es = host(b"AuthenticAMD");
+        let mut kvm = entry(LEAF_KVM_FEATURES, 0);
+        let steal_time = 1 << 5;
+        kvm.eax = KVM_ASYNC_PF_FEATURES | steal_time;
+        es.push(kvm);
+        normalize(&mut es, CpuidOptions { cpu_index: 0, num_cpus: 1, tsc_deadline: true });
+        assert_eq!(find(&es, LEAF_KVM_FEATURES, 0).eax, steal_time);
     }
 
     #[test]
