@@ -57,13 +57,20 @@ before" ] || { echo "    $sb: its own file did not reach its disk"; ok=0; }
     done
     # Their clocks went on together: the kernel still trusts the TSC against kvmclock (its
     # watchdog, every half second, has had a second of counting above to compare them).
-    for sb in p-1 p-2; do
+    # Only a host whose own clocksource is the TSC keeps a guest's TSC and kvmclock in step
+    # (KVM's master clock): elsewhere (the nested harness's middle machine, on QEMU's emulated
+    # TSC) KVM re-bases kvmclock on the host's clock at each update, and cold-booted guests
+    # mark their TSC unstable too (2 parents in 16 runs of this case, before any fork).
+    host_clock=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
+    mkdir -p kept
+    [ "$host_clock" = tsc ] || echo "    (TSC check skipped: this host's clocksource is $host_clock)" >>kept/p.clocksource
+    [ "$host_clock" != tsc ] || for sb in p-1 p-2; do
       [ "$(in_sb $sb dmesg | grep -c "Marking clocksource 'tsc' as unstable")" -gt "$unstable_before" ] &&
         { echo "    $sb: the guest found its TSC out of step with kvmclock:"; in_sb $sb dmesg | grep -i -A3 'clocksource' | sed 's/^/      /'; ok=0; }
     done
     # Kept (for --show) whether or not the case fails.
     [ "$unstable_before" = 0 ] ||
-      { mkdir -p kept; in_sb p dmesg | grep -i -A3 'clocksource' | sed 's/^/parent before the fork: /' >kept/p.clocksource; }
+      { in_sb p dmesg | grep -i -A3 'clocksource' | sed 's/^/parent before the fork: /' >>kept/p.clocksource; }
     # Each child is itself: its own hostname and its own random numbers.
     for sb in p-1 p-2; do
       [ "$(in_sb $sb hostname)" = $sb ] || { echo "    $sb has hostname $(in_sb $sb hostname)"; ok=0; }

@@ -60,4 +60,25 @@ case_a_corrupt_snapshot_fails_cleanly() {
   expect_status 1 && expect_in err3 "there is no sandbox named orig"
 }
 
+# A restore checks that the guest it brought up goes on from the snapshot: the agent that
+# answers must have run at least as long as the snapshotted one had (guest.json). A guest.json
+# claiming more than the guest can have stands for a guest that is someone else's state.
+case_a_restore_that_is_not_the_snapshots_continuation_fails_loudly() {
+  export EMBER_STATE="$PWD/st"
+  ember run --detach --cold --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
+  ember snapshot orig snap >>out 2>>err
+  ok=1
+  expect_status 0 || ok=0
+  rm_sb orig
+  [ $ok = 1 ] || return 1
+  grep -q '"agent_uptime_ms":[1-9]' snap/guest.json || { echo "    guest.json: $(cat snap/guest.json)"; return 1; }
+  ember run --detach --from-snapshot snap --name good >>out 2>>err || { echo "    the honest restore failed"; return 1; }
+  rm_sb good
+  echo '{"agent_uptime_ms":999999999999}' >snap/guest.json
+  ember run --detach --from-snapshot snap --name copy >>out 2>err2
+  expect_status 1 && expect_in err2 "sandbox copy is not the continuation of its snapshot" &&
+    expect_in err2 "the snapshot's had run 999999999999 ms" || return 1
+  [ ! -e "$EMBER_STATE/sandboxes/copy" ] || { echo "    the failed start left its state directory"; return 1; }
+}
+
 run_cases "$0"

@@ -35,6 +35,10 @@ pub enum SandboxError {
     ForkPanicked,
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
+    #[error("sandbox {name}: its guest agent does not answer: {source}")]
+    AgentUnreachable { name: String, source: agent_client::ClientError },
+    #[error("sandbox {name} is not the continuation of its snapshot: its agent has run {found_ms} ms, the snapshot's had run {expected_ms} ms; its VMM log says:\n{log}\nthe guest console's last lines:\n{console}")]
+    NotContinuation { name: String, expected_ms: u64, found_ms: u64, log: String, console: String },
     #[error("sandbox {name}: cannot give the guest its own identity: {source}")]
     Identity { name: String, source: agent_client::ClientError },
     #[error("cannot get random bytes from the host kernel: {0}")]

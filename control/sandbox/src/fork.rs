@@ -52,6 +52,8 @@ impl Store {
         }
         let names = self.child_names(parent, count);
         let cids = self.reserve_cids(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
+        // Before the pause: the children's agents must have run at least this long.
+        let agent_ms = self.agent_uptime_ms(parent)?;
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
         let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &dir, &state)) {
@@ -70,6 +72,7 @@ impl Store {
             memory: frozen.memory.mem_file_path.clone(),
             mem_layers: frozen.memory.mem_layers.clone(),
             disk: &frozen.layer,
+            agent_ms: Some(agent_ms),
         };
         let results: Vec<Result<Record, SandboxError>> = std::thread::scope(|s| {
             let handles: Vec<_> = names

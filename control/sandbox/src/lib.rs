@@ -55,6 +55,10 @@ struct Shape {
     mem_mib: u64,
     vcpus: u8,
     cid: u32,
+    /// For a restore or a fork: how long the guest agent had been running when its snapshot
+    /// was taken. The restored agent, the same process going on, answers with at least that
+    /// uptime; a smaller one is some other guest state (a restarted agent, a rebooted guest).
+    resumes_agent_ms: Option<u64>,
 }
 
 /// A sandbox as `ember ls` shows it.

@@ -78,7 +78,7 @@ impl Store {
         let overlay_path = dir.join(OVERLAY);
         overlay::create(&spec.image, &overlay_path)?;
         let cid = self.reserve_cid(name)?;
-        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid };
+        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
         self.launch(name, dir, shape, spec.ready_timeout, |api| {
             api.put(
                 "/boot-source",
@@ -126,6 +126,7 @@ impl Store {
     ) -> Result<Record, SandboxError> {
         let api_socket = dir.join(API_SOCKET);
         let started = Instant::now();
+        let resumes_agent_ms = shape.resumes_agent_ms;
         // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
         let adopted = if is_hidden(name) { None } else { self.adopt_spare(dir) };
         let mut vmm = match adopted {
@@ -192,8 +193,17 @@ impl Store {
         loop {
             let round = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(1));
             match agent_client::wait_ready(&dir.join(VSOCK_SOCKET), agent_protocol::DEFAULT_PORT, round) {
-                Ok((_, mut agent)) => {
+                Ok((health, mut agent)) => {
                     tracing::debug!("sandbox {name}: agent ready {:?} into the start", started.elapsed());
+                    if let Some(expected_ms) = resumes_agent_ms.filter(|&ms| health.uptime_ms < ms) {
+                        return Err(SandboxError::NotContinuation {
+                            name: name.into(),
+                            expected_ms,
+                            found_ms: health.uptime_ms,
+                            log: tail(&dir.join(VMM_LOG), 20),
+                            console: tail(&dir.join(CONSOLE_LOG), 20),
+                        });
+                    }
                     identity::fix(&mut agent, name).map_err(|e| died(&mut vmm).unwrap_or(e))?;
                     tracing::debug!("sandbox {name}: identity set {:?} into the start", started.elapsed());
                     // Only now: a spare getting ready while the guest does would slow it down.
@@ -222,6 +232,15 @@ impl Store {
                 return Err(e);
             }
         }
+    }
+
+    /// How long sandbox `name`'s guest agent has been running (what a snapshot or fork of it
+    /// taken from now on must resume at least).
+    pub(crate) fn agent_uptime_ms(&self, name: &str) -> Result<u64, SandboxError> {
+        let socket = self.dir(name).join(VSOCK_SOCKET);
+        let identity_err = |source| SandboxError::AgentUnreachable { name: name.into(), source };
+        let mut agent = agent_client::connect(&socket, agent_protocol::DEFAULT_PORT, Duration::from_secs(10)).map_err(identity_err)?;
+        Ok(agent_client::health(&mut agent).map_err(identity_err)?.uptime_ms)
     }
 
     /// Runs `f` with sandbox `name`'s VM paused, then resumes it, whatever `f` returned; a

@@ -28,6 +28,14 @@ pub const SNAPSHOT_DISK: &str = "disk.qcow2";
 /// file's metadata beside it, `api::snapshot_meta`).
 pub const STATE_FILE: &str = "state";
 pub const MEMORY_FILE: &str = "memory";
+/// What the control plane knows of the guest in a sandbox snapshot: `{"agent_uptime_ms": N}`,
+/// how long its agent had run before the snapshot (see `Shape`).
+pub const GUEST_FILE: &str = "guest.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GuestFacts {
+    agent_uptime_ms: u64,
+}
 
 /// Where a snapshot's VM files are (Firecracker's `snapshot_path` and `mem_file_path`).
 pub(crate) struct SnapshotFiles {
@@ -56,7 +64,14 @@ impl Store {
             return Err(SandboxError::SnapshotExists(dir));
         }
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-        self.while_paused(name, |api| self.snapshot_paused(api, name, &files, &dir))
+        let agent_ms = self.agent_uptime_ms(name).ok();
+        self.while_paused(name, |api| self.snapshot_paused(api, name, &files, &dir))?;
+        if let Some(agent_uptime_ms) = agent_ms {
+            let path = dir.join(GUEST_FILE);
+            let json = serde_json::to_vec(&GuestFacts { agent_uptime_ms }).expect("plain numbers serialize");
+            std::fs::write(&path, json).map_err(io("cannot write", &path))?;
+        }
+        Ok(())
     }
 
     fn snapshot_paused(&self, api: &ApiClient, name: &str, files: &SnapshotFiles, dir: &Path) -> Result<(), SandboxError> {
@@ -96,6 +111,11 @@ impl Store {
             memory: files.memory.display().to_string(),
             mem_layers: Vec::new(),
             disk: &dir.join(SNAPSHOT_DISK),
+            // Snapshots from before this file existed are restored unchecked.
+            agent_ms: std::fs::read(dir.join(GUEST_FILE))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<GuestFacts>(&b).ok())
+                .map(|g| g.agent_uptime_ms),
         };
         self.create(name, |name, sandbox_dir| {
             self.restore_into(name, sandbox_dir, &source, self.reserve_cid(name)?, ready_timeout)
@@ -113,7 +133,13 @@ impl Store {
     ) -> Result<Record, SandboxError> {
         let overlay_path = sandbox_dir.join(OVERLAY);
         overlay::create(source.disk, &overlay_path)?;
-        let shape = Shape { image: source.disk.to_path_buf(), mem_mib: source.mem_size >> 20, vcpus: source.vcpus, cid };
+        let shape = Shape {
+            image: source.disk.to_path_buf(),
+            mem_mib: source.mem_size >> 20,
+            vcpus: source.vcpus,
+            cid,
+            resumes_agent_ms: source.agent_ms,
+        };
         let uds = sandbox_dir.join(VSOCK_SOCKET);
         self.launch(name, sandbox_dir, shape, ready_timeout, |api| {
             api.put(
@@ -143,6 +169,8 @@ pub(super) struct RestoreSource<'a> {
     pub memory: String,
     pub mem_layers: Vec<String>,
     pub disk: &'a Path,
+    /// The guest agent's uptime when the source was frozen, if known (see `Shape`).
+    pub agent_ms: Option<u64>,
 }
 
 #[cfg(test)]
