@@ -97,7 +97,7 @@ fn run_round(dir: &Path, base: &Path, round: u64) {
     overlay::create(base, &top).unwrap();
     let seed = 0x1234_5678 + round;
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["disk::crash_tests::crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["crash_tests::crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
         .env(ENV, &top)
         .env("EMBER_DISK_CRASH_SEED", seed.to_string())
         .stdout(Stdio::piped())
