@@ -4,9 +4,9 @@
 //! to its own thin qcow2 overlay; a fork freezes an overlay and stacks a new one on it
 //! (base ← frozen overlay ← overlay). [`open`] gives the device a [`DiskBackend`] for either
 //! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] opens the whole backing
-//! chain read-only and reads and writes overlays with subclusters itself (others through the
-//! imago crate). [`overlay`] creates, inspects and
-//! flattens overlays (`ember disk ...`). `README.md` next to this file says why qcow2 and imago.
+//! chain read-only and reads and writes every qcow2 layer itself. [`overlay`] creates,
+//! inspects and flattens overlays (`ember disk ...`). `README.md` next to this file says why
+//! qcow2, and why ember's own implementation of it.
 
 pub mod overlay;
 pub mod qcow2;
