@@ -47,7 +47,8 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const SECTOR_SIZE: u64 = 512;
 
 /// On-disk formats ember reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
     Qcow2,
