@@ -164,16 +164,29 @@ pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result
         return Ok(file);
     }
     let op = if writable { libc::LOCK_EX } else { libc::LOCK_SH };
-    // SAFETY: flock on an fd we own; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+    let started = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on an fd we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DiskError::Io { path: path.into(), op: "lock", error: err });
+        }
+        // A lock belongs to the open file description, and a process another thread is
+        // spawning holds a copy of every one until its exec closes them: a lock released by
+        // closing its fd can outlive the close by that moment. Only a lock still held after
+        // LOCK_GRACE is another user of the image.
+        if started.elapsed() >= LOCK_GRACE {
             return Err(DiskError::Locked { path: path.into(), writing: !writable });
         }
-        return Err(DiskError::Io { path: path.into(), op: "lock", error: err });
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    Ok(file)
 }
+
+/// How long a lock conflict may last before it counts (see [`open_image_file`]).
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// VIRTIO_BLK_T_GET_ID bytes: up to 11 characters of the file name, a dash, and 8 hex digits
 /// of a hash of the device and inode numbers (stable while the file exists, distinct between
