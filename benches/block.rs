@@ -6,8 +6,8 @@
 //!
 //! EMBER_DISK_BENCH_DIR picks the directory (default /tmp), EMBER_DISK_BENCH_MIB the disk size
 //! (default 1024), EMBER_DISK_BENCH_CLUSTER the overlays' cluster size. Files are in the page
-//! cache (hot): what is measured is ember's and imago's overhead on top of the kernel's, which
-//! is the case for a shared base image.
+//! cache (hot): what is measured is ember's overhead on top of the kernel's, which is the case
+//! for a shared base image.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,9 +4,9 @@
 //! to its own thin qcow2 overlay; a fork freezes an overlay and stacks a new one on it
 //! (base ← frozen overlay ← overlay). [`open`] gives the device a [`DiskBackend`] for either
 //! kind of file: [`raw`] reads and writes the file directly, [`qcow2`] opens the whole backing
-//! chain read-only and reads and writes overlays with subclusters itself (others through the
-//! imago crate). [`overlay`] creates, inspects and
-//! flattens overlays (`ember disk ...`). `README.md` next to this file says why qcow2 and imago.
+//! chain read-only and reads and writes every qcow2 layer itself. [`overlay`] creates,
+//! inspects and flattens overlays (`ember disk ...`). `README.md` next to this file says why
+//! qcow2, and why ember's own implementation of it.
 
 pub mod overlay;
 pub mod qcow2;
@@ -47,7 +47,8 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const SECTOR_SIZE: u64 = 512;
 
 /// On-disk formats ember reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
     Qcow2,
@@ -163,16 +164,29 @@ pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result
         return Ok(file);
     }
     let op = if writable { libc::LOCK_EX } else { libc::LOCK_SH };
-    // SAFETY: flock on an fd we own; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+    let started = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on an fd we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
         let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(DiskError::Io { path: path.into(), op: "lock", error: err });
+        }
+        // A lock belongs to the open file description, and a process another thread is
+        // spawning holds a copy of every one until its exec closes them: a lock released by
+        // closing its fd can outlive the close by that moment. Only a lock still held after
+        // LOCK_GRACE is another user of the image.
+        if started.elapsed() >= LOCK_GRACE {
             return Err(DiskError::Locked { path: path.into(), writing: !writable });
         }
-        return Err(DiskError::Io { path: path.into(), op: "lock", error: err });
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    Ok(file)
 }
+
+/// How long a lock conflict may last before it counts (see [`open_image_file`]).
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// VIRTIO_BLK_T_GET_ID bytes: up to 11 characters of the file name, a dash, and 8 hex digits
 /// of a hash of the device and inode numbers (stable while the file exists, distinct between

@@ -6,15 +6,17 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Serialize, Serializer};
 use vm_memory::VolatileSlice;
 
 use super::qcow2::{open_chain, write_overlay, Extent, CLUSTER_SIZE};
 use super::{check_size, seek_data, seek_hole, DiskError, Format};
 
-/// One layer of a chain, as `ember disk info` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One layer of a chain, as `ember disk info` shows it (and, serialized, `--json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LayerInfo {
     /// Absolute path of the file.
+    #[serde(serialize_with = "lossy_path")]
     pub path: PathBuf,
     pub format: Format,
     /// Size of the disk the layer describes.
@@ -24,6 +26,7 @@ pub struct LayerInfo {
     /// Bytes the file occupies on the host (st_blocks * 512).
     pub allocated_bytes: u64,
     /// The backing file as recorded in the layer (qcow2 only).
+    #[serde(rename = "backing_file", serialize_with = "lossy_opt_path")]
     pub backing: Option<PathBuf>,
     /// The backing format as recorded in the layer (qcow2 only).
     pub backing_format: Option<String>,
@@ -31,6 +34,18 @@ pub struct LayerInfo {
     pub cluster_size: Option<u64>,
     /// Whether the layer has subclusters (qcow2 extended L2 entries: 32 per cluster).
     pub subclusters: bool,
+}
+
+/// A path as JSON: a file name need not be UTF-8, and `info` must show it anyway.
+fn lossy_path<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
+fn lossy_opt_path<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(p) => lossy_path(p, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// Removes a file on drop unless disarmed: the half-made output of a failed operation.
@@ -162,45 +177,16 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// `ember disk info` output: human-readable, or JSON (`{"layers": [...]}`, top first).
 pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
     if json {
-        let items: Vec<String> = layers
-            .iter()
-            .map(|l| {
-                let opt = |v: &Option<String>| v.as_deref().map(json_string).unwrap_or_else(|| "null".into());
-                format!(
-                    "{{\"path\": {}, \"format\": \"{}\", \"virtual_size\": {}, \"file_size\": {}, \
-                     \"allocated_bytes\": {}, \"backing_file\": {}, \"backing_format\": {}, \
-                     \"cluster_size\": {}, \"subclusters\": {}}}",
-                    json_string(&l.path.to_string_lossy()),
-                    l.format,
-                    l.virtual_size,
-                    l.file_size,
-                    l.allocated_bytes,
-                    opt(&l.backing.as_ref().map(|b| b.to_string_lossy().into_owned())),
-                    opt(&l.backing_format),
-                    l.cluster_size.map_or_else(|| "null".into(), |c| c.to_string()),
-                    l.subclusters,
-                )
-            })
-            .collect();
-        return format!("{{\"layers\": [\n  {}\n]}}\n", items.join(",\n  "));
+        #[derive(Serialize)]
+        struct Chain<'a> {
+            layers: &'a [LayerInfo],
+        }
+        let mut out = serde_json::to_string_pretty(&Chain { layers }).expect("plain data serializes");
+        out.push('\n');
+        return out;
     }
     let mut out = String::new();
     for (i, l) in layers.iter().enumerate() {
@@ -236,7 +222,7 @@ pub fn render_info(layers: &[LayerInfo], json: bool) -> String {
 }
 
 /// What `flatten` wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct FlattenStats {
     pub size: u64,
     /// Bytes of data written; the rest of OUT is holes.
@@ -433,10 +419,20 @@ mod tests {
         assert!(text.contains("[0] top: ") && text.contains("[2] base: "), "{text}");
         assert!(text.contains("virtual size 4.0 MiB (4194304 bytes)"), "{text}");
         assert!(text.contains(&format!("backing file {} (qcow2)", frozen.display())), "{text}");
-        let json = render_info(&layers, true);
-        assert!(json.starts_with("{\"layers\": ["), "{json}");
-        assert!(json.contains(&format!("\"path\": \"{}\", \"format\": \"raw\"", base.display())), "{json}");
-        assert!(json.contains("\"backing_file\": null"), "{json}");
+        let json: serde_json::Value = serde_json::from_str(&render_info(&layers, true)).unwrap();
+        let json = json["layers"].as_array().unwrap();
+        assert_eq!(json.len(), 3);
+        assert_eq!(json[0]["path"], top.to_str().unwrap());
+        assert_eq!(json[0]["backing_file"], frozen.to_str().unwrap());
+        assert_eq!(json[0]["backing_format"], "qcow2");
+        assert_eq!(json[2]["path"], base.to_str().unwrap());
+        assert_eq!(json[2]["format"], "raw");
+        assert_eq!(json[2]["virtual_size"], 4 * MIB);
+        assert!(json[2]["backing_file"].is_null() && json[2]["cluster_size"].is_null());
+        let mut keys: Vec<&str> = json[0].as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        let fields = ["allocated_bytes", "backing_file", "backing_format", "cluster_size", "file_size"];
+        assert_eq!(keys, [&fields[..], &["format", "path", "subclusters", "virtual_size"]].concat());
 
         // Works while a VM writes the top layer.
         let _busy = open(&top, false).unwrap();

@@ -225,6 +225,7 @@ mod tests {
         let e = disk.write_vectored(0, &slices(&mem, &[(0, 512)])).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         disk.flush().unwrap();
+        // SAFETY: F_GETFL on an fd the disk owns; no memory is passed.
         let flags = unsafe { libc::fcntl(disk.file.as_raw_fd(), libc::F_GETFL) };
         assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
         assert_eq!(checksum(&path), sum);

@@ -49,6 +49,18 @@ pub fn make_base_with(dir: &Path, name: &str, size: u64, patterned: u64) -> Path
     path
 }
 
+/// The disk after OPS (offset, byte, length; applied in order) over a base patterned in its
+/// first PATTERNED bytes: LEN bytes at OFF.
+pub fn model(ops: &[(u64, u8, u64)], patterned: u64, off: u64, len: u64) -> Vec<u8> {
+    let mut v: Vec<u8> = (off..off + len).map(|o| if o < patterned { base_byte(o) } else { 0 }).collect();
+    for &(at, byte, n) in ops {
+        for o in at.max(off)..(at + n).min(off + len) {
+            v[(o - off) as usize] = byte;
+        }
+    }
+    v
+}
+
 /// A fully patterned base image.
 pub fn make_base(dir: &Path, name: &str, size: u64) -> PathBuf {
     make_base_with(dir, name, size, size)
@@ -112,4 +124,85 @@ pub fn write_at(disk: &mut dyn super::DiskBackend, offset: u64, data: &[u8]) {
     let mem = guest_memory(data.len().next_multiple_of(4096));
     mem.write_slice(data, GuestAddress(0)).unwrap();
     disk.write_vectored(offset, &slices(&mem, &[(0, data.len())])).unwrap();
+}
+
+/// What qemu-img sees as the disk content of PATH (None without qemu-img).
+pub fn qemu_content(path: &Path) -> Option<Vec<u8>> {
+    let flat = path.with_extension("qemu-flat");
+    let out = qemu_img(&["convert", "-O", "raw", path.to_str().unwrap(), flat.to_str().unwrap()])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let data = std::fs::read(&flat).unwrap();
+    std::fs::remove_file(&flat).unwrap();
+    Some(data)
+}
+
+/// Runs the qemu-io commands CMDS on PATH; false (after printing a note) when qemu-io is not
+/// installed.
+pub fn qemu_io(path: &Path, cmds: &[&str]) -> bool {
+    let qemu_io = Path::new("/usr/bin/qemu-io");
+    if !qemu_io.exists() {
+        eprintln!("note: qemu-io is not installed; skipping the QEMU-written part of this test");
+        return false;
+    }
+    let mut cmd = Command::new(qemu_io);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(path).output().unwrap();
+    assert!(out.status.success(), "qemu-io {cmds:?}: {}", String::from_utf8_lossy(&out.stderr));
+    true
+}
+
+/// Counts the bytes each thread allocates, so that a test can bound what an open allocates.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the count is a
+// thread-local Cell with no destructor, so it never allocates or panics.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + layout.size()));
+        // SAFETY: the caller's guarantees for `layout` are the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + layout.size()));
+        // SAFETY: as in `alloc`.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: PTR came from the system allocator with LAYOUT (every allocation goes there).
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        let _ = ALLOCATED.try_with(|a| a.set(a.get() + new_size.saturating_sub(layout.size())));
+        // SAFETY: as in `dealloc`; the caller's guarantees for NEW_SIZE are the system's.
+        unsafe { std::alloc::System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static COUNTING_ALLOC: CountingAlloc = CountingAlloc;
+
+/// F's result, and the bytes the current thread allocated while it ran (frees not deducted).
+pub fn allocated_by<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let before = ALLOCATED.with(|a| a.get());
+    let r = f();
+    (r, ALLOCATED.with(|a| a.get()) - before)
+}
+
+/// LEN bytes of DISK at OFFSET, read through its vectored path into guest memory.
+pub fn read_at(disk: &mut dyn super::DiskBackend, offset: u64, len: usize) -> Vec<u8> {
+    use vm_memory::Bytes;
+    let mem = guest_memory(len.next_multiple_of(4096));
+    disk.read_vectored(offset, &slices(&mem, &[(0, len)])).unwrap();
+    let mut out = vec![0u8; len];
+    mem.read_slice(&mut out, GuestAddress(0)).unwrap();
+    out
 }

@@ -14,14 +14,10 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-/// Header extension type of the backing file's format name.
-pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
-/// Incompatible feature bit 4: extended L2 entries.
-pub(crate) const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+use super::header::{EXT_BACKING_FORMAT, INCOMPAT_EXTENDED_L2, MAX_BACKING_NAME, MIN_EXTENDED_CLUSTER_BITS};
+
 /// Length of the version 3 header ember writes (without the compression type field).
 const HEADER_LEN: usize = 104;
-/// QEMU's limit on a backing file name.
-const MAX_BACKING_NAME: usize = 1023;
 
 /// Writes into FILE (empty, opened for writing) an overlay of a SIZE-byte disk with clusters of
 /// 2^CLUSTER_BITS bytes (14 to 21) over BACKING, whose format is BACKING_FORMAT.
@@ -32,13 +28,13 @@ pub(crate) fn write_overlay(
     backing: &str,
     backing_format: &str,
 ) -> io::Result<()> {
-    if !(14..=21).contains(&cluster_bits) {
+    if !(MIN_EXTENDED_CLUSTER_BITS..=21).contains(&cluster_bits) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("clusters of 2^{cluster_bits} bytes: subclusters need 16 KiB to 2 MiB"),
         ));
     }
-    if backing.len() > MAX_BACKING_NAME {
+    if backing.len() as u64 > MAX_BACKING_NAME {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("the backing file name is {} bytes long; qcow2 allows {MAX_BACKING_NAME}", backing.len()),

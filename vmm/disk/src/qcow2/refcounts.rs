@@ -1,4 +1,4 @@
-//! Refcounts of a writable qcow2 layer that ember writes itself (see `subclusters.rs`).
+//! Refcounts of a writable qcow2 layer (see `layer.rs`).
 //!
 //! Clusters are handed out from the end of the used part of the file and never freed (the
 //! block device has no discard), so every cluster from the first free one on has refcount 0
@@ -12,7 +12,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::{be64, read_full, Header, REFTABLE_OFFSET_MASK};
+use super::header::Header;
+use super::{be64, read_full, REFTABLE_OFFSET_MASK};
 use crate::DiskError;
 
 /// How far beyond the last cluster handed out the file is made to reach.
@@ -60,18 +61,22 @@ impl Refcounts {
             )));
         }
         let cs = header.cluster_size();
-        let rt_len = header.reftable_clusters * cs;
-        let rt_end = header.reftable_offset.saturating_add(rt_len);
-        if rt_end > len {
-            return Err(DiskError::Truncated { path: path.into(), what: "refcount table".into(), end: rt_end, len });
-        }
-        let mut raw = vec![0u8; rt_len as usize];
+        // The header's checks put the table inside the file and within QEMU's limit.
+        let mut raw = vec![0u8; (header.reftable_clusters * cs) as usize];
         read_full(file, &mut raw, header.reftable_offset, path)?;
         let mut table: Vec<u64> = raw.chunks(8).map(|c| be64(c, 0) & REFTABLE_OFFSET_MASK).collect();
         drop(raw);
         for (i, &off) in table.iter().enumerate() {
-            if off != 0 && (off % cs != 0 || off + cs > len) {
-                return Err(DiskError::Truncated { path: path.into(), what: format!("refcount block {i}"), end: off + cs, len });
+            if off % cs != 0 {
+                return Err(bad(format!("refcount block {i} at byte {off} is not cluster-aligned")));
+            }
+            match off.checked_add(cs) {
+                _ if off == 0 => {}
+                Some(end) if end <= len => {}
+                end => {
+                    let (what, end) = (format!("refcount block {i}"), end.unwrap_or(u64::MAX));
+                    return Err(DiskError::Truncated { path: path.into(), what, end, len });
+                }
             }
         }
         let table_room = table.len();

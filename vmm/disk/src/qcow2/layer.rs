@@ -1,68 +1,36 @@
-//! qcow2 layers with extended L2 entries (incompatible feature bit 4), read and written by
-//! ember itself: imago 0.2 refuses them.
-//!
-//! An extended L2 entry is 16 bytes: the usual cluster descriptor, then a bitmap of 32
-//! subclusters (bits 0–31: allocated in the host cluster; bits 32–63: reads as zeros; neither:
-//! read from the backing layer). A first write into a cluster therefore writes only the
-//! subclusters it covers: no copy of the rest of the cluster from the backing layer.
+//! One qcow2 layer, read and written by ember: standard L2 entries (qemu-img's default) and
+//! extended ones (subclusters, the overlays ember creates) alike, a standard cluster being a
+//! cluster of one subcluster (`l2.rs`).
 //!
 //! ember keeps a layer's L2 entries in memory (those in use, or a whole table once that is
-//! smaller; all-zero tables not at all) and writes metadata back only on flush, in an order that keeps the file
-//! consistent whatever point a crash (process or power) stops it at:
-//! data and refcount blocks, fdatasync, new refcount-table entries, fdatasync, L2 entries,
-//! fdatasync. Clusters are taken from the end of the file and never freed, so the worst a crash
-//! leaves is leaked clusters. Every L2 table exists before the guest runs (the writable open
-//! adds missing ones, in the same order), so L1 never changes at run time.
+//! smaller; all-zero tables not at all) and writes metadata back only on flush, in an order
+//! that keeps the file consistent whatever point a crash (process or power) stops it at: data
+//! and refcount blocks, fdatasync, new refcount-table entries, fdatasync, L2 entries, fdatasync.
+//! Clusters are taken from the end of the file and never freed, so the worst a crash leaves is
+//! leaked clusters. Every L2 table exists before the guest runs (the writable open adds
+//! missing ones, in the same order), so L1 never changes at run time.
+//!
+//! With subclusters a first write into a cluster writes only the subclusters it covers; without
+//! them it fills the rest of the cluster from what the layer showed there (copy-on-write).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
+use super::header::{Compression, Header};
+use super::l2::{decode, encode, Entry, L2Entries, L2Table, COPIED};
 use super::refcounts::Refcounts;
-use super::{be64, read_full, sub_slices, zero, Extent, Header, Image, L1_OFFSET_MASK, L2_COMPRESSED};
+use super::{be64, compressed, read_full, sub_slices, zero, Extent, Image, L1_OFFSET_MASK};
 use crate::raw::{read_file_vectored, write_file_vectored};
 use crate::{seek_data, DiskError};
 
-/// Subclusters per cluster.
-const SUBCLUSTERS: u64 = 32;
-/// L2 descriptor bit 63: the cluster's refcount is exactly one (written in place, no COW).
-const COPIED: u64 = 1 << 63;
-/// Descriptor bits that must be clear in an extended L2 entry: bit 0 (the zero flag lives in
-/// the bitmap) and the reserved bits 1–8 and 56–61.
-const RESERVED: u64 = 0x3f00_0000_0000_01ff;
-
-/// Incompatible feature bits: dirty (refcounts may be stale), corrupt.
-const INCOMPAT_DIRTY: u64 = 1;
-const INCOMPAT_CORRUPT: u64 = 1 << 1;
-/// Incompatible feature bits ember handles: extended L2 entries, and the compression type
-/// field (only compressed clusters depend on it, and layers with subclusters have none here).
-const INCOMPAT_KNOWN: u64 = super::create::INCOMPAT_EXTENDED_L2 | 1 << 3;
+/// log2 of the subclusters in a cluster with extended L2 entries.
+const EXTENDED_SC_BITS: u32 = 5;
 /// Offset of the autoclear feature bits in the header.
 const AUTOCLEAR_AT: u64 = 88;
-
-/// One extended L2 entry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Entry {
-    /// The cluster descriptor (host offset and COPIED).
-    desc: u64,
-    /// Allocation bits (low 32) and zero bits (high 32).
-    bitmap: u64,
-}
-
-impl Entry {
-    fn host(self) -> u64 {
-        self.desc & L1_OFFSET_MASK
-    }
-    fn alloc(self) -> u32 {
-        self.bitmap as u32
-    }
-    fn zero(self) -> u32 {
-        (self.bitmap >> 32) as u32
-    }
-}
 
 /// Where one subcluster reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,82 +38,21 @@ enum State {
     Data,
     Zero,
     Backing,
+    /// The whole cluster, compressed.
+    Compressed,
 }
 
-struct L2Table {
-    entries: L2Entries,
-    /// Range of entries changed since the last flush.
-    dirty: Option<(usize, usize)>,
-}
-
-/// An L2 table's entries: only the non-empty ones (by index), until they would take more
-/// memory than all of them. A writable layer gets an entry per cluster the guest writes, and a
-/// read-only layer (a template's or a fork's) is never written, so the tables of most layers
-/// stay small; every full table would cost its VMM 64 KiB for the VM's whole life.
-enum L2Entries {
-    Dense(Box<[Entry]>),
-    Sparse(Vec<(u32, Entry)>),
-}
-
-impl L2Entries {
-    /// The table of PER_TABLE entries holding ENTRIES (by index, in order), in the smaller form.
-    fn new(entries: Vec<(u32, Entry)>, per_table: usize) -> L2Entries {
-        if entries.len() * size_of::<(u32, Entry)>() < per_table * size_of::<Entry>() {
-            return L2Entries::Sparse(entries);
-        }
-        let mut dense = vec![Entry::default(); per_table].into_boxed_slice();
-        for (at, e) in entries {
-            dense[at as usize] = e;
-        }
-        L2Entries::Dense(dense)
-    }
-
-    fn get(&self, i: usize) -> Entry {
-        match self {
-            L2Entries::Dense(entries) => entries[i],
-            L2Entries::Sparse(entries) => entries
-                .binary_search_by_key(&(i as u32), |(at, _)| *at)
-                .map(|k| entries[k].1)
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Sets entry I of a table of PER_TABLE entries.
-    fn set(&mut self, i: usize, e: Entry, per_table: usize) {
-        let entries = match self {
-            L2Entries::Dense(entries) => {
-                entries[i] = e;
-                return;
-            }
-            L2Entries::Sparse(entries) => entries,
-        };
-        match entries.binary_search_by_key(&(i as u32), |(at, _)| *at) {
-            Ok(k) => entries[k].1 = e,
-            Err(k) => {
-                if entries.len() == entries.capacity() {
-                    // Slow growth: the slack of doubling would outweigh what the sparse form saves.
-                    entries.reserve_exact((entries.len() / 4).max(16));
-                }
-                entries.insert(k, (i as u32, e));
-                if entries.len() * size_of::<(u32, Entry)>() >= per_table * size_of::<Entry>() {
-                    *self = L2Entries::new(std::mem::take(entries), per_table);
-                }
-            }
-        }
-    }
-
-    fn iter(&self) -> Box<dyn Iterator<Item = Entry> + '_> {
-        match self {
-            L2Entries::Dense(entries) => Box::new(entries.iter().copied()),
-            L2Entries::Sparse(entries) => Box::new(entries.iter().map(|(_, e)| *e)),
-        }
-    }
-}
-
-/// A qcow2 layer with subclusters, over an optional backing image.
-pub(crate) struct SubclusterLayer {
+/// A qcow2 layer over an optional backing image.
+pub(crate) struct Layer {
     file: File,
+    path: PathBuf,
     cluster_bits: u32,
+    /// log2 of the subclusters in a cluster: 5 with extended L2 entries, 0 without.
+    sc_bits: u32,
+    /// log2 of the bytes in a subcluster.
+    subcluster_bits: u32,
+    /// log2 of the entries in an L2 table (16 or 8 bytes each).
+    table_bits: u32,
     size: u64,
     /// Host offsets of the L2 tables (L1 entries without flags).
     l1: Vec<u64>,
@@ -156,15 +63,23 @@ pub(crate) struct SubclusterLayer {
     backing: Option<Box<Image>>,
     /// The entry changes of the write in progress (kept to reuse its allocation).
     updates: Vec<(u64, Entry)>,
+    /// The compressed cluster inflated last (its descriptor) and its data: a guest reads one
+    /// in several requests.
+    inflated: Option<(u64, Box<[u8]>)>,
 }
 
 fn truncated(path: &Path, what: String, end: u64, len: u64) -> DiskError {
     DiskError::Truncated { path: path.into(), what, end, len }
 }
 
-impl SubclusterLayer {
-    /// Opens the layer in FILE (LEN bytes long, header already read) over BACKING; checks that
-    /// every L2 entry is well formed and that all it references lies inside the file.
+/// Whether BYTES at OFFSET lie inside a file of LEN bytes.
+fn inside(offset: u64, bytes: u64, len: u64) -> bool {
+    offset.checked_add(bytes).is_some_and(|end| end <= len)
+}
+
+impl Layer {
+    /// Opens the layer in FILE (LEN bytes long, header already read and checked) over BACKING;
+    /// checks that every L2 entry is well formed and that all it references lies inside the file.
     pub fn open(
         file: File,
         path: &Path,
@@ -172,51 +87,39 @@ impl SubclusterLayer {
         len: u64,
         writable: bool,
         backing: Option<Image>,
-    ) -> Result<SubclusterLayer, DiskError> {
+    ) -> Result<Layer, DiskError> {
         let bad = |reason: String| DiskError::Qcow2 { path: path.into(), reason };
-        if header.cluster_bits < 14 {
-            return Err(bad(format!(
-                "clusters of 2^{} bytes are too small for subclusters (16 KiB at least)",
-                header.cluster_bits
-            )));
-        }
-        if header.incompatible & INCOMPAT_DIRTY != 0 {
-            return Err(bad("its refcounts may be stale (dirty bit set); `qemu-img check -r all` repairs it".into()));
-        }
-        if header.incompatible & INCOMPAT_CORRUPT != 0 {
-            return Err(bad("it is marked corrupt; `qemu-img check -r all` may repair it".into()));
-        }
-        let unknown = header.incompatible & !INCOMPAT_KNOWN & !INCOMPAT_DIRTY & !INCOMPAT_CORRUPT;
-        if unknown != 0 {
-            return Err(bad(format!("it uses incompatible features ember does not know (bits {unknown:#x})")));
-        }
         if writable && header.snapshots != 0 {
             return Err(bad("it has internal snapshots, which ember does not write".into()));
         }
         let cs = header.cluster_size();
-        let per_table = (cs / 16) as usize;
-        let needed = header.size.div_ceil(cs * per_table as u64);
-        if header.l1_entries < needed {
-            return Err(bad(format!("its L1 table has {} entries; the disk needs {needed}", header.l1_entries)));
-        }
-        let l1_end = header.l1_offset.saturating_add(header.l1_entries * 8);
-        if l1_end > len {
-            return Err(truncated(path, "L1 table".into(), l1_end, len));
-        }
-        let mut raw_l1 = vec![0u8; (needed * 8) as usize];
+        let extended = header.extended_l2();
+        let entry_bytes = header.l2_entry_bytes() as usize;
+        let per_table = cs as usize / entry_bytes;
+        // Bounded by the header's checks: the L1 table lies inside the file, within QEMU's limit.
+        let mut raw_l1 = vec![0u8; (header.l1_entries() * 8) as usize];
         read_full(&file, &mut raw_l1, header.l1_offset, path)?;
-        let l1: Vec<u64> = raw_l1.chunks(8).map(|c| be64(c, 0) & L1_OFFSET_MASK).collect();
+        let mut l1 = Vec::with_capacity(raw_l1.len() / 8);
+        for (t, e) in raw_l1.chunks(8).enumerate() {
+            let off = be64(e, 0) & L1_OFFSET_MASK;
+            if off % cs != 0 {
+                return Err(bad(format!("L1 entry {t} points to an L2 table at byte {off}, not cluster-aligned")));
+            }
+            if off != 0 && !inside(off, cs, len) {
+                return Err(truncated(path, format!("L2 table {t}"), off.saturating_add(cs), len));
+            }
+            l1.push(off);
+        }
+        drop(raw_l1);
 
         let mut l2 = Vec::with_capacity(l1.len());
         let mut raw = vec![0u8; cs as usize];
-        let scs = cs / SUBCLUSTERS;
+        let sc_bits = if extended { EXTENDED_SC_BITS } else { 0 };
+        let scs = cs >> sc_bits;
         for (t, &off) in l1.iter().enumerate() {
             if off == 0 {
                 l2.push(None);
                 continue;
-            }
-            if off % cs != 0 || off + cs > len {
-                return Err(truncated(path, format!("L2 table {t}"), off + cs, len));
             }
             // A table the file has no data for (preallocated, never written) is all zeros.
             let hole = match seek_data(&file, off) {
@@ -230,29 +133,41 @@ impl SubclusterLayer {
             }
             read_full(&file, &mut raw, off, path)?;
             let mut entries = Vec::new();
-            for i in 0..per_table {
-                let e = Entry { desc: be64(&raw, i * 16), bitmap: be64(&raw, i * 16 + 8) };
+            for (i, raw) in raw.chunks_exact(entry_bytes).enumerate() {
+                let (desc, bitmap) = (be64(raw, 0), if extended { be64(raw, 8) } else { 0 });
                 let guest = (t * per_table + i) as u64 * cs;
-                if e == Entry::default() || guest >= header.size {
+                if desc | bitmap == 0 || guest >= header.size {
                     continue;
                 }
-                let what = || format!("L2 entry for guest offset {guest:#x} ({:#018x} {:#018x})", e.desc, e.bitmap);
-                if e.desc & L2_COMPRESSED != 0 {
-                    return Err(bad(format!("{}: compressed clusters are not supported with subclusters", what())));
-                }
-                if e.desc & RESERVED != 0 || e.host() % cs != 0 {
-                    return Err(bad(format!("{}: reserved bits set or misaligned host offset", what())));
-                }
-                if e.alloc() & e.zero() != 0 {
-                    return Err(bad(format!("{}: subclusters both allocated and zero", what())));
-                }
-                if e.alloc() != 0 && e.host() == 0 {
-                    return Err(bad(format!("{}: allocated subclusters without a host cluster", what())));
-                }
-                if e.alloc() != 0 {
-                    let end = e.host() + (32 - e.alloc().leading_zeros() as u64) * scs;
-                    if end > len {
-                        return Err(truncated(path, format!("data cluster for guest offset {guest:#x}"), end, len));
+                let what = || match extended {
+                    true => format!("L2 entry for guest offset {guest:#x} ({desc:#018x} {bitmap:#018x})"),
+                    false => format!("L2 entry for guest offset {guest:#x} ({desc:#018x})"),
+                };
+                let e = decode(desc, bitmap, extended).map_err(|why| bad(format!("{}: {why}", what())))?;
+                if e.compressed() {
+                    if writable {
+                        return Err(bad(format!(
+                            "{}: it has compressed clusters, which ember reads but does not write; \
+                             `qemu-img convert -O qcow2` makes an uncompressed copy",
+                            what()
+                        )));
+                    }
+                    if header.compression == Compression::Zstd {
+                        return Err(bad(format!("{}: zstd-compressed clusters are not supported (deflate only)", what())));
+                    }
+                    let data = || format!("compressed data for guest offset {guest:#x}");
+                    compressed::check(e.desc, header.cluster_bits, data, path, len)?;
+                } else {
+                    if e.host() % cs != 0 {
+                        return Err(bad(format!("{}: misaligned host offset", what())));
+                    }
+                    if e.alloc() != 0 {
+                        // The file may end inside the last cluster, after its last allocated subcluster.
+                        let used = ((32 - e.alloc().leading_zeros()) as u64 * scs).min(header.size - guest);
+                        if !inside(e.host(), used, len) {
+                            let what = format!("data cluster for guest offset {guest:#x}");
+                            return Err(truncated(path, what, e.host().saturating_add(used), len));
+                        }
                     }
                 }
                 entries.push((i as u32, e));
@@ -260,25 +175,31 @@ impl SubclusterLayer {
             entries.shrink_to_fit();
             l2.push((!entries.is_empty()).then(|| L2Table { entries: L2Entries::new(entries, per_table), dirty: None }));
         }
-        let used_end = l2
-            .iter()
-            .flatten()
-            .flat_map(|t| t.entries.iter().map(|e| e.host() + cs))
-            .chain(l1.iter().map(|off| off + cs))
-            .max()
-            .unwrap_or(0);
 
-        let mut layer = SubclusterLayer {
+        let mut layer = Layer {
             file,
+            path: path.into(),
             cluster_bits: header.cluster_bits,
+            sc_bits,
+            subcluster_bits: header.cluster_bits - sc_bits,
+            table_bits: per_table.trailing_zeros(),
             size: header.size,
             l1,
             l2,
             refcounts: None,
             backing: backing.map(Box::new),
             updates: Vec::new(),
+            inflated: None,
         };
         if writable {
+            let used_end = layer
+                .l2
+                .iter()
+                .flatten()
+                .flat_map(|t| t.entries.iter().map(|e| e.host() + cs))
+                .chain(layer.l1.iter().map(|off| off + cs))
+                .max()
+                .unwrap_or(0);
             let rc = Refcounts::load(&layer.file, path, header, len)?;
             if used_end > rc.used_end() {
                 return Err(bad(format!(
@@ -307,12 +228,8 @@ impl SubclusterLayer {
         1 << self.cluster_bits
     }
 
-    fn subcluster_size(&self) -> u64 {
-        self.cluster_size() / SUBCLUSTERS
-    }
-
-    fn per_table(&self) -> usize {
-        (self.cluster_size() / 16) as usize
+    fn extended(&self) -> bool {
+        self.sc_bits != 0
     }
 
     /// Gives every L2 range without a table a zeroed one: tables and their refcounts first,
@@ -337,22 +254,17 @@ impl SubclusterLayer {
         self.file.sync_data()
     }
 
-    /// log2 of the entries in one L2 table (16 bytes each).
-    fn table_bits(&self) -> u32 {
-        self.cluster_bits - 4
-    }
-
     fn entry(&self, cluster: u64) -> Entry {
-        let t = (cluster >> self.table_bits()) as usize;
+        let t = (cluster >> self.table_bits) as usize;
         match self.l2.get(t) {
-            Some(Some(table)) => table.entries.get((cluster & ((1 << self.table_bits()) - 1)) as usize),
+            Some(Some(table)) => table.entries.get((cluster & ((1 << self.table_bits) - 1)) as usize),
             _ => Entry::default(),
         }
     }
 
     fn set_entry(&mut self, cluster: u64, e: Entry) {
-        let per = self.per_table();
-        let (t, i) = ((cluster >> self.table_bits()) as usize, (cluster & (per as u64 - 1)) as usize);
+        let per = 1usize << self.table_bits;
+        let (t, i) = ((cluster >> self.table_bits) as usize, (cluster & (per as u64 - 1)) as usize);
         let table = self.l2[t].get_or_insert_with(|| L2Table { entries: L2Entries::Sparse(Vec::new()), dirty: None });
         table.entries.set(i, e, per);
         table.dirty = Some(match table.dirty {
@@ -361,30 +273,36 @@ impl SubclusterLayer {
         });
     }
 
-    /// The run of bytes from guest offset AT (at most MAX) that reads from one place: where,
-    /// and how long. Runs of allocated subclusters continue across clusters that are
-    /// contiguous in the file.
+    /// The run of bytes from guest offset AT (at most MAX) that reads from one place: where
+    /// (the host offset, or a compressed cluster's descriptor), and how long. Runs of allocated
+    /// subclusters continue across clusters that are contiguous in the file.
     fn run_at(&self, at: u64, max: u64) -> (State, u64, u64) {
-        let (cs, scs) = (self.cluster_size(), self.subcluster_size());
+        let (cs, sc_bits) = (self.cluster_size(), self.subcluster_bits);
+        let subclusters = 1u32 << self.sc_bits;
         let mut cluster = at >> self.cluster_bits;
         let mut e = self.entry(cluster);
-        let mut first = ((at & (cs - 1)) / scs) as u32;
+        let within = at & (cs - 1);
+        if e.compressed() {
+            return (State::Compressed, e.desc, (cs - within).min(max).min(self.size - at));
+        }
+        let mut first = (within >> sc_bits) as u32;
         let state = subcluster_state(e, first);
-        let host = e.host() + (at & (cs - 1));
-        let mut end = at - at % scs;
+        let host = e.host() + within;
+        let mut end = at >> sc_bits << sc_bits;
         loop {
             let same = match state {
                 State::Data => e.alloc(),
                 State::Zero => e.zero(),
-                State::Backing => !(e.alloc() | e.zero()),
+                // (A compressed cluster returned above.)
+                State::Backing | State::Compressed => !(e.alloc() | e.zero()),
             } >> first;
-            let n = same.trailing_ones().min(32 - first) as u64;
-            end += n * scs;
-            if first as u64 + n < SUBCLUSTERS || end - at >= max || end >= self.size {
+            let n = same.trailing_ones().min(subclusters - first);
+            end += (n as u64) << sc_bits;
+            if first + n < subclusters || end - at >= max || end >= self.size {
                 break;
             }
             let next = self.entry(cluster + 1);
-            if state == State::Data && next.host() != e.host() + cs {
+            if next.compressed() || (state == State::Data && next.host() != e.host() + cs) {
                 break;
             }
             (cluster, e, first) = (cluster + 1, next, 0);
@@ -406,8 +324,28 @@ impl SubclusterLayer {
                 (State::Data, _) => read_file_vectored(&self.file, host, &part)?,
                 (State::Backing, Some(b)) => b.read_vectored(at, &part)?,
                 (State::Zero, _) | (State::Backing, None) => part.iter().for_each(zero),
+                (State::Compressed, _) => self.read_compressed(host, at, &part)?,
             }
             done += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Reads PART (guest offset AT, inside one cluster) from the compressed cluster DESC.
+    fn read_compressed(&mut self, desc: u64, at: u64, part: &[VolatileSlice<'_>]) -> io::Result<()> {
+        if self.inflated.as_ref().is_none_or(|(d, _)| *d != desc) {
+            let mut data = match self.inflated.take() {
+                Some((_, data)) => data,
+                None => vec![0u8; self.cluster_size() as usize].into_boxed_slice(),
+            };
+            compressed::inflate(&self.file, &self.path, desc, self.cluster_bits, &mut data)?;
+            self.inflated = Some((desc, data));
+        }
+        let data = &self.inflated.as_ref().expect("just inflated").1;
+        let mut pos = (at & (self.cluster_size() - 1)) as usize;
+        for s in part {
+            s.copy_from(&data[pos..pos + s.len()]);
+            pos += s.len();
         }
         Ok(())
     }
@@ -419,6 +357,7 @@ impl SubclusterLayer {
             (State::Data, _) => (Extent::Data { file: &self.file, offset: host }, len),
             (State::Backing, Some(b)) => b.extent(at, len)?,
             (State::Zero, _) | (State::Backing, None) => (Extent::Zero, len),
+            (State::Compressed, _) => (Extent::Encoded, len),
         })
     }
 
@@ -433,7 +372,7 @@ impl SubclusterLayer {
         if self.refcounts.is_none() {
             return Err(crate::read_only_error());
         }
-        let (cs, scs) = (self.cluster_size(), self.subcluster_size());
+        let (cs, scs) = (self.cluster_size(), 1u64 << self.subcluster_bits);
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         // Guest data goes out in as few pwritev calls as the host layout allows; the entries
         // change in memory only once all of it is written.
@@ -499,16 +438,17 @@ impl SubclusterLayer {
         rc.write_back(&self.file)?;
         if l2_dirty {
             self.file.sync_data()?;
+            let extended = self.extended();
+            let entry_bytes = if extended { 16 } else { 8 };
             let mut raw = Vec::new();
             for (t, table) in self.l2.iter_mut().enumerate() {
                 let Some(table) = table else { continue };
                 let Some((a, b)) = table.dirty else { continue };
                 raw.clear();
                 for e in (a..b).map(|i| table.entries.get(i)) {
-                    raw.extend_from_slice(&e.desc.to_be_bytes());
-                    raw.extend_from_slice(&e.bitmap.to_be_bytes());
+                    encode(e, extended, &mut raw);
                 }
-                self.file.write_all_at(&raw, self.l1[t] + a as u64 * 16)?;
+                self.file.write_all_at(&raw, self.l1[t] + a as u64 * entry_bytes)?;
                 table.dirty = None;
             }
         }
