@@ -37,14 +37,19 @@ case_a_sandbox_started_from_a_snapshot_continues_it() {
   [ $ok = 1 ]
 }
 
-case_a_corrupt_snapshot_fails_cleanly() {
+# snapshot_of_a_new_sandbox NAME DIR: boots sandbox NAME, snapshots it into DIR, removes it.
+snapshot_of_a_new_sandbox() {
   export EMBER_STATE="$PWD/st"
-  ember run --detach --cold --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
-  ember snapshot orig snap >>out 2>>err
+  ember run --detach --cold --name "$1" >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
+  ember snapshot "$1" "$2" >>out 2>>err
   ok=1
   expect_status 0 || ok=0
-  rm_sb orig
-  [ $ok = 1 ] || return 1
+  rm_sb "$1"
+  [ $ok = 1 ]
+}
+
+case_a_corrupt_snapshot_fails_cleanly() {
+  snapshot_of_a_new_sandbox orig snap || return 1
   cp snap/state state.good
   printf 'X' | dd of=snap/state bs=1 seek=100 conv=notrunc 2>/dev/null
   ember run --detach --from-snapshot snap --name copy >>out 2>err2
@@ -64,13 +69,7 @@ case_a_corrupt_snapshot_fails_cleanly() {
 # answers must have run at least as long as the snapshotted one had (guest.json). A guest.json
 # claiming more than the guest can have stands for a guest that is someone else's state.
 case_a_restore_that_is_not_the_snapshots_continuation_fails_loudly() {
-  export EMBER_STATE="$PWD/st"
-  ember run --detach --cold --name orig >>out 2>>err || { echo "    the sandbox did not start"; return 1; }
-  ember snapshot orig snap >>out 2>>err
-  ok=1
-  expect_status 0 || ok=0
-  rm_sb orig
-  [ $ok = 1 ] || return 1
+  snapshot_of_a_new_sandbox orig snap || return 1
   grep -q '"agent_uptime_ms":[1-9]' snap/guest.json || { echo "    guest.json: $(cat snap/guest.json)"; return 1; }
   ember run --detach --from-snapshot snap --name good >>out 2>>err || { echo "    the honest restore failed"; return 1; }
   rm_sb good
