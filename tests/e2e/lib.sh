@@ -95,6 +95,7 @@ harness_trouble() {
 E2E_REPEAT=1
 E2E_CASE=
 E2E_SHOW=
+E2E_CASE_TIMEOUT=300
 [ ! -f /opt/ember/extra/e2e-options.sh ] || . /opt/ember/extra/e2e-options.sh
 
 run_cases() {
@@ -116,11 +117,37 @@ run_cases() {
     start=$(cut -d' ' -f1 /proc/uptime)
     seen=$(dmesg | wc -l)
     touch .started
-    if (
+    (
       # ember's status is kept for expect_status.
       ember() { command ember "$@"; status=$?; return $status; }
       "$name"
-    ) >case.log 2>&1; then
+    ) >case.log 2>&1 &
+    case_pid=$!
+    # A case that hangs is stopped here, with what was running, rather than by the harness's
+    # overall timeout with nothing said of it.
+    waited=0
+    while kill -0 $case_pid 2>/dev/null && [ $waited -lt "$E2E_CASE_TIMEOUT" ]; do
+      sleep 1
+      waited=$((waited + 1))
+    done
+    hung=
+    if kill -0 $case_pid 2>/dev/null; then
+      hung=1
+      {
+        echo "    the case hung: stopped after $E2E_CASE_TIMEOUT s; what ran then:"
+        { ps -o pid,stat,time,args 2>/dev/null || ps; } | grep -v ' ps' | sed 's/^/      /'
+        for d in "${EMBER_STATE:-$HOME/.local/state/ember}"/sandboxes/* "$dir"/st/sandboxes/*; do
+          [ -d "$d" ] || continue
+          for log in vmm console; do
+            [ -s "$d/$log.log" ] && { echo "    --- $d/$log.log:"; tail -n 10 "$d/$log.log" | sed 's/^/    | /'; }
+          done
+        done
+      } >>case.log 2>&1
+      kill -9 $case_pid 2>/dev/null
+      # Its commands and its sandboxes' VMMs, which would take the next cases' CPU.
+      pkill -9 -f "ember " 2>/dev/null
+    fi
+    if wait $case_pid && [ -z "$hung" ]; then
       result=ok
       passed=$((passed + 1))
     else
@@ -138,6 +165,10 @@ run_cases() {
         [ -f "$f" ] && { echo "    --- $f:"; tail -n 20 "$f" | sed 's/^/    | /'; }
       done
       trouble=$(harness_trouble "$seen" "$dir/.started")
+      # Hangs have been the harness's (its emulated AMD-V under load), never a case's own:
+      # the suite runs once more, and the hang is on record above.
+      [ -z "$hung" ] || trouble="$trouble
+the case hung"
       if [ -n "$trouble" ]; then
         echo "    --- the harness went wrong meanwhile:"
         echo "$trouble" | tail -n 20 | sed 's/^/    | /'
