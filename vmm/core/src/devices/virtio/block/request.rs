@@ -157,14 +157,16 @@ pub fn execute(
         }
     }
     // The status byte is the chain's last writable byte; without one, nothing can be reported.
-    let Some(status_addr) = writable.iter().rev().find(|r| r.len > 0).map(|r| r.addr + r.len - 1) else {
+    let Some(last) = writable.iter().rev().find(|r| r.len > 0) else {
         tracing::warn!("virtio-blk: request without a status byte dropped");
         return Completion { used_len: 0, status: None };
     };
-    if mem.check_address(GuestAddress(status_addr)).is_none() {
-        tracing::warn!("virtio-blk: status byte at {status_addr:#x} is outside guest memory; request dropped");
+    // The guest chose both numbers: a buffer may claim to run past the end of the address space.
+    let status_addr = last.addr.checked_add(last.len - 1);
+    let Some(status_addr) = status_addr.filter(|&a| mem.check_address(GuestAddress(a)).is_some()) else {
+        tracing::warn!("virtio-blk: status byte of a {}-byte buffer at {:#x} is outside guest memory; request dropped", last.len, last.addr);
         return Completion { used_len: 0, status: None };
-    }
+    };
     let result = match order_error {
         Some(e) => Err(e),
         None => run(mem, &readable, &writable, disk, disk_id, limits),

@@ -179,6 +179,9 @@ fn chains_without_a_status_byte_are_dropped() {
     // The status byte itself outside guest memory.
     let beyond = MEM as u64 + 0x1000;
     assert_eq!(run(&m, &mut disk, &[r(HDR, 16), w(beyond, 1)]), Completion { used_len: 0, status: None });
+    // A buffer whose end lies past 2^64: its address plus its length wraps.
+    let wrapping = u64::MAX - 0xff;
+    assert_eq!(run(&m, &mut disk, &[r(HDR, 16), w(wrapping, 0x1000)]), Completion { used_len: 0, status: None });
 }
 
 #[test]
