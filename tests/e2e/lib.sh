@@ -166,7 +166,7 @@ run_cases() {
       done
       trouble=$(harness_trouble "$seen" "$dir/.started")
       # Hangs have been the harness's (its emulated AMD-V under load), never a case's own:
-      # the suite runs once more, and the hang is on record above.
+      # the suite runs again, and the hang is on record above.
       [ -z "$hung" ] || trouble="$trouble
 the case hung"
       if [ -n "$trouble" ]; then
@@ -178,7 +178,7 @@ the case hung"
     cd / && rm -rf "$dir"
   done
   echo "$passed passed, $failed failed"
-  # tests/e2e/run runs such a suite once more.
+  # tests/e2e/run runs such a suite again.
   [ -z "$troubled" ] || echo "e2e: the harness went wrong during:$troubled"
   [ "$failed" = 0 ]
 }
