@@ -238,9 +238,9 @@ impl Store {
     /// taken from now on must resume at least).
     pub(crate) fn agent_uptime_ms(&self, name: &str) -> Result<u64, SandboxError> {
         let socket = self.dir(name).join(VSOCK_SOCKET);
-        let identity_err = |source| SandboxError::AgentUnreachable { name: name.into(), source };
-        let mut agent = agent_client::connect(&socket, agent_protocol::DEFAULT_PORT, Duration::from_secs(10)).map_err(identity_err)?;
-        Ok(agent_client::health(&mut agent).map_err(identity_err)?.uptime_ms)
+        let unreachable = |source| SandboxError::AgentUnreachable { name: name.into(), source };
+        let mut agent = agent_client::connect(&socket, agent_protocol::DEFAULT_PORT, Duration::from_secs(10)).map_err(unreachable)?;
+        Ok(agent_client::health(&mut agent).map_err(unreachable)?.uptime_ms)
     }
 
     /// Runs `f` with sandbox `name`'s VM paused, then resumes it, whatever `f` returned; a

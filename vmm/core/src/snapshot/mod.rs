@@ -151,20 +151,21 @@ fn meta(state: &SnapshotState) -> SnapshotMeta {
 /// Writes the metadata, then the state file: the state's rename is the moment the snapshot
 /// exists, with everything it needs already in place.
 fn write_state(path: &Path, state: &SnapshotState, bytes: &[u8]) -> Result<(), SnapshotError> {
-    let meta_path = meta_path(path);
-    let meta_tmp = temporary(&meta_path);
-    write_synced(&meta_tmp, &meta(state).to_json()).map_err(io_err(&meta_tmp, "write"))?;
-    std::fs::rename(&meta_tmp, &meta_path).map_err(io_err(&meta_path, "rename into place"))?;
-    let tmp = temporary(path);
-    write_synced(&tmp, bytes).map_err(io_err(&tmp, "write"))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))
+    write_into_place(&meta_path(path), &meta(state).to_json())?;
+    write_into_place(path, bytes)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` under a temporary name, synced, then renames them to `path`.
+fn write_into_place(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
+    let tmp = temporary(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().map_err(io_err(&tmp, "write"))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))
 }
 
 /// Reads, verifies and checks the state file at `path`.
