@@ -17,6 +17,8 @@ mount -t tmpfs tmp /tmp
 mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs shm /dev/shm
+# ember puts each VMM in a cgroup of its own (memory.max, cpu.max, pids.max).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null || true
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 
 OUT=/dev/ttyS1

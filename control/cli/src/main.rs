@@ -124,6 +124,21 @@ struct VmmArgs {
     /// The instance id `GET /` reports
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// Jail the VMM in DIR once its API socket is bound: DIR becomes its `/` in new mount,
+    /// ipc, uts and network namespaces, and it runs as --jail-uid/--jail-gid with no
+    /// capabilities (needs root; what control planes started as root do)
+    #[arg(long, value_name = "DIR", requires_all = ["jail_uid", "jail_gid"])]
+    jail: Option<PathBuf>,
+    #[arg(long, value_name = "UID")]
+    jail_uid: Option<u32>,
+    #[arg(long, value_name = "GID")]
+    jail_gid: Option<u32>,
+    /// A host file or directory the jailed VMM sees read-only at the same path (repeatable)
+    #[arg(long, value_name = "PATH")]
+    jail_ro: Vec<PathBuf>,
+    /// The largest file the jailed VMM may write, in bytes
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 40)]
+    jail_max_file_size: u64,
 }
 
 #[derive(Args)]
@@ -198,7 +213,19 @@ fn store() -> anyhow::Result<sandbox::Store> {
     let spares = std::env::var("EMBER_SPARE_VMMS")
         .map_or(Ok(1), |v| v.parse())
         .context("EMBER_SPARE_VMMS must be a number of spare VMMs")?;
-    Ok(sandbox::Store::new(sandbox::Store::default_root(), exe).with_spare_vmms(spares))
+    // Every VMM sees the installation's kernel and images (read-only): spares are started
+    // before anyone knows which they will need.
+    let installed: Vec<PathBuf> = std::env::var_os("EMBER_HOME")
+        .map(PathBuf::from)
+        .into_iter()
+        .flat_map(|home| [home.join("vmlinux"), home.join("images")])
+        .filter(|p| p.exists())
+        .filter_map(|p| std::path::absolute(p).ok())
+        .collect();
+    let jail = sandbox::jails::JailSettings::from_env(installed);
+    let store = sandbox::Store::new(sandbox::Store::default_root(), exe).with_spare_vmms(spares).with_jail(jail);
+    store.check_state_dir()?;
+    Ok(store)
 }
 
 /// What to boot a sandbox from; `image` is `default` or a path.
@@ -295,7 +322,18 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     vmm::vstate::kvm::check_host()?;
     let (sender, channel) = api::channel().context("cannot set up the API channel")?;
-    api::server::start(&args.api_sock, sender)?;
+    let listener = api::server::bind(&args.api_sock)?;
+    if let Some(root) = args.jail {
+        let jail = jail::Jail {
+            root,
+            uid: args.jail_uid.unwrap_or_default(),
+            gid: args.jail_gid.unwrap_or_default(),
+            read_only: args.jail_ro,
+            max_file_size: args.jail_max_file_size,
+        };
+        jail.enter()?;
+    }
+    api::server::spawn(listener, sender)?;
     let outcome = vmm::controller::serve(channel, args.id, started, Box::new(std::io::stdout()));
     let _ = std::fs::remove_file(&args.api_sock);
     let exit = outcome?.exit;
@@ -347,6 +385,10 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    // Whatever the caller's umask: sandboxes, sockets, snapshots and logs are this user's
+    // alone (0700 directories, 0600 files and sockets).
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     // A sandbox's VMM logs to its vmm.log, the one record of what its VM went through when a
     // start or a fork goes wrong: it says more by default than a command on a terminal.

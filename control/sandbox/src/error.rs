@@ -25,6 +25,10 @@ pub enum SandboxError {
     Api(#[from] ApiClientError),
     #[error("the VMM of sandbox {name} exited during start-up ({how}); its log says:\n{log}\nthe guest console's last lines:\n{console}")]
     VmmDied { name: String, how: String, log: String, console: String },
+    #[error("the state directory {path} is not a directory of yours (owner uid {owner}): ember keeps sandboxes only where no other user can reach them; set EMBER_STATE to a directory of your own")]
+    ForeignState { path: PathBuf, owner: u32 },
+    #[error("cannot start the VMM {binary}: {reason}")]
+    Spawn { binary: PathBuf, reason: String },
     #[error("{0} already holds a snapshot")]
     SnapshotExists(PathBuf),
     #[error(transparent)]

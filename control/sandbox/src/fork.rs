@@ -16,6 +16,7 @@ use crate::paths::OVERLAY;
 use crate::record::Record;
 use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
 use crate::error::io;
+use crate::jails::View;
 use crate::names::random_name;
 use crate::{SandboxError, Store};
 use api::client::ApiClient;
@@ -56,7 +57,8 @@ impl Store {
         let agent_ms = self.agent_uptime_ms(parent)?;
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
-        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &dir, &state)) {
+        let view = self.view(parent)?;
+        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &view, &dir, &state)) {
             Ok(f) => f,
             Err(e) => {
                 remove_state(&state);
@@ -102,17 +104,19 @@ impl Store {
 
     /// With the parent paused: its state and frozen memory, then its disk frozen into a layer
     /// with a new overlay on it, which the VMM switches to.
-    fn freeze_paused(&self, api: &ApiClient, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
+    fn freeze_paused(&self, api: &ApiClient, view: &View, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
         // The create flushes the disk first, so the layer holds everything written before.
         let memory: FrozenMemory = api.put_for(
             "/snapshot/create",
             &SnapshotCreateParams {
                 snapshot_type: SnapshotType::Full,
-                snapshot_path: state.display().to_string(),
+                snapshot_path: view.out_path(state),
                 mem_file_path: String::new(),
                 freeze_memory: true,
             },
         )?;
+        view.collect(&api::snapshot_meta::meta_path(state))?;
+        view.collect(state)?;
         let layers = self.layers_dir();
         std::fs::create_dir_all(&layers).map_err(io("cannot create", &layers))?;
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -120,6 +124,9 @@ impl Store {
         let overlay_path = dir.join(OVERLAY);
         std::fs::rename(&overlay_path, &layer).map_err(io("cannot move the sandbox's disk to", &layer))?;
         let switched = overlay::create_over_in_use(&layer, &overlay_path).map_err(SandboxError::from).and_then(|()| {
+            // The parent's jail gets the new overlay at the old path; the old file, a layer
+            // from now on, is left open in the VMM until the switch closes it.
+            view.expose(&overlay_path, true)?;
             let patch = PartialDrive {
                 drive_id: ROOT_DRIVE.into(),
                 path_on_host: Some(overlay_path.display().to_string()),
@@ -131,8 +138,11 @@ impl Store {
             // The VMM still writes the old file (or reopened it at its old path): put it back.
             let _ = std::fs::remove_file(&overlay_path);
             let _ = std::fs::rename(&layer, &overlay_path);
+            let _ = view.expose(&overlay_path, true);
             return Err(e);
         }
+        // Children read the layer; no VMM may write it again.
+        view.seal(&layer)?;
         Ok(Frozen { memory, layer })
     }
 
@@ -187,6 +197,8 @@ mod tests {
             vcpus: 1,
             created: 0,
             vmm_socket: None,
+            jail: None,
+            cgroup: None,
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

@@ -93,6 +93,8 @@ mod tests {
             vcpus: 1,
             created: 1,
             vmm_socket: None,
+            jail: None,
+            cgroup: None,
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

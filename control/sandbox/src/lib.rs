@@ -13,6 +13,7 @@ mod cids;
 mod error;
 mod fork;
 mod identity;
+pub mod jails;
 mod lifecycle;
 mod names;
 pub mod paths;
@@ -76,11 +77,18 @@ pub struct Store {
     vmm_binary: PathBuf,
     /// How many spare VMMs sandbox starts keep (see `spares`).
     spare_vmms: usize,
+    /// How VMMs are jailed; `None`: not at all (this process is not root).
+    jail: Option<jails::JailSettings>,
 }
 
 impl Store {
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary, spare_vmms: 0 }
+        Self { root, vmm_binary, spare_vmms: 0, jail: None }
+    }
+
+    /// Jails the VMMs this store starts as `settings` say.
+    pub fn with_jail(self, settings: Option<jails::JailSettings>) -> Self {
+        Self { jail: settings, ..self }
     }
 
     /// The sandbox's record, if `name` exists.
@@ -99,6 +107,14 @@ impl Store {
     pub fn vsock_socket(&self, name: &str) -> Result<PathBuf, SandboxError> {
         self.record(name)?;
         Ok(self.dir(name).join(VSOCK_SOCKET))
+    }
+
+    /// What sandbox `name`'s VMM sees of the host's files.
+    pub(crate) fn view(&self, name: &str) -> Result<jails::View, SandboxError> {
+        Ok(match self.record(name)?.jail {
+            Some(root) => self.jail_at(&root),
+            None => jails::View::Host,
+        })
     }
 
     pub fn api(&self, name: &str) -> ApiClient {
@@ -175,6 +191,8 @@ mod tests {
                 vcpus: 1,
                 created: 1,
                 vmm_socket: None,
+                jail: None,
+                cgroup: None,
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();

@@ -1,10 +1,11 @@
 //! A sandbox's life: its state directory made, its VMM started, configured and booted through
 //! the API, waited for until its agent answers; paused around a step; stopped and removed.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use api::client::{ApiClient, ApiClientError};
+use api::client::ApiClient;
 use api::models::{
     ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
     VmState, Vsock,
@@ -12,6 +13,7 @@ use api::models::{
 use disk::overlay;
 
 use crate::error::io;
+use crate::jails::View;
 use crate::names::{check_name, is_hidden, random_name};
 use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
 use crate::process::{tail, VmmProcess};
@@ -79,11 +81,12 @@ impl Store {
         overlay::create(&spec.image, &overlay_path)?;
         let cid = self.reserve_cid(name)?;
         let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
-        self.launch(name, dir, shape, spec.ready_timeout, |api| {
+        let kernel = std::path::absolute(&spec.kernel).map_err(io("cannot resolve", &spec.kernel))?;
+        self.launch(name, dir, shape, spec.ready_timeout, std::slice::from_ref(&kernel), |api, view| {
             api.put(
                 "/boot-source",
                 &BootSource {
-                    kernel_image_path: spec.kernel.display().to_string(),
+                    kernel_image_path: kernel.display().to_string(),
                     // Headless: no shell on a console that only goes to a log (ember-init).
                     boot_args: Some(format!(
                         "init=/sbin/ember-init ember_headless{}",
@@ -109,33 +112,44 @@ impl Store {
                     rate_limiter: None,
                 },
             )?;
-            api.put("/vsock", &Vsock { guest_cid: cid, uds_path: dir.join(VSOCK_SOCKET).display().to_string(), vsock_id: None })?;
-            api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart })
+            let uds_path = view.run_path(&dir.join(VSOCK_SOCKET))?;
+            api.put("/vsock", &Vsock { guest_cid: cid, uds_path, vsock_id: None })?;
+            Ok(api.put("/actions", &InstanceActionInfo { action_type: ActionType::InstanceStart })?)
         })
     }
 
     /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
-    /// API, waits until its guest agent answers, and gives the guest its own identity.
+    /// API, waits until its guest agent answers, and gives the guest its own identity. The VMM
+    /// gets the sandbox's overlay (`dir`/disk.qcow2) to write, and reads its backing chain and
+    /// `inputs` (kernel, snapshot files).
     pub(crate) fn launch(
         &self,
         name: &str,
         dir: &Path,
         shape: Shape,
         ready_timeout: Duration,
-        configure: impl FnOnce(&ApiClient) -> Result<(), ApiClientError>,
+        inputs: &[PathBuf],
+        configure: impl FnOnce(&ApiClient, &View) -> Result<(), SandboxError>,
     ) -> Result<Record, SandboxError> {
         let api_socket = dir.join(API_SOCKET);
         let started = Instant::now();
         let resumes_agent_ms = shape.resumes_agent_ms;
-        // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
-        let adopted = if is_hidden(name) { None } else { self.adopt_spare(dir) };
+        let overlay_path = dir.join(OVERLAY);
+        let mut reads: Vec<PathBuf> = overlay::info(&overlay_path)?.into_iter().skip(1).map(|l| l.path).collect();
+        reads.extend(inputs.iter().cloned());
+        let (links, binds) = self.placement(&reads);
+        // A hidden sandbox's VMM must die with this process, which a spare cannot promise; nor
+        // can a spare see files it was not started with.
+        let adopted = if is_hidden(name) || !binds.is_empty() { None } else { self.adopt_spare(dir) };
         let mut vmm = match adopted {
             Some(spare) => {
                 tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
                 VmmProcess::Adopted(spare)
             }
-            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name))?),
+            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name), &binds)?),
         };
+        let (jail, cgroup) = vmm.confinement();
+        let shape_mem_bytes = shape.mem_mib << 20;
         let record = Record {
             name: name.to_string(),
             pid: vmm.pid(),
@@ -148,6 +162,8 @@ impl Store {
                 VmmProcess::Adopted(spare) => Some(spare.started_as.clone()),
                 VmmProcess::Child(_) => None,
             },
+            jail: jail.clone(),
+            cgroup: cgroup.clone(),
         };
         let record_path = dir.join(RECORD);
         let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
@@ -181,10 +197,27 @@ impl Store {
         }
 
         tracing::debug!("sandbox {name}: API socket up {:?} into the start", started.elapsed());
+        let view = match &jail {
+            Some(root) => self.jail_at(root),
+            None => View::Host,
+        };
+        if let Some(cgroup) = &cgroup {
+            jail::cgroup::Cgroup::open(cgroup)
+                .and_then(|c| c.limit(jail::cgroup::Limits { mem_bytes: shape_mem_bytes, vcpus: u64::from(record.vcpus) }))
+                .map_err(|e| SandboxError::Spawn { binary: self.vmm_binary.clone(), reason: e.to_string() })?;
+        }
         let api = ApiClient::new(&api_socket);
-        let metrics = MetricsConfig { metrics_path: dir.join(METRICS).display().to_string() };
-        if let Err(e) = api.put("/metrics", &metrics).and_then(|()| configure(&api)) {
-            return Err(died(&mut vmm).unwrap_or(e.into()));
+        let configured = (|| {
+            view.expose(&overlay_path, true)?;
+            for path in &links {
+                view.expose(path, false)?;
+            }
+            let metrics = MetricsConfig { metrics_path: view.run_path(&dir.join(METRICS))? };
+            api.put("/metrics", &metrics)?;
+            configure(&api, &view)
+        })();
+        if let Err(e) = configured {
+            return Err(died(&mut vmm).unwrap_or(e));
         }
 
         // In short rounds, so that a VMM that dies is noticed at once.
@@ -294,7 +327,38 @@ impl Store {
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
+            self.remove_confinement(record.jail.as_deref(), record.cgroup);
         }
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Removes a dead VMM's jail directory and cgroup.
+    pub(crate) fn remove_confinement(&self, jail: Option<&Path>, cgroup: Option<PathBuf>) {
+        if let Some(jail) = jail.filter(|j| j.starts_with(self.jails_dir())) {
+            let _ = std::fs::remove_dir_all(jail);
+        }
+        if let Some(cgroup) = cgroup.and_then(|c| jail::cgroup::Cgroup::open(&c).ok()) {
+            cgroup.remove();
+        }
+    }
+
+    /// Which of the files a VMM reads are hard-linked into its jail (on the state directory's
+    /// file system, not seen by every VMM already) and which must be bind-mounted when it
+    /// starts (on another file system).
+    fn placement(&self, reads: &[PathBuf]) -> (Vec<PathBuf>, Vec<PathBuf>) {
+        let Some(settings) = &self.jail else { return (Vec::new(), Vec::new()) };
+        let state_dev = std::fs::metadata(self.root.parent().unwrap_or(&self.root)).map(|m| m.dev()).ok();
+        let (mut links, mut binds) = (Vec::new(), Vec::new());
+        for path in reads {
+            if settings.read_only.iter().any(|ro| path.starts_with(ro)) {
+                continue;
+            }
+            if std::fs::metadata(path).map(|m| m.dev()).ok() == state_dev {
+                links.push(path.clone());
+            } else {
+                binds.push(path.clone());
+            }
+        }
+        (links, binds)
     }
 }

@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 
-use crate::Store;
+use crate::error::io;
+use crate::{SandboxError, Store};
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL), less room for the
 /// `_PORT` suffix of guest-initiated vsock connections.
@@ -31,6 +32,25 @@ impl Store {
         base.join("sandboxes")
     }
 
+
+    /// Makes `$EMBER_STATE` (the directory holding `sandboxes/` and the rest) if missing, and
+    /// checks it is this user's alone: owned by them, mode 0700, so that no other local user
+    /// can reach a sandbox's sockets, disks or memory files whatever their modes.
+    pub fn check_state_dir(&self) -> Result<(), SandboxError> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        let state = self.root.parent().unwrap_or(&self.root);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(state).map_err(io("cannot create", state))?;
+        let meta = std::fs::symlink_metadata(state).map_err(io("cannot look at", state))?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if !meta.is_dir() || meta.uid() != me {
+            return Err(SandboxError::ForeignState { path: state.to_path_buf(), owner: meta.uid() });
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700)).map_err(io("cannot make private", state))?;
+        }
+        Ok(())
+    }
 
     /// Sandbox `name`'s state directory.
     pub fn dir(&self, name: &str) -> PathBuf {

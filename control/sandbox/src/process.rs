@@ -1,8 +1,7 @@
 //! A sandbox's VMM process: spawned in a session of its own (or tied to its starter), or a
 //! spare taken over; how it ended, and the tail of its logs for reports.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 
 use crate::error::io;
 use crate::paths::{API_SOCKET, CONSOLE_LOG, VMM_LOG};
@@ -11,31 +10,53 @@ use crate::{record, spares, SandboxError, Store};
 /// A sandbox's VMM process while the sandbox starts: spawned by this process, or a spare
 /// taken over (some earlier ember's child).
 pub(crate) enum VmmProcess {
-    Child(std::process::Child),
+    Child(Spawned),
     Adopted(spares::Adopted),
+}
+
+/// A VMM this process started, with its jail directory and cgroup when it has them.
+pub(crate) struct Spawned {
+    pub process: jail::spawn::Process,
+    pub jail: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
 }
 
 impl VmmProcess {
     pub(crate) fn pid(&self) -> i32 {
         match self {
-            VmmProcess::Child(child) => child.id() as i32,
+            VmmProcess::Child(child) => child.process.id(),
             VmmProcess::Adopted(spare) => spare.pid,
         }
     }
 
     /// How the VMM ended, if it has: a silent death (no log) is told apart from an error
-    /// exit by its signal.
+    /// exit by its signal, and a kill for exceeding its memory limit is named.
     pub(crate) fn exited(&mut self) -> Option<String> {
+        let (how, cgroup) = match self {
+            VmmProcess::Child(child) => (
+                child.process.try_wait().map(|status| {
+                    use std::os::unix::process::ExitStatusExt;
+                    match status.signal() {
+                        Some(signal) => format!("killed by signal {signal}"),
+                        None => status.to_string(),
+                    }
+                }),
+                child.cgroup.as_deref(),
+            ),
+            VmmProcess::Adopted(spare) => (
+                (!record::vmm_serves(spare.pid, &spare.started_as)).then(|| format!("process {} is gone", spare.pid)),
+                spare.cgroup.as_deref(),
+            ),
+        };
+        let oom = cgroup.and_then(|c| jail::cgroup::Cgroup::open(c).ok()).is_some_and(|c| c.oom_killed());
+        how.map(|how| if oom { format!("{how}: it exceeded its memory limit (memory.max of its cgroup)") } else { how })
+    }
+
+    /// Its jail directory and cgroup.
+    pub(crate) fn confinement(&self) -> (Option<PathBuf>, Option<PathBuf>) {
         match self {
-            VmmProcess::Child(child) => child.try_wait().ok().flatten().map(|status| {
-                use std::os::unix::process::ExitStatusExt;
-                match status.signal() {
-                    Some(signal) => format!("killed by signal {signal}"),
-                    None => status.to_string(),
-                }
-            }),
-            VmmProcess::Adopted(spare) => (!record::vmm_serves(spare.pid, &spare.started_as))
-                .then(|| format!("process {} is gone", spare.pid)),
+            VmmProcess::Child(child) => (child.jail.clone(), child.cgroup.clone()),
+            VmmProcess::Adopted(spare) => (spare.jail.clone(), spare.cgroup.clone()),
         }
     }
 }
@@ -51,37 +72,35 @@ impl Store {
     /// Starts a VMM process named `id` serving `dir`/api.sock, its console and log in `dir`;
     /// in its own session, so that it outlives the terminal and the command that started it,
     /// unless `tied` (a hidden sandbox's, that command's scratch): then it dies with this
-    /// process even if that is killed.
-    pub(crate) fn spawn_vmm(&self, id: &str, dir: &Path, tied: bool) -> Result<std::process::Child, SandboxError> {
+    /// process even if that is killed. As root it is jailed (see `jail`), seeing
+    /// `extra_read_only` besides what every VMM sees, in a cgroup of its own where there is a
+    /// writable cgroup v2 hierarchy.
+    pub(crate) fn spawn_vmm(&self, id: &str, dir: &Path, tied: bool, extra_read_only: &[PathBuf]) -> Result<Spawned, SandboxError> {
         let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
         let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
-        let mut command = Command::new(&self.vmm_binary);
-        command
-            .arg("vmm")
-            .arg("--api-sock")
-            .arg(dir.join(API_SOCKET))
-            .arg("--id")
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(log);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: setsid, prctl and getppid are async-signal-safe and touch no memory of the
-        // parent; the error is made without allocating.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                libc::setsid();
-                if tied {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    // The parent may have died before the prctl, unnoticed by it.
-                    if libc::getppid() != parent {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                }
-                Ok(())
-            });
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["vmm".into(), "--api-sock".into(), dir.join(API_SOCKET).into(), "--id".into(), id.into()];
+        let (mut jail_root, mut cgroup) = (None, None);
+        if let Some(settings) = &self.jail {
+            let jail = self.new_jail(settings, id, extra_read_only)?;
+            args.extend(jail.args());
+            jail_root = Some(jail.root);
+            match jail::cgroup::Cgroup::create(id) {
+                Ok(c) => cgroup = Some(c),
+                Err(reason) => tracing::warn!("{id}: the VMM runs without cgroup limits: {reason}"),
+            }
         }
         tracing::debug!("{id}: spawning the VMM");
-        command.spawn().map_err(io("cannot start the VMM", &self.vmm_binary))
+        let process = jail::spawn::spawn(jail::spawn::Spawn {
+            program: &self.vmm_binary,
+            args,
+            stdout: console,
+            stderr: log,
+            new_pid_namespace: self.jail.is_some(),
+            cgroup: cgroup.as_ref().map(|c| c.dir()),
+            tied,
+        })
+        .map_err(|e| SandboxError::Spawn { binary: self.vmm_binary.clone(), reason: e.to_string() })?;
+        Ok(Spawned { process, jail: jail_root, cgroup: cgroup.map(|c| c.path().to_path_buf()) })
     }
 }

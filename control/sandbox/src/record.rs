@@ -25,6 +25,12 @@ pub struct Record {
     /// spare VMM taken over): how the process is recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_socket: Option<PathBuf>,
+    /// The VMM's jail directory (see `jail`), when it is jailed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail: Option<PathBuf>,
+    /// The VMM's cgroup, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Record {
@@ -87,6 +93,8 @@ mod tests {
             vcpus: 1,
             created: 1,
             vmm_socket: None,
+            jail: None,
+            cgroup: None,
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

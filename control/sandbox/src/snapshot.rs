@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::paths::{OVERLAY, VSOCK_SOCKET};
 use crate::record::Record;
 use crate::error::io;
+use crate::jails::View;
 use crate::{SandboxError, Shape, Store};
 use api::client::ApiClient;
 use api::models::{
@@ -65,7 +66,8 @@ impl Store {
         }
         std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
         let agent_ms = self.agent_uptime_ms(name).ok();
-        self.while_paused(name, |api| self.snapshot_paused(api, name, &files, &dir))?;
+        let view = self.view(name)?;
+        self.while_paused(name, |api| self.snapshot_paused(api, name, &view, &files, &dir))?;
         if let Some(agent_uptime_ms) = agent_ms {
             let path = dir.join(GUEST_FILE);
             let json = serde_json::to_vec(&GuestFacts { agent_uptime_ms }).expect("plain numbers serialize");
@@ -74,18 +76,23 @@ impl Store {
         Ok(())
     }
 
-    fn snapshot_paused(&self, api: &ApiClient, name: &str, files: &SnapshotFiles, dir: &Path) -> Result<(), SandboxError> {
+    fn snapshot_paused(&self, api: &ApiClient, name: &str, view: &View, files: &SnapshotFiles, dir: &Path) -> Result<(), SandboxError> {
         // The create flushes the sandbox's disk, so the copy after it holds everything the
         // guest wrote before the pause.
         api.put(
             "/snapshot/create",
             &SnapshotCreateParams {
                 snapshot_type: SnapshotType::Full,
-                snapshot_path: files.state.display().to_string(),
-                mem_file_path: files.memory.display().to_string(),
+                snapshot_path: view.out_path(&files.state),
+                mem_file_path: view.out_path(&files.memory),
                 freeze_memory: false,
             },
         )?;
+        // The memory file first and the state last, as the VMM wrote them: a state file is
+        // never beside a memory file older than itself.
+        view.collect(&files.memory)?;
+        view.collect(&api::snapshot_meta::meta_path(&files.state))?;
+        view.collect(&files.state)?;
         let overlay_path = self.dir(name).join(OVERLAY);
         let frozen = dir.join(SNAPSHOT_DISK);
         std::fs::copy(&overlay_path, &frozen).map_err(io("cannot copy the sandbox's disk to", &frozen))?;
@@ -140,9 +147,13 @@ impl Store {
             cid,
             resumes_agent_ms: source.agent_ms,
         };
-        let uds = sandbox_dir.join(VSOCK_SOCKET);
-        self.launch(name, sandbox_dir, shape, ready_timeout, |api| {
-            api.put(
+        let mut inputs = vec![source.state.to_path_buf()];
+        if !source.memory.starts_with("/proc/") {
+            inputs.push(PathBuf::from(&source.memory));
+        }
+        self.launch(name, sandbox_dir, shape, ready_timeout, &inputs, |api, view| {
+            let uds = view.run_path(&sandbox_dir.join(VSOCK_SOCKET))?;
+            Ok(api.put(
                 "/snapshot/load",
                 &SnapshotLoadParams {
                     snapshot_path: source.state.display().to_string(),
@@ -152,10 +163,10 @@ impl Store {
                     track_dirty_pages: false,
                     resume_vm: true,
                     drive_overrides: vec![DriveOverride { index: 0, path_on_host: overlay_path.display().to_string() }],
-                    vsock_override: Some(VsockOverride { guest_cid: Some(cid), uds_path: Some(uds.display().to_string()) }),
+                    vsock_override: Some(VsockOverride { guest_cid: Some(cid), uds_path: Some(uds) }),
                     mem_layers: source.mem_layers.clone(),
                 },
-            )
+            )?)
         })
     }
 }

@@ -30,6 +30,9 @@ pub(super) struct Adopted {
     pub pid: i32,
     /// The API socket path it was started with (now moved into the sandbox's directory).
     pub started_as: PathBuf,
+    /// Its jail directory and cgroup, if it has them (named by the spare's id).
+    pub jail: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
 }
 
 impl Store {
@@ -59,11 +62,13 @@ impl Store {
                 .try_for_each(|f| std::fs::rename(claimed.join(f), dir.join(f)));
             let _ = std::fs::remove_dir_all(&claimed);
             let started_as = entry.path().join(API_SOCKET);
+            let (jail, cgroup) = self.spare_confinement(&id);
             match moved {
-                Ok(()) => return Some(Adopted { pid, started_as }),
+                Ok(()) => return Some(Adopted { pid, started_as, jail, cgroup }),
                 Err(e) => {
                     tracing::warn!("cannot take over spare VMM {id}: {e}");
                     kill_if_serving(pid, &started_as);
+                    self.remove_confinement(jail.as_deref(), cgroup);
                 }
             }
         }
@@ -135,15 +140,26 @@ impl Store {
             kill_if_serving(pid, &dir.join(API_SOCKET));
         }
         let _ = std::fs::remove_dir_all(&claimed);
+        if let Some(id) = dir.file_name() {
+            let (jail, cgroup) = self.spare_confinement(&id.to_string_lossy());
+            self.remove_confinement(jail.as_deref(), cgroup);
+        }
+    }
+
+    /// The jail directory and cgroup spare `id` was started with, those that exist.
+    fn spare_confinement(&self, id: &str) -> (Option<PathBuf>, Option<PathBuf>) {
+        let jail = Some(self.jails_dir().join(id)).filter(|p| p.is_dir());
+        let cgroup = Some(jail::cgroup::parent().join(id)).filter(|p| p.is_dir());
+        (jail, cgroup)
     }
 
     fn start_spare(&self, spares: &Path) -> Result<(), SandboxError> {
         let id = format!("spare-{}", random_hex());
         let dir = spares.join(&id);
         std::fs::create_dir(&dir).map_err(io("cannot create", &dir))?;
-        let child = self.spawn_vmm(&id, &dir, false)?;
+        let child = self.spawn_vmm(&id, &dir, false, &[])?;
         let pid_path = dir.join(PID_FILE);
-        std::fs::write(&pid_path, child.id().to_string()).map_err(io("cannot write", &pid_path))
+        std::fs::write(&pid_path, child.process.id().to_string()).map_err(io("cannot write", &pid_path))
     }
 }
 

@@ -36,12 +36,23 @@ pub enum ServerError {
 
 /// Starts serving the API on a new Unix socket at `path`.
 pub fn start(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
+    spawn(bind(path)?, sender)
+}
+
+/// Makes the API's socket at `path`: a VMM that jails itself binds it first, at the path the
+/// control plane knows, and serves it from inside the jail.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     if path.symlink_metadata().is_ok() {
         return Err(ServerError::Exists { path: path.to_path_buf() });
     }
     let bind = |e: std::io::Error| ServerError::Bind { path: path.to_path_buf(), reason: e.to_string() };
     let listener = UnixListener::bind(path).map_err(bind)?;
     listener.set_nonblocking(true).map_err(bind)?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` in a thread of its own.
+pub fn spawn(listener: UnixListener, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
     std::thread::Builder::new()
         .name("ember-api".into())
         .spawn(move || serve(listener, sender))

@@ -39,7 +39,7 @@ impl Jail {
         for device in DEVICES {
             let device = Path::new(device);
             if device.exists() {
-                self.bind(device, libc::MS_NOSUID | libc::MS_NOEXEC)?;
+                self.make_device(device)?;
             }
         }
         // /proc/self/pagemap finds a restored VM's written pages when it is frozen for a fork.
@@ -82,6 +82,25 @@ impl Jail {
         let what = format!("bind {} into the jail", path.display());
         mount(Some(path), &target, None, libc::MS_BIND | libc::MS_REC, &what)?;
         mount(None, &target, None, libc::MS_BIND | libc::MS_REMOUNT | flags, &what)
+    }
+
+    /// Makes a device node inside the jail like the host's `device` (same numbers), for the
+    /// jail uid alone: the host's node is usually root's only, and a bind mount would share it.
+    fn make_device(&self, device: &Path) -> Result<(), JailError> {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(device).map_err(step(format!("look at {}", device.display())))?.rdev();
+        let target = self.host_path(device);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(step(format!("create {}", parent.display())))?;
+        }
+        let _ = std::fs::remove_file(&target);
+        let target_c = cstring(&target)?;
+        let what = format!("make the device node {}", target.display());
+        // SAFETY: mknod and chown with a valid NUL-terminated path.
+        unsafe {
+            check(libc::mknod(target_c.as_ptr(), libc::S_IFCHR | 0o600, rdev), &what)?;
+            check(libc::chown(target_c.as_ptr(), self.uid, self.gid), &what)
+        }
     }
 
     /// Makes the jail directory `/`. pivot_root cannot leave the initial ramfs (a host booted
@@ -237,6 +256,7 @@ mod tests {
             println!("write to it: {}", std::fs::write(&ro, "x").is_ok());
             let procs = std::fs::read_dir("/proc").unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().parse::<u32>().is_ok()).count();
             println!("processes: {procs}");
+            println!("kvm opens: {}", std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok());
             println!("no_new_privs: {}", std::fs::read_to_string("/proc/thread-self/status").unwrap().lines().any(|l| l == "NoNewPrivs:\t1"));
             return;
         }
@@ -269,6 +289,9 @@ mod tests {
         assert!(stdout.contains("write to it: false"), "the read-only bind mount was writable: {stdout}");
         assert!(stdout.contains("processes: 1\n"), "other processes are visible: {stdout}");
         assert!(stdout.contains("no_new_privs: true"), "{stdout}");
+        if !dev.is_empty() {
+            assert!(stdout.contains("kvm opens: true"), "the jail's /dev/kvm is not the jail user's: {stdout}");
+        }
         assert_eq!(std::fs::read_to_string(&ro).unwrap(), "base image\n", "the host file changed");
     }
 }

@@ -1,0 +1,277 @@
+//! The control plane's side of VMM jails (the `jail` crate: what a VMM does to itself).
+//!
+//! Each VMM started as root gets `$EMBER_STATE/jails/<id>/`, which becomes its `/`. What it
+//! must read appears there at the path it has on the host (so a qcow2 layer's backing file
+//! name resolves inside as outside): the installation's kernel and images as read-only bind
+//! mounts made when the VMM starts, everything of `$EMBER_STATE` (templates, frozen layers,
+//! its own overlay) hard-linked in by the control plane when needed — by file descriptor, so
+//! the inode checked is the inode linked. The VMM writes only to jail-local `/run` (its
+//! sockets and metrics, reached from the sandbox's directory through symlinks) and `/out`
+//! (snapshot files, moved out by the control plane, again by descriptor, after checking the VMM
+//! made them: a jailed VMM cannot plant a link that makes the control plane touch a host file).
+//!
+//! Files the VMM only reads are the user's, group the jail gid, mode 0640: `$EMBER_STATE` is
+//! 0700, so no other local user reaches them; the VMM's own overlay is the jail uid's, 0600.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::io;
+use crate::names::random_hex;
+use crate::{SandboxError, Store};
+
+/// Where a jailed VMM's sockets and metrics are, in its own view.
+pub(crate) const RUN_DIR: &str = "/run";
+/// Where a jailed VMM writes snapshot files, in its own view.
+pub(crate) const OUT_DIR: &str = "/out";
+
+/// How the control plane jails the VMMs it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSettings {
+    pub uid: u32,
+    pub gid: u32,
+    /// Host paths (the installation's kernel and images) every VMM sees read-only.
+    pub read_only: Vec<PathBuf>,
+}
+
+impl JailSettings {
+    /// The default jail: uid and gid `EMBER_JAIL_UID`/`EMBER_JAIL_GID` (60000), when this
+    /// process is root and `EMBER_JAIL` is not `off`. `None` otherwise: the VMMs then run as
+    /// the caller, confined by their seccomp filters alone.
+    pub fn from_env(read_only: Vec<PathBuf>) -> Option<JailSettings> {
+        if !jail::privileged() || std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") {
+            return None;
+        }
+        let id = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&v: &u32| v != 0).unwrap_or(60000);
+        Some(JailSettings { uid: id("EMBER_JAIL_UID"), gid: id("EMBER_JAIL_GID"), read_only })
+    }
+}
+
+/// One VMM's jail directory, as the host sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct VmmJail {
+    pub root: PathBuf,
+    uid: u32,
+    gid: u32,
+}
+
+/// What a VMM sees of the host's files: all of them (not jailed) or its jail.
+#[derive(Debug, Clone)]
+pub(crate) enum View {
+    Host,
+    Jailed(VmmJail),
+}
+
+impl Store {
+    pub(crate) fn jails_dir(&self) -> PathBuf {
+        self.root.with_file_name("jails")
+    }
+
+    /// Makes the jail directory of a new VMM `id`, with the jail settings and the extra
+    /// read-only paths it must see.
+    pub(crate) fn new_jail(&self, settings: &JailSettings, id: &str, extra_read_only: &[PathBuf]) -> Result<jail::Jail, SandboxError> {
+        let jails = self.jails_dir();
+        std::fs::create_dir_all(&jails).map_err(io("cannot create", &jails))?;
+        let root = jails.join(id);
+        std::fs::create_dir(&root).map_err(io("cannot create", &root))?;
+        // The VMM may look into its root but change nothing there beside /run and /out.
+        set_mode(&root, 0o711)?;
+        for (dir, mode) in [(RUN_DIR, 0o700), (OUT_DIR, 0o700)] {
+            let path = root.join(&dir[1..]);
+            std::fs::create_dir(&path).map_err(io("cannot create", &path))?;
+            set_mode(&path, mode)?;
+            chown(&path, settings.uid, settings.gid)?;
+        }
+        let mut read_only = settings.read_only.clone();
+        read_only.extend(extra_read_only.iter().cloned());
+        Ok(jail::Jail {
+            root,
+            uid: settings.uid,
+            gid: settings.gid,
+            read_only,
+            // Its overlay grows to the disk's size at most, a snapshot's memory file to RAM's.
+            max_file_size: 1 << 40,
+        })
+    }
+
+    /// The jail of the VMM whose jail directory is `root`.
+    pub(crate) fn jail_at(&self, root: &Path) -> View {
+        match &self.jail {
+            Some(s) => View::Jailed(VmmJail { root: root.to_path_buf(), uid: s.uid, gid: s.gid }),
+            None => View::Host,
+        }
+    }
+}
+
+impl View {
+    /// Makes host file `path` (on the state directory's file system) readable by the VMM at
+    /// the same path; `writable` for the VMM's own overlay.
+    pub fn expose(&self, path: &Path, writable: bool) -> Result<(), SandboxError> {
+        let View::Jailed(jail) = self else { return Ok(()) };
+        let file = open_regular(path)?;
+        if writable {
+            fchown(&file, path, jail.uid, jail.gid)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io("cannot set the mode of", path))?;
+        } else {
+            let owner = file.metadata().map_err(io("cannot look at", path))?.uid();
+            fchown(&file, path, owner, jail.gid)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", path))?;
+        }
+        let target = jail.root.join(path.strip_prefix("/").unwrap_or(path));
+        let parent = target.parent().expect("a jail path has a parent");
+        make_dirs(&jail.root, parent)?;
+        // Linked under a fresh name and renamed over the old link: a fork's parent switches
+        // to its new overlay at the same path.
+        let staged = parent.join(format!(".ember-{}", random_hex()));
+        link_fd(&file, &staged)?;
+        std::fs::rename(&staged, &target).map_err(|e| {
+            let _ = std::fs::remove_file(&staged);
+            io("cannot link into the VMM's jail", &target)(e)
+        })
+    }
+
+    /// Makes a file the VMM wrote read-only for every VMM from now on (a fork parent's old
+    /// overlay, a layer now): the user's again, group-readable by VMMs.
+    pub fn seal(&self, host_path: &Path) -> Result<(), SandboxError> {
+        let View::Jailed(jail) = self else { return Ok(()) };
+        let file = open_regular(host_path)?;
+        // SAFETY: geteuid has no preconditions.
+        fchown(&file, host_path, unsafe { libc::geteuid() }, jail.gid)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", host_path))
+    }
+
+    /// The path the VMM is to use for its socket or metrics file named `name`; with a jail,
+    /// `host_path` becomes a symlink to where it is.
+    pub fn run_path(&self, host_path: &Path) -> Result<String, SandboxError> {
+        let View::Jailed(jail) = self else { return Ok(host_path.display().to_string()) };
+        let name = host_path.file_name().expect("a file name");
+        let inside = jail.root.join(&RUN_DIR[1..]).join(name);
+        let _ = std::fs::remove_file(host_path);
+        std::os::unix::fs::symlink(&inside, host_path).map_err(io("cannot link", host_path))?;
+        Ok(Path::new(RUN_DIR).join(name).display().to_string())
+    }
+
+    /// The path the VMM is to write snapshot file `host_path` at: `/out/NAME` in a jail.
+    pub fn out_path(&self, host_path: &Path) -> String {
+        match self {
+            View::Host => host_path.display().to_string(),
+            View::Jailed(_) => Path::new(OUT_DIR).join(host_path.file_name().expect("a file name")).display().to_string(),
+        }
+    }
+
+    /// Moves the file the VMM wrote for `host_path` (see [`View::out_path`]) to `host_path`,
+    /// the user's, readable by VMMs (mode 0640, group the jail gid), once it is checked to be a
+    /// plain file the VMM made.
+    pub fn collect(&self, host_path: &Path) -> Result<(), SandboxError> {
+        let View::Jailed(jail) = self else { return Ok(()) };
+        let written = jail.root.join(&OUT_DIR[1..]).join(host_path.file_name().expect("a file name"));
+        let file = open_regular(&written)?;
+        let meta = file.metadata().map_err(io("cannot look at", &written))?;
+        if meta.uid() != jail.uid || meta.nlink() != 1 {
+            return Err(SandboxError::Io {
+                what: "the VMM did not make",
+                path: written,
+                source: std::io::Error::other("not a file of its own"),
+            });
+        }
+        // SAFETY: geteuid has no preconditions.
+        fchown(&file, &written, unsafe { libc::geteuid() }, jail.gid)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", &written))?;
+        let _ = std::fs::remove_file(host_path);
+        match link_fd(&file, host_path) {
+            Ok(()) => {}
+            Err(SandboxError::Io { source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {
+                copy_sparse(&file, host_path)?;
+            }
+            Err(e) => return Err(e),
+        }
+        std::fs::remove_file(&written).map_err(io("cannot remove", &written))
+    }
+}
+
+/// Opens `path` without following a final symlink and without blocking on a FIFO; anything
+/// but a regular file is refused.
+fn open_regular(path: &Path) -> Result<File, SandboxError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("cannot open", path))?;
+    let meta = file.metadata().map_err(io("cannot look at", path))?;
+    if !meta.file_type().is_file() {
+        return Err(SandboxError::Io { what: "not a regular file:", path: path.into(), source: std::io::Error::other("refused") });
+    }
+    Ok(file)
+}
+
+/// Links the open file at `target` (`linkat` of the descriptor: the inode opened and checked,
+/// whatever the path names by now).
+fn link_fd(file: &File, target: &Path) -> Result<(), SandboxError> {
+    let target_c = CString::new(target.as_os_str().as_bytes()).map_err(|_| io("bad path", target)(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: linkat with a valid fd, an empty path and a NUL-terminated target.
+    let rc = unsafe { libc::linkat(file.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), libc::AT_EMPTY_PATH) };
+    match rc {
+        0 => Ok(()),
+        _ => Err(io("cannot link", target)(std::io::Error::last_os_error())),
+    }
+}
+
+/// Copies `file` to a new file `target`, leaving holes as holes (a snapshot's memory file is
+/// mostly holes).
+fn copy_sparse(file: &File, target: &Path) -> Result<(), SandboxError> {
+    use std::os::unix::fs::FileExt;
+    let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(target).map_err(io("cannot create", target))?;
+    let len = file.metadata().map_err(io("cannot look at", target))?.len();
+    out.set_len(len).map_err(io("cannot size", target))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    while offset < len {
+        // SAFETY: lseek on a valid fd.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: lseek on a valid fd.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data) as u64;
+        let mut at = data as u64;
+        while at < hole {
+            let n = (hole - at).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], at).map_err(io("cannot read for", target))?;
+            out.write_all_at(&buf[..n], at).map_err(io("cannot write", target))?;
+            at += n as u64;
+        }
+        offset = hole;
+    }
+    out.sync_all().map_err(io("cannot sync", target))
+}
+
+/// Creates `dir` and its missing parents under `root`, owned by root, mode 0711: the VMM can
+/// pass through them to the files linked in, list and change nothing.
+fn make_dirs(root: &Path, dir: &Path) -> Result<(), SandboxError> {
+    let mut at = root.to_path_buf();
+    for part in dir.strip_prefix(root).unwrap_or(dir).components() {
+        at.push(part);
+        match std::fs::create_dir(&at) {
+            Ok(()) => set_mode(&at, 0o711)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io("cannot create", &at)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), SandboxError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io("cannot set the mode of", path))
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(io("cannot change the owner of", path))
+}
+
+fn fchown(file: &File, path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(io("cannot change the owner of", path))
+}
