@@ -22,6 +22,10 @@ impl Jail {
                 return Err(JailError::Relative { path: path.clone() });
             }
         }
+        // Mount points and their parents are made root's, and must be passable by the jail
+        // user (0755); the VMM's own files are made private at the end.
+        // SAFETY: umask only changes this process's file creation mask.
+        unsafe { libc::umask(0o022) };
         // The pid namespace came from the spawner (a process cannot move itself into one);
         // the others are cheaper made here, and made even when `ember vmm --jail` is started
         // by hand, so that the host's mount table is never what this changes.
