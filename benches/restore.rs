@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VcpuExit;
 use vmm::builder::build;
 use vmm::config::{DriveConfig, VmConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotFiles};
+use vmm::snapshot::{self, MemoryFiles, Overrides, SnapshotFiles};
 use vmm::Vmm;
 use vmm_sys_util::tempdir::TempDir;
 
@@ -92,10 +92,11 @@ fn main() {
         steps.prepare.push(p0.elapsed());
         let t0 = Instant::now();
         let state = snapshot::read_state(&snap.state).unwrap();
+        snapshot::check_limits(&state, prepared.max_vcpus()).unwrap();
         let t1 = Instant::now();
         let devices = snapshot::open_devices(&state, &overrides).unwrap();
         let t2 = Instant::now();
-        let ram = snapshot::map_memory(&snap.memory, &[], &state).unwrap();
+        let ram = snapshot::map_memory(MemoryFiles::Path(snap.memory.clone()), &state).unwrap();
         let t3 = Instant::now();
         let mut vm = Vmm::restore(prepared, &state, ram, devices, Box::new(std::io::sink())).unwrap();
         let t4 = Instant::now();

@@ -21,7 +21,7 @@ mod common;
 
 use common::{elf, env};
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use api::client::ApiClient;
 use api::models::{
-    DriveOverride, MemBackend, MemBackendType, MetricsConfig, SnapshotLoadParams, VsockOverride,
+    DriveOverride, MetricsConfig, SnapshotLoadParams, VsockOverride,
 };
 use vmm::arch::x86_64::layout::VIRTIO_MMIO_START;
 use vmm::builder::build;
@@ -308,20 +308,24 @@ fn main() {
     }
     let api = ApiClient::new(&api_sock);
     api.put("/metrics", &MetricsConfig { metrics_path: dir.join("metrics.json").display().to_string() }).unwrap();
-    let mem_path = format!("/proc/{}/fd/{}", std::process::id(), memory.as_raw_fd());
-    api.put(
+    api.put_with_fds(
         "/snapshot/load",
         &SnapshotLoadParams {
             snapshot_path: state.display().to_string(),
-            mem_backend: Some(MemBackend { backend_type: MemBackendType::File, backend_path: mem_path }),
+            mem_backend: None,
             mem_file_path: None,
             enable_diff_snapshots: false,
             track_dirty_pages: false,
             resume_vm: true,
-            drive_overrides: vec![DriveOverride { index: 0, path_on_host: child_disk.display().to_string() }],
+            drive_overrides: vec![DriveOverride {
+                index: 0,
+                path_on_host: child_disk.display().to_string(),
+                is_read_only: Some(false),
+            }],
             vsock_override: Some(VsockOverride { guest_cid: Some(4), uds_path: Some(dir.join("vsock.sock").display().to_string()) }),
-            mem_layers: Vec::new(),
+            mem_fds: Some(1),
         },
+        &[memory.as_fd()],
     )
     .unwrap();
     std::thread::sleep(idle);

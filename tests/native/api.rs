@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -77,8 +78,18 @@ fn configure_start_pause_resume_through_the_api_socket() {
     api.put("/boot-source", &boot).unwrap();
     api.put("/machine-config", &MachineConfig { vcpu_count: 1, mem_size_mib: 32, ..Default::default() }).unwrap();
     assert_eq!(api.get::<MachineConfig>("/machine-config").unwrap().mem_size_mib, 32);
+    // Metrics only in the VMM's own directory, the one holding its API socket.
+    let elsewhere = Guest::new();
+    let outside = MetricsConfig { metrics_path: elsewhere.dir.as_path().join("metrics.json").display().to_string() };
+    let message = fault(api.put("/metrics", &outside));
+    assert!(message.contains("VMM's own directory") && message.contains(&g.dir.as_path().display().to_string()), "{message}");
+    assert!(!elsewhere.dir.as_path().join("metrics.json").exists());
+    let metrics = g.dir.as_path().join("metrics.json");
+    api.put("/metrics", &MetricsConfig { metrics_path: metrics.display().to_string() }).unwrap();
 
     api.put("/actions", &start).unwrap();
+    api.put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics }).unwrap();
+    assert!(std::fs::read_to_string(&metrics).unwrap().contains("\"exits\""));
     assert_eq!(state(&api), InstanceState::Running);
     assert!(fault(api.put("/boot-source", &boot)).contains("not supported after starting"));
     assert!(fault(api.put("/actions", &start)).contains("already running"));
@@ -159,7 +170,7 @@ fn load_params(state: &std::path::Path, memory: &std::path::Path, resume_vm: boo
         resume_vm,
         drive_overrides: Vec::new(),
         vsock_override: None,
-        mem_layers: Vec::new(),
+        mem_fds: None,
     }
 }
 
@@ -203,6 +214,22 @@ fn a_snapshot_taken_through_the_api_continues_in_another_vmm() {
     assert!(fault(api.put("/snapshot/load", &load_params(&state_file, &mem_file, true))).contains("not allowed"));
     assert_eq!(vmm.join().unwrap().unwrap().exit, GuestExit::Reset);
     assert_eq!(len(&console), TICKS as usize - at_pause, "the restored guest continues, it does not restart");
+
+    // A state declaring 1 TiB of RAM (with a sparse memory file to match) is refused before
+    // anything is mapped.
+    let mut huge = vmm::snapshot::read_state(&state_file).unwrap();
+    huge.mem_size = 1 << 40;
+    let (huge_state, huge_mem) = (g.dir.as_path().join("snap/huge.state"), g.dir.as_path().join("snap/huge.mem"));
+    std::fs::write(&huge_state, vmm::snapshot::format::encode(&huge).unwrap()).unwrap();
+    std::fs::File::create(&huge_mem).unwrap().set_len(1 << 40).unwrap();
+    let (api, _, _vmm) = spawn_vmm(&g.dir.as_path().join("h.sock"), "h");
+    let message = fault(api.put("/snapshot/load", &load_params(&huge_state, &huge_mem, true)));
+    assert!(message.contains("1048576 MiB of memory, more than this host's"), "{message}");
+    // A memory file that does not match the state's size is refused too.
+    let small_mem = g.file("snap/small.mem", &[0u8; 4096]);
+    let message = fault(api.put("/snapshot/load", &load_params(&state_file, &small_mem, true)));
+    assert!(message.contains("is 4096 bytes, the snapshot's guest has 33554432"), "{message}");
+    assert_eq!(state(&api), InstanceState::NotStarted);
 
     // A corrupt state file is refused, naming the problem, and the VMM can still load.
     let corrupt = g.dir.as_path().join("snap/corrupt.state");
@@ -272,9 +299,8 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
         mem_file_path: String::new(),
         freeze_memory: true,
     };
-    let frozen: FrozenMemory = api.put_for("/snapshot/create", &freeze).unwrap();
-    assert!(frozen.mem_file_path.starts_with("/proc/"), "{frozen:?}");
-    assert!(frozen.mem_layers.is_empty(), "a cold-booted VM's memfd freezes in place");
+    let (frozen, memory): (FrozenMemory, _) = api.put_for_with_fds("/snapshot/create", &freeze, &[]).unwrap();
+    assert_eq!((frozen.mem_fds, memory.len()), (1, 1), "a cold-booted VM's memfd freezes in place, no layers");
     // The disk: the raw file becomes the base of a new overlay, which the VM switches to.
     let overlay = g.dir.as_path().join("top.qcow2");
     disk::overlay::create_over_in_use(&disk, &overlay).unwrap();
@@ -290,9 +316,21 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
 
     // A child maps the frozen memory (while the parent runs on) and continues from the pause.
     let (child_api, child_console, child) = spawn_vmm(&g.dir.as_path().join("c.sock"), "c");
-    let mut load = load_params(&state_file, std::path::Path::new(&frozen.mem_file_path), true);
-    load.drive_overrides = vec![DriveOverride { index: 0, path_on_host: g.dir.as_path().join("child.qcow2").display().to_string() }];
-    child_api.put("/snapshot/load", &load).unwrap();
+    let mut load = load_params(&state_file, std::path::Path::new("unused"), true);
+    (load.mem_backend, load.mem_fds) = (None, Some(1));
+    let fds: Vec<_> = memory.iter().map(AsFd::as_fd).collect();
+    // A state file names no host files: a load without the drive's override is refused.
+    let message = fault(child_api.put_with_fds("/snapshot/load", &load, &fds));
+    assert!(message.contains("drive 0 (rootfs) has no drive override") && message.contains("no host paths"), "{message}");
+    let message = fault(child_api.put_with_fds("/snapshot/load", &load, &[]));
+    assert!(message.contains("mem_fds is 1, but 0 file descriptors came"), "{message}");
+    load.drive_overrides = vec![DriveOverride {
+        index: 0,
+        path_on_host: g.dir.as_path().join("child.qcow2").display().to_string(),
+        is_read_only: Some(false),
+    }];
+    child_api.put_with_fds("/snapshot/load", &load, &fds).unwrap();
+    drop(memory);
     assert_eq!(parent.join().unwrap().unwrap().exit, GuestExit::Reset);
     assert_eq!(len(&console), TICKS as usize, "the parent finishes, every tick once");
     assert_eq!(child.join().unwrap().unwrap().exit, GuestExit::Reset);

@@ -11,7 +11,7 @@ use common::{config, elf, Console, Guest, LOAD_ADDR};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::builder::build;
 use vmm::config::{DriveConfig, VsockConfig};
-use vmm::snapshot::{self, Overrides, SnapshotFiles, MEMORY_FILE};
+use vmm::snapshot::{self, DriveOverride, Overrides, SnapshotFiles, MEMORY_FILE};
 use vmm::vstate::vcpu::Vcpu;
 use vmm::vstate::vm::VmState;
 use vmm::Vmm;
@@ -71,6 +71,17 @@ fn counting_vm(g: &Guest, vcpus: u8) -> Vmm {
     build(&cfg, Box::new(Console::default())).expect("VM builds")
 }
 
+/// A disk and vsock socket of its own for a VM restored from `counting_vm`'s snapshot (a state
+/// file names no host files).
+fn own_devices(g: &Guest, name: &str) -> Overrides {
+    let disk = g.file(&format!("disk-{name}.raw"), &vec![0u8; 1 << 20]);
+    Overrides {
+        drives: [(0, DriveOverride { path: disk, read_only: Some(false) })].into(),
+        vsock_uds: Some(g.dir.as_path().join(format!("{name}.sock"))),
+        vsock_cid: None,
+    }
+}
+
 fn take_snapshot(vm: &Vmm, dir: &Path) -> snapshot::SnapshotInfo {
     let vcpus = vm.save_vcpus().expect("vCPU states read");
     vm.snapshot(&SnapshotFiles::in_dir(dir), vcpus).expect("snapshot written")
@@ -99,12 +110,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
     // The original goes on; nothing it does reaches the snapshot.
     run_steps(&mut original.vcpus_mut()[0], 3);
 
-    let disk_a = g.file("disk-a.raw", &vec![0u8; 1 << 20]);
-    let overrides_a = Overrides {
-        drives: [(0, disk_a)].into(),
-        vsock_uds: Some(g.dir.as_path().join("a.sock")),
-        vsock_cid: Some(7),
-    };
+    let overrides_a = Overrides { vsock_cid: Some(7), ..own_devices(&g, "a") };
     let mut a = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_a, Box::new(Console::default())).expect("restore A");
     assert_eq!(a.vcpus().len(), 2);
     let after_a = run_steps(&mut a.vcpus_mut()[0], 4);
@@ -112,11 +118,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
 
     // B restores from the same files while A is alive: A's writes are A's own.
     // The original still holds its disk's write lock, so B gets its own disk too.
-    let overrides_b = Overrides {
-        drives: [(0, g.file("disk-b.raw", &vec![0u8; 1 << 20]))].into(),
-        vsock_uds: Some(g.dir.as_path().join("b.sock")),
-        vsock_cid: None,
-    };
+    let overrides_b = own_devices(&g, "b");
     let mut b = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_b, Box::new(Console::default())).expect("restore B");
     let after_b = run_steps(&mut b.vcpus_mut()[0], 2);
     assert_eq!(after_b, vec![(reg_at + 1, mem_at + 1), (reg_at + 2, mem_at + 2)], "B starts where the snapshot did");
@@ -145,11 +147,7 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
     take_snapshot(&original, &snap);
     let saved = snapshot::read_state(&snap.join(snapshot::STATE_FILE)).unwrap();
 
-    let overrides = Overrides {
-        drives: [(0, g.file("disk-r.raw", &vec![0u8; 1 << 20]))].into(),
-        vsock_uds: Some(g.dir.as_path().join("r.sock")),
-        vsock_cid: None,
-    };
+    let overrides = own_devices(&g, "r");
     let restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides, Box::new(Console::default())).unwrap();
     for (index, vcpu) in restored.vcpus().iter().enumerate() {
         let (before, after) = (&saved.vcpus[index], vcpu.save_state().unwrap());
@@ -209,7 +207,7 @@ fn a_restored_guest_finds_its_tsc_and_kvmclock_as_far_apart_as_they_were() {
     drop(original);
     std::thread::sleep(std::time::Duration::from_millis(50));
 
-    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &Overrides::default(), Box::new(Console::default())).unwrap();
+    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "r"), Box::new(Console::default())).unwrap();
     let (after, _) = tsc_minus_kvmclock(&mut restored);
     // Linux's watchdog marks the TSC unstable past about 0.5 ms; allow 0.2 ms for the reads.
     let drift_us = (after - before).abs() * 1000 / khz as i128;
@@ -225,13 +223,13 @@ fn a_snapshot_of_a_restored_vm_carries_its_own_writes() {
     take_snapshot(&original, &first);
     drop(original);
 
-    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &Overrides::default(), Box::new(Console::default())).unwrap();
+    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &own_devices(&g, "r1"), Box::new(Console::default())).unwrap();
     let (_, mem_at) = *run_steps(&mut restored.vcpus_mut()[0], 3).last().unwrap();
     let second = g.dir.as_path().join("second");
     take_snapshot(&restored, &second);
     drop(restored);
 
-    let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &Overrides::default(), Box::new(Console::default())).unwrap();
+    let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &own_devices(&g, "r2"), Box::new(Console::default())).unwrap();
     assert_eq!(run_steps(&mut again.vcpus_mut()[0], 1)[0].1, mem_at + 1);
 }
 
@@ -248,9 +246,9 @@ fn a_corrupt_state_file_is_refused_before_any_vm_exists() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&state_path, &bytes).unwrap();
-    let err = snapshot::restore(&SnapshotFiles::in_dir(&snap), &Overrides::default(), Box::new(Console::default())).err().unwrap();
+    let err = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "c"), Box::new(Console::default())).err().unwrap();
     assert_eq!(err.to_string(), format!("state file {} is corrupt: checksum mismatch", state_path.display()));
-    assert!(!g.dir.as_path().join("vsock.sock").exists(), "nothing was opened");
+    assert!(!g.dir.as_path().join("c.sock").exists(), "nothing was opened");
 }
 
 /// Closes the pause gate from inside the guest's port read, so the vCPU thread meets the

@@ -322,7 +322,7 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     vmm::vstate::kvm::check_host()?;
     let (sender, channel) = api::channel().context("cannot set up the API channel")?;
-    let listener = api::server::bind(&args.api_sock)?;
+    let listener = api::server::bind(&args.api_sock, &sender)?;
     if let Some(root) = args.jail {
         let jail = jail::Jail {
             root,

@@ -37,6 +37,8 @@ pub enum SandboxError {
     NotRunning(String),
     #[error("a thread starting a forked sandbox panicked")]
     ForkPanicked,
+    #[error("sandbox {name}: its VMM froze its memory into {said} files but passed {got} file descriptors")]
+    FrozenFds { name: String, said: usize, got: usize },
     #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
     NotReady { name: String, what: &'static str, secs: u64, console: String },
     #[error("sandbox {name}: its guest agent does not answer: {source}")]

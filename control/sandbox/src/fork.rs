@@ -5,16 +5,18 @@
 //! RAM in place (no copy: see `vstate::freeze`), and its overlay becomes a read-only layer
 //! under `$EMBER_STATE/layers/` with a fresh overlay on top that the VMM switches to (PATCH
 //! /drives/rootfs). Then the parent resumes, and each child is a new VMM that loads the state,
-//! maps the frozen memory through the parent VMM's /proc/PID/fd links (so the parent must be
-//! alive while children start; once mapped, a child holds its own reference), and gets its own
+//! maps the frozen memory from the descriptors the parent VMM passed with its answer (this
+//! process hands them on with each child's load request: a child needs no access to the
+//! parent's files or `/proc`, and holds its own reference once mapped), and gets its own
 //! overlay on the layer, its own vsock socket and CID.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::paths::OVERLAY;
 use crate::record::Record;
-use super::snapshot::{RestoreSource, SNAPSHOT_DISK};
+use super::snapshot::{RestoreMemory, RestoreSource, SNAPSHOT_DISK};
 use crate::error::io;
 use crate::jails::View;
 use crate::names::random_name;
@@ -37,7 +39,8 @@ fn remove_state(state: &Path) {
 
 /// What the frozen parent leaves for its children.
 struct Frozen {
-    memory: FrozenMemory,
+    /// The frozen memory file, then its layers.
+    memory: Vec<OwnedFd>,
     layer: PathBuf,
 }
 
@@ -58,7 +61,7 @@ impl Store {
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
         let view = self.view(parent)?;
-        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &view, &dir, &state)) {
+        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &view, parent, &dir, &state)) {
             Ok(f) => f,
             Err(e) => {
                 remove_state(&state);
@@ -71,8 +74,7 @@ impl Store {
             state: &state,
             mem_size: record.mem_mib << 20,
             vcpus: record.vcpus,
-            memory: frozen.memory.mem_file_path.clone(),
-            mem_layers: frozen.memory.mem_layers.clone(),
+            memory: RestoreMemory::Fds(frozen.memory),
             disk: &frozen.layer,
             agent_ms: Some(agent_ms),
         };
@@ -104,9 +106,9 @@ impl Store {
 
     /// With the parent paused: its state and frozen memory, then its disk frozen into a layer
     /// with a new overlay on it, which the VMM switches to.
-    fn freeze_paused(&self, api: &ApiClient, view: &View, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
+    fn freeze_paused(&self, api: &ApiClient, view: &View, name: &str, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
         // The create flushes the disk first, so the layer holds everything written before.
-        let memory: FrozenMemory = api.put_for(
+        let (frozen, memory): (FrozenMemory, Vec<OwnedFd>) = api.put_for_with_fds(
             "/snapshot/create",
             &SnapshotCreateParams {
                 snapshot_type: SnapshotType::Full,
@@ -114,7 +116,11 @@ impl Store {
                 mem_file_path: String::new(),
                 freeze_memory: true,
             },
+            &[],
         )?;
+        if frozen.mem_fds != memory.len() || memory.is_empty() {
+            return Err(SandboxError::FrozenFds { name: name.into(), said: frozen.mem_fds, got: memory.len() });
+        }
         view.collect(&api::snapshot_meta::meta_path(state))?;
         view.collect(state)?;
         let layers = self.layers_dir();

@@ -144,6 +144,14 @@ impl View {
         file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", host_path))
     }
 
+    /// Links the VMM's API socket into its `/run`: the VMM recognises its own directory, the
+    /// only one it may write metrics to, by the socket's inode.
+    pub fn link_api_socket(&self, socket: &Path) -> Result<(), SandboxError> {
+        let View::Jailed(jail) = self else { return Ok(()) };
+        let inside = jail.root.join(&RUN_DIR[1..]).join(socket.file_name().expect("a file name"));
+        std::fs::hard_link(socket, &inside).map_err(io("cannot link into the VMM's jail", &inside))
+    }
+
     /// The path the VMM is to use for its socket or metrics file named `name`; with a jail,
     /// `host_path` becomes a symlink to where it is.
     pub fn run_path(&self, host_path: &Path) -> Result<String, SandboxError> {

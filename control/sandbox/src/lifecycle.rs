@@ -208,6 +208,7 @@ impl Store {
         }
         let api = ApiClient::new(&api_socket);
         let configured = (|| {
+            view.link_api_socket(&api_socket)?;
             view.expose(&overlay_path, true)?;
             for path in &links {
                 view.expose(path, false)?;

@@ -7,6 +7,7 @@
 //! its own vsock socket and CID (load overrides), and is ready when its guest agent answers
 //! again after the vsock transport reset a restore sends.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -115,8 +116,7 @@ impl Store {
             state: &files.state,
             mem_size: meta.mem_size_bytes,
             vcpus: meta.vcpu_count,
-            memory: files.memory.display().to_string(),
-            mem_layers: Vec::new(),
+            memory: RestoreMemory::File(files.memory.display().to_string()),
             disk: &dir.join(SNAPSHOT_DISK),
             // Snapshots from before this file existed are restored unchecked.
             agent_ms: std::fs::read(dir.join(GUEST_FILE))
@@ -148,37 +148,61 @@ impl Store {
             resumes_agent_ms: source.agent_ms,
         };
         let mut inputs = vec![source.state.to_path_buf()];
-        if !source.memory.starts_with("/proc/") {
-            inputs.push(PathBuf::from(&source.memory));
-        }
+        let (mem_backend, mem_fds) = match &source.memory {
+            RestoreMemory::File(path) => {
+                inputs.push(PathBuf::from(path));
+                (Some(MemBackend { backend_type: MemBackendType::File, backend_path: path.clone() }), None)
+            }
+            RestoreMemory::Fds(fds) => (None, Some(fds.len())),
+        };
+        let fds: Vec<_> = match &source.memory {
+            RestoreMemory::File(_) => Vec::new(),
+            RestoreMemory::Fds(fds) => fds.iter().map(AsFd::as_fd).collect(),
+        };
         self.launch(name, sandbox_dir, shape, ready_timeout, &inputs, |api, view| {
             let uds = view.run_path(&sandbox_dir.join(VSOCK_SOCKET))?;
-            Ok(api.put(
+            Ok(api.put_with_fds(
                 "/snapshot/load",
                 &SnapshotLoadParams {
                     snapshot_path: source.state.display().to_string(),
-                    mem_backend: Some(MemBackend { backend_type: MemBackendType::File, backend_path: source.memory.clone() }),
+                    mem_backend,
                     mem_file_path: None,
                     enable_diff_snapshots: false,
                     track_dirty_pages: false,
                     resume_vm: true,
-                    drive_overrides: vec![DriveOverride { index: 0, path_on_host: overlay_path.display().to_string() }],
+                    // A state file names no host files: every drive and the vsock socket are
+                    // given here, the drive's flags too.
+                    drive_overrides: vec![DriveOverride {
+                        index: 0,
+                        path_on_host: overlay_path.display().to_string(),
+                        is_read_only: Some(false),
+                    }],
                     vsock_override: Some(VsockOverride { guest_cid: Some(cid), uds_path: Some(uds) }),
-                    mem_layers: source.mem_layers.clone(),
+                    mem_fds,
                 },
+                &fds,
             )?)
         })
     }
 }
 
-/// What a new sandbox is restored from: a state file, the guest memory to map (a snapshot's
-/// memory file, or a forked VM's frozen memory with its layers) and the disk its overlay goes on.
+/// Where a restored sandbox's guest memory comes from.
+pub(super) enum RestoreMemory {
+    /// A snapshot's memory file, by path.
+    File(String),
+    /// A forked VM's frozen memory, as its VMM passed it: descriptors of the memory file, then
+    /// of each layer, passed on to each child's VMM with its load request (so a child needs no
+    /// access to the parent VMM's files or `/proc`).
+    Fds(Vec<OwnedFd>),
+}
+
+/// What a new sandbox is restored from: a state file, the guest memory to map and the disk its
+/// overlay goes on.
 pub(super) struct RestoreSource<'a> {
     pub state: &'a Path,
     pub mem_size: u64,
     pub vcpus: u8,
-    pub memory: String,
-    pub mem_layers: Vec<String>,
+    pub memory: RestoreMemory,
     pub disk: &'a Path,
     /// The guest agent's uptime when the source was frozen, if known (see `Shape`).
     pub agent_ms: Option<u64>,

@@ -1,7 +1,9 @@
 //! A client for a VM's API socket: one HTTP/1.1 request per connection, JSON bodies, and
-//! Firecracker's `{"fault_message"}` errors turned into [`ApiClientError::Fault`].
+//! Firecracker's `{"fault_message"}` errors turned into [`ApiClientError::Fault`]. A request can
+//! carry file descriptors and a response can bring some back ([`crate::scm`]).
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::models::Fault;
+use super::scm;
 
 /// Responses are small JSON documents; a peer that sends more is not an ember API.
 const MAX_RESPONSE: usize = 1 << 20;
@@ -51,9 +54,27 @@ impl ApiClient {
 
     /// A PUT whose answer has a JSON body.
     pub fn put_for<T: Serialize, R: DeserializeOwned>(&self, endpoint: &str, body: &T) -> Result<R, ApiClientError> {
+        Ok(self.put_for_with_fds(endpoint, body, &[])?.0)
+    }
+
+    /// A PUT with `fds` attached to the request.
+    pub fn put_with_fds<T: Serialize>(&self, endpoint: &str, body: &T, fds: &[BorrowedFd<'_>]) -> Result<(), ApiClientError> {
         let json = serde_json::to_vec(body).map_err(|e| self.malformed(format!("cannot encode the body: {e}")))?;
-        let answer = self.request("PUT", endpoint, Some(&json))?;
-        serde_json::from_slice(&answer).map_err(|e| self.malformed(format!("PUT {endpoint}: {e}")))
+        self.request_with_fds("PUT", endpoint, Some(&json), fds).map(drop)
+    }
+
+    /// A PUT with `fds` attached, whose answer has a JSON body and the descriptors that came
+    /// with it.
+    pub fn put_for_with_fds<T: Serialize, R: DeserializeOwned>(
+        &self,
+        endpoint: &str,
+        body: &T,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(R, Vec<OwnedFd>), ApiClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| self.malformed(format!("cannot encode the body: {e}")))?;
+        let (answer, fds) = self.request_with_fds("PUT", endpoint, Some(&json), fds)?;
+        let value = serde_json::from_slice(&answer).map_err(|e| self.malformed(format!("PUT {endpoint}: {e}")))?;
+        Ok((value, fds))
     }
 
     pub fn patch<T: Serialize>(&self, endpoint: &str, body: &T) -> Result<(), ApiClientError> {
@@ -71,6 +92,19 @@ impl ApiClient {
 
     /// Sends one request and returns the body of a 2xx response.
     pub fn request(&self, method: &'static str, endpoint: &str, body: Option<&[u8]>) -> Result<Vec<u8>, ApiClientError> {
+        Ok(self.request_with_fds(method, endpoint, body, &[])?.0)
+    }
+
+    /// Sends one request with `fds` attached (in the same `sendmsg` as its first bytes, as the
+    /// server expects) and returns the body of a 2xx response and the descriptors that came with
+    /// the response.
+    pub fn request_with_fds(
+        &self,
+        method: &'static str,
+        endpoint: &str,
+        body: Option<&[u8]>,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), ApiClientError> {
         let io = |source| ApiClientError::Io { path: self.path.clone(), source };
         let mut stream = UnixStream::connect(&self.path)
             .map_err(|source| ApiClientError::Connect { path: self.path.clone(), source })?;
@@ -86,16 +120,32 @@ impl ApiClient {
         message.push_str("\r\n");
         let mut bytes = message.into_bytes();
         bytes.extend_from_slice(body);
-        stream.write_all(&bytes).map_err(io)?;
+        let first = scm::send(stream.as_fd(), &bytes, fds).map_err(io)?;
+        stream.write_all(&bytes[first..]).map_err(io)?;
 
         let mut raw = Vec::new();
-        stream.take(MAX_RESPONSE as u64 + 1).read_to_end(&mut raw).map_err(io)?;
-        if raw.len() > MAX_RESPONSE {
-            return Err(self.malformed(format!("the response is larger than {MAX_RESPONSE} bytes")));
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let got = match scm::recv(stream.as_fd(), &mut buf, &mut received) {
+                Ok(got) => got,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io(e)),
+            };
+            if got.truncated {
+                return Err(self.malformed(format!("more than {} file descriptors came with the response", scm::MAX_FDS)));
+            }
+            if got.bytes == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..got.bytes]);
+            if raw.len() > MAX_RESPONSE {
+                return Err(self.malformed(format!("the response is larger than {MAX_RESPONSE} bytes")));
+            }
         }
         let (status, body) = parse_response(&raw).map_err(|e| self.malformed(e.to_string()))?;
         if (200..300).contains(&status) {
-            return Ok(body.to_vec());
+            return Ok((body.to_vec(), received));
         }
         let message = serde_json::from_slice::<Fault>(body)
             .map(|f| f.fault_message)

@@ -48,6 +48,12 @@ pub enum RequestError {
     NoMemFile,
     #[error("mem_backend Uffd: ember maps the memory file itself; only File is supported")]
     Uffd,
+    #[error("mem_fds: the memory comes as file descriptors attached to the request; leave out mem_backend and mem_file_path")]
+    MemFdsAndPath,
+    #[error("mem_fds must be at least 1: the memory file, then each of its layers")]
+    NoMemFds,
+    #[error("mem_fds is {expected}, but {got} file descriptors came with the request")]
+    MemFdCount { expected: usize, got: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,8 +248,7 @@ pub struct SnapshotCreateParams {
     pub mem_file_path: String,
     /// ember's own, for forks: instead of writing guest memory to a file, freeze it in place
     /// as a copy-on-write base that this VM and any VM loaded from the state share. The
-    /// answer ([`FrozenMemory`]) names the files to load it from, which stay valid while this
-    /// VMM process lives.
+    /// answer ([`FrozenMemory`]) carries the files to load it from as file descriptors.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_memory: bool,
 }
@@ -279,12 +284,14 @@ impl SnapshotCreateParams {
     }
 }
 
-/// ember's own: the answer to a snapshot create with `freeze_memory`, in the shape a load
-/// takes it (`mem_backend` File path and `mem_layers`).
+/// ember's own: the answer to a snapshot create with `freeze_memory`. The frozen memory comes
+/// as `mem_fds` file descriptors attached to the response (`SCM_RIGHTS`, see `api::scm`): the
+/// memory file, then each layer to map over it where it holds data, in order. A load takes
+/// them the same way, in the same order ([`SnapshotLoadParams::mem_fds`]), so a child VMM needs
+/// no access to its parent's files or `/proc`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrozenMemory {
-    pub mem_file_path: String,
-    pub mem_layers: Vec<String>,
+    pub mem_fds: usize,
 }
 
 /// Firecracker's PATCH /drives/{id}: put another file behind a running VM's drive. ember
@@ -314,16 +321,22 @@ pub struct MemBackend {
 }
 
 /// ember's own: the disk a restored VM uses for drive `index` (the order of the guest's
-/// /dev/vdX, root drive first) instead of the snapshot's.
+/// /dev/vdX, root drive first). Every drive of the snapshot needs one: a state file carries no
+/// host paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveOverride {
     pub index: usize,
     pub path_on_host: String,
+    /// Whether the guest may write the drive. The state can only make a drive more
+    /// restrictive: a drive the snapshot had read-only stays so. Left out, the snapshot's flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
 }
 
 /// ember's own: the vsock socket and CID of a restored VM, so that several VMs can restore
-/// from one snapshot.
+/// from one snapshot. A snapshot with a vsock device needs `uds_path`: a state file carries no
+/// host paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VsockOverride {
@@ -352,26 +365,38 @@ pub struct SnapshotLoadParams {
     pub drive_overrides: Vec<DriveOverride>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
-    /// ember's own: files mapped over the memory file where they hold data, in order (a
-    /// fork's [`FrozenMemory`] layers).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mem_layers: Vec<String>,
+    /// ember's own: the memory comes as this many file descriptors attached to the request
+    /// (`SCM_RIGHTS`), instead of `mem_backend`: the memory file, then each layer mapped over it
+    /// where it holds data, in order (what a `freeze_memory` create answered with, see
+    /// [`FrozenMemory`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_fds: Option<usize>,
+}
+
+/// Where a load's guest memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemSource<'a> {
+    /// A memory file by path.
+    Path(&'a str),
+    /// This many descriptors attached to the request: the memory file, then its layers.
+    Fds(usize),
 }
 
 impl SnapshotLoadParams {
-    /// The memory file, after checking the options ember does not implement.
-    pub fn mem_file(&self) -> Result<&str, RequestError> {
+    /// Where the memory comes from, after checking the options ember does not implement.
+    pub fn mem_file(&self) -> Result<MemSource<'_>, RequestError> {
         if self.enable_diff_snapshots || self.track_dirty_pages {
             return Err(RequestError::DiffLoad);
         }
-        match (&self.mem_backend, &self.mem_file_path) {
-            (Some(_), Some(_)) => Err(RequestError::TwoMemFiles),
-            (None, None) => Err(RequestError::NoMemFile),
-            (Some(MemBackend { backend_type: MemBackendType::Uffd, .. }), None) => {
-                Err(RequestError::Uffd)
-            }
-            (Some(MemBackend { backend_path, .. }), None) => Ok(backend_path),
-            (None, Some(path)) => Ok(path),
+        match (&self.mem_backend, &self.mem_file_path, self.mem_fds) {
+            (None, None, Some(0)) => Err(RequestError::NoMemFds),
+            (None, None, Some(n)) => Ok(MemSource::Fds(n)),
+            (_, _, Some(_)) => Err(RequestError::MemFdsAndPath),
+            (Some(_), Some(_), None) => Err(RequestError::TwoMemFiles),
+            (None, None, None) => Err(RequestError::NoMemFile),
+            (Some(MemBackend { backend_type: MemBackendType::Uffd, .. }), None, None) => Err(RequestError::Uffd),
+            (Some(MemBackend { backend_path, .. }), None, None) => Ok(MemSource::Path(backend_path)),
+            (None, Some(path), None) => Ok(MemSource::Path(path)),
         }
     }
 }
@@ -428,9 +453,15 @@ mod tests {
             r#"{"snapshot_path":"s","mem_backend":{"backend_type":"File","backend_path":"m"},"resume_vm":true}"#,
         )
         .unwrap();
-        assert_eq!((l.mem_file().unwrap(), l.resume_vm), ("m", true));
+        assert_eq!((l.mem_file().unwrap(), l.resume_vm), (MemSource::Path("m"), true));
         let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_file_path":"old"}"#).unwrap();
-        assert_eq!((l.mem_file().unwrap(), l.resume_vm), ("old", false));
+        assert_eq!((l.mem_file().unwrap(), l.resume_vm), (MemSource::Path("old"), false));
+        let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_fds":3}"#).unwrap();
+        assert_eq!(l.mem_file().unwrap(), MemSource::Fds(3));
+        let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_fds":0}"#).unwrap();
+        assert!(l.mem_file().unwrap_err().to_string().contains("at least 1"));
+        let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s","mem_file_path":"m","mem_fds":1}"#).unwrap();
+        assert!(l.mem_file().unwrap_err().to_string().contains("leave out mem_backend"));
         let l: SnapshotLoadParams = serde_json::from_str(r#"{"snapshot_path":"s"}"#).unwrap();
         assert!(l.mem_file().unwrap_err().to_string().contains("missing"));
         let l: SnapshotLoadParams = serde_json::from_str(
@@ -439,11 +470,11 @@ mod tests {
         .unwrap();
         assert!(l.mem_file().unwrap_err().to_string().contains("Uffd"));
         let l: SnapshotLoadParams = serde_json::from_str(
-            r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d"}],
+            r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d","is_read_only":true}],
                 "vsock_override":{"guest_cid":9,"uds_path":"v"}}"#,
         )
         .unwrap();
-        assert_eq!(l.drive_overrides[0].index, 0);
+        assert_eq!((l.drive_overrides[0].index, l.drive_overrides[0].is_read_only), (0, Some(true)));
         assert_eq!(l.vsock_override.unwrap().guest_cid, Some(9));
     }
 }

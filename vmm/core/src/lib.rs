@@ -13,6 +13,7 @@ pub mod config;
 pub mod controller;
 pub mod device_manager;
 pub mod devices;
+pub mod files;
 pub mod persist;
 pub mod resources;
 pub mod runtime;

@@ -28,8 +28,6 @@ pub struct VmResources {
     pub machine: MachineConfig,
     /// In the order they were first configured; the root drive becomes /dev/vda.
     pub drives: Vec<DriveConfig>,
-    /// Where FlushMetrics appends (PUT /metrics).
-    pub metrics_path: Option<PathBuf>,
     pub vsock: Option<VsockConfig>,
 }
 

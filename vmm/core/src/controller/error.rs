@@ -37,6 +37,8 @@ pub enum ApiError {
     Snapshot(SnapshotError),
     #[error("{0}")]
     Freeze(VmmError),
+    #[error("Cannot pass the frozen memory on: {0}")]
+    FrozenFds(std::io::Error),
     #[error("Cannot update drive {id}: {source}")]
     UpdateDrive { id: String, source: DeviceError },
     #[error("Loading a snapshot is not allowed after the microVM started.")]
@@ -50,8 +52,10 @@ pub enum ApiError {
     CtrlAltDel,
     #[error("There is no metrics file to flush to: set one with PUT /metrics before the start.")]
     NoMetricsFile,
-    #[error("Cannot write the metrics to {path}: {source}")]
+    #[error("Cannot write the metrics to {}: {source}", path.display())]
     Metrics { path: std::path::PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    MetricsFile(crate::files::FileError),
     #[error("The metrics file can only be set before the microVM starts.")]
     MetricsAfterStart,
     #[error("The requested operation is not supported after starting the microVM.")]
@@ -62,7 +66,7 @@ impl ApiError {
     /// 500 for failures of the VMM itself, 400 for requests it cannot do.
     fn status(&self) -> u16 {
         match self {
-            Self::Pause(_) | Self::VcpuStates(_) | Self::Freeze(_) => 500,
+            Self::Pause(_) | Self::VcpuStates(_) | Self::Freeze(_) | Self::FrozenFds(_) => 500,
             _ => 400,
         }
     }

@@ -43,7 +43,7 @@ pub fn serve(
     started: Instant,
     console: Box<dyn Write + Send>,
 ) -> Result<RunOutcome, ControllerError> {
-    let mut preboot = PrebootController::new(id, console);
+    let mut preboot = PrebootController::new(id, console, channel.home());
     loop {
         let call = channel.calls.recv().map_err(|_| ControllerError::ApiGone)?;
         if let Some(start) = preboot.answer(call) {

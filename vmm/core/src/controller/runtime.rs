@@ -2,7 +2,8 @@
 //! in place for a fork), a drive's disk replaced, metrics. Configuration is refused, as in
 //! Firecracker.
 
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -15,12 +16,18 @@ use crate::device_manager::EventLoop;
 use crate::snapshot::SnapshotFiles;
 use crate::vmm::{Vmm, VmmError};
 
+/// The file FlushMetrics appends to, opened by PUT /metrics (`files::open_metrics`).
+#[derive(Debug)]
+pub struct MetricsFile {
+    pub path: PathBuf,
+    pub file: File,
+}
+
 pub struct RuntimeController {
     pub id: String,
     /// What `GET /machine-config` reports.
     pub machine: MachineConfig,
-    /// Where FlushMetrics appends (PUT /metrics).
-    pub metrics_path: Option<PathBuf>,
+    pub metrics: Option<MetricsFile>,
 }
 
 impl RuntimeController {
@@ -52,7 +59,7 @@ impl RuntimeController {
     /// Appends one line of metrics to the metrics file, as Firecracker's FlushMetrics does: the
     /// VM exits so far, which do not depend on the host's speed.
     fn flush_metrics(&self, vmm: &Vmm) -> Result<(), ApiError> {
-        let path = self.metrics_path.as_ref().ok_or(ApiError::NoMetricsFile)?;
+        let metrics_file = self.metrics.as_ref().ok_or(ApiError::NoMetricsFile)?;
         let metrics = Metrics {
             utc_timestamp_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -61,18 +68,14 @@ impl RuntimeController {
             vcpu: VcpuMetrics { exits: vmm.exits() },
         };
         let line = serde_json::to_string(&metrics).unwrap_or_default() + "\n";
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()))
-            .map_err(|source| ApiError::Metrics { path: path.clone(), source })
+        std::io::Write::write_all(&mut &metrics_file.file, line.as_bytes())
+            .map_err(|source| ApiError::Metrics { path: metrics_file.path.clone(), source })
     }
 }
 
 /// Writes a snapshot of the paused VM with the vCPU states its threads saved as they parked;
 /// with `freeze_memory`, freezes guest memory in place instead of writing it, and answers with
-/// the files that hold it.
+/// the files that hold it, as descriptors attached to the response: the base, then each layer.
 fn create_snapshot(params: &SnapshotCreateParams, vmm: &mut Vmm) -> ApiResponse {
     let started = Instant::now();
     let vcpus = match vmm.save_vcpus() {
@@ -84,11 +87,14 @@ fn create_snapshot(params: &SnapshotCreateParams, vmm: &mut Vmm) -> ApiResponse 
         return match vmm.snapshot_frozen(&state_path, vcpus) {
             Ok(frozen) => {
                 tracing::info!("state written and memory frozen in {:?}", started.elapsed());
-                let path = |f: &std::fs::File| format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
-                ApiResponse::json(&FrozenMemory {
-                    mem_file_path: path(&frozen.base),
-                    mem_layers: frozen.layers.iter().map(|l| path(l)).collect(),
-                })
+                let files = std::iter::once(&frozen.base).chain(&frozen.layers);
+                let fds = match files.map(|f| f.try_clone().map(OwnedFd::from)).collect::<Result<Vec<_>, _>>() {
+                    Ok(fds) => fds,
+                    Err(e) => return ApiError::FrozenFds(e).into(),
+                };
+                let mut response = ApiResponse::json(&FrozenMemory { mem_fds: fds.len() });
+                response.fds = fds;
+                response
             }
             Err(VmmError::Snapshot(e)) => ApiError::Snapshot(e).into(),
             Err(e) => ApiError::Freeze(e).into(),

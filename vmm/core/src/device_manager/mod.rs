@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub use self::events::{EventLoop, Subscriber};
 pub use self::mmio::virtio_slot;
 use self::mmio::check_device_count;
-pub use self::persist::{DeviceStates, Overrides};
+pub use self::persist::{DeviceStates, DriveOverride, Overrides};
 use self::events::DeviceEvents;
 use self::mmio::MmioSlots;
 use crate::config::{DriveConfig, VsockConfig};
@@ -62,6 +62,16 @@ pub enum DeviceError {
     NoDriveToOverride { index: usize, count: usize },
     #[error("a vsock override, but the snapshot has no vsock device")]
     NoVsock,
+    #[error(
+        "drive {index} ({id}) has no drive override: snapshot state files carry no host paths, so a load \
+         needs drive_overrides with the path_on_host of every drive"
+    )]
+    NoDriveOverride { index: usize, id: String },
+    #[error(
+        "the snapshot has a vsock device but the load has no vsock_override.uds_path: snapshot state files \
+         carry no host paths"
+    )]
+    NoVsockOverride,
     #[error("cannot flush drive {index} before the snapshot: {source}")]
     Flush { index: usize, source: std::io::Error },
     #[error("there is no such drive")]
@@ -89,7 +99,7 @@ pub fn check_devices(drives: impl Iterator<Item = bool>, vsock: bool) -> Result<
 
 /// The virtio devices of a VM, opened (disks, sockets) but not yet wired.
 pub struct DeviceSet {
-    drives: Vec<Block>,
+    pub(crate) drives: Vec<Block>,
     vsock: Option<VsockHandle>,
 }
 

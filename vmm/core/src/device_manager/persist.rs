@@ -1,6 +1,10 @@
 //! The devices' part of a snapshot. Each device saves and restores itself ([`Persist`]); the
 //! device manager only keeps them in slot order, with their transports' states, and applies a
 //! restore's [`Overrides`]. A new kind of device is one more field here.
+//!
+//! A state file names no host files: every disk and the vsock socket of a restored VM come from
+//! the overrides, so a state file (checksummed, not authenticated) cannot attach a host file to
+//! a guest or make a read-only drive writable.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,12 +14,12 @@ use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
 use super::{check_devices, DeviceError, DeviceManager, DeviceSet};
-use crate::config::VsockConfig;
+use crate::config::DriveConfig;
 use crate::devices::bus::lock;
 use crate::devices::legacy::serial::SerialSnapshot;
 use crate::devices::virtio::block::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioState, MmioTransport};
-use crate::devices::virtio::vsock::{VsockHandle, VIRTIO_ID_VSOCK};
+use crate::devices::virtio::vsock::{VsockHandle, VsockState, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::VirtioDevice;
 use crate::persist::Persist;
 
@@ -31,16 +35,28 @@ pub struct DeviceStates {
     pub serial: SerialSnapshot,
     /// virtio-blk devices in slot order.
     pub drives: Vec<VirtioState<BlockState>>,
-    pub vsock: Option<VirtioState<VsockConfig>>,
+    pub vsock: Option<VirtioState<VsockState>>,
 }
 
-/// What a restore changes from the snapshot, so that many VMs can restore from one.
+/// The disk a restored VM's drive is opened on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveOverride {
+    pub path: PathBuf,
+    /// Read-only whatever the snapshot says; `None` keeps the snapshot's flag. A drive the
+    /// snapshot had read-only stays read-only either way.
+    pub read_only: Option<bool>,
+}
+
+/// What a restore is given besides the state: the host files, which a state file does not
+/// name, and what many VMs restored from one snapshot need of their own.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
-    /// Disk files by drive index (the order of the guest's /dev/vdX). A disk put in place must
-    /// have the snapshot's size, and should hold what the snapshot's disk held when it was made
-    /// (e.g. a new overlay on a frozen copy of it): the guest's page cache remembers that.
-    pub drives: BTreeMap<usize, PathBuf>,
+    /// Disk files by drive index (the order of the guest's /dev/vdX), one for every drive. A
+    /// disk put in place must have the snapshot's size, and should hold what the snapshot's
+    /// disk held when it was made (e.g. a new overlay on a frozen copy of it): the guest's page
+    /// cache remembers that.
+    pub drives: BTreeMap<usize, DriveOverride>,
+    /// The vsock socket; needed when the snapshot has a vsock device.
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: Option<u32>,
 }
@@ -59,7 +75,7 @@ impl DeviceStates {
     /// Checks what can be checked before anything is opened or built.
     pub fn check(&self) -> Result<(), DeviceStateError> {
         self.serial.check()?;
-        check_devices(self.drives.iter().map(|d| d.device.drive.root), self.vsock.is_some())?;
+        check_devices(self.drives.iter().map(|d| d.device.root), self.vsock.is_some())?;
         for (index, d) in self.drives.iter().enumerate() {
             if d.transport.device_type != VIRTIO_ID_BLOCK {
                 return Err(DeviceStateError::DeviceType { what: format!("drive {index}"), found: d.transport.device_type });
@@ -105,23 +121,30 @@ impl DeviceSet {
         if states.vsock.is_none() && (overrides.vsock_cid.is_some() || overrides.vsock_uds.is_some()) {
             return Err(DeviceError::NoVsock);
         }
+        // Every override is checked before anything is opened.
+        for (index, saved) in states.drives.iter().enumerate() {
+            if !overrides.drives.contains_key(&index) {
+                return Err(DeviceError::NoDriveOverride { index, id: saved.device.id.clone().unwrap_or_default() });
+            }
+        }
+        let uds = match (&states.vsock, &overrides.vsock_uds) {
+            (Some(_), None) => return Err(DeviceError::NoVsockOverride),
+            (_, uds) => uds,
+        };
         let mut drives = Vec::with_capacity(count);
         for (index, saved) in states.drives.iter().enumerate() {
-            let mut state = saved.device.clone();
-            if let Some(path) = overrides.drives.get(&index) {
-                state.drive.path = path.clone();
-            }
-            drives.push(Block::restore((), &state).map_err(|source| DeviceError::Drive { index, source })?);
+            let o = &overrides.drives[&index];
+            let drive = DriveConfig {
+                id: saved.device.id.clone(),
+                path: o.path.clone(),
+                read_only: o.read_only.unwrap_or(false) || saved.device.read_only,
+                root: saved.device.root,
+            };
+            drives.push(Block::restore(drive, &saved.device).map_err(|source| DeviceError::Drive { index, source })?);
         }
-        let vsock = match &states.vsock {
-            Some(saved) => {
-                let state = VsockConfig {
-                    cid: overrides.vsock_cid.unwrap_or(saved.device.cid),
-                    uds: overrides.vsock_uds.clone().unwrap_or_else(|| saved.device.uds.clone()),
-                };
-                Some(VsockHandle::restore((), &state)?)
-            }
-            None => None,
+        let vsock = match (&states.vsock, uds) {
+            (Some(saved), Some(uds)) => Some(VsockHandle::restore((uds.clone(), overrides.vsock_cid), &saved.device)?),
+            _ => None,
         };
         Ok(Self { drives, vsock })
     }

@@ -1,9 +1,9 @@
 //! Guest memory to and from the snapshot's memory file: an image of guest RAM in the memfd's
 //! layout (RAM below the MMIO hole, then the rest), sparse where the guest's pages are zero.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -40,7 +40,7 @@ fn write_nonzero_pages(out: &File, offset: u64, bytes: &[u8]) -> std::io::Result
 /// other pages are holes). The vCPUs must be stopped.
 pub fn write(ram: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
     let io = |e| SnapshotError::Io { path: path.to_owned(), what: "write guest memory to", source: e };
-    let out = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io)?;
+    let out = crate::files::create_new(path).map_err(io)?;
     out.set_len(ram.size).map_err(io)?;
     let extents = match ram.backing {
         // Asking the memfd rather than reading the mapping keeps untouched RAM from being
@@ -70,21 +70,17 @@ pub fn write(ram: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
     Ok(written)
 }
 
-/// Maps the memory file at `path` as `size` bytes of guest RAM, privately, after checking its
-/// size; then each of `layers` over it where the layer holds data (a fork's frozen RAM).
-pub fn map(path: &Path, layers: &[PathBuf], size: u64) -> Result<GuestRam, SnapshotError> {
-    let file = File::open(path).map_err(|e| SnapshotError::Io { path: path.to_owned(), what: "open", source: e })?;
+/// Maps the memory file `file` (`name` in errors) as `size` bytes of guest RAM, privately,
+/// after checking its size; then each of `layers` over it where the layer holds data (a fork's
+/// frozen RAM; each is checked to be as large as RAM).
+pub fn map(file: File, name: &str, layers: Vec<File>, size: u64) -> Result<GuestRam, SnapshotError> {
     let len = file
         .metadata()
-        .map_err(|e| SnapshotError::Io { path: path.to_owned(), what: "stat", source: e })?
+        .map_err(|e| SnapshotError::Io { path: name.into(), what: "stat", source: e })?
         .len();
     if len != size {
-        return Err(SnapshotError::MemorySize { path: path.to_owned(), len, expected: size });
+        return Err(SnapshotError::MemorySize { name: name.to_owned(), len, expected: size });
     }
-    let layers = layers
-        .iter()
-        .map(|p| File::open(p).map_err(|e| SnapshotError::Io { path: p.clone(), what: "open memory layer", source: e }))
-        .collect::<Result<Vec<_>, _>>()?;
     let mut ram = memory::map_private(file, size)?;
     ram.map_layers(layers)?;
     Ok(ram)
@@ -116,7 +112,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
         assert!(allocated_bytes(&path) < 1 << 20, "the file is sparse");
 
-        let restored = map(&path, &[], 64 << 20).unwrap();
+        let open = |p: &Path| File::open(p).unwrap();
+        let restored = map(open(&path), "memory", Vec::new(), 64 << 20).unwrap();
         assert_eq!(restored.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
         assert_eq!(restored.memory.read_obj::<u64>(GuestAddress(0x3ff_fff8)).unwrap(), 0xbeef);
         restored.memory.write_obj(0x77u64, GuestAddress(0x5000)).unwrap();
@@ -124,7 +121,7 @@ mod tests {
         // A restored VM's own snapshot includes what it wrote since.
         let again = dir.as_path().join("memory2");
         assert_eq!(write(&restored, &again).unwrap(), 3 * PAGE as u64);
-        let second = map(&again, &[], 64 << 20).unwrap();
+        let second = map(open(&again), "memory2", Vec::new(), 64 << 20).unwrap();
         assert_eq!(second.memory.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0x77);
         assert_eq!(second.memory.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 0xfeed);
     }
@@ -134,9 +131,7 @@ mod tests {
         let dir = TempDir::new().unwrap();
         let path = dir.as_path().join("memory");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
-        let err = map(&path, &[], 64 << 20).err().unwrap().to_string();
-        assert!(err.contains("4096 bytes") && err.contains("67108864"), "{err}");
-        let err = map(&dir.as_path().join("none"), &[], 64 << 20).err().unwrap().to_string();
-        assert!(err.contains("cannot open") && err.contains("none"), "{err}");
+        let err = map(File::open(&path).unwrap(), "memory", Vec::new(), 64 << 20).err().unwrap().to_string();
+        assert!(err.contains("memory file memory is 4096 bytes") && err.contains("67108864"), "{err}");
     }
 }

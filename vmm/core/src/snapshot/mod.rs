@@ -8,15 +8,22 @@
 //! read lazily by page faults, never read whole) and has [`Vmm::restore`] set the state of a new
 //! VM, its devices and its vCPUs. Many VMs can restore from one snapshot: their writes to
 //! memory stay their own, and [`Overrides`] give each its own disks and vsock.
+//!
+//! Nothing in a state file is trusted as a path or a size: it names no host files (the
+//! overrides give every disk and the vsock socket), and its memory size and vCPU count are
+//! checked against the host ([`check_limits`]) and the memory file before anything is mapped.
 
 pub mod format;
 pub mod memory;
 pub mod state;
 
+use std::io::Read;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use self::state::{SnapshotState, StateError};
-pub use crate::device_manager::Overrides;
+pub use crate::device_manager::{DriveOverride, Overrides};
+use crate::files::{self, FileError};
 use crate::device_manager::{DeviceError, DeviceSet};
 use crate::vmm::Vmm;
 use crate::vstate::kvm::{self, KvmError};
@@ -69,8 +76,17 @@ pub enum SnapshotError {
     Corrupt { path: PathBuf, reason: String },
     #[error("state file {path} is inconsistent: {reason}")]
     Inconsistent { path: PathBuf, reason: StateError },
-    #[error("memory file {path} is {len} bytes, the snapshot's guest has {expected}")]
-    MemorySize { path: PathBuf, len: u64, expected: u64 },
+    #[error("memory file {name} is {len} bytes, the snapshot's guest has {expected}")]
+    MemorySize { name: String, len: u64, expected: u64 },
+    #[error(
+        "the snapshot's guest has {mem_mib} MiB of memory, more than this host's {host_mib} MiB: \
+         refusing to map it (a state file is not trusted to size anything)"
+    )]
+    TooMuchMemory { mem_mib: u64, host_mib: u64 },
+    #[error("cannot find this host's memory size: {0}")]
+    HostMemory(std::io::Error),
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error(transparent)]
     Request(#[from] api::models::RequestError),
     #[error("cannot encode the snapshot state: {0}")]
@@ -138,9 +154,9 @@ fn meta(state: &SnapshotState) -> SnapshotMeta {
             .drives
             .iter()
             .map(|d| SnapshotDrive {
-                drive_id: d.device.drive.id.clone(),
-                is_root_device: d.device.drive.root,
-                is_read_only: d.device.drive.read_only,
+                drive_id: d.device.id.clone(),
+                is_root_device: d.device.root,
+                is_read_only: d.device.read_only,
                 size_bytes: d.device.size,
             })
             .collect(),
@@ -155,12 +171,13 @@ fn write_state(path: &Path, state: &SnapshotState, bytes: &[u8]) -> Result<(), S
     write_into_place(path, bytes)
 }
 
-/// Writes `bytes` under a temporary name, synced, then renames them to `path`.
+/// Writes `bytes` under a temporary name (created anew: never written through a link
+/// planted there), synced, then renames them to `path`.
 fn write_into_place(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     use std::io::Write;
     let tmp = temporary(path);
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = files::create_new(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()
     };
@@ -168,17 +185,79 @@ fn write_into_place(path: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
     std::fs::rename(&tmp, path).map_err(io_err(path, "rename into place"))
 }
 
-/// Reads, verifies and checks the state file at `path`.
+/// A state file is a few hundred KiB at most (vCPU states and device registers); a larger
+/// one is not read whole.
+const MAX_STATE_FILE: u64 = 16 << 20;
+
+/// Reads, verifies and checks the state file at `path` (a regular file, not through a link).
 pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
-    let bytes = std::fs::read(path).map_err(io_err(path, "read"))?;
+    let file = files::open_regular(path, "snapshot_path")?;
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1).read_to_end(&mut bytes).map_err(io_err(path, "read"))?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(SnapshotError::Corrupt { path: path.to_owned(), reason: format!("it is larger than {MAX_STATE_FILE} bytes") });
+    }
     let state = format::decode(path, &bytes)?;
     state.check().map_err(|reason| SnapshotError::Inconsistent { path: path.to_owned(), reason })?;
     Ok(state)
 }
 
-/// Maps the memory file at `path` for `state`, with a fork's memory `layers` over it.
-pub fn map_memory(path: &Path, layers: &[PathBuf], state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
-    memory::map(path, layers, state.mem_size)
+/// This host's RAM in bytes.
+fn host_memory() -> Result<u64, SnapshotError> {
+    // SAFETY: a zeroed sysinfo is valid for sysinfo(2) to fill.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: sysinfo writes one struct; the result is checked.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return Err(SnapshotError::HostMemory(std::io::Error::last_os_error()));
+    }
+    Ok((info.totalram as u64).saturating_mul(u64::from(info.mem_unit.max(1))))
+}
+
+/// Checks the sizes a state file declares against this host, before anything is opened or
+/// mapped: guest memory no larger than the host's RAM, no more vCPUs than KVM allows
+/// (`max_vcpus`).
+pub fn check_limits(state: &SnapshotState, max_vcpus: usize) -> Result<(), SnapshotError> {
+    let host = host_memory()?;
+    if state.mem_size > host {
+        return Err(SnapshotError::TooMuchMemory { mem_mib: state.mem_size >> 20, host_mib: host >> 20 });
+    }
+    if state.vcpus.len() > max_vcpus {
+        return Err(KvmError::TooManyVcpus { requested: state.vcpus.len() as u64, max: max_vcpus }.into());
+    }
+    Ok(())
+}
+
+/// Where a restore's guest memory comes from.
+#[derive(Debug)]
+pub enum MemoryFiles {
+    /// A snapshot's memory file, by path.
+    Path(PathBuf),
+    /// The descriptors a load request carried: the memory file, then each layer to map over it
+    /// where it holds data (a fork's frozen memory).
+    Fds(Vec<OwnedFd>),
+}
+
+/// Maps the memory of `state` from `source`: each file must be a regular file (a memfd is) of
+/// exactly the guest's memory size.
+pub fn map_memory(source: MemoryFiles, state: &SnapshotState) -> Result<GuestRam, SnapshotError> {
+    match source {
+        MemoryFiles::Path(path) => {
+            let file = files::open_regular(&path, "memory file")?;
+            memory::map(file, &path.display().to_string(), Vec::new(), state.mem_size)
+        }
+        MemoryFiles::Fds(fds) => {
+            let mut files = fds
+                .into_iter()
+                .enumerate()
+                .map(|(index, fd)| files::regular_fd(fd, "mem_fds", index))
+                .collect::<Result<Vec<_>, _>>()?;
+            if files.is_empty() {
+                return Err(api::models::RequestError::NoMemFds.into());
+            }
+            let base = files.remove(0);
+            memory::map(base, "(file descriptor 0 of the request)", files, state.mem_size)
+        }
+    }
 }
 
 /// A KVM VM made before the snapshot to load is known: /dev/kvm opened, the VM with its irqchip
@@ -187,6 +266,13 @@ pub fn map_memory(path: &Path, layers: &[PathBuf], state: &SnapshotState) -> Res
 pub struct PreparedVm {
     pub(crate) kvm: kvm_ioctls::Kvm,
     pub(crate) vm: Vm,
+}
+
+impl PreparedVm {
+    /// The most vCPUs KVM allows this VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
 }
 
 pub fn prepare() -> Result<PreparedVm, SnapshotError> {
@@ -204,9 +290,11 @@ pub fn restore(
     console_sink: Box<dyn std::io::Write + Send>,
 ) -> Result<Vmm, SnapshotError> {
     let state = read_state(&files.state)?;
+    let prepared = prepare()?;
+    check_limits(&state, prepared.max_vcpus())?;
     let devices = open_devices(&state, overrides)?;
-    let ram = map_memory(&files.memory, &[], &state)?;
-    Vmm::restore(prepare()?, &state, ram, devices, console_sink)
+    let ram = map_memory(MemoryFiles::Path(files.memory.clone()), &state)?;
+    Vmm::restore(prepared, &state, ram, devices, console_sink)
 }
 
 /// Applies `overrides` and opens the snapshot's disks and vsock socket.

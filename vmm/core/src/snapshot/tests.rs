@@ -1,4 +1,5 @@
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, kvm_msr_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
@@ -12,9 +13,9 @@ use super::*;
 use crate::device_manager::persist::{DeviceStates, VirtioState};
 use crate::devices::legacy::serial::SerialSnapshot;
 use crate::devices::virtio::block::BlockState;
+use crate::devices::virtio::vsock::VsockState;
 use crate::devices::virtio::mmio::{MmioState, QueueSnapshot};
 use crate::vstate::vcpu_state::VcpuState;
-use crate::config::{DriveConfig, VsockConfig};
 use crate::device_manager::DeviceError;
 use crate::vstate::vm::VmState;
 
@@ -90,13 +91,10 @@ pub(super) fn sample() -> SnapshotState {
             in_buffer: b"ls\n".to_vec(),
         },
         drives: vec![VirtioState {
-            device: BlockState {
-                drive: DriveConfig { id: Some("rootfs".into()), path: "/images/rootfs.qcow2".into(), read_only: false, root: true },
-                size: 1 << 30,
-            },
+            device: BlockState { id: Some("rootfs".into()), read_only: false, root: true, size: 1 << 30 },
             transport: transport(2, 1),
         }],
-        vsock: Some(VirtioState { device: VsockConfig { cid: 3, uds: "/run/vm.sock".into() }, transport: transport(19, 3) }),
+        vsock: Some(VirtioState { device: VsockState { cid: 3 }, transport: transport(19, 3) }),
         },
     }
 }
@@ -201,7 +199,7 @@ fn a_well_formed_but_inconsistent_state_is_refused_by_its_check() {
 fn restore_reports_missing_and_bad_files_before_building_anything() {
     let dir = TempDir::new().unwrap();
     let err = read_state(&dir.as_path().join(STATE_FILE)).err().unwrap().to_string();
-    assert!(err.starts_with("cannot read") && err.contains("state"), "{err}");
+    assert!(err.starts_with("cannot open snapshot_path") && err.contains("state"), "{err}");
 
     let mut s = sample();
     s.vcpus.swap(0, 1);
@@ -211,15 +209,121 @@ fn restore_reports_missing_and_bad_files_before_building_anything() {
 
     let state = sample();
     std::fs::write(dir.as_path().join(MEMORY_FILE), vec![0u8; 1 << 20]).unwrap();
-    let err = map_memory(&dir.as_path().join(MEMORY_FILE), &[], &state).err().unwrap().to_string();
+    let err = map_memory(MemoryFiles::Path(dir.as_path().join(MEMORY_FILE)), &state).err().unwrap().to_string();
     assert!(err.contains("is 1048576 bytes, the snapshot's guest has 268435456"), "{err}");
+}
+
+/// Runs `f` on a thread and fails the test unless it returns within 5 s (an open of a FIFO
+/// without O_NONBLOCK would hang it).
+fn quickly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(5)).expect("the load hung")
+}
+
+fn fifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn fifos_as_state_or_memory_files_are_refused_at_once() {
+    let dir = TempDir::new().unwrap();
+    let pipe = dir.as_path().join("pipe");
+    fifo(&pipe);
+    let p = pipe.clone();
+    let err = quickly(move || read_state(&p).err().unwrap().to_string());
+    assert!(err.contains("snapshot_path") && err.contains("not a regular file"), "{err}");
+    let err = quickly(move || map_memory(MemoryFiles::Path(pipe), &sample()).err().unwrap().to_string());
+    assert!(err.contains("memory file") && err.contains("not a regular file"), "{err}");
+    let link = dir.as_path().join("link");
+    std::fs::write(dir.as_path().join(STATE_FILE), encode(&sample()).unwrap()).unwrap();
+    std::os::unix::fs::symlink(dir.as_path().join(STATE_FILE), &link).unwrap();
+    assert!(read_state(&link).err().unwrap().to_string().contains("symbolic link"));
+}
+
+#[test]
+fn memory_descriptors_must_be_regular_files_of_the_guests_size() {
+    let state = sample();
+    let memfd = |len: u64| {
+        let f = crate::vstate::memory::memfd(c"test").unwrap();
+        f.set_len(len).unwrap();
+        OwnedFd::from(f)
+    };
+    let err = map_memory(MemoryFiles::Fds(vec![memfd(4096)]), &state).err().unwrap().to_string();
+    assert!(err.contains("file descriptor 0") && err.contains("is 4096 bytes"), "{err}");
+    let err = map_memory(MemoryFiles::Fds(vec![memfd(state.mem_size), memfd(4096)]), &state).err().unwrap().to_string();
+    assert!(err.contains("memory layer 0") && err.contains("4096 bytes"), "{err}");
+    let (read, _write) = std::os::unix::net::UnixStream::pair().unwrap();
+    let err = map_memory(MemoryFiles::Fds(vec![OwnedFd::from(read)]), &state).err().unwrap().to_string();
+    assert!(err.contains("not a regular file"), "{err}");
+    let ram = map_memory(MemoryFiles::Fds(vec![memfd(state.mem_size), memfd(state.mem_size)]), &state).unwrap();
+    assert_eq!((ram.size, ram.layers.len()), (state.mem_size, 1));
+}
+
+#[test]
+fn sizes_from_the_state_are_checked_against_the_host() {
+    let mut s = sample();
+    s.mem_size = 1 << 40;
+    s.check().unwrap();
+    let err = check_limits(&s, 255).err().unwrap().to_string();
+    assert!(err.contains("1048576 MiB of memory, more than this host's"), "{err}");
+    let s = sample();
+    check_limits(&s, 2).unwrap();
+    let err = check_limits(&s, 1).err().unwrap().to_string();
+    assert!(err.contains("2 vCPUs requested but KVM allows at most 1"), "{err}");
+}
+
+fn disk(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+fn over(path: &Path, read_only: Option<bool>) -> DriveOverride {
+    DriveOverride { path: path.to_owned(), read_only }
+}
+
+#[test]
+fn a_load_needs_an_override_for_every_host_file() {
+    let dir = TempDir::new().unwrap();
+    let mut state = sample();
+    state.devices.drives[0].device.size = 1 << 20;
+    let err = open_devices(&state, &Overrides::default()).err().unwrap().to_string();
+    assert!(err.contains("drive 0 (rootfs) has no drive override") && err.contains("carry no host paths"), "{err}");
+    let overrides = Overrides { drives: [(0, over(&disk(dir.as_path(), "d"), None))].into(), ..Default::default() };
+    let err = open_devices(&state, &overrides).err().unwrap().to_string();
+    assert!(err.contains("no vsock_override.uds_path") && err.contains("carry no host paths"), "{err}");
+    let with_vsock = Overrides { vsock_uds: Some(dir.as_path().join("v.sock")), ..overrides };
+    assert!(open_devices(&state, &with_vsock).is_ok());
+}
+
+#[test]
+fn the_state_can_only_make_a_drive_more_restrictive() {
+    let dir = TempDir::new().unwrap();
+    let mut state = sample();
+    state.devices.vsock = None;
+    state.devices.drives[0].device.size = 1 << 20;
+    let path = disk(dir.as_path(), "d");
+    let read_only = |state: &SnapshotState, flag| {
+        let overrides = Overrides { drives: [(0, over(&path, flag))].into(), ..Default::default() };
+        open_devices(state, &overrides).unwrap().drives[0].config().read_only
+    };
+    assert!(read_only(&state, Some(true)), "a drive the snapshot had writable, loaded read-only");
+    assert!(!read_only(&state, Some(false)));
+    state.devices.drives[0].device.read_only = true;
+    assert!(read_only(&state, Some(false)), "a drive the snapshot had read-only stays so");
+    assert!(read_only(&state, None));
 }
 
 #[test]
 fn overrides_must_name_devices_the_snapshot_has() {
     let mut state = sample();
     state.devices.drives.clear();
-    let overrides = Overrides { drives: [(0, "/x".into())].into(), ..Default::default() };
+    let overrides = Overrides { drives: [(0, over(Path::new("/x"), None))].into(), ..Default::default() };
     let err = open_devices(&state, &overrides).err().unwrap();
     assert_eq!(err.to_string(), "drive override for drive 0, but the snapshot has 0 drives");
     state.devices.vsock = None;
@@ -234,7 +338,7 @@ fn a_replacement_disk_must_have_the_size_the_guest_knows() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut state = sample();
     state.devices.vsock = None;
-    let overrides = Overrides { drives: [(0, disk.clone())].into(), ..Default::default() };
+    let overrides = Overrides { drives: [(0, over(&disk, Some(false)))].into(), ..Default::default() };
     let err = open_devices(&state, &overrides).err().unwrap().to_string();
     assert!(err.starts_with("drive 0: disk") && err.contains("is 1048576 bytes") && err.contains("as 1073741824 bytes"), "{err}");
     state.devices.drives[0].device.size = 1 << 20;

@@ -96,7 +96,8 @@ fn map(file: Arc<File>, size: u64, backing: Backing) -> Result<GuestRam, MemoryE
     let mut regions = Vec::new();
     let mut file_offset = 0u64;
     for (start, len) in ram_ranges(size) {
-        let mapping = MmapRegionBuilder::new(len as usize)
+        let len_bytes = usize::try_from(len).map_err(|_| MemoryError::Mmap(format!("a region of {len} bytes")))?;
+        let mapping = MmapRegionBuilder::new(len_bytes)
             .with_file_offset(FileOffset::from_arc(file.clone(), file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -105,7 +106,9 @@ fn map(file: Arc<File>, size: u64, backing: Backing) -> Result<GuestRam, MemoryE
         let region = GuestRegionMmap::new(mapping, GuestAddress(start))
             .ok_or_else(|| MemoryError::Mmap(format!("region at {start:#x} overflows")))?;
         regions.push(region);
-        file_offset += len;
+        file_offset = file_offset
+            .checked_add(len)
+            .ok_or_else(|| MemoryError::Mmap(format!("the region at {start:#x} ends past the file's largest offset")))?;
     }
     let memory = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
     Ok(GuestRam { memory, file, size, backing, layers: Vec::new() })

@@ -1,5 +1,6 @@
-//! A drive in a snapshot: what it was configured as and the size the guest knows. The disk's
-//! contents are not part of it: a restore reopens the disk by path (or the override's).
+//! A drive in a snapshot: what the guest knows of it (its id, flags and size). No host path: a
+//! state file is not trusted to name host files, so a restore is given the disk for every drive
+//! (a load's drive overrides), and the disk's contents are not part of the snapshot.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,26 +10,30 @@ use crate::persist::Persist;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockState {
-    pub drive: DriveConfig,
+    /// The API's drive_id.
+    pub id: Option<String>,
+    pub read_only: bool,
+    pub root: bool,
     /// Bytes: a disk put in the saved one's place must have this size.
     pub size: u64,
 }
 
 impl Persist for Block {
     type State = BlockState;
-    type ConstructorArgs = ();
+    /// The drive as the restore opens it: the path and flags the load gave for it.
+    type ConstructorArgs = DriveConfig;
     type Error = BlockError;
 
     fn save(&self) -> BlockState {
-        BlockState { drive: self.config.clone(), size: self.capacity() }
+        let c = &self.config;
+        BlockState { id: c.id.clone(), read_only: c.read_only, root: c.root, size: self.capacity() }
     }
 
-    fn restore(_: (), state: &BlockState) -> Result<Self, BlockError> {
-        let drive = &state.drive;
+    fn restore(drive: DriveConfig, state: &BlockState) -> Result<Self, BlockError> {
         let disk = disk::open(&drive.path, drive.read_only)?;
         if disk.size() != state.size {
             return Err(BlockError::SavedSize { path: drive.path.clone(), len: disk.size(), expected: state.size });
         }
-        Ok(Self::new(drive.clone(), disk))
+        Ok(Self::new(drive, disk))
     }
 }

@@ -15,6 +15,7 @@ mod host;
 mod persist;
 
 pub use self::handle::{VsockHandle, VsockHostEvents};
+pub use self::persist::VsockState;
 use self::host::set_nonblocking;
 #[cfg(test)]
 mod tests;

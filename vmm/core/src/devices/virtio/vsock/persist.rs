@@ -1,25 +1,35 @@
-//! The vsock device in a snapshot: its CID and socket path. Its connections belonged to the
-//! process that made the snapshot; a restored device starts without any and, once the
+//! The vsock device in a snapshot: its CID. Not its socket path: a state file is not trusted to
+//! name host files, so a restore is given the socket to listen on. Its connections belonged to
+//! the process that made the snapshot; a restored device starts without any and, once the
 //! vCPUs exist, tells the guest so with a transport reset.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 use super::{VsockError, VsockHandle};
 use crate::config::VsockConfig;
 use crate::devices::bus::lock;
 use crate::persist::Persist;
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    pub cid: u32,
+}
+
 impl Persist for VsockHandle {
-    type State = VsockConfig;
-    type ConstructorArgs = ();
+    type State = VsockState;
+    /// The socket to listen on, and the CID if it is to change.
+    type ConstructorArgs = (PathBuf, Option<u32>);
     type Error = VsockError;
 
-    fn save(&self) -> VsockConfig {
-        let vsock = lock(&self.0);
+    fn save(&self) -> VsockState {
         // The CID was checked to fit in 32 bits when the device was made.
-        VsockConfig { cid: vsock.cid() as u32, uds: vsock.uds_path().to_owned() }
+        VsockState { cid: lock(&self.0).cid() as u32 }
     }
 
-    /// A device listening on `state.uds` (a socket of its own, not the saved process's).
-    fn restore(_: (), state: &VsockConfig) -> Result<Self, VsockError> {
-        VsockHandle::open(state)
+    /// A device listening on a socket of its own, not the saved process's.
+    fn restore((uds, cid): (PathBuf, Option<u32>), state: &VsockState) -> Result<Self, VsockError> {
+        VsockHandle::open(&VsockConfig { cid: cid.unwrap_or(state.cid), uds })
     }
 }
