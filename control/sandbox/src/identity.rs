@@ -93,6 +93,7 @@ mod tests {
             vcpus: 1,
             created: 1,
             vmm_socket: None,
+            disk_dirs: Vec::new(),
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

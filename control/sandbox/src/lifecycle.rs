@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api::client::{ApiClient, ApiClientError};
 use api::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
+    ActionType, BootSource, DiskFormat, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
     VmState, Vsock,
 };
 use disk::overlay;
@@ -17,6 +17,12 @@ use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, R
 use crate::process::{tail, VmmProcess};
 use crate::record::Record;
 use crate::{identity, SandboxError, SandboxSpec, Shape, Store};
+
+/// The format of a base image the user named: qcow2 if its name ends `.qcow2`, else raw (what
+/// every image `rootfs/build` makes is). Never taken from the file's content.
+pub(crate) fn image_format(image: &Path) -> disk::Format {
+    disk::Format::from_extension(image).unwrap_or(disk::Format::Raw)
+}
 
 impl Store {
     /// Starts a sandbox and returns once its guest agent answers.
@@ -76,9 +82,12 @@ impl Store {
 
     fn boot(&self, name: &str, dir: &Path, spec: &SandboxSpec) -> Result<Record, SandboxError> {
         let overlay_path = dir.join(OVERLAY);
-        overlay::create(&spec.image, &overlay_path)?;
+        let backing = self.disk_policy(&[&spec.image])?;
+        let base = overlay::Base { path: &spec.image, format: image_format(&spec.image), policy: &backing };
+        overlay::create(base, &overlay_path)?;
         let cid = self.reserve_cid(name)?;
-        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
+        let shape =
+            Shape { image: spec.image.clone(), backing, mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
         self.launch(name, dir, shape, spec.ready_timeout, |api| {
             api.put(
                 "/boot-source",
@@ -103,6 +112,7 @@ impl Store {
                     path_on_host: overlay_path.display().to_string(),
                     is_root_device: true,
                     is_read_only: false,
+                    format: Some(DiskFormat::Qcow2),
                     partuuid: None,
                     cache_type: None,
                     io_engine: None,
@@ -128,13 +138,17 @@ impl Store {
         let started = Instant::now();
         let resumes_agent_ms = shape.resumes_agent_ms;
         // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
-        let adopted = if is_hidden(name) { None } else { self.adopt_spare(dir) };
+        // A spare allows the store's own directories only: one fits a sandbox whose disk
+        // chain needs no other.
+        let spare_fits = self.disk_policy(&[])?;
+        let fits = shape.backing.dirs().iter().all(|d| spare_fits.allows(d));
+        let adopted = if is_hidden(name) || !fits { None } else { self.adopt_spare(dir) };
         let mut vmm = match adopted {
             Some(spare) => {
                 tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
                 VmmProcess::Adopted(spare)
             }
-            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name))?),
+            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name), &shape.backing)?),
         };
         let record = Record {
             name: name.to_string(),
@@ -148,6 +162,7 @@ impl Store {
                 VmmProcess::Adopted(spare) => Some(spare.started_as.clone()),
                 VmmProcess::Child(_) => None,
             },
+            disk_dirs: shape.backing.dirs().to_vec(),
         };
         let record_path = dir.join(RECORD);
         let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {

@@ -51,8 +51,14 @@ impl Store {
     /// Starts a VMM process named `id` serving `dir`/api.sock, its console and log in `dir`;
     /// in its own session, so that it outlives the terminal and the command that started it,
     /// unless `tied` (a hidden sandbox's, that command's scratch): then it dies with this
-    /// process even if that is killed.
-    pub(crate) fn spawn_vmm(&self, id: &str, dir: &Path, tied: bool) -> Result<std::process::Child, SandboxError> {
+    /// process even if that is killed. It allows backing files where `backing` does.
+    pub(crate) fn spawn_vmm(
+        &self,
+        id: &str,
+        dir: &Path,
+        tied: bool,
+        backing: &disk::BackingPolicy,
+    ) -> Result<std::process::Child, SandboxError> {
         let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
         let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
         let mut command = Command::new(&self.vmm_binary);
@@ -62,6 +68,7 @@ impl Store {
             .arg(dir.join(API_SOCKET))
             .arg("--id")
             .arg(id)
+            .args(backing.dirs().iter().flat_map(|d| [std::ffi::OsStr::new("--disk-dir"), d.as_os_str()]))
             .stdin(Stdio::null())
             .stdout(console)
             .stderr(log);

@@ -25,6 +25,10 @@ pub struct Record {
     /// spare VMM taken over): how the process is recognised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm_socket: Option<PathBuf>,
+    /// The directories the VMM allows backing files under (`ember vmm --disk-dir`): a fork's
+    /// children get the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_dirs: Vec<PathBuf>,
 }
 
 impl Record {
@@ -87,6 +91,7 @@ mod tests {
             vcpus: 1,
             created: 1,
             vmm_socket: None,
+            disk_dirs: Vec::new(),
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

@@ -13,6 +13,8 @@ use super::error::{answer, ApiError};
 use super::info;
 use super::runtime::RuntimeController;
 use crate::builder;
+use crate::config::disk_format;
+use disk::BackingPolicy;
 use crate::resources::VmResources;
 use crate::runtime::RuntimeApi;
 use crate::snapshot::{self, Overrides, PreparedVm, SnapshotError};
@@ -34,6 +36,8 @@ impl Write for SharedSink {
 
 pub struct PrebootController {
     id: String,
+    /// Where the backing files of the drives' qcow2 layers may lie (`ember vmm --disk-dir`).
+    backing: BackingPolicy,
     console: SharedSink,
     resources: VmResources,
     /// KVM's first memory slot costs milliseconds; paid at start, a snapshot load does not
@@ -59,11 +63,11 @@ impl Started {
 }
 
 impl PrebootController {
-    pub fn new(id: String, console: Box<dyn Write + Send>) -> Self {
+    pub fn new(id: String, backing: BackingPolicy, console: Box<dyn Write + Send>) -> Self {
         let prepared = snapshot::prepare()
             .map_err(|e| tracing::warn!("cannot prepare a VM for a snapshot load: {e}"))
             .ok();
-        Self { id, console: SharedSink(Arc::new(Mutex::new(console))), resources: VmResources::default(), prepared }
+        Self { id, backing, console: SharedSink(Arc::new(Mutex::new(console))), resources: VmResources::default(), prepared }
     }
 
     /// Answers `call`; once it has started a VM, the VM.
@@ -107,12 +111,17 @@ impl PrebootController {
     }
 
     fn runtime_controller(&mut self, machine: MachineConfig) -> RuntimeController {
-        RuntimeController { id: self.id.clone(), machine, metrics_path: self.resources.metrics_path.take() }
+        RuntimeController {
+            id: self.id.clone(),
+            machine,
+            metrics_path: self.resources.metrics_path.take(),
+            backing: self.backing.clone(),
+        }
     }
 
     fn start(&mut self) -> Result<Started, ApiError> {
         self.prepared = None;
-        let cfg = self.resources.vm_config().map_err(ApiError::Configuration)?;
+        let cfg = self.resources.vm_config(&self.backing).map_err(ApiError::Configuration)?;
         let vmm = builder::build(&cfg, Box::new(self.console.clone()))?;
         let controller = self.runtime_controller(self.resources.machine.clone());
         Ok(Started { vmm, controller, start_paused: false, loaded_at: None })
@@ -134,6 +143,9 @@ impl PrebootController {
         let mut overrides = Overrides::default();
         for drive in &params.drive_overrides {
             overrides.drives.insert(drive.index, drive.path_on_host.clone().into());
+            if let Some(format) = drive.format {
+                overrides.drive_formats.insert(drive.index, disk_format(format));
+            }
         }
         if let Some(vsock) = &params.vsock_override {
             overrides.vsock_cid = vsock.guest_cid;
@@ -142,7 +154,7 @@ impl PrebootController {
         let started = Instant::now();
         let state = snapshot::read_state(params.snapshot_path.as_ref())?;
         let read = started.elapsed();
-        let devices = snapshot::open_devices(&state, &overrides)?;
+        let devices = snapshot::open_devices(&state, &overrides, &self.backing)?;
         let opened = started.elapsed();
         let layers: Vec<PathBuf> = params.mem_layers.iter().map(Into::into).collect();
         let ram = snapshot::map_memory(mem_file.as_ref(), &layers, &state)?;

@@ -21,6 +21,8 @@ pub struct RuntimeController {
     pub machine: MachineConfig,
     /// Where FlushMetrics appends (PUT /metrics).
     pub metrics_path: Option<PathBuf>,
+    /// Where the backing files of a drive's new disk may lie (PATCH /drives).
+    pub backing: disk::BackingPolicy,
 }
 
 impl RuntimeController {
@@ -37,7 +39,7 @@ impl RuntimeController {
             }
             ApiRequest::CreateSnapshot(_) if !paused => ApiError::NotPaused.into(),
             ApiRequest::CreateSnapshot(params) => create_snapshot(&params, vmm),
-            ApiRequest::PatchDrive(drive) => answer(update_drive(&drive, vmm)),
+            ApiRequest::PatchDrive(drive) => answer(update_drive(&drive, vmm, &self.backing)),
             ApiRequest::LoadSnapshot(_) => ApiError::LoadAfterStart.into(),
             ApiRequest::Action(ActionType::InstanceStart) => ApiError::AlreadyRunning.into(),
             ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiError::CtrlAltDel.into(),
@@ -110,9 +112,9 @@ fn create_snapshot(params: &SnapshotCreateParams, vmm: &mut Vmm) -> ApiResponse 
 }
 
 /// Puts another file behind a drive (PATCH /drives/{id}).
-fn update_drive(patch: &PartialDrive, vmm: &mut Vmm) -> Result<(), ApiError> {
+fn update_drive(patch: &PartialDrive, vmm: &mut Vmm, backing: &disk::BackingPolicy) -> Result<(), ApiError> {
     let path = PathBuf::from(patch.path_on_host.as_deref().unwrap_or_default());
-    vmm.update_drive(&patch.drive_id, &path)
+    vmm.update_drive(&patch.drive_id, &path, patch.format.map(crate::config::disk_format), backing)
         .map_err(|source| ApiError::UpdateDrive { id: patch.drive_id.clone(), source })?;
     tracing::info!("drive {} now on {}", patch.drive_id, path.display());
     Ok(())

@@ -18,6 +18,7 @@ use crate::devices::virtio::mmio::{MmioState, MmioTransport};
 use crate::devices::virtio::vsock::{VsockHandle, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::VirtioDevice;
 use crate::persist::Persist;
+use disk::{BackingPolicy, Format};
 
 /// A virtio device's state and its transport's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,9 @@ pub struct Overrides {
     /// have the snapshot's size, and should hold what the snapshot's disk held when it was made
     /// (e.g. a new overlay on a frozen copy of it): the guest's page cache remembers that.
     pub drives: BTreeMap<usize, PathBuf>,
+    /// The formats of the files put in place, by drive index; a drive without one keeps the
+    /// saved format.
+    pub drive_formats: BTreeMap<usize, Format>,
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: Option<u32>,
 }
@@ -96,8 +100,9 @@ impl DeviceManager {
 }
 
 impl DeviceSet {
-    /// Applies `overrides` to the saved devices and opens them (disks, sockets).
-    pub fn restore(states: &DeviceStates, overrides: &Overrides) -> Result<Self, DeviceError> {
+    /// Applies `overrides` to the saved devices and opens them (disks, sockets), the disks'
+    /// backing files where `backing` allows.
+    pub fn restore(states: &DeviceStates, overrides: &Overrides, backing: &BackingPolicy) -> Result<Self, DeviceError> {
         let count = states.drives.len();
         if let Some((&index, _)) = overrides.drives.range(count..).next() {
             return Err(DeviceError::NoDriveToOverride { index, count });
@@ -111,7 +116,10 @@ impl DeviceSet {
             if let Some(path) = overrides.drives.get(&index) {
                 state.drive.path = path.clone();
             }
-            drives.push(Block::restore((), &state).map_err(|source| DeviceError::Drive { index, source })?);
+            if let Some(&format) = overrides.drive_formats.get(&index) {
+                state.drive.format = format;
+            }
+            drives.push(Block::restore(backing.clone(), &state).map_err(|source| DeviceError::Drive { index, source })?);
         }
         let vsock = match &states.vsock {
             Some(saved) => {

@@ -20,7 +20,7 @@ use super::SnapshotError;
 
 pub const MAGIC: [u8; 8] = *b"EMBERSNP";
 /// The state file format this ember writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 pub const HEADER_LEN: usize = 24;
 
 pub fn encode(state: &SnapshotState) -> Result<Vec<u8>, SnapshotError> {

@@ -91,7 +91,7 @@ pub(super) fn sample() -> SnapshotState {
         },
         drives: vec![VirtioState {
             device: BlockState {
-                drive: DriveConfig { id: Some("rootfs".into()), path: "/images/rootfs.qcow2".into(), read_only: false, root: true },
+                drive: DriveConfig { id: Some("rootfs".into()), path: "/images/rootfs.qcow2".into(), read_only: false, root: true, format: disk::Format::Qcow2 },
                 size: 1 << 30,
             },
             transport: transport(2, 1),
@@ -220,11 +220,11 @@ fn overrides_must_name_devices_the_snapshot_has() {
     let mut state = sample();
     state.devices.drives.clear();
     let overrides = Overrides { drives: [(0, "/x".into())].into(), ..Default::default() };
-    let err = open_devices(&state, &overrides).err().unwrap();
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap();
     assert_eq!(err.to_string(), "drive override for drive 0, but the snapshot has 0 drives");
     state.devices.vsock = None;
     let overrides = Overrides { vsock_cid: Some(9), ..Default::default() };
-    assert!(matches!(open_devices(&state, &overrides), Err(SnapshotError::Devices(DeviceError::NoVsock))));
+    assert!(matches!(open_devices(&state, &overrides, &Default::default()), Err(SnapshotError::Devices(DeviceError::NoVsock))));
 }
 
 #[test]
@@ -234,9 +234,41 @@ fn a_replacement_disk_must_have_the_size_the_guest_knows() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut state = sample();
     state.devices.vsock = None;
+    // The saved drive is qcow2: without a format of its own, the raw replacement is opened so.
     let overrides = Overrides { drives: [(0, disk.clone())].into(), ..Default::default() };
-    let err = open_devices(&state, &overrides).err().unwrap().to_string();
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap().to_string();
+    assert!(err.contains("disk.raw is not a usable qcow2 image: no qcow2 magic"), "{err}");
+    let overrides = Overrides { drive_formats: [(0, disk::Format::Raw)].into(), ..overrides };
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap().to_string();
     assert!(err.starts_with("drive 0: disk") && err.contains("is 1048576 bytes") && err.contains("as 1073741824 bytes"), "{err}");
     state.devices.drives[0].device.size = 1 << 20;
-    assert!(open_devices(&state, &overrides).is_ok());
+    assert!(open_devices(&state, &overrides, &Default::default()).is_ok());
+}
+
+#[test]
+fn a_saved_raw_drive_stays_raw_whatever_its_first_bytes_say() {
+    let dir = TempDir::new().unwrap();
+    // What a guest could write at the start of its raw disk: a qcow2 header naming a host file.
+    let secret = dir.as_path().join("secret.raw");
+    std::fs::write(&secret, vec![7u8; 4 << 20]).unwrap();
+    let planted = dir.as_path().join("planted.qcow2");
+    let policy = disk::BackingPolicy::new([dir.as_path()]).unwrap();
+    disk::overlay::create(disk::overlay::Base { path: &secret, format: disk::Format::Raw, policy: &policy }, &planted)
+        .unwrap();
+    let mut bytes = std::fs::read(&planted).unwrap();
+    bytes.resize(2 << 20, 0);
+    let disk = dir.as_path().join("disk.raw");
+    std::fs::write(&disk, &bytes).unwrap();
+
+    let mut state = sample();
+    state.devices.vsock = None;
+    state.devices.drives[0].device.drive.path = disk;
+    state.devices.drives[0].device.drive.format = disk::Format::Raw;
+    state.devices.drives[0].device.size = 2 << 20;
+    // Even with the secret's directory allowed: a raw disk has no backing file.
+    assert!(open_devices(&state, &Overrides::default(), &policy).is_ok());
+    // Read as qcow2 it would be a 4 MiB disk over the secret, not the 2 MiB the guest knows.
+    state.devices.drives[0].device.drive.format = disk::Format::Qcow2;
+    let err = open_devices(&state, &Overrides::default(), &policy).err().unwrap().to_string();
+    assert!(err.contains("is 4194304 bytes"), "{err}");
 }
