@@ -17,7 +17,7 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm::devices::virtio::block::request::{execute, Limits};
-use disk::{open, overlay, DiskBackend};
+use disk::{overlay, BackingPolicy, DiskBackend, DiskError, Format};
 use vmm_sys_util::tempdir::TempDir;
 
 /// Cluster size of the overlays under test (EMBER_DISK_BENCH_CLUSTER, default ember's).
@@ -47,8 +47,24 @@ fn request(mem: &GuestMemoryMmap, disk: &mut dyn DiskBackend, write: bool, offse
     assert_eq!(done.status, Some(VIRTIO_BLK_S_OK as u8));
 }
 
+/// Backing files beside the image: every bench keeps a base and its overlays in one directory.
+fn beside(path: &Path) -> BackingPolicy {
+    BackingPolicy::new([path.parent().unwrap()]).unwrap()
+}
+
+/// The format the bench's file names say.
+fn format_of(path: &Path) -> Format {
+    Format::from_extension(path).unwrap()
+}
+
 fn create(base: &Path, top: &Path) {
-    overlay::create_with_cluster_size(base, top, cluster_size()).unwrap();
+    let policy = beside(base);
+    overlay::create_with_cluster_size(overlay::Base { path: base, format: format_of(base), policy: &policy }, top, cluster_size())
+        .unwrap();
+}
+
+fn open(path: &Path, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
+    disk::open(path, format_of(path), read_only, &beside(path))
 }
 
 const MIB: u64 = 1 << 20;

@@ -39,8 +39,9 @@ fn make_snapshot(dir: &Path, mem_mib: u64, vcpus: u8) -> snapshot::SnapshotInfo 
         cmdline: None,
         mem_mib,
         vcpus,
-        drives: vec![DriveConfig { id: None, path: disk, read_only: false, root: true }],
+        drives: vec![DriveConfig { id: None, path: disk, read_only: false, root: true, format: disk::Format::Raw }],
         vsock: Some(VsockConfig { cid: 3, uds: dir.join("vsock.sock") }),
+        backing: Default::default(),
     };
     let mut vm = build(&cfg, Box::new(std::io::sink())).expect("VM builds");
     let fd = vm.vcpus_mut()[0].kvm_fd();
@@ -94,7 +95,7 @@ fn main() {
         let state = snapshot::read_state(&snap.state).unwrap();
         snapshot::check_limits(&state, prepared.max_vcpus()).unwrap();
         let t1 = Instant::now();
-        let devices = snapshot::open_devices(&state, &overrides).unwrap();
+        let devices = snapshot::open_devices(&state, &overrides, &Default::default()).unwrap();
         let t2 = Instant::now();
         let ram = snapshot::map_memory(MemoryFiles::Path(snap.memory.clone()), &state).unwrap();
         let t3 = Instant::now();

@@ -32,7 +32,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use api::client::ApiClient;
 use api::models::{
-    DriveOverride, MetricsConfig, SnapshotLoadParams, VsockOverride,
+    DiskFormat, DriveOverride, MetricsConfig, SnapshotLoadParams, VsockOverride,
 };
 use vmm::arch::x86_64::layout::VIRTIO_MMIO_START;
 use vmm::builder::build;
@@ -124,15 +124,23 @@ fn make_parent(dir: &Path, state: &Path) -> (Vmm, std::sync::Arc<std::fs::File>,
     let base = dir.join("base.raw");
     std::fs::File::create(&base).unwrap().set_len(BASE_BYTES).unwrap();
     let layer = dir.join("layer.qcow2");
-    overlay::create(&base, &layer).unwrap();
+    let backing = disk::BackingPolicy::new([dir]).unwrap();
+    overlay::create(overlay::Base { path: &base, format: disk::Format::Raw, policy: &backing }, &layer).unwrap();
     let cfg = VmConfig {
         kernel,
         initrd: None,
         cmdline: None,
         mem_mib: MEM_MIB,
         vcpus: 1,
-        drives: vec![DriveConfig { id: Some("rootfs".into()), path: layer.clone(), read_only: false, root: true }],
+        drives: vec![DriveConfig {
+            id: Some("rootfs".into()),
+            path: layer.clone(),
+            read_only: false,
+            root: true,
+            format: disk::Format::Qcow2,
+        }],
         vsock: Some(VsockConfig { cid: 3, uds: dir.join("parent.sock") }),
+        backing,
     };
     let mut vm = build(&cfg, Box::new(std::io::sink())).expect("VM builds");
     activate(&vm, 0, 1);
@@ -283,12 +291,15 @@ fn main() {
     // memory stays open here.
     drop(parent);
     let child_disk = dir.join("child.qcow2");
-    overlay::create(&layer, &child_disk).unwrap();
+    let backing = disk::BackingPolicy::new([dir]).unwrap();
+    overlay::create(overlay::Base { path: &layer, format: disk::Format::Qcow2, policy: &backing }, &child_disk).unwrap();
 
     let api_sock = dir.join("api.sock");
     let mut command = Command::new(&ember);
     command
-        .args(["vmm", "--id", "child", "--api-sock"])
+        .args(["vmm", "--id", "child", "--disk-dir"])
+        .arg(dir)
+        .arg("--api-sock")
         .arg(&api_sock)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("console.log")).unwrap())
@@ -321,6 +332,7 @@ fn main() {
                 index: 0,
                 path_on_host: child_disk.display().to_string(),
                 is_read_only: Some(false),
+                format: Some(DiskFormat::Qcow2),
             }],
             vsock_override: Some(VsockOverride { guest_cid: Some(4), uds_path: Some(dir.join("vsock.sock").display().to_string()) }),
             mem_fds: Some(1),
@@ -336,7 +348,7 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     let mut sector = [0u8; 512];
-    let mut disk = disk::open(&child_disk, true).unwrap();
+    let mut disk = disk::open(&child_disk, disk::Format::Qcow2, true, &backing).unwrap();
     disk.read_vectored(CHILD_SECTOR * 512, &[vm_memory::VolatileSlice::from(&mut sector[..])]).unwrap();
     assert_eq!(sector, [DATA_BYTE; 512], "the child served the write waiting in its queue");
 

@@ -63,7 +63,7 @@ fn configure_start_pause_resume_through_the_api_socket() {
         .contains("already exists"));
     let console = Console::default();
     let sink = console.clone();
-    let vmm = std::thread::spawn(move || vmm::controller::serve(channel, "test-vm".into(), Instant::now(), Box::new(sink)));
+    let vmm = std::thread::spawn(move || vmm::controller::serve(channel, "test-vm".into(), Instant::now(), Default::default(), Box::new(sink)));
     let api = ApiClient::new(&socket);
     let len = || console.0.lock().unwrap().len();
 
@@ -119,7 +119,7 @@ fn malformed_http_gets_a_400_and_the_api_keeps_serving() {
     let socket = g.dir.as_path().join("api.sock");
     let (sender, channel) = api::channel().unwrap();
     api::server::start(&socket, sender).unwrap();
-    std::thread::spawn(move || vmm::controller::serve(channel, "x".into(), Instant::now(), Box::new(std::io::sink())));
+    std::thread::spawn(move || vmm::controller::serve(channel, "x".into(), Instant::now(), Default::default(), Box::new(std::io::sink())));
 
     let raw = |bytes: &[u8]| {
         let mut s = UnixStream::connect(&socket).unwrap();
@@ -146,17 +146,26 @@ fn malformed_http_gets_a_400_and_the_api_keeps_serving() {
 }
 
 /// A VMM serving its API on `socket` in a thread of this process, its console in the returned
-/// buffer.
+/// buffer; backing files are allowed in the socket's directory.
 fn spawn_vmm(
     socket: &std::path::Path,
     id: &str,
+) -> (ApiClient, Console, std::thread::JoinHandle<Result<vmm::runtime::RunOutcome, vmm::controller::ControllerError>>) {
+    spawn_vmm_with(socket, id, disk::BackingPolicy::new([socket.parent().unwrap()]).unwrap())
+}
+
+/// [`spawn_vmm`] with backing files allowed where `backing` says.
+fn spawn_vmm_with(
+    socket: &std::path::Path,
+    id: &str,
+    backing: disk::BackingPolicy,
 ) -> (ApiClient, Console, std::thread::JoinHandle<Result<vmm::runtime::RunOutcome, vmm::controller::ControllerError>>) {
     let (sender, channel) = api::channel().unwrap();
     api::server::start(socket, sender).unwrap();
     let console = Console::default();
     let sink = console.clone();
     let id = id.to_string();
-    let vmm = std::thread::spawn(move || vmm::controller::serve(channel, id, Instant::now(), Box::new(sink)));
+    let vmm = std::thread::spawn(move || vmm::controller::serve(channel, id, Instant::now(), backing, Box::new(sink)));
     (ApiClient::new(socket), console, vmm)
 }
 
@@ -275,6 +284,7 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
         path_on_host: disk.display().to_string(),
         is_root_device: true,
         is_read_only: false,
+        format: None,
         partuuid: None,
         cache_type: None,
         io_engine: None,
@@ -284,6 +294,7 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
     let patch = |path: &std::path::Path| PartialDrive {
         drive_id: "rootfs".into(),
         path_on_host: Some(path.display().to_string()),
+        format: Some(DiskFormat::Qcow2),
         rate_limiter: None,
     };
     assert!(fault(api.patch("/drives/rootfs", &patch(&disk))).contains("not running yet"));
@@ -303,32 +314,39 @@ fn a_fork_through_the_api_freezes_memory_and_switches_the_disk() {
     assert_eq!((frozen.mem_fds, memory.len()), (1, 1), "a cold-booted VM's memfd freezes in place, no layers");
     // The disk: the raw file becomes the base of a new overlay, which the VM switches to.
     let overlay = g.dir.as_path().join("top.qcow2");
-    disk::overlay::create_over_in_use(&disk, &overlay).unwrap();
+    let backing = disk::BackingPolicy::new([g.dir.as_path()]).unwrap();
+    let base = disk::overlay::Base { path: &disk, format: disk::Format::Raw, policy: &backing };
+    disk::overlay::create_over_in_use(base, &overlay).unwrap();
     let small = g.file("small.raw", &[0u8; 4096]);
-    let message = fault(api.patch("/drives/rootfs", &patch(&small)));
+    let message = fault(api.patch("/drives/rootfs", &PartialDrive { format: None, ..patch(&small) }));
     assert!(message.contains("1048576 bytes") || message.contains("size"), "{message}");
     assert!(fault(api.patch("/drives/other", &PartialDrive { drive_id: "other".into(), ..patch(&overlay) }))
         .contains("no such drive"));
+    // Without a format the new file is in the drive's, raw: the overlay's bytes, the wrong size.
+    let message = fault(api.patch("/drives/rootfs", &PartialDrive { format: None, ..patch(&overlay) }));
+    assert!(message.contains("1048576 bytes"), "{message}");
     api.patch("/drives/rootfs", &patch(&overlay)).unwrap();
     // The base is no longer held for writing: another overlay can lock it for reading.
-    disk::overlay::create(&disk, &g.dir.as_path().join("child.qcow2")).unwrap();
+    disk::overlay::create(base, &g.dir.as_path().join("child.qcow2")).unwrap();
     api.patch("/vm", &Vm { state: VmState::Resumed }).unwrap();
 
-    // A child maps the frozen memory (while the parent runs on) and continues from the pause.
-    let (child_api, child_console, child) = spawn_vmm(&g.dir.as_path().join("c.sock"), "c");
+    // A child maps the frozen memory (while the parent runs on) and continues from the pause;
+    // a VMM allowed no backing directory refuses the child's overlay, and loads nothing.
     let mut load = load_params(&state_file, std::path::Path::new("unused"), true);
     (load.mem_backend, load.mem_fds) = (None, Some(1));
     let fds: Vec<_> = memory.iter().map(AsFd::as_fd).collect();
+    let (child_api, child_console, child) = spawn_vmm(&g.dir.as_path().join("c.sock"), "c");
     // A state file names no host files: a load without the drive's override is refused.
     let message = fault(child_api.put_with_fds("/snapshot/load", &load, &fds));
     assert!(message.contains("drive 0 (rootfs) has no drive override") && message.contains("no host paths"), "{message}");
     let message = fault(child_api.put_with_fds("/snapshot/load", &load, &[]));
     assert!(message.contains("mem_fds is 1, but 0 file descriptors came"), "{message}");
-    load.drive_overrides = vec![DriveOverride {
-        index: 0,
-        path_on_host: g.dir.as_path().join("child.qcow2").display().to_string(),
-        is_read_only: Some(false),
-    }];
+    let child_disk = g.dir.as_path().join("child.qcow2").display().to_string();
+    load.drive_overrides =
+        vec![DriveOverride { index: 0, path_on_host: child_disk, is_read_only: Some(false), format: Some(DiskFormat::Qcow2) }];
+    let (refusing_api, _, _) = spawn_vmm_with(&g.dir.as_path().join("r.sock"), "r", disk::BackingPolicy::default());
+    let message = fault(refusing_api.put_with_fds("/snapshot/load", &load, &fds));
+    assert!(message.contains("disk.raw") && message.contains("--disk-dir"), "{message}");
     child_api.put_with_fds("/snapshot/load", &load, &fds).unwrap();
     drop(memory);
     assert_eq!(parent.join().unwrap().unwrap().exit, GuestExit::Reset);

@@ -66,7 +66,7 @@ fn run_steps(vcpu: &mut Vcpu, steps: usize) -> Vec<(u32, u32)> {
 fn counting_vm(g: &Guest, vcpus: u8) -> Vmm {
     let kernel = g.file("vmlinux", &elf(&COUNTING_GUEST, LOAD_ADDR, 0));
     let mut cfg = config(&kernel, vcpus, 32);
-    cfg.drives.push(DriveConfig { id: Some("rootfs".into()), path: g.file("disk.raw", &vec![0u8; 1 << 20]), read_only: false, root: true });
+    cfg.drives.push(DriveConfig { id: Some("rootfs".into()), path: g.file("disk.raw", &vec![0u8; 1 << 20]), read_only: false, root: true, format: disk::Format::Raw });
     cfg.vsock = Some(VsockConfig { cid: 3, uds: g.dir.as_path().join("vsock.sock") });
     build(&cfg, Box::new(Console::default())).expect("VM builds")
 }
@@ -79,6 +79,7 @@ fn own_devices(g: &Guest, name: &str) -> Overrides {
         drives: [(0, DriveOverride { path: disk, read_only: Some(false) })].into(),
         vsock_uds: Some(g.dir.as_path().join(format!("{name}.sock"))),
         vsock_cid: None,
+        drive_formats: Default::default(),
     }
 }
 
@@ -111,7 +112,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
     run_steps(&mut original.vcpus_mut()[0], 3);
 
     let overrides_a = Overrides { vsock_cid: Some(7), ..own_devices(&g, "a") };
-    let mut a = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_a, Box::new(Console::default())).expect("restore A");
+    let mut a = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_a, &Default::default(), Box::new(Console::default())).expect("restore A");
     assert_eq!(a.vcpus().len(), 2);
     let after_a = run_steps(&mut a.vcpus_mut()[0], 4);
     assert_eq!(after_a, (1..=4).map(|i| (reg_at + i, mem_at + i)).collect::<Vec<_>>(), "A continues, not restarts");
@@ -119,7 +120,7 @@ fn a_restored_vm_continues_where_the_snapshot_was_taken_and_forks_do_not_share_m
     // B restores from the same files while A is alive: A's writes are A's own.
     // The original still holds its disk's write lock, so B gets its own disk too.
     let overrides_b = own_devices(&g, "b");
-    let mut b = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_b, Box::new(Console::default())).expect("restore B");
+    let mut b = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides_b, &Default::default(), Box::new(Console::default())).expect("restore B");
     let after_b = run_steps(&mut b.vcpus_mut()[0], 2);
     assert_eq!(after_b, vec![(reg_at + 1, mem_at + 1), (reg_at + 2, mem_at + 2)], "B starts where the snapshot did");
     assert_eq!(a.ram().memory.read_obj::<u64>(GuestAddress(COUNTER)).unwrap(), (mem_at + 4) as u64);
@@ -148,7 +149,7 @@ fn kvm_state_survives_a_round_trip_through_a_fresh_vm() {
     let saved = snapshot::read_state(&snap.join(snapshot::STATE_FILE)).unwrap();
 
     let overrides = own_devices(&g, "r");
-    let restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides, Box::new(Console::default())).unwrap();
+    let restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &overrides, &Default::default(), Box::new(Console::default())).unwrap();
     for (index, vcpu) in restored.vcpus().iter().enumerate() {
         let (before, after) = (&saved.vcpus[index], vcpu.save_state().unwrap());
         assert_eq!(after.regs, before.regs, "vCPU {index} registers");
@@ -207,7 +208,7 @@ fn a_restored_guest_finds_its_tsc_and_kvmclock_as_far_apart_as_they_were() {
     drop(original);
     std::thread::sleep(std::time::Duration::from_millis(50));
 
-    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "r"), Box::new(Console::default())).unwrap();
+    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "r"), &Default::default(), Box::new(Console::default())).unwrap();
     let (after, _) = tsc_minus_kvmclock(&mut restored);
     // Linux's watchdog marks the TSC unstable past about 0.5 ms; allow 0.2 ms for the reads.
     let drift_us = (after - before).abs() * 1000 / khz as i128;
@@ -223,13 +224,13 @@ fn a_snapshot_of_a_restored_vm_carries_its_own_writes() {
     take_snapshot(&original, &first);
     drop(original);
 
-    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &own_devices(&g, "r1"), Box::new(Console::default())).unwrap();
+    let mut restored = snapshot::restore(&SnapshotFiles::in_dir(&first), &own_devices(&g, "r1"), &Default::default(), Box::new(Console::default())).unwrap();
     let (_, mem_at) = *run_steps(&mut restored.vcpus_mut()[0], 3).last().unwrap();
     let second = g.dir.as_path().join("second");
     take_snapshot(&restored, &second);
     drop(restored);
 
-    let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &own_devices(&g, "r2"), Box::new(Console::default())).unwrap();
+    let mut again = snapshot::restore(&SnapshotFiles::in_dir(&second), &own_devices(&g, "r2"), &Default::default(), Box::new(Console::default())).unwrap();
     assert_eq!(run_steps(&mut again.vcpus_mut()[0], 1)[0].1, mem_at + 1);
 }
 
@@ -246,7 +247,7 @@ fn a_corrupt_state_file_is_refused_before_any_vm_exists() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&state_path, &bytes).unwrap();
-    let err = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "c"), Box::new(Console::default())).err().unwrap();
+    let err = snapshot::restore(&SnapshotFiles::in_dir(&snap), &own_devices(&g, "c"), &Default::default(), Box::new(Console::default())).err().unwrap();
     assert_eq!(err.to_string(), format!("state file {} is corrupt: checksum mismatch", state_path.display()));
     assert!(!g.dir.as_path().join("c.sock").exists(), "nothing was opened");
 }

@@ -73,15 +73,59 @@ enum Command {
     Disk(DiskCommand),
 }
 
+/// How `ember disk` and `ember run` learn a file's format and where backing files may lie.
+#[derive(Args)]
+struct DiskOptions {
+    /// Format of the image named (raw or qcow2) [default: from its name: .qcow2, or .raw, .img,
+    /// .ext4 for raw; any other name needs --format]. Never guessed from the content
+    #[arg(long, value_name = "FORMAT")]
+    format: Option<disk::Format>,
+    /// A directory backing files of qcow2 layers may lie under, besides the named image's own
+    /// directory, $EMBER_HOME/images and $EMBER_STATE (repeatable)
+    #[arg(long = "disk-dir", value_name = "DIR")]
+    disk_dirs: Vec<PathBuf>,
+}
+
+impl DiskOptions {
+    /// The format of IMAGE: --format, or its name's.
+    fn format_of(&self, image: &std::path::Path) -> anyhow::Result<disk::Format> {
+        match self.format.or_else(|| disk::Format::from_extension(image)) {
+            Some(f) => Ok(f),
+            None => bail!("cannot tell the format of {} from its name: pass --format raw or --format qcow2", image.display()),
+        }
+    }
+}
+
+/// Where the backing files of the chains of NAMED may lie for a command run by hand: each named
+/// file's directory, the images directory, the state directory, and DIRS.
+fn command_policy(named: &[&std::path::Path], dirs: &[PathBuf]) -> anyhow::Result<disk::BackingPolicy> {
+    let mut policy = disk::BackingPolicy::new(dirs)?;
+    let parent = |p: &std::path::Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let images = std::env::var_os("EMBER_HOME").map(|h| PathBuf::from(h).join("images"));
+    let state = sandbox::Store::default_root().parent().map(PathBuf::from);
+    for dir in named.iter().map(|p| parent(p)).chain(images).chain(state) {
+        // Where they do not exist, nothing lies there anyway.
+        if dir.is_dir() {
+            policy.allow(&dir)?;
+        }
+    }
+    Ok(policy)
+}
+
 #[derive(Subcommand)]
 enum DiskCommand {
-    /// Create a qcow2 overlay of BASE (raw or qcow2); BASE is recorded by absolute path and
-    /// is never written. Refuses to overwrite OVERLAY.
+    /// Create a qcow2 overlay of BASE (raw or qcow2); BASE is recorded by absolute path, with
+    /// its format, and is never written. Refuses to overwrite OVERLAY.
     Create {
-        /// The image the overlay starts as (a raw base or a frozen overlay)
+        /// The image the overlay starts as (a raw base or a frozen overlay); --format gives its format
         #[arg(long)]
         base: PathBuf,
         overlay: PathBuf,
+        #[command(flatten)]
+        options: DiskOptions,
     },
     /// Show the backing chain of an image, top layer first.
     Info {
@@ -89,22 +133,35 @@ enum DiskCommand {
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        options: DiskOptions,
     },
-    /// Write the content of an image's whole chain to OUT, a standalone sparse raw image.
-    Flatten { image: PathBuf, out: PathBuf },
+    /// Write the content of an image's whole chain to OUT, a standalone sparse raw image. OUT
+    /// is raw whatever its first bytes look like: name it .raw or .img, or open it with
+    /// format raw.
+    Flatten {
+        image: PathBuf,
+        out: PathBuf,
+        #[command(flatten)]
+        options: DiskOptions,
+    },
 }
 
 fn disk(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
     use disk::overlay;
     match cmd {
-        DiskCommand::Create { base, overlay: path } => {
-            overlay::create(&base, &path)?;
+        DiskCommand::Create { base, overlay: path, options } => {
+            let policy = command_policy(&[&base], &options.disk_dirs)?;
+            let format = options.format_of(&base)?;
+            overlay::create(overlay::Base { path: &base, format, policy: &policy }, &path)?;
         }
-        DiskCommand::Info { image, json } => {
-            print!("{}", overlay::render_info(&overlay::info(&image)?, json));
+        DiskCommand::Info { image, json, options } => {
+            let policy = command_policy(&[&image], &options.disk_dirs)?;
+            print!("{}", overlay::render_info(&overlay::info(&image, options.format_of(&image)?, &policy)?, json));
         }
-        DiskCommand::Flatten { image, out } => {
-            let stats = overlay::flatten(&image, &out)?;
+        DiskCommand::Flatten { image, out, options } => {
+            let policy = command_policy(&[&image], &options.disk_dirs)?;
+            let stats = overlay::flatten(&image, options.format_of(&image)?, &policy, &out)?;
             eprintln!(
                 "ember: wrote {} ({} of data in a {} disk)",
                 out.display(),
@@ -139,6 +196,10 @@ struct VmmArgs {
     /// The largest file the jailed VMM may write, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 40)]
     jail_max_file_size: u64,
+    /// A directory the backing files of the drives' qcow2 layers may lie under (repeatable);
+    /// with none, a drive whose qcow2 layer has a backing file is refused
+    #[arg(long = "disk-dir", value_name = "DIR")]
+    disk_dirs: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -188,10 +249,15 @@ struct RunArgs {
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     vcpus: u8,
-    /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on]; repeatable, the guest sees them
-    /// as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as / (rw unless ro=on)
+    /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on][,format=raw|qcow2]; repeatable, the
+    /// guest sees them as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as /
+    /// (rw unless ro=on). Without format=, FILE's name says it (.qcow2, or .raw, .img, .ext4)
     #[arg(long = "drive", value_name = "OPTIONS", conflicts_with = "detach")]
     drives: Vec<vmm::config::DriveConfig>,
+    /// A directory backing files of the drives' qcow2 layers may lie under, besides each
+    /// drive's own directory, $EMBER_HOME/images and $EMBER_STATE (repeatable)
+    #[arg(long = "disk-dir", value_name = "DIR", conflicts_with = "detach")]
+    disk_dirs: Vec<PathBuf>,
     /// A virtio-vsock device: cid=N,uds=PATH. Host programs connect to PATH and write
     /// "CONNECT <port>\n"; guest connections to host port P reach PATH_P
     #[arg(long, value_name = "OPTIONS", conflicts_with = "detach")]
@@ -223,7 +289,16 @@ fn store() -> anyhow::Result<sandbox::Store> {
         .filter_map(|p| std::path::absolute(p).ok())
         .collect();
     let jail = sandbox::jails::JailSettings::from_env(installed);
-    let store = sandbox::Store::new(sandbox::Store::default_root(), exe).with_spare_vmms(spares).with_jail(jail);
+    // Sandboxes' disks may be backed by files in the images directory and the directories
+    // EMBER_DISK_DIRS lists (colon-separated), besides $EMBER_STATE and the files named.
+    let mut disk_dirs: Vec<PathBuf> = std::env::var_os("EMBER_HOME").map(|h| PathBuf::from(h).join("images")).into_iter().collect();
+    if let Some(dirs) = std::env::var_os("EMBER_DISK_DIRS") {
+        disk_dirs.extend(std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()));
+    }
+    let store = sandbox::Store::new(sandbox::Store::default_root(), exe)
+        .with_spare_vmms(spares)
+        .with_disk_dirs(disk_dirs)
+        .with_jail(jail);
     store.check_state_dir()?;
     Ok(store)
 }
@@ -323,6 +398,8 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
     let (sender, channel) = api::channel().context("cannot set up the API channel")?;
     let listener = api::server::bind(&args.api_sock, &sender)?;
+    // Resolved on the host's view: inside a jail the same paths lead to what was linked in.
+    let backing = disk::BackingPolicy::new(&args.disk_dirs)?;
     if let Some(root) = args.jail {
         let jail = jail::Jail {
             root,
@@ -334,7 +411,7 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
         jail.enter()?;
     }
     api::server::spawn(listener, sender)?;
-    let outcome = vmm::controller::serve(channel, args.id, started, Box::new(std::io::stdout()));
+    let outcome = vmm::controller::serve(channel, args.id, started, backing, Box::new(std::io::stdout()));
     let _ = std::fs::remove_file(&args.api_sock);
     let exit = outcome?.exit;
     // A sandbox's VMM runs detached: its log is the only place that says why its guest ended.
@@ -372,6 +449,7 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
+        backing: command_policy(&args.drives.iter().map(|d| d.path.as_path()).collect::<Vec<_>>(), &args.disk_dirs)?,
         drives: args.drives,
         vsock: args.vsock,
     };

@@ -22,7 +22,7 @@ use crate::jails::View;
 use crate::names::random_name;
 use crate::{SandboxError, Store};
 use api::client::ApiClient;
-use api::models::{FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType};
+use api::models::{DiskFormat, FrozenMemory, PartialDrive, SnapshotCreateParams, SnapshotType};
 use disk::overlay;
 
 /// The drive every sandbox has, configured by [`Store::start`].
@@ -61,7 +61,8 @@ impl Store {
         let started = Instant::now();
         let state = dir.join(FORK_STATE);
         let view = self.view(parent)?;
-        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &view, parent, &dir, &state)) {
+        let backing = self.record_policy(&record)?;
+        let frozen = match self.while_paused(parent, |api| self.freeze_paused(api, &view, parent, &dir, &state, &backing)) {
             Ok(f) => f,
             Err(e) => {
                 remove_state(&state);
@@ -76,6 +77,8 @@ impl Store {
             vcpus: record.vcpus,
             memory: RestoreMemory::Fds(frozen.memory),
             disk: &frozen.layer,
+            disk_format: DiskFormat::Qcow2,
+            backing: backing.clone(),
             agent_ms: Some(agent_ms),
         };
         let results: Vec<Result<Record, SandboxError>> = std::thread::scope(|s| {
@@ -106,7 +109,15 @@ impl Store {
 
     /// With the parent paused: its state and frozen memory, then its disk frozen into a layer
     /// with a new overlay on it, which the VMM switches to.
-    fn freeze_paused(&self, api: &ApiClient, view: &View, name: &str, dir: &Path, state: &Path) -> Result<Frozen, SandboxError> {
+    fn freeze_paused(
+        &self,
+        api: &ApiClient,
+        view: &View,
+        name: &str,
+        dir: &Path,
+        state: &Path,
+        backing: &disk::BackingPolicy,
+    ) -> Result<Frozen, SandboxError> {
         // The create flushes the disk first, so the layer holds everything written before.
         let (frozen, memory): (FrozenMemory, Vec<OwnedFd>) = api.put_for_with_fds(
             "/snapshot/create",
@@ -129,13 +140,15 @@ impl Store {
         let layer = layers.join(format!("{name}-{}.qcow2", &random_name()[3..]));
         let overlay_path = dir.join(OVERLAY);
         std::fs::rename(&overlay_path, &layer).map_err(io("cannot move the sandbox's disk to", &layer))?;
-        let switched = overlay::create_over_in_use(&layer, &overlay_path).map_err(SandboxError::from).and_then(|()| {
+        let base = overlay::Base { path: &layer, format: disk::Format::Qcow2, policy: backing };
+        let switched = overlay::create_over_in_use(base, &overlay_path).map_err(SandboxError::from).and_then(|()| {
             // The parent's jail gets the new overlay at the old path; the old file, a layer
             // from now on, is left open in the VMM until the switch closes it.
             view.expose(&overlay_path, true)?;
             let patch = PartialDrive {
                 drive_id: ROOT_DRIVE.into(),
                 path_on_host: Some(overlay_path.display().to_string()),
+                format: Some(DiskFormat::Qcow2),
                 rate_limiter: None,
             };
             Ok(api.patch(&format!("/drives/{ROOT_DRIVE}"), &patch)?)
@@ -160,14 +173,26 @@ impl Store {
     /// Deletes the frozen layers that no sandbox's or template's disk is stacked on.
     pub fn collect_layers(&self) {
         let Ok(entries) = std::fs::read_dir(self.layers_dir()) else { return };
-        let disks_in = |dir: PathBuf, file: &str| -> Vec<PathBuf> {
-            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path().join(file)).collect()
+        let names_in = |dir: PathBuf| -> Vec<String> {
+            let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            entries.map(|e| e.file_name().to_string_lossy().into_owned()).collect()
         };
-        let mut disks = disks_in(self.root.clone(), OVERLAY);
-        disks.extend(disks_in(self.templates_dir(), SNAPSHOT_DISK));
+        let sandboxes = names_in(self.root.clone()).into_iter().filter(|n| self.dir(n).join(OVERLAY).exists());
+        let mut chains: Vec<Result<Vec<overlay::LayerInfo>, SandboxError>> =
+            sandboxes.map(|name| self.sandbox_chain(&name)).collect();
+        for name in names_in(self.templates_dir()) {
+            let disk = self.template_dir(&name).join(SNAPSHOT_DISK);
+            if disk.exists() {
+                let image = self.template(&name).map(|t| t.image);
+                chains.push(image.and_then(|image| {
+                    let backing = self.disk_policy(&[&disk, &image])?;
+                    Ok(overlay::info(&disk, disk::Format::Qcow2, &backing)?)
+                }));
+            }
+        }
         let mut used = Vec::new();
-        for disk in disks.iter().filter(|d| d.exists()) {
-            match overlay::info(disk) {
+        for chain in chains {
+            match chain {
                 Ok(chain) => used.extend(chain.into_iter().filter_map(|l| l.path.canonicalize().ok())),
                 // An unreadable chain might use any layer: keep them all.
                 Err(_) => return,
@@ -205,6 +230,7 @@ mod tests {
             vmm_socket: None,
             jail: None,
             cgroup: None,
+            disk_dirs: Vec::new(),
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();
@@ -222,10 +248,10 @@ mod tests {
         let base = tmp.as_path().join("base.raw");
         std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
         let (used, unused) = (layers.join("a.qcow2"), layers.join("b.qcow2"));
-        overlay::create(&base, &used).unwrap();
-        overlay::create(&base, &unused).unwrap();
+        crate::test_overlay(&base, &used);
+        crate::test_overlay(&base, &unused);
         std::fs::create_dir_all(store.dir("child")).unwrap();
-        overlay::create(&used, &store.dir("child").join(OVERLAY)).unwrap();
+        crate::test_overlay(&used, &store.dir("child").join(OVERLAY));
         store.collect_layers();
         assert!(used.exists(), "a sandbox's disk is stacked on it");
         assert!(!unused.exists());

@@ -95,6 +95,7 @@ mod tests {
             vmm_socket: None,
             jail: None,
             cgroup: None,
+            disk_dirs: Vec::new(),
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

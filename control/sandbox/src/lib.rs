@@ -53,6 +53,8 @@ pub struct SandboxSpec {
 /// What a sandbox's record says of its machine.
 struct Shape {
     image: PathBuf,
+    /// Where its VMM allows backing files (its chain's directories).
+    backing: disk::BackingPolicy,
     mem_mib: u64,
     vcpus: u8,
     cid: u32,
@@ -79,16 +81,45 @@ pub struct Store {
     spare_vmms: usize,
     /// How VMMs are jailed; `None`: not at all (this process is not root).
     jail: Option<jails::JailSettings>,
+    /// Directories besides `$EMBER_STATE` that backing files may lie under: the images
+    /// directory, and what the user allowed (see [`Store::disk_policy`]).
+    disk_dirs: Vec<PathBuf>,
 }
 
 impl Store {
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary, spare_vmms: 0, jail: None }
+        Self { root, vmm_binary, spare_vmms: 0, jail: None, disk_dirs: Vec::new() }
     }
 
     /// Jails the VMMs this store starts as `settings` say.
     pub fn with_jail(self, settings: Option<jails::JailSettings>) -> Self {
         Self { jail: settings, ..self }
+    }
+
+    /// Allows backing files under `dirs` too (those that do not exist are left out).
+    pub fn with_disk_dirs(self, dirs: Vec<PathBuf>) -> Self {
+        Self { disk_dirs: dirs, ..self }
+    }
+
+    /// Where the backing files of a sandbox's disk chain may lie, for its VMM and for this
+    /// process: `$EMBER_STATE` (the sandboxes' overlays, templates, fork layers), the store's
+    /// disk directories, and the directory of each file in `named`, files the user named
+    /// explicitly (an `--image`, a snapshot's disk) or that ember recorded itself (a
+    /// template's image), both as given and with symlinks resolved. Paths a layer's header
+    /// names are never added: a copied or handed-over image could name any host file.
+    pub(crate) fn disk_policy(&self, named: &[&std::path::Path]) -> Result<disk::BackingPolicy, SandboxError> {
+        let mut policy = disk::BackingPolicy::default();
+        let state = self.root.parent().map(PathBuf::from);
+        let parents = named.iter().flat_map(|p| {
+            let real = p.canonicalize().ok();
+            [p.parent().map(PathBuf::from), real.and_then(|r| r.parent().map(PathBuf::from))]
+        });
+        for dir in state.into_iter().chain(self.disk_dirs.iter().cloned()).chain(parents.flatten()) {
+            if dir.is_dir() {
+                policy.allow(&dir)?;
+            }
+        }
+        Ok(policy)
     }
 
     /// The sandbox's record, if `name` exists.
@@ -101,6 +132,26 @@ impl Store {
             Err(e) => return Err(io("cannot read", &path)(e)),
         };
         serde_json::from_slice(&bytes).map_err(|e| SandboxError::BadRecord { path, reason: e.to_string() })
+    }
+
+    /// Where the backing files of the sandbox's disk may lie: the directories its VMM was
+    /// given, or for a record from before they were kept, as for a new sandbox on its image.
+    pub(crate) fn record_policy(&self, record: &Record) -> Result<disk::BackingPolicy, SandboxError> {
+        if record.disk_dirs.is_empty() {
+            return self.disk_policy(&[&record.image]);
+        }
+        let dirs = record.disk_dirs.iter().filter(|d| d.is_dir());
+        Ok(disk::BackingPolicy::new(dirs)?)
+    }
+
+    /// The backing chain of sandbox `name`'s disk, top first (for a sandbox still being made,
+    /// which has no record yet, as far as the store's own directories go).
+    pub(crate) fn sandbox_chain(&self, name: &str) -> Result<Vec<disk::overlay::LayerInfo>, SandboxError> {
+        let backing = match self.record(name) {
+            Ok(record) => self.record_policy(&record)?,
+            Err(_) => self.disk_policy(&[])?,
+        };
+        Ok(disk::overlay::info(&self.dir(name).join(paths::OVERLAY), disk::Format::Qcow2, &backing)?)
     }
 
     /// The vsock socket through which the host reaches the sandbox's guest agent.
@@ -163,6 +214,14 @@ impl Store {
 }
 
 #[cfg(test)]
+/// Makes an overlay `top` on `base` (its format from its name) for a test, as ember would.
+#[cfg(test)]
+pub(crate) fn test_overlay(base: &std::path::Path, top: &std::path::Path) {
+    let policy = disk::BackingPolicy::new(["/tmp"]).unwrap();
+    let format = disk::Format::from_extension(base).unwrap();
+    disk::overlay::create(disk::overlay::Base { path: base, format, policy: &policy }, top).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +233,25 @@ mod tests {
         assert!(store.list().unwrap().is_empty());
         assert!(matches!(store.remove("nope"), Err(SandboxError::NotFound(_))));
         assert!(matches!(store.vsock_socket("nope"), Err(SandboxError::NotFound(_))));
+    }
+
+    #[test]
+    fn backing_files_are_allowed_in_the_state_the_store_dirs_and_the_named_files_dirs() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let mk = |name: &str| {
+            let d = dir.as_path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            d.canonicalize().unwrap()
+        };
+        let (state, images, user, real, other) = (mk("state"), mk("images"), mk("user"), mk("real"), mk("other"));
+        std::fs::write(real.join("base.ext4"), b"").unwrap();
+        std::os::unix::fs::symlink(real.join("base.ext4"), user.join("link.ext4")).unwrap();
+        let store = Store::new(state.join("sandboxes"), PathBuf::from("/nonexistent/ember"))
+            .with_disk_dirs(vec![images.clone(), dir.as_path().join("missing")]);
+        let policy = store.disk_policy(&[&user.join("link.ext4")]).unwrap();
+        assert_eq!(policy.dirs(), [state.clone(), images.clone(), user, real]);
+        assert!(!policy.allows(&other.join("x.raw")));
+        assert_eq!(store.disk_policy(&[]).unwrap().dirs(), [state, images]);
     }
 
     #[test]
@@ -193,6 +271,7 @@ mod tests {
                 vmm_socket: None,
                 jail: None,
                 cgroup: None,
+                disk_dirs: Vec::new(),
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();

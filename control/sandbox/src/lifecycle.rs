@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use api::client::ApiClient;
 use api::models::{
-    ActionType, BootSource, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
+    ActionType, BootSource, DiskFormat, Drive, InstanceActionInfo, InstanceInfo, InstanceState, MachineConfig, Metrics, MetricsConfig, Vm,
     VmState, Vsock,
 };
 use disk::overlay;
@@ -19,6 +19,12 @@ use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, R
 use crate::process::{tail, VmmProcess};
 use crate::record::Record;
 use crate::{identity, SandboxError, SandboxSpec, Shape, Store};
+
+/// The format of a base image the user named: qcow2 if its name ends `.qcow2`, else raw (what
+/// every image `rootfs/build` makes is). Never taken from the file's content.
+pub(crate) fn image_format(image: &Path) -> disk::Format {
+    disk::Format::from_extension(image).unwrap_or(disk::Format::Raw)
+}
 
 impl Store {
     /// Starts a sandbox and returns once its guest agent answers.
@@ -78,9 +84,12 @@ impl Store {
 
     fn boot(&self, name: &str, dir: &Path, spec: &SandboxSpec) -> Result<Record, SandboxError> {
         let overlay_path = dir.join(OVERLAY);
-        overlay::create(&spec.image, &overlay_path)?;
+        let backing = self.disk_policy(&[&spec.image])?;
+        let base = overlay::Base { path: &spec.image, format: image_format(&spec.image), policy: &backing };
+        overlay::create(base, &overlay_path)?;
         let cid = self.reserve_cid(name)?;
-        let shape = Shape { image: spec.image.clone(), mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
+        let shape =
+            Shape { image: spec.image.clone(), backing, mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
         let kernel = std::path::absolute(&spec.kernel).map_err(io("cannot resolve", &spec.kernel))?;
         self.launch(name, dir, shape, spec.ready_timeout, std::slice::from_ref(&kernel), |api, view| {
             api.put(
@@ -106,6 +115,7 @@ impl Store {
                     path_on_host: overlay_path.display().to_string(),
                     is_root_device: true,
                     is_read_only: false,
+                    format: Some(DiskFormat::Qcow2),
                     partuuid: None,
                     cache_type: None,
                     io_engine: None,
@@ -135,18 +145,23 @@ impl Store {
         let started = Instant::now();
         let resumes_agent_ms = shape.resumes_agent_ms;
         let overlay_path = dir.join(OVERLAY);
-        let mut reads: Vec<PathBuf> = overlay::info(&overlay_path)?.into_iter().skip(1).map(|l| l.path).collect();
+        let chain = overlay::info(&overlay_path, disk::Format::Qcow2, &shape.backing)?;
+        let mut reads: Vec<PathBuf> = chain.into_iter().skip(1).map(|l| l.path).collect();
         reads.extend(inputs.iter().cloned());
         let (links, binds) = self.placement(&reads);
-        // A hidden sandbox's VMM must die with this process, which a spare cannot promise; nor
-        // can a spare see files it was not started with.
-        let adopted = if is_hidden(name) || !binds.is_empty() { None } else { self.adopt_spare(dir) };
+        // A hidden sandbox's VMM must die with this process, which a spare cannot promise.
+        // A spare allows the store's own directories only, and sees only the installation's
+        // files besides what is linked into its jail: one fits a sandbox whose disk chain
+        // needs no other.
+        let spare_fits = self.disk_policy(&[])?;
+        let fits = binds.is_empty() && shape.backing.dirs().iter().all(|d| spare_fits.allows(d));
+        let adopted = if is_hidden(name) || !fits { None } else { self.adopt_spare(dir) };
         let mut vmm = match adopted {
             Some(spare) => {
                 tracing::debug!("sandbox {name}: took over spare VMM {}", spare.pid);
                 VmmProcess::Adopted(spare)
             }
-            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name), &binds)?),
+            None => VmmProcess::Child(self.spawn_vmm(name, dir, is_hidden(name), &shape.backing, &binds)?),
         };
         let (jail, cgroup) = vmm.confinement();
         let shape_mem_bytes = shape.mem_mib << 20;
@@ -164,6 +179,7 @@ impl Store {
             },
             jail: jail.clone(),
             cgroup: cgroup.clone(),
+            disk_dirs: shape.backing.dirs().to_vec(),
         };
         let record_path = dir.join(RECORD);
         let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {

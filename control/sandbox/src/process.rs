@@ -72,14 +72,25 @@ impl Store {
     /// Starts a VMM process named `id` serving `dir`/api.sock, its console and log in `dir`;
     /// in its own session, so that it outlives the terminal and the command that started it,
     /// unless `tied` (a hidden sandbox's, that command's scratch): then it dies with this
-    /// process even if that is killed. As root it is jailed (see `jail`), seeing
-    /// `extra_read_only` besides what every VMM sees, in a cgroup of its own where there is a
-    /// writable cgroup v2 hierarchy.
-    pub(crate) fn spawn_vmm(&self, id: &str, dir: &Path, tied: bool, extra_read_only: &[PathBuf]) -> Result<Spawned, SandboxError> {
+    /// process even if that is killed. It allows backing files where `backing` does. As root
+    /// it is jailed (see `jails`), seeing `extra_read_only` besides what every VMM sees, in a
+    /// cgroup of its own where there is a writable cgroup v2 hierarchy.
+    pub(crate) fn spawn_vmm(
+        &self,
+        id: &str,
+        dir: &Path,
+        tied: bool,
+        backing: &disk::BackingPolicy,
+        extra_read_only: &[PathBuf],
+    ) -> Result<Spawned, SandboxError> {
         let console = std::fs::File::create(dir.join(CONSOLE_LOG)).map_err(io("cannot create", dir))?;
         let log = std::fs::File::create(dir.join(VMM_LOG)).map_err(io("cannot create", dir))?;
         let mut args: Vec<std::ffi::OsString> =
             vec!["vmm".into(), "--api-sock".into(), dir.join(API_SOCKET).into(), "--id".into(), id.into()];
+        for d in backing.dirs() {
+            args.push("--disk-dir".into());
+            args.push(d.into());
+        }
         let (mut jail_root, mut cgroup) = (None, None);
         if let Some(settings) = &self.jail {
             let jail = self.new_jail(settings, id, extra_read_only)?;

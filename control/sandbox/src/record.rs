@@ -31,6 +31,10 @@ pub struct Record {
     /// The VMM's cgroup, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<PathBuf>,
+    /// The directories the VMM allows backing files under (`ember vmm --disk-dir`): a fork's
+    /// children get the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_dirs: Vec<PathBuf>,
 }
 
 impl Record {
@@ -95,6 +99,7 @@ mod tests {
             vmm_socket: None,
             jail: None,
             cgroup: None,
+            disk_dirs: Vec::new(),
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

@@ -18,7 +18,7 @@ use crate::jails::View;
 use crate::{SandboxError, Shape, Store};
 use api::client::ApiClient;
 use api::models::{
-    DriveOverride, MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    DiskFormat, DriveOverride, MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
     VsockOverride,
 };
 use disk::overlay;
@@ -101,10 +101,24 @@ impl Store {
     }
 
     /// Starts a new sandbox from the snapshot in `dir`; returns once its guest agent answers.
+    /// The snapshot's disk may be backed by files in `dir`, `$EMBER_STATE` and the store's disk
+    /// directories only (see [`Store::disk_policy`]).
     pub fn start_from_snapshot(
         &self,
         name: Option<String>,
         dir: &Path,
+        ready_timeout: Duration,
+    ) -> Result<Record, SandboxError> {
+        self.start_from_snapshot_over(name, dir, None, ready_timeout)
+    }
+
+    /// [`Store::start_from_snapshot`], the backing files of its disk also allowed in the
+    /// directory of `base`, the base image ember recorded for it (a template's).
+    pub(crate) fn start_from_snapshot_over(
+        &self,
+        name: Option<String>,
+        dir: &Path,
+        base: Option<&Path>,
         ready_timeout: Duration,
     ) -> Result<Record, SandboxError> {
         let dir = absolute(dir)?;
@@ -112,12 +126,17 @@ impl Store {
         // Read first, so that a bad snapshot fails before a VMM is spawned (the VMM checks the
         // state file itself when it loads it).
         let meta = SnapshotMeta::read(&files.state)?;
+        let disk = dir.join(SNAPSHOT_DISK);
+        let named: Vec<&Path> = [Some(disk.as_path()), base].into_iter().flatten().collect();
         let source = RestoreSource {
             state: &files.state,
             mem_size: meta.mem_size_bytes,
             vcpus: meta.vcpu_count,
             memory: RestoreMemory::File(files.memory.display().to_string()),
-            disk: &dir.join(SNAPSHOT_DISK),
+            disk: &disk,
+            // The snapshot's disk is a copy of the file the drive had: in that format.
+            disk_format: meta.drives.first().map_or(DiskFormat::Qcow2, |d| d.format),
+            backing: self.disk_policy(&named)?,
             // Snapshots from before this file existed are restored unchecked.
             agent_ms: std::fs::read(dir.join(GUEST_FILE))
                 .ok()
@@ -139,9 +158,14 @@ impl Store {
         ready_timeout: Duration,
     ) -> Result<Record, SandboxError> {
         let overlay_path = sandbox_dir.join(OVERLAY);
-        overlay::create(source.disk, &overlay_path)?;
+        let format = match source.disk_format {
+            DiskFormat::Raw => disk::Format::Raw,
+            DiskFormat::Qcow2 => disk::Format::Qcow2,
+        };
+        overlay::create(overlay::Base { path: source.disk, format, policy: &source.backing }, &overlay_path)?;
         let shape = Shape {
             image: source.disk.to_path_buf(),
+            backing: source.backing.clone(),
             mem_mib: source.mem_size >> 20,
             vcpus: source.vcpus,
             cid,
@@ -171,11 +195,12 @@ impl Store {
                     track_dirty_pages: false,
                     resume_vm: true,
                     // A state file names no host files: every drive and the vsock socket are
-                    // given here, the drive's flags too.
+                    // given here, the drive's flags and format too.
                     drive_overrides: vec![DriveOverride {
                         index: 0,
                         path_on_host: overlay_path.display().to_string(),
                         is_read_only: Some(false),
+                        format: Some(DiskFormat::Qcow2),
                     }],
                     vsock_override: Some(VsockOverride { guest_cid: Some(cid), uds_path: Some(uds) }),
                     mem_fds,
@@ -204,6 +229,9 @@ pub(super) struct RestoreSource<'a> {
     pub vcpus: u8,
     pub memory: RestoreMemory,
     pub disk: &'a Path,
+    pub disk_format: DiskFormat,
+    /// Where the backing files of `disk`'s chain may lie.
+    pub backing: disk::BackingPolicy,
     /// The guest agent's uptime when the source was frozen, if known (see `Shape`).
     pub agent_ms: Option<u64>,
 }
@@ -221,7 +249,7 @@ mod tests {
         std::fs::write(snap.join(STATE_FILE), b"not a snapshot at all, longer than a header").unwrap();
         let err = store.start_from_snapshot(Some("s1".into()), &snap, Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("is not a snapshot ember wrote"), "{err}");
-        std::fs::write(snap.join("state.meta.json"), b"{\"meta_version\": 1}").unwrap();
+        std::fs::write(snap.join("state.meta.json"), b"{\"meta_version\": 2}").unwrap();
         let err = store.start_from_snapshot(Some("s1".into()), &snap, Duration::from_secs(1)).unwrap_err();
         assert!(err.to_string().contains("is not ember snapshot metadata"), "{err}");
         assert!(!store.dir("s1").exists());

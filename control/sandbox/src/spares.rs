@@ -157,7 +157,7 @@ impl Store {
         let id = format!("spare-{}", random_hex());
         let dir = spares.join(&id);
         std::fs::create_dir(&dir).map_err(io("cannot create", &dir))?;
-        let child = self.spawn_vmm(&id, &dir, false, &[])?;
+        let child = self.spawn_vmm(&id, &dir, false, &self.disk_policy(&[])?, &[])?;
         let pid_path = dir.join(PID_FILE);
         std::fs::write(&pid_path, child.process.id().to_string()).map_err(io("cannot write", &pid_path))
     }

@@ -20,13 +20,11 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::paths::OVERLAY;
 use crate::record::Record;
 use super::snapshot::SNAPSHOT_DISK;
 use crate::error::io;
 use crate::names::{check_name, random_hex};
 use crate::{SandboxError, SandboxSpec, Store};
-use disk::overlay;
 
 /// What a template was made from, in its directory.
 pub const TEMPLATE_INFO: &str = "template.json";
@@ -166,7 +164,7 @@ impl Store {
         let entries = std::fs::read_dir(&self.root).into_iter().flatten().flatten();
         let mut users: Vec<String> = entries
             .filter(|e| {
-                let chain = overlay::info(&e.path().join(OVERLAY)).unwrap_or_default();
+                let chain = self.sandbox_chain(&e.file_name().to_string_lossy()).unwrap_or_default();
                 chain.iter().any(|layer| layer.path.canonicalize().is_ok_and(|p| p == disk))
             })
             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -182,8 +180,8 @@ impl Store {
         name: Option<String>,
         ready_timeout: Duration,
     ) -> Result<Record, SandboxError> {
-        self.template(template)?;
-        self.start_from_snapshot(name, &self.template_dir(template), ready_timeout)
+        let info = self.template(template)?;
+        self.start_from_snapshot_over(name, &self.template_dir(template), Some(&info.image), ready_timeout)
     }
 
     /// The automatic template for `spec`: `auto-` and 16 hex digits of a hash of everything a
@@ -222,13 +220,14 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        self.start_from_snapshot(spec.name.clone(), &self.template_dir(&auto), spec.ready_timeout)
+        self.start_from_snapshot_over(spec.name.clone(), &self.template_dir(&auto), Some(&spec.image), spec.ready_timeout)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::OVERLAY;
     use vmm_sys_util::tempdir::TempDir;
 
     struct Fixture {
@@ -277,7 +276,7 @@ mod tests {
             let dir = self.store.template_dir(name);
             std::fs::create_dir_all(&dir).unwrap();
             let base = self.file("base.raw", 1 << 20);
-            overlay::create(&base, &dir.join(SNAPSHOT_DISK)).unwrap();
+            crate::test_overlay(&base, &dir.join(SNAPSHOT_DISK));
             let info = TemplateInfo {
                 name: name.into(),
                 kernel: "/k".into(),
@@ -293,7 +292,7 @@ mod tests {
         /// A sandbox directory whose overlay is stacked on `backing`.
         fn sandbox_on(&self, name: &str, backing: &Path) {
             std::fs::create_dir_all(self.store.dir(name)).unwrap();
-            overlay::create(backing, &self.store.dir(name).join(OVERLAY)).unwrap();
+            crate::test_overlay(backing, &self.store.dir(name).join(OVERLAY));
         }
     }
 
@@ -350,7 +349,7 @@ mod tests {
         // Restored from it, and forked from such a sandbox (its disk on a layer on the template's).
         f.sandbox_on("restored", &disk);
         let layer = f.tmp.as_path().join("layer.qcow2");
-        overlay::create(&disk, &layer).unwrap();
+        crate::test_overlay(&disk, &layer);
         f.sandbox_on("forked", &layer);
         f.sandbox_on("unrelated", &f.tmp.as_path().join("base.raw"));
         let err = f.store.remove_template("t1").unwrap_err();

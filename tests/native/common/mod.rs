@@ -81,6 +81,6 @@ impl Guest {
 }
 
 pub fn config(kernel: &Path, vcpus: u8, mem_mib: u64) -> VmConfig {
-    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![], vsock: None }
+    VmConfig { kernel: kernel.to_owned(), initrd: None, cmdline: None, mem_mib, vcpus, drives: vec![], vsock: None, backing: Default::default() }
 }
 

@@ -115,6 +115,17 @@ impl MachineConfig {
     }
 }
 
+/// ember's own: the format of a drive's file. Firecracker's drives are raw files only, so a
+/// drive without one is raw; the VMM never guesses a format from a file's content (a guest
+/// writes every byte of a raw disk, a qcow2 header included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Drive {
@@ -123,6 +134,9 @@ pub struct Drive {
     pub is_root_device: bool,
     #[serde(default)]
     pub is_read_only: bool,
+    /// ember's own; absent: raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partuuid: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -303,6 +317,9 @@ pub struct PartialDrive {
     pub drive_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
+    /// ember's own: the new file's format; absent: the drive's current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<serde_json::Value>,
 }
@@ -332,6 +349,9 @@ pub struct DriveOverride {
     /// restrictive: a drive the snapshot had read-only stays so. Left out, the snapshot's flag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub is_read_only: Option<bool>,
+    /// The file's format; absent: the format the snapshot saved for the drive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
 }
 
 /// ember's own: the vsock socket and CID of a restored VM, so that several VMs can restore
@@ -428,6 +448,29 @@ mod tests {
     }
 
     #[test]
+    fn a_drive_format_is_raw_unless_said_and_only_raw_or_qcow2() {
+        let drive = |format: &str| {
+            serde_json::from_str::<Drive>(&format!(
+                r#"{{"drive_id":"a","path_on_host":"p","is_root_device":false{format}}}"#
+            ))
+        };
+        assert_eq!(drive("").unwrap().format, None);
+        assert_eq!(DiskFormat::default(), DiskFormat::Raw);
+        assert_eq!(drive(r#","format":"raw""#).unwrap().format, Some(DiskFormat::Raw));
+        assert_eq!(drive(r#","format":"qcow2""#).unwrap().format, Some(DiskFormat::Qcow2));
+        for bad in [r#","format":"vmdk""#, r#","format":"QCOW2""#, r#","format":1"#, r#","format":"""#] {
+            assert!(drive(bad).is_err(), "{bad} was accepted");
+        }
+        let p: PartialDrive = serde_json::from_str(r#"{"drive_id":"a","path_on_host":"/n.qcow2","format":"qcow2"}"#).unwrap();
+        assert_eq!(p.format, Some(DiskFormat::Qcow2));
+        assert!(serde_json::from_str::<PartialDrive>(r#"{"drive_id":"a","format":"auto"}"#).is_err());
+        let o: DriveOverride = serde_json::from_str(r#"{"index":0,"path_on_host":"d"}"#).unwrap();
+        assert_eq!(o.format, None);
+        assert!(serde_json::from_str::<DriveOverride>(r#"{"index":0,"path_on_host":"d","format":"probe"}"#).is_err());
+        assert_eq!(serde_json::to_string(&DiskFormat::Qcow2).unwrap(), r#""qcow2""#);
+    }
+
+    #[test]
     fn unknown_fields_and_unsupported_options_are_refused() {
         assert!(serde_json::from_str::<BootSource>(r#"{"kernel_image_path":"k","bogus":1}"#).is_err());
         let m: MachineConfig = serde_json::from_str(r#"{"vcpu_count":2,"mem_size_mib":64,"smt":true}"#).unwrap();
@@ -470,11 +513,12 @@ mod tests {
         .unwrap();
         assert!(l.mem_file().unwrap_err().to_string().contains("Uffd"));
         let l: SnapshotLoadParams = serde_json::from_str(
-            r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d","is_read_only":true}],
+            r#"{"snapshot_path":"s","mem_file_path":"m","drive_overrides":[{"index":0,"path_on_host":"d","is_read_only":true,"format":"qcow2"}],
                 "vsock_override":{"guest_cid":9,"uds_path":"v"}}"#,
         )
         .unwrap();
         assert_eq!((l.drive_overrides[0].index, l.drive_overrides[0].is_read_only), (0, Some(true)));
+        assert_eq!(l.drive_overrides[0].format, Some(DiskFormat::Qcow2));
         assert_eq!(l.vsock_override.unwrap().guest_cid, Some(9));
     }
 }

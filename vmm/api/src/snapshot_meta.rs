@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::models::DiskFormat;
+
 /// Version of this file's shape; bumped on an incompatible change.
-pub const META_VERSION: u32 = 1;
+pub const META_VERSION: u32 = 2;
 
 /// `STATE.meta.json` for the state file `STATE`.
 pub fn meta_path(state: &Path) -> PathBuf {
@@ -43,6 +45,8 @@ pub struct SnapshotDrive {
     pub is_read_only: bool,
     /// The size the guest knows; a disk put in its place on load must have it.
     pub size_bytes: u64,
+    /// The format of the drive's file when the snapshot was taken.
+    pub format: DiskFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +111,7 @@ mod tests {
                 is_root_device: true,
                 is_read_only: false,
                 size_bytes: 1 << 30,
+                format: DiskFormat::Qcow2,
             }],
             vsock_cid: Some(3),
         }
@@ -129,7 +134,7 @@ mod tests {
         std::fs::write(meta_path(&state), meta().to_json()).unwrap();
         assert_eq!(SnapshotMeta::read(&state).unwrap(), meta());
 
-        std::fs::write(meta_path(&state), b"{\"meta_version\": 1}").unwrap();
+        std::fs::write(meta_path(&state), b"{\"meta_version\": 2}").unwrap();
         assert!(matches!(SnapshotMeta::read(&state), Err(MetaError::Malformed { .. })));
 
         let newer = SnapshotMeta { meta_version: 9, ..meta() };

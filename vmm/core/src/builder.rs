@@ -95,7 +95,7 @@ pub fn build(cfg: &VmConfig, console_sink: Box<dyn std::io::Write + Send>) -> Re
     mptable::build(cfg.vcpus)?;
     check_devices(cfg.drives.iter().map(|d| d.root), cfg.vsock.is_some())?;
     let kvm = kvm::open(cfg.vcpus)?;
-    let devices = DeviceSet::open(&cfg.drives, cfg.vsock.as_ref())?;
+    let devices = DeviceSet::open(&cfg.drives, cfg.vsock.as_ref(), &cfg.backing)?;
     let slots: Vec<_> = (0..cfg.drives.len() + cfg.vsock.is_some() as usize).map(virtio_slot).collect();
     let root = cfg.drives.iter().position(|d| d.root).map(|i| cmdline::RootDevice {
         name: vd_name(i),

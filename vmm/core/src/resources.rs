@@ -76,7 +76,8 @@ impl VmResources {
         Ok(())
     }
 
-    pub fn vm_config(&self) -> Result<VmConfig, ResourceError> {
+    /// The configuration; the drives' backing files may lie where `backing` allows.
+    pub fn vm_config(&self, backing: &disk::BackingPolicy) -> Result<VmConfig, ResourceError> {
         let boot = self.boot_source.as_ref().ok_or(ResourceError::NoKernel)?;
         // The root drive goes first, so that it is /dev/vda whatever order the client used.
         let mut drives: Vec<DriveConfig> = self.drives.iter().filter(|d| d.root).cloned().collect();
@@ -89,6 +90,7 @@ impl VmResources {
             vcpus: self.machine.vcpu_count,
             drives,
             vsock: self.vsock.clone(),
+            backing: backing.clone(),
         })
     }
 }
@@ -98,7 +100,7 @@ mod tests {
     use super::*;
 
     fn drive(id: &str, path: &Path, root: bool) -> DriveConfig {
-        DriveConfig { id: Some(id.into()), path: path.to_owned(), read_only: false, root }
+        DriveConfig { id: Some(id.into()), path: path.to_owned(), read_only: false, root, format: disk::Format::Raw }
     }
 
     #[test]
@@ -110,7 +112,7 @@ mod tests {
             p
         };
         let mut r = VmResources::default();
-        assert!(r.vm_config().unwrap_err().to_string().contains("without kernel"));
+        assert!(r.vm_config(&Default::default()).unwrap_err().to_string().contains("without kernel"));
         let missing = BootSource { kernel_image_path: "/nonexistent/vmlinux".into(), boot_args: None, initrd_path: None };
         assert!(r.set_boot_source(missing).unwrap_err().to_string().contains("/nonexistent/vmlinux"));
         let kernel = file("vmlinux");
@@ -125,7 +127,7 @@ mod tests {
         assert!(r.set_vsock(VsockConfig { cid: 2, uds: "/tmp/v".into() }).is_err());
         r.set_vsock(VsockConfig { cid: 7, uds: "/tmp/v".into() }).unwrap();
 
-        let cfg = r.vm_config().unwrap();
+        let cfg = r.vm_config(&Default::default()).unwrap();
         assert_eq!(cfg.kernel, kernel);
         assert_eq!(cfg.cmdline.as_deref(), Some("quiet"));
         assert_eq!((cfg.mem_mib, cfg.vcpus), (128, 1));

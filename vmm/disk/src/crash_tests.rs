@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::test_util::*;
-use super::{open, overlay};
 
 const MIB: u64 = 1 << 20;
 /// 2 GiB of virtual disk: eight L2 tables of subclusters.
@@ -94,7 +93,7 @@ fn base_bytes_on_disk(p: &Path) -> Vec<u8> {
 
 fn run_round(dir: &Path, base: &Path, round: u64) {
     let top = dir.join(format!("top{round}.qcow2"));
-    overlay::create(base, &top).unwrap();
+    ov::create(base, &top).unwrap();
     let seed = 0x1234_5678 + round;
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["crash_tests::crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])

@@ -7,6 +7,11 @@
 //! chain read-only and reads and writes every qcow2 layer itself. [`overlay`] creates,
 //! inspects and flattens overlays (`ember disk ...`). `README.md` next to this file says why
 //! qcow2, and why ember's own implementation of it.
+//!
+//! A file's format is never guessed from its content: a guest writes every byte of a raw disk,
+//! and a qcow2 header it planted there would name a host file as backing. The caller says
+//! which format a file is; a qcow2 layer's header says which format its backing file is; and
+//! a backing file must lie under a directory of the [`BackingPolicy`].
 
 pub mod overlay;
 pub mod qcow2;
@@ -16,11 +21,13 @@ pub mod raw;
 mod crash_tests;
 #[cfg(test)]
 mod test_util;
+#[cfg(test)]
+mod trust_tests;
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -47,7 +54,7 @@ pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 pub const SECTOR_SIZE: u64 = 512;
 
 /// On-disk formats ember reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Raw,
@@ -69,6 +76,28 @@ impl Format {
             "raw" | "file" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
             _ => None,
+        }
+    }
+
+    /// The format a file name's extension says: `.qcow2`, or `.raw`, `.img` and `.ext4` for
+    /// raw; None for any other name (the caller must then be told the format).
+    pub fn from_extension(path: &Path) -> Option<Format> {
+        match path.extension()?.to_str()? {
+            "qcow2" => Some(Format::Qcow2),
+            "raw" | "img" | "ext4" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            _ => Err(format!("unknown disk format '{s}' (expected raw or qcow2)")),
         }
     }
 }
@@ -98,9 +127,28 @@ pub enum DiskError {
     #[error("qcow2 image {path}: cannot open its backing file {backing}: {error}")]
     MissingBacking { path: PathBuf, backing: PathBuf, error: io::Error },
     #[error(
-        "qcow2 image {path}: its backing file {backing} is recorded as {recorded}, but the file is {actual}"
+        "qcow2 image {path} does not record the format of its backing file {backing}, and ember \
+         never guesses a format from a file's content: record it with `qemu-img rebase -u -F raw \
+         -b {backing} {path}` (or -F qcow2), or recreate the overlay with `qemu-img create -F`"
     )]
-    BackingFormat { path: PathBuf, backing: PathBuf, recorded: String, actual: Format },
+    NoBackingFormat { path: PathBuf, backing: PathBuf },
+    #[error("qcow2 image {path} records its backing file {backing} as format '{recorded}'; ember reads raw and qcow2 only")]
+    UnknownBackingFormat { path: PathBuf, backing: PathBuf, recorded: String },
+    #[error(
+        "qcow2 image {path}: its backing file {backing} is outside the directories allowed to hold \
+         backing files ({dirs}); allow its directory (`--disk-dir`, or EMBER_DISK_DIRS for sandboxes) \
+         or move the file into one of them"
+    )]
+    BackingNotAllowed { path: PathBuf, backing: PathBuf, dirs: String },
+    #[error(
+        "qcow2 image {path} has a backing file, {backing}, but no directory is allowed to hold \
+         backing files: allow its directory with --disk-dir"
+    )]
+    NoBackingDirs { path: PathBuf, backing: PathBuf },
+    #[error("disk image {path} is {kind}, not a regular file: a disk must be a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("cannot allow backing files under {dir}: {error}")]
+    DiskDir { dir: PathBuf, error: io::Error },
     #[error(
         "qcow2 image {path} has a virtual size of {size} bytes, but its backing file {backing} is \
          {backing_size} bytes: the backing file was changed after the overlay was made"
@@ -112,54 +160,123 @@ pub enum DiskError {
     Exists { path: PathBuf },
 }
 
-/// Opens PATH, detecting raw or qcow2 by content (qcow2 magic "QFI\xfb"); a qcow2 opens its backing chain read-only.
-///
-/// Probing trusts the file: a raw image that a guest could write must not be reopened this
-/// way (a guest could plant a qcow2 header naming any host file as backing); use [`open_as`]
-/// with the format the caller knows for those.
-pub fn open(path: &std::path::Path, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
-    open_as(path, probe(path)?, read_only)
-}
-
-/// Opens PATH as FORMAT, without looking at its content to decide.
-pub fn open_as(path: &Path, format: Format, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
+/// Opens PATH as FORMAT (never by its content); a qcow2 opens its backing chain read-only,
+/// each backing file where POLICY allows it.
+pub fn open(
+    path: &Path,
+    format: Format,
+    read_only: bool,
+    policy: &BackingPolicy,
+) -> Result<Box<dyn DiskBackend>, DiskError> {
     Ok(match format {
         Format::Raw => Box::new(raw::RawDisk::open(path, read_only)?),
-        Format::Qcow2 => Box::new(qcow2::Qcow2Disk::open(path, read_only)?),
+        Format::Qcow2 => Box::new(qcow2::Qcow2Disk::open(path, read_only, policy)?),
     })
 }
 
-/// The format of the file at PATH, by its first four bytes.
-pub fn probe(path: &Path) -> Result<Format, DiskError> {
-    let file = File::open(path).map_err(|error| DiskError::Open { path: path.into(), error })?;
-    probe_file(&file, path)
+/// The directories a qcow2 layer's backing file may lie under. A backing file's name comes
+/// from a file ember may not have written (a template, a copied overlay, a snapshot directory
+/// someone handed over): without this, such a file could have any host file read into a VM.
+/// Directories are kept canonical (symlinks resolved); a backing file's path is canonicalized
+/// before it is compared, whole component by whole component, and then opened by that path
+/// without following a symlink, so neither a symlink nor ".." leads out. The paths are the
+/// ones the opener sees (in a jail, the jail's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingPolicy {
+    dirs: Vec<PathBuf>,
 }
 
-pub(crate) fn probe_file(file: &File, path: &Path) -> Result<Format, DiskError> {
-    let mut magic = [0u8; 4];
-    let mut got = 0;
-    while got < magic.len() {
-        match file.read_at(&mut magic[got..], got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(DiskError::Io { path: path.into(), op: "read", error }),
+impl BackingPolicy {
+    /// Backing files anywhere under DIRS, each of which must be an existing directory.
+    pub fn new<P: AsRef<Path>>(dirs: impl IntoIterator<Item = P>) -> Result<BackingPolicy, DiskError> {
+        let mut policy = BackingPolicy::default();
+        for dir in dirs {
+            policy.allow(dir.as_ref())?;
         }
+        Ok(policy)
     }
-    Ok(if got == magic.len() && magic == QCOW2_MAGIC { Format::Qcow2 } else { Format::Raw })
+
+    /// Allows backing files under DIR too.
+    pub fn allow(&mut self, dir: &Path) -> Result<(), DiskError> {
+        let err = |error| DiskError::DiskDir { dir: dir.into(), error };
+        let canonical = dir.canonicalize().map_err(err)?;
+        if !canonical.is_dir() {
+            return Err(err(io::Error::new(io::ErrorKind::NotADirectory, "not a directory")));
+        }
+        if !self.dirs.contains(&canonical) {
+            self.dirs.push(canonical);
+        }
+        Ok(())
+    }
+
+    /// The allowed directories, canonical.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Whether the canonical path PATH lies under an allowed directory.
+    pub fn allows(&self, path: &Path) -> bool {
+        self.dirs.iter().any(|d| path.starts_with(d))
+    }
+
+    /// The canonical path of BACKING, the backing file the layer at LAYER names (relative to
+    /// the layer's directory), if it lies under an allowed directory. Nothing is opened.
+    fn resolve(&self, layer: &Path, backing: &Path) -> Result<PathBuf, DiskError> {
+        let named = match backing {
+            p if p.is_absolute() => p.to_path_buf(),
+            p => layer.parent().unwrap_or(Path::new(".")).join(p),
+        };
+        let canonical = named.canonicalize().map_err(|error| DiskError::MissingBacking {
+            path: layer.into(),
+            backing: named.clone(),
+            error,
+        })?;
+        if self.dirs.is_empty() {
+            return Err(DiskError::NoBackingDirs { path: layer.into(), backing: named });
+        }
+        // Refused before any open: opening a device can have effects of its own.
+        if std::fs::metadata(&canonical).is_ok_and(|m| !m.is_file()) {
+            return Err(DiskError::NotRegular { path: canonical, kind: "not a regular file" });
+        }
+        if !self.allows(&canonical) {
+            let dirs = self.dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+            return Err(DiskError::BackingNotAllowed { path: layer.into(), backing: named, dirs });
+        }
+        Ok(canonical)
+    }
 }
 
 /// Opens an image file: read-only (O_RDONLY) or read-write, close-on-exec, with an advisory
 /// lock so that no two processes write one image, and no image is written while another
 /// process reads it as a backing layer (exclusive for writing, shared for reading).
 /// LOCK false skips the lock, for read-only inspection of an image a VM may be using.
-pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool) -> Result<File, DiskError> {
+/// FOLLOW false refuses a symlink as the last component (for a path already canonical, where
+/// one can only be a swap since). Only a regular file is accepted: the open is non-blocking so
+/// that a FIFO cannot hang it (O_NONBLOCK changes nothing for a regular file), and fstat says
+/// what was opened.
+pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool, follow: bool) -> Result<File, DiskError> {
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(writable)
-        .custom_flags(libc::O_CLOEXEC)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | nofollow)
         .open(path)
         .map_err(|error| DiskError::Open { path: path.into(), error })?;
+    let kind = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        return Err(DiskError::NotRegular { path: path.into(), kind });
+    }
     if !lock {
         return Ok(file);
     }
@@ -249,24 +366,31 @@ pub(crate) fn read_only_error() -> io::Error {
 
 #[cfg(test)]
 mod tests {
-    use super::test_util::*;
+    use super::test_util::{open, *};
     use super::*;
 
     #[test]
-    fn probe_tells_raw_from_qcow2_and_open_picks_the_backend() {
+    fn the_format_comes_from_the_caller_or_the_name() {
+        assert_eq!(Format::from_extension(Path::new("/x/top.qcow2")), Some(Format::Qcow2));
+        for name in ["a.raw", "b.img", "rootfs.ext4"] {
+            assert_eq!(Format::from_extension(Path::new(name)), Some(Format::Raw), "{name}");
+        }
+        for name in ["disk", "disk.qcow", "x.QCOW2", "raw"] {
+            assert_eq!(Format::from_extension(Path::new(name)), None, "{name}");
+        }
+        assert_eq!("qcow2".parse::<Format>(), Ok(Format::Qcow2));
+        assert!("vmdk".parse::<Format>().unwrap_err().contains("raw or qcow2"));
         let dir = tmpdir();
         let base = make_base(dir.as_path(), "base.raw", 4 << 20);
-        assert_eq!(probe(&base).unwrap(), Format::Raw);
         let top = dir.as_path().join("top.qcow2");
-        overlay::create(&base, &top).unwrap();
-        assert_eq!(probe(&top).unwrap(), Format::Qcow2);
-        let tiny = dir.as_path().join("tiny");
-        std::fs::write(&tiny, b"QF").unwrap();
-        assert_eq!(probe(&tiny).unwrap(), Format::Raw);
-
+        ov::create(&base, &top).unwrap();
         let d = open(&top, false).unwrap();
         assert_eq!(d.size(), 4 << 20);
         assert!(!d.read_only());
+        drop(d);
+        // The caller's word wins over the content: a qcow2 file opened as raw is its bytes.
+        let d = super::open(&top, Format::Raw, true, &BackingPolicy::default()).unwrap();
+        assert_eq!(d.size(), std::fs::metadata(&top).unwrap().len());
         let d = open(&base, true).unwrap();
         assert!(d.read_only());
     }
@@ -300,7 +424,7 @@ mod tests {
         let dir = tmpdir();
         let base = make_base(dir.as_path(), "base.raw", 1 << 20);
         let top = dir.as_path().join("top.qcow2");
-        overlay::create(&base, &top).unwrap();
+        ov::create(&base, &top).unwrap();
         let w = open(&top, false).unwrap();
         let e = open(&top, false).err().unwrap();
         assert!(matches!(e, DiskError::Locked { .. }), "{e}");

@@ -1,5 +1,7 @@
 //! Operations on overlays, behind `ember disk`: create one over a base (or over a frozen
-//! overlay), show a chain, and flatten a chain into a standalone sparse raw image.
+//! overlay), show a chain, and flatten a chain into a standalone sparse raw image. Each takes
+//! the format of the file it is given (never guessed from its content) and the
+//! [`BackingPolicy`] that the backing files of the chain must meet.
 
 use std::fs::File;
 use std::io;
@@ -10,7 +12,7 @@ use serde::{Serialize, Serializer};
 use vm_memory::VolatileSlice;
 
 use super::qcow2::{open_chain, write_overlay, Extent, CLUSTER_SIZE};
-use super::{check_size, seek_data, seek_hole, DiskError, Format};
+use super::{check_size, seek_data, seek_hole, BackingPolicy, DiskError, Format};
 
 /// One layer of a chain, as `ember disk info` shows it (and, serialized, `--json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -86,15 +88,25 @@ fn absolute_path(path: &Path) -> Result<PathBuf, DiskError> {
     Ok(dir.join(name))
 }
 
+/// Where an overlay goes on: its backing file, that file's format, and where the backing
+/// files of that file's own chain may lie.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    pub path: &'a Path,
+    pub format: Format,
+    pub policy: &'a BackingPolicy,
+}
+
 /// Creates OVERLAY, a new qcow2 image whose backing file is BASE (raw or qcow2, recorded as an
-/// absolute path, with its format). Refuses to overwrite an existing OVERLAY. The overlay
-/// appears complete or not at all: it is built under a temporary name and linked into place.
-pub fn create(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+/// absolute path, with its format: the backing-format extension that `qemu-img create -F`
+/// writes). Refuses to overwrite an existing OVERLAY. The overlay appears complete or not at
+/// all: it is built under a temporary name and linked into place.
+pub fn create(base: Base<'_>, overlay: &Path) -> Result<(), DiskError> {
     create_with_cluster_size(base, overlay, CLUSTER_SIZE)
 }
 
 /// [`create`] with another cluster size (a power of two from 16 KiB to 2 MiB).
-pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
+pub fn create_with_cluster_size(base: Base<'_>, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
     create_inner(base, overlay, cluster_size, true)
 }
 
@@ -102,11 +114,11 @@ pub fn create_with_cluster_size(base: &Path, overlay: &Path, cluster_size: u64) 
 /// freezes a running sandbox's overlay this way and then switches the VM to the new overlay
 /// (PATCH /drives/{id}), which gives up its write lock on the base. Without that pause and
 /// flush the base could change under the new overlay.
-pub fn create_over_in_use(base: &Path, overlay: &Path) -> Result<(), DiskError> {
+pub fn create_over_in_use(base: Base<'_>, overlay: &Path) -> Result<(), DiskError> {
     create_inner(base, overlay, CLUSTER_SIZE, false)
 }
 
-fn create_inner(base: &Path, overlay: &Path, cluster_size: u64, lock_base: bool) -> Result<(), DiskError> {
+fn create_inner(base: Base<'_>, overlay: &Path, cluster_size: u64, lock_base: bool) -> Result<(), DiskError> {
     if !cluster_size.is_power_of_two() || !(16 << 10..=2 << 20).contains(&cluster_size) {
         return Err(DiskError::Qcow2 {
             path: overlay.into(),
@@ -116,16 +128,14 @@ fn create_inner(base: &Path, overlay: &Path, cluster_size: u64, lock_base: bool)
     if overlay.symlink_metadata().is_ok() {
         return Err(DiskError::Exists { path: overlay.into() });
     }
-    let base_abs = absolute_path(base)?;
+    let base_abs = absolute_path(base.path)?;
     let base_name = base_abs.to_str().ok_or_else(|| DiskError::Qcow2 {
         path: overlay.into(),
         reason: format!("the backing file name {} is not UTF-8", base_abs.display()),
     })?;
     // The whole chain below must open, and its size must suit a block device.
-    let (format, size) = {
-        let chain = open_chain(&base_abs, None, false, lock_base)?;
-        (chain.layers[0].format, chain.image.size())
-    };
+    let format = base.format;
+    let size = open_chain(&base_abs, format, false, lock_base, base.policy)?.image.size();
     check_size(&base_abs, size)?;
 
     let name = overlay.file_name().ok_or_else(|| DiskError::Open {
@@ -155,10 +165,10 @@ fn create_inner(base: &Path, overlay: &Path, cluster_size: u64, lock_base: bool)
     sync_dir(overlay)
 }
 
-/// The chain of PATH, top layer first, base last. Takes no locks, so it works on a disk a VM
-/// is using (what it reports may then be a moment old).
-pub fn info(path: &Path) -> Result<Vec<LayerInfo>, DiskError> {
-    Ok(open_chain(path, None, false, false)?.layers)
+/// The chain of PATH (in FORMAT), top layer first, base last. Takes no locks, so it works on a
+/// disk a VM is using (what it reports may then be a moment old).
+pub fn info(path: &Path, format: Format, policy: &BackingPolicy) -> Result<Vec<LayerInfo>, DiskError> {
+    Ok(open_chain(path, format, false, false, policy)?.layers)
 }
 
 /// "1.5 GiB"-style sizes.
@@ -254,11 +264,12 @@ fn write_nonzero(out: &File, out_path: &Path, buf: &[u8], off: u64) -> Result<u6
     Ok(written)
 }
 
-/// Writes OUT, a standalone sparse raw image with the content of the chain of PATH. Ranges no
-/// layer has data for, holes of raw layers, and blocks of zeros are left as holes. Refuses to
-/// overwrite an existing OUT.
-pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> {
-    let chain = open_chain(path, None, false, true)?;
+/// Writes OUT, a standalone sparse raw image with the content of the chain of PATH (in
+/// FORMAT). Ranges no layer has data for, holes of raw layers, and blocks of zeros are left as
+/// holes. Refuses to overwrite an existing OUT. OUT is raw, and must be opened as raw from then
+/// on: its first bytes are the guest's, whatever they look like.
+pub fn flatten(path: &Path, format: Format, policy: &BackingPolicy, out_path: &Path) -> Result<FlattenStats, DiskError> {
+    let chain = open_chain(path, format, false, true, policy)?;
     let mut chain = chain;
     let image = &mut chain.image;
     let size = image.size();
@@ -328,7 +339,7 @@ pub fn flatten(path: &Path, out_path: &Path) -> Result<FlattenStats, DiskError> 
 #[cfg(test)]
 mod tests {
     use super::super::test_util::*;
-    use super::super::{open, DiskBackend};
+    use super::super::DiskBackend;
     use super::*;
 
     const MIB: u64 = 1 << 20;
@@ -344,7 +355,7 @@ mod tests {
         let base = make_base(dir.as_path(), "base.raw", 2 * MIB);
         let top = dir.as_path().join("top.qcow2");
         std::fs::write(&top, b"precious").unwrap();
-        let e = create(&base, &top).unwrap_err();
+        let e = ov::create(&base, &top).unwrap_err();
         assert!(matches!(e, DiskError::Exists { .. }), "{e}");
         assert!(e.to_string().contains("top.qcow2"));
         assert_eq!(std::fs::read(&top).unwrap(), b"precious");
@@ -353,8 +364,8 @@ mod tests {
         // A relative base path is stored absolute.
         let cwd = std::env::current_dir().unwrap();
         let rel = pathdiff(&base, &cwd);
-        create(&rel, &top).unwrap();
-        let layers = info(&top).unwrap();
+        ov::create(&rel, &top).unwrap();
+        let layers = ov::info(&top).unwrap();
         assert_eq!(layers[0].backing.as_deref(), Some(base.as_path()));
         assert_eq!(layers[0].backing_format.as_deref(), Some("raw"));
         // No temporary file left behind.
@@ -376,7 +387,7 @@ mod tests {
     fn create_fails_cleanly_on_a_missing_base() {
         let dir = tmpdir();
         let top = dir.as_path().join("top.qcow2");
-        let msg = create(&dir.as_path().join("nope.raw"), &top).unwrap_err().to_string();
+        let msg = ov::create(&dir.as_path().join("nope.raw"), &top).unwrap_err().to_string();
         assert!(msg.contains("nope.raw") && msg.contains("No such file"), "{msg}");
         assert!(std::fs::read_dir(dir.as_path()).unwrap().next().is_none());
     }
@@ -386,7 +397,7 @@ mod tests {
         let dir = tmpdir();
         let base = make_base_with(dir.as_path(), "base.raw", 4096 * MIB, MIB);
         let top = dir.as_path().join("top.qcow2");
-        create(&base, &top).unwrap();
+        ov::create(&base, &top).unwrap();
         let alloc = allocated(&top);
         assert!(alloc <= 512 << 10, "a fresh overlay of a 4 GiB base occupies {alloc} bytes");
         qemu_check(&top);
@@ -398,9 +409,9 @@ mod tests {
         let base = make_base(dir.as_path(), "base.raw", 4 * MIB);
         let frozen = dir.as_path().join("frozen.qcow2");
         let top = dir.as_path().join("top.qcow2");
-        create(&base, &frozen).unwrap();
-        create(&frozen, &top).unwrap();
-        let layers = info(&top).unwrap();
+        ov::create(&base, &frozen).unwrap();
+        ov::create(&frozen, &top).unwrap();
+        let layers = ov::info(&top).unwrap();
         assert_eq!(layers.len(), 3);
         assert_eq!(layers[0].path, top);
         assert_eq!(layers[1].path, frozen);
@@ -436,7 +447,7 @@ mod tests {
 
         // Works while a VM writes the top layer.
         let _busy = open(&top, false).unwrap();
-        assert_eq!(info(&top).unwrap().len(), 3);
+        assert_eq!(ov::info(&top).unwrap().len(), 3);
     }
 
     #[test]
@@ -446,7 +457,7 @@ mod tests {
         let base = make_base_with(dir.as_path(), "base.raw", 64 * MIB, 8 * MIB);
         let frozen = dir.as_path().join("frozen.qcow2");
         let top = dir.as_path().join("top.qcow2");
-        create(&base, &frozen).unwrap();
+        ov::create(&base, &frozen).unwrap();
         let mut expect = std::fs::read(&base).unwrap();
         {
             let mut d = open(&frozen, false).unwrap();
@@ -455,7 +466,7 @@ mod tests {
         }
         expect[(40 * MIB) as usize..][..65536].fill(0xf0);
         expect[(2 * MIB) as usize..][..4096].fill(0x0f);
-        create(&frozen, &top).unwrap();
+        ov::create(&frozen, &top).unwrap();
         {
             let mut d = open(&top, false).unwrap();
             write(d.as_mut(), 50 * MIB + 512, &[0xee; 1024]);
@@ -466,19 +477,18 @@ mod tests {
         expect[MIB as usize..][..8192].fill(0);
 
         let out = dir.as_path().join("flat.raw");
-        let stats = flatten(&top, &out).unwrap();
+        let stats = ov::flatten(&top, &out).unwrap();
         assert_eq!(stats.size, 64 * MIB);
         assert_eq!(std::fs::read(&out).unwrap(), expect);
         let alloc = allocated(&out);
         assert!(alloc <= 6 * MIB, "flattened image occupies {alloc} bytes for ~5.5 MiB of non-zero data");
         assert!(stats.data_bytes <= 6 * MIB);
-        assert_eq!(super::super::probe(&out).unwrap(), Format::Raw);
 
-        let e = flatten(&top, &out).unwrap_err();
+        let e = ov::flatten(&top, &out).unwrap_err();
         assert!(matches!(e, DiskError::Exists { .. }), "{e}");
         // A raw image flattens to a sparse copy of itself.
         let out2 = dir.as_path().join("flat2.raw");
-        flatten(&base, &out2).unwrap();
+        ov::flatten(&base, &out2).unwrap();
         assert_eq!(checksum(&out2), checksum(&base));
         assert!(allocated(&out2) <= allocated(&base));
     }

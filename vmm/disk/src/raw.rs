@@ -22,7 +22,7 @@ pub struct RawDisk {
 impl RawDisk {
     /// Opens PATH; read-only opens it O_RDONLY.
     pub fn open(path: &Path, read_only: bool) -> Result<RawDisk, DiskError> {
-        let file = open_image_file(path, !read_only, true)?;
+        let file = open_image_file(path, !read_only, true, true)?;
         let meta = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?;
         let size = meta.len();
         check_size(path, size)?;

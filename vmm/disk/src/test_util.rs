@@ -206,3 +206,47 @@ pub fn read_at(disk: &mut dyn super::DiskBackend, offset: u64, len: usize) -> Ve
     mem.read_slice(&mut out, GuestAddress(0)).unwrap();
     out
 }
+
+/// Backing files anywhere under /tmp, where every test makes its files ([`tmpdir`]).
+pub fn tmp_policy() -> super::BackingPolicy {
+    super::BackingPolicy::new(["/tmp"]).unwrap()
+}
+
+/// The format a test file's name says (every test names its files `.raw` or `.qcow2`).
+pub fn format_of(path: &Path) -> super::Format {
+    super::Format::from_extension(path).unwrap_or_else(|| panic!("{}: no format in the name", path.display()))
+}
+
+/// Opens PATH in the format its name says, its backing files under /tmp.
+pub fn open(path: &Path, read_only: bool) -> Result<Box<dyn super::DiskBackend>, super::DiskError> {
+    super::open(path, format_of(path), read_only, &tmp_policy())
+}
+
+/// The overlay operations with the format each file's name says and backing files under /tmp.
+pub mod ov {
+    use std::path::Path;
+
+    use super::{format_of, tmp_policy};
+    use crate::overlay::{self, Base, FlattenStats, LayerInfo};
+    use crate::DiskError;
+
+    fn with_base<R>(base: &Path, f: impl FnOnce(Base<'_>) -> R) -> R {
+        f(Base { path: base, format: format_of(base), policy: &tmp_policy() })
+    }
+
+    pub fn create(base: &Path, top: &Path) -> Result<(), DiskError> {
+        with_base(base, |b| overlay::create(b, top))
+    }
+
+    pub fn create_with_cluster_size(base: &Path, top: &Path, cluster_size: u64) -> Result<(), DiskError> {
+        with_base(base, |b| overlay::create_with_cluster_size(b, top, cluster_size))
+    }
+
+    pub fn info(path: &Path) -> Result<Vec<LayerInfo>, DiskError> {
+        overlay::info(path, format_of(path), &tmp_policy())
+    }
+
+    pub fn flatten(path: &Path, out: &Path) -> Result<FlattenStats, DiskError> {
+        overlay::flatten(path, format_of(path), &tmp_policy(), out)
+    }
+}

@@ -36,14 +36,16 @@ fn info(id: &str, state: InstanceState) -> ApiResponse {
 }
 
 /// Serves `channel` until the VM has been started and has ended. The guest's console goes to
-/// `console`.
+/// `console`; the backing files of the drives' qcow2 layers may lie only where `backing`
+/// allows.
 pub fn serve(
     channel: ApiChannel,
     id: String,
     started: Instant,
+    backing: disk::BackingPolicy,
     console: Box<dyn Write + Send>,
 ) -> Result<RunOutcome, ControllerError> {
-    let mut preboot = PrebootController::new(id, console, channel.home());
+    let mut preboot = PrebootController::new(id, backing, console, channel.home());
     loop {
         let call = channel.calls.recv().map_err(|_| ControllerError::ApiGone)?;
         if let Some(start) = preboot.answer(call) {

@@ -14,7 +14,9 @@ use super::error::{answer, ApiError};
 use super::info;
 use super::runtime::{MetricsFile, RuntimeController};
 use crate::builder;
+use crate::config::disk_format;
 use crate::files;
+use disk::BackingPolicy;
 use crate::resources::VmResources;
 use crate::runtime::RuntimeApi;
 use crate::snapshot::{self, DriveOverride, MemoryFiles, Overrides, PreparedVm, SnapshotError};
@@ -36,6 +38,8 @@ impl Write for SharedSink {
 
 pub struct PrebootController {
     id: String,
+    /// Where the backing files of the drives' qcow2 layers may lie (`ember vmm --disk-dir`).
+    backing: BackingPolicy,
     console: SharedSink,
     resources: VmResources,
     /// The API socket, whose directory is the only one PUT /metrics may name.
@@ -64,12 +68,13 @@ impl Started {
 }
 
 impl PrebootController {
-    pub fn new(id: String, console: Box<dyn Write + Send>, home: Option<SocketHome>) -> Self {
+    pub fn new(id: String, backing: BackingPolicy, console: Box<dyn Write + Send>, home: Option<SocketHome>) -> Self {
         let prepared = snapshot::prepare()
             .map_err(|e| tracing::warn!("cannot prepare a VM for a snapshot load: {e}"))
             .ok();
         Self {
             id,
+            backing,
             console: SharedSink(Arc::new(Mutex::new(console))),
             resources: VmResources::default(),
             home,
@@ -127,12 +132,12 @@ impl PrebootController {
     }
 
     fn runtime_controller(&mut self, machine: MachineConfig) -> RuntimeController {
-        RuntimeController { id: self.id.clone(), machine, metrics: self.metrics.take() }
+        RuntimeController { id: self.id.clone(), machine, metrics: self.metrics.take(), backing: self.backing.clone() }
     }
 
     fn start(&mut self) -> Result<Started, ApiError> {
         self.prepared = None;
-        let cfg = self.resources.vm_config().map_err(ApiError::Configuration)?;
+        let cfg = self.resources.vm_config(&self.backing).map_err(ApiError::Configuration)?;
         let vmm = builder::build(&cfg, Box::new(self.console.clone()))?;
         let controller = self.runtime_controller(self.resources.machine.clone());
         Ok(Started { vmm, controller, start_paused: false, loaded_at: None })
@@ -161,6 +166,9 @@ impl PrebootController {
         for drive in &params.drive_overrides {
             let o = DriveOverride { path: drive.path_on_host.clone().into(), read_only: drive.is_read_only };
             overrides.drives.insert(drive.index, o);
+            if let Some(format) = drive.format {
+                overrides.drive_formats.insert(drive.index, disk_format(format));
+            }
         }
         if let Some(vsock) = &params.vsock_override {
             overrides.vsock_cid = vsock.guest_cid;
@@ -174,7 +182,7 @@ impl PrebootController {
             None => snapshot::prepare()?,
         };
         let opened = snapshot::check_limits(&state, prepared.max_vcpus()).and_then(|()| {
-            let devices = snapshot::open_devices(&state, &overrides)?;
+            let devices = snapshot::open_devices(&state, &overrides, &self.backing)?;
             let opened = started.elapsed();
             Ok((devices, opened, snapshot::map_memory(memory, &state)?))
         });

@@ -28,6 +28,8 @@ pub struct RuntimeController {
     /// What `GET /machine-config` reports.
     pub machine: MachineConfig,
     pub metrics: Option<MetricsFile>,
+    /// Where the backing files of a drive's new disk may lie (PATCH /drives).
+    pub backing: disk::BackingPolicy,
 }
 
 impl RuntimeController {
@@ -44,7 +46,7 @@ impl RuntimeController {
             }
             ApiRequest::CreateSnapshot(_) if !paused => ApiError::NotPaused.into(),
             ApiRequest::CreateSnapshot(params) => create_snapshot(&params, vmm),
-            ApiRequest::PatchDrive(drive) => answer(update_drive(&drive, vmm)),
+            ApiRequest::PatchDrive(drive) => answer(update_drive(&drive, vmm, &self.backing)),
             ApiRequest::LoadSnapshot(_) => ApiError::LoadAfterStart.into(),
             ApiRequest::Action(ActionType::InstanceStart) => ApiError::AlreadyRunning.into(),
             ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiError::CtrlAltDel.into(),
@@ -116,9 +118,9 @@ fn create_snapshot(params: &SnapshotCreateParams, vmm: &mut Vmm) -> ApiResponse 
 }
 
 /// Puts another file behind a drive (PATCH /drives/{id}).
-fn update_drive(patch: &PartialDrive, vmm: &mut Vmm) -> Result<(), ApiError> {
+fn update_drive(patch: &PartialDrive, vmm: &mut Vmm, backing: &disk::BackingPolicy) -> Result<(), ApiError> {
     let path = PathBuf::from(patch.path_on_host.as_deref().unwrap_or_default());
-    vmm.update_drive(&patch.drive_id, &path)
+    vmm.update_drive(&patch.drive_id, &path, patch.format.map(crate::config::disk_format), backing)
         .map_err(|source| ApiError::UpdateDrive { id: patch.drive_id.clone(), source })?;
     tracing::info!("drive {} now on {}", patch.drive_id, path.display());
     Ok(())

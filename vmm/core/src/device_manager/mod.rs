@@ -32,7 +32,7 @@ use crate::devices::virtio::mmio::{MmioRestoreError, MmioTransport};
 use crate::devices::virtio::vsock::{VsockError, VsockHandle};
 use crate::persist::Persist;
 use crate::vstate::vm::{Vm, VmError};
-use disk::DiskError;
+use disk::{BackingPolicy, DiskError, Format};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -104,12 +104,13 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Opens the devices a VM is configured with.
-    pub fn open(drives: &[DriveConfig], vsock: Option<&VsockConfig>) -> Result<Self, DeviceError> {
+    /// Opens the devices a VM is configured with, the drives' backing files where `backing`
+    /// allows.
+    pub fn open(drives: &[DriveConfig], vsock: Option<&VsockConfig>, backing: &BackingPolicy) -> Result<Self, DeviceError> {
         check_devices(drives.iter().map(|d| d.root), vsock.is_some())?;
         let drives = drives
             .iter()
-            .map(|d| Ok(Block::new(d.clone(), disk::open(&d.path, d.read_only)?)))
+            .map(|d| Ok(Block::new(d.clone(), disk::open(&d.path, d.format, d.read_only, backing)?)))
             .collect::<Result<_, DeviceError>>()?;
         let vsock = vsock.map(VsockHandle::open).transpose()?;
         Ok(Self { drives, vsock })
@@ -219,14 +220,21 @@ impl DeviceManager {
         self.events.pause(events);
     }
 
-    /// Puts the disk at `path` behind the drive the API knows as `id`.
-    pub fn update_drive(&mut self, id: &str, path: &Path) -> Result<(), DeviceError> {
+    /// Puts the disk at `path` (in `format`, else the drive's) behind the drive the API knows
+    /// as `id`, its backing files where `backing` allows.
+    pub fn update_drive(
+        &mut self,
+        id: &str,
+        path: &Path,
+        format: Option<Format>,
+        backing: &BackingPolicy,
+    ) -> Result<(), DeviceError> {
         let block = self
             .blocks
             .iter()
             .find(|b| lock(b).device().config().id.as_deref() == Some(id))
             .ok_or(DeviceError::UnknownDrive)?;
-        lock(block).device_mut().update_disk(path).map_err(DeviceError::Update)
+        lock(block).device_mut().update_disk(path, format, backing).map_err(DeviceError::Update)
     }
 
     /// Once the restored vCPUs have their local APICs (an interrupt raised before would be

@@ -22,6 +22,7 @@ use crate::devices::virtio::mmio::{MmioState, MmioTransport};
 use crate::devices::virtio::vsock::{VsockHandle, VsockState, VIRTIO_ID_VSOCK};
 use crate::devices::virtio::VirtioDevice;
 use crate::persist::Persist;
+use disk::{BackingPolicy, Format};
 
 /// A virtio device's state and its transport's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,9 @@ pub struct Overrides {
     /// disk held when it was made (e.g. a new overlay on a frozen copy of it): the guest's page
     /// cache remembers that.
     pub drives: BTreeMap<usize, DriveOverride>,
+    /// The formats of the files put in place, by drive index; a drive without one keeps the
+    /// saved format.
+    pub drive_formats: BTreeMap<usize, Format>,
     /// The vsock socket; needed when the snapshot has a vsock device.
     pub vsock_uds: Option<PathBuf>,
     pub vsock_cid: Option<u32>,
@@ -112,8 +116,9 @@ impl DeviceManager {
 }
 
 impl DeviceSet {
-    /// Applies `overrides` to the saved devices and opens them (disks, sockets).
-    pub fn restore(states: &DeviceStates, overrides: &Overrides) -> Result<Self, DeviceError> {
+    /// Applies `overrides` to the saved devices and opens them (disks, sockets), the disks'
+    /// backing files where `backing` allows.
+    pub fn restore(states: &DeviceStates, overrides: &Overrides, backing: &BackingPolicy) -> Result<Self, DeviceError> {
         let count = states.drives.len();
         if let Some((&index, _)) = overrides.drives.range(count..).next() {
             return Err(DeviceError::NoDriveToOverride { index, count });
@@ -139,8 +144,9 @@ impl DeviceSet {
                 path: o.path.clone(),
                 read_only: o.read_only.unwrap_or(false) || saved.device.read_only,
                 root: saved.device.root,
+                format: overrides.drive_formats.get(&index).copied().unwrap_or(saved.device.format),
             };
-            drives.push(Block::restore(drive, &saved.device).map_err(|source| DeviceError::Drive { index, source })?);
+            drives.push(Block::restore((drive, backing.clone()), &saved.device).map_err(|source| DeviceError::Drive { index, source })?);
         }
         let vsock = match (&states.vsock, uds) {
             (Some(saved), Some(uds)) => Some(VsockHandle::restore((uds.clone(), overrides.vsock_cid), &saved.device)?),

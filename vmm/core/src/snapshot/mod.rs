@@ -158,6 +158,7 @@ fn meta(state: &SnapshotState) -> SnapshotMeta {
                 is_root_device: d.device.root,
                 is_read_only: d.device.read_only,
                 size_bytes: d.device.size,
+                format: crate::config::api_format(d.device.format),
             })
             .collect(),
         vsock_cid: state.devices.vsock.as_ref().map(|v| v.device.cid),
@@ -283,23 +284,30 @@ pub fn prepare() -> Result<PreparedVm, SnapshotError> {
 }
 
 /// A VM restored from the snapshot in `files`, ready for its vCPU threads: every vCPU's state
-/// is set. Console output goes to `console_sink`. Everything is checked before KVM is touched.
+/// is set; the disks' backing files lie where `backing` allows. Console output goes to
+/// `console_sink`. Everything is checked before KVM is touched.
 pub fn restore(
     files: &SnapshotFiles,
     overrides: &Overrides,
+    backing: &disk::BackingPolicy,
     console_sink: Box<dyn std::io::Write + Send>,
 ) -> Result<Vmm, SnapshotError> {
     let state = read_state(&files.state)?;
     let prepared = prepare()?;
     check_limits(&state, prepared.max_vcpus())?;
-    let devices = open_devices(&state, overrides)?;
+    let devices = open_devices(&state, overrides, backing)?;
     let ram = map_memory(MemoryFiles::Path(files.memory.clone()), &state)?;
     Vmm::restore(prepared, &state, ram, devices, console_sink)
 }
 
-/// Applies `overrides` and opens the snapshot's disks and vsock socket.
-pub fn open_devices(state: &SnapshotState, overrides: &Overrides) -> Result<DeviceSet, SnapshotError> {
-    Ok(DeviceSet::restore(&state.devices, overrides)?)
+/// Applies `overrides` and opens the snapshot's disks (their backing files where `backing`
+/// allows) and vsock socket.
+pub fn open_devices(
+    state: &SnapshotState,
+    overrides: &Overrides,
+    backing: &disk::BackingPolicy,
+) -> Result<DeviceSet, SnapshotError> {
+    Ok(DeviceSet::restore(&state.devices, overrides, backing)?)
 }
 
 #[cfg(test)]

@@ -91,7 +91,7 @@ pub(super) fn sample() -> SnapshotState {
             in_buffer: b"ls\n".to_vec(),
         },
         drives: vec![VirtioState {
-            device: BlockState { id: Some("rootfs".into()), read_only: false, root: true, size: 1 << 30 },
+            device: BlockState { id: Some("rootfs".into()), read_only: false, root: true, size: 1 << 30, format: disk::Format::Qcow2 },
             transport: transport(2, 1),
         }],
         vsock: Some(VirtioState { device: VsockState { cid: 3 }, transport: transport(19, 3) }),
@@ -292,13 +292,14 @@ fn a_load_needs_an_override_for_every_host_file() {
     let dir = TempDir::new().unwrap();
     let mut state = sample();
     state.devices.drives[0].device.size = 1 << 20;
-    let err = open_devices(&state, &Overrides::default()).err().unwrap().to_string();
+    state.devices.drives[0].device.format = disk::Format::Raw;
+    let err = open_devices(&state, &Overrides::default(), &Default::default()).err().unwrap().to_string();
     assert!(err.contains("drive 0 (rootfs) has no drive override") && err.contains("carry no host paths"), "{err}");
     let overrides = Overrides { drives: [(0, over(&disk(dir.as_path(), "d"), None))].into(), ..Default::default() };
-    let err = open_devices(&state, &overrides).err().unwrap().to_string();
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap().to_string();
     assert!(err.contains("no vsock_override.uds_path") && err.contains("carry no host paths"), "{err}");
     let with_vsock = Overrides { vsock_uds: Some(dir.as_path().join("v.sock")), ..overrides };
-    assert!(open_devices(&state, &with_vsock).is_ok());
+    assert!(open_devices(&state, &with_vsock, &Default::default()).is_ok());
 }
 
 #[test]
@@ -307,10 +308,11 @@ fn the_state_can_only_make_a_drive_more_restrictive() {
     let mut state = sample();
     state.devices.vsock = None;
     state.devices.drives[0].device.size = 1 << 20;
+    state.devices.drives[0].device.format = disk::Format::Raw;
     let path = disk(dir.as_path(), "d");
     let read_only = |state: &SnapshotState, flag| {
         let overrides = Overrides { drives: [(0, over(&path, flag))].into(), ..Default::default() };
-        open_devices(state, &overrides).unwrap().drives[0].config().read_only
+        open_devices(state, &overrides, &Default::default()).unwrap().drives[0].config().read_only
     };
     assert!(read_only(&state, Some(true)), "a drive the snapshot had writable, loaded read-only");
     assert!(!read_only(&state, Some(false)));
@@ -324,11 +326,11 @@ fn overrides_must_name_devices_the_snapshot_has() {
     let mut state = sample();
     state.devices.drives.clear();
     let overrides = Overrides { drives: [(0, over(Path::new("/x"), None))].into(), ..Default::default() };
-    let err = open_devices(&state, &overrides).err().unwrap();
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap();
     assert_eq!(err.to_string(), "drive override for drive 0, but the snapshot has 0 drives");
     state.devices.vsock = None;
     let overrides = Overrides { vsock_cid: Some(9), ..Default::default() };
-    assert!(matches!(open_devices(&state, &overrides), Err(SnapshotError::Devices(DeviceError::NoVsock))));
+    assert!(matches!(open_devices(&state, &overrides, &Default::default()), Err(SnapshotError::Devices(DeviceError::NoVsock))));
 }
 
 #[test]
@@ -338,9 +340,41 @@ fn a_replacement_disk_must_have_the_size_the_guest_knows() {
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut state = sample();
     state.devices.vsock = None;
+    // The saved drive is qcow2: without a format of its own, the raw replacement is opened so.
     let overrides = Overrides { drives: [(0, over(&disk, Some(false)))].into(), ..Default::default() };
-    let err = open_devices(&state, &overrides).err().unwrap().to_string();
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap().to_string();
+    assert!(err.contains("disk.raw is not a usable qcow2 image: no qcow2 magic"), "{err}");
+    let overrides = Overrides { drive_formats: [(0, disk::Format::Raw)].into(), ..overrides };
+    let err = open_devices(&state, &overrides, &Default::default()).err().unwrap().to_string();
     assert!(err.starts_with("drive 0: disk") && err.contains("is 1048576 bytes") && err.contains("as 1073741824 bytes"), "{err}");
     state.devices.drives[0].device.size = 1 << 20;
-    assert!(open_devices(&state, &overrides).is_ok());
+    assert!(open_devices(&state, &overrides, &Default::default()).is_ok());
+}
+
+#[test]
+fn a_saved_raw_drive_stays_raw_whatever_its_first_bytes_say() {
+    let dir = TempDir::new().unwrap();
+    // What a guest could write at the start of its raw disk: a qcow2 header naming a host file.
+    let secret = dir.as_path().join("secret.raw");
+    std::fs::write(&secret, vec![7u8; 4 << 20]).unwrap();
+    let planted = dir.as_path().join("planted.qcow2");
+    let policy = disk::BackingPolicy::new([dir.as_path()]).unwrap();
+    disk::overlay::create(disk::overlay::Base { path: &secret, format: disk::Format::Raw, policy: &policy }, &planted)
+        .unwrap();
+    let mut bytes = std::fs::read(&planted).unwrap();
+    bytes.resize(2 << 20, 0);
+    let disk = dir.as_path().join("disk.raw");
+    std::fs::write(&disk, &bytes).unwrap();
+
+    let mut state = sample();
+    state.devices.vsock = None;
+    state.devices.drives[0].device.format = disk::Format::Raw;
+    state.devices.drives[0].device.size = 2 << 20;
+    let overrides = Overrides { drives: [(0, over(&disk, None))].into(), ..Default::default() };
+    // Even with the secret's directory allowed: a raw disk has no backing file.
+    assert!(open_devices(&state, &overrides, &policy).is_ok());
+    // Read as qcow2 it would be a 4 MiB disk over the secret, not the 2 MiB the guest knows.
+    state.devices.drives[0].device.format = disk::Format::Qcow2;
+    let err = open_devices(&state, &overrides, &policy).err().unwrap().to_string();
+    assert!(err.contains("is 4194304 bytes"), "{err}");
 }

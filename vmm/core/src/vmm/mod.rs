@@ -155,8 +155,15 @@ impl Vmm {
         }
     }
 
-    /// Puts the disk at `path` behind the drive the API knows as `id` (PATCH /drives/{id}).
-    pub fn update_drive(&mut self, id: &str, path: &Path) -> Result<(), DeviceError> {
-        self.devices.update_drive(id, path)
+    /// Puts the disk at `path` (in `format`, else the drive's) behind the drive the API knows
+    /// as `id` (PATCH /drives/{id}), its backing files where `backing` allows.
+    pub fn update_drive(
+        &mut self,
+        id: &str,
+        path: &Path,
+        format: Option<disk::Format>,
+        backing: &disk::BackingPolicy,
+    ) -> Result<(), DeviceError> {
+        self.devices.update_drive(id, path, format, backing)
     }
 }

@@ -2,7 +2,7 @@
 //! allocating what the header claims, and without an offset computation wrapping around.
 
 use super::super::test_util::*;
-use super::super::{open, overlay, DiskError};
+use super::super::DiskError;
 use super::*;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 fn overlays(dir: &Path) -> Vec<(PathBuf, Header)> {
     let base = make_base(dir, "base.raw", 4 * MIB);
     let ember = dir.join("ember.qcow2");
-    overlay::create(&base, &ember).unwrap();
+    ov::create(&base, &ember).unwrap();
     let mut made = vec![ember];
     let standard = dir.join("standard.qcow2");
     let args = ["create", "-q", "-f", "qcow2", "-F", "raw", "-b", s(&base), s(&standard)];

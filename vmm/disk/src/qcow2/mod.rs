@@ -6,8 +6,11 @@
 //! on its own): the top layer read-write or read-only, every backing layer O_RDONLY. Before a
 //! layer is used, ember checks its header against the file (`header.rs`), that the file is long
 //! enough for every structure it references (reading zeros past the end of a file would turn a
-//! truncated overlay into silently missing data), that the backing file exists, has the
-//! recorded format, and has the overlay's virtual size.
+//! truncated overlay into silently missing data), and that the backing file lies where the
+//! [`BackingPolicy`] allows, is a regular file and has the overlay's virtual size. A backing
+//! file is opened in the format the layer records for it (QEMU's backing-format header
+//! extension, `qemu-img create -F`), never in one guessed from its content; a layer that
+//! records none is refused.
 
 mod compressed;
 mod create;
@@ -29,7 +32,7 @@ use header::Header;
 use layer::Layer;
 
 use super::overlay::LayerInfo;
-use super::{check_size, disk_id, open_image_file, probe_file, read_only_error, DiskBackend, DiskError, Format};
+use super::{check_size, disk_id, open_image_file, read_only_error, BackingPolicy, DiskBackend, DiskError, Format};
 
 /// Cluster size of the overlays ember creates (qemu-img's default): 32 subclusters of 2 KiB.
 pub const CLUSTER_SIZE: u64 = 64 << 10;
@@ -163,33 +166,32 @@ pub(crate) struct Chain {
     pub top_id: Vec<u8>,
 }
 
-/// Opens PATH (in FORMAT, or probed) and its whole backing chain; only the top layer may be
-/// writable; LOCK false opens without the advisory locks (inspection only).
+/// Opens PATH in FORMAT and its whole backing chain, each backing file where POLICY allows it;
+/// only the top layer may be writable; LOCK false opens without the advisory locks
+/// (inspection only).
 pub(crate) fn open_chain(
     path: &Path,
-    format: Option<Format>,
+    format: Format,
     writable: bool,
     lock: bool,
+    policy: &BackingPolicy,
 ) -> Result<Chain, DiskError> {
-    let file = open_image_file(path, writable, lock)?;
-    let format = match format {
-        Some(f) => f,
-        None => probe_file(&file, path)?,
-    };
-    let mut walk = Walk { lock, layers: Vec::new(), top_id: Vec::new() };
+    let file = open_image_file(path, writable, lock, true)?;
+    let mut walk = Walk { lock, policy, layers: Vec::new(), top_id: Vec::new() };
     let image = open_layer(path, file, format, writable, &mut walk)?;
     Ok(Chain { image, layers: walk.layers, top_id: walk.top_id })
 }
 
 /// What [`open_layer`] collects on its way down a chain.
-struct Walk {
+struct Walk<'a> {
     lock: bool,
+    policy: &'a BackingPolicy,
     layers: Vec<LayerInfo>,
     top_id: Vec<u8>,
 }
 
 /// Opens the layer in FILE (at PATH, in FORMAT), then its backing chain (locked like FILE).
-fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mut Walk) -> Result<Image, DiskError> {
+fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mut Walk<'_>) -> Result<Image, DiskError> {
     let meta = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?;
     let len = meta.len();
     if walk.layers.is_empty() {
@@ -227,35 +229,29 @@ fn open_layer(path: &Path, file: File, format: Format, writable: bool, walk: &mu
     Ok(Image::Qcow2(Box::new(Layer::open(file, path, &header, len, writable, backing_image)?)))
 }
 
-/// Opens BACKING, the backing file of the layer at PATH, read-only, and checks it against what
-/// the layer recorded.
-fn open_backing(path: &Path, header: &Header, backing: &str, walk: &mut Walk) -> Result<Image, DiskError> {
-    let backing_path = match Path::new(backing) {
-        p if p.is_absolute() => p.to_path_buf(),
-        p => path.parent().unwrap_or(Path::new(".")).join(p),
+/// Opens BACKING, the backing file of the layer at PATH, read-only, in the format the layer
+/// records for it, once the walk's policy allows where it lies; checks its size.
+fn open_backing(path: &Path, header: &Header, backing: &str, walk: &mut Walk<'_>) -> Result<Image, DiskError> {
+    let named = PathBuf::from(backing);
+    let format = match &header.backing_format {
+        None => return Err(DiskError::NoBackingFormat { path: path.into(), backing: named }),
+        Some(recorded) => Format::from_name(recorded).ok_or_else(|| DiskError::UnknownBackingFormat {
+            path: path.into(),
+            backing: named.clone(),
+            recorded: recorded.clone(),
+        })?,
     };
-    let abs = std::path::absolute(&backing_path).unwrap_or_else(|_| backing_path.clone());
-    if walk.layers.len() >= MAX_CHAIN || walk.layers.iter().any(|l| l.path == abs) {
+    let backing_path = walk.policy.resolve(path, &named)?;
+    if walk.layers.len() >= MAX_CHAIN || walk.layers.iter().any(|l| l.path == backing_path) {
         return Err(DiskError::ChainLoop { path: path.into(), backing: backing_path });
     }
-    let backing_file = match open_image_file(&backing_path, false, walk.lock) {
+    let backing_file = match open_image_file(&backing_path, false, walk.lock, false) {
         Err(DiskError::Open { error, .. }) => {
             return Err(DiskError::MissingBacking { path: path.into(), backing: backing_path, error })
         }
         other => other?,
     };
-    let actual = probe_file(&backing_file, &backing_path)?;
-    if let Some(recorded) = &header.backing_format {
-        if Format::from_name(recorded) != Some(actual) {
-            return Err(DiskError::BackingFormat {
-                path: path.into(),
-                backing: backing_path,
-                recorded: recorded.clone(),
-                actual,
-            });
-        }
-    }
-    let image = open_layer(&backing_path, backing_file, actual, false, walk)?;
+    let image = open_layer(&backing_path, backing_file, format, false, walk)?;
     if image.size() != header.size {
         return Err(DiskError::BackingSize {
             path: path.into(),
@@ -276,8 +272,9 @@ pub struct Qcow2Disk {
 }
 
 impl Qcow2Disk {
-    pub fn open(path: &Path, read_only: bool) -> Result<Qcow2Disk, DiskError> {
-        let chain = open_chain(path, Some(Format::Qcow2), !read_only, true)?;
+    /// Opens the qcow2 image at PATH, its backing files where POLICY allows them.
+    pub fn open(path: &Path, read_only: bool, policy: &BackingPolicy) -> Result<Qcow2Disk, DiskError> {
+        let chain = open_chain(path, Format::Qcow2, !read_only, true, policy)?;
         let size = chain.image.size();
         check_size(path, size)?;
         Ok(Qcow2Disk { image: chain.image, size, read_only, id: chain.top_id })

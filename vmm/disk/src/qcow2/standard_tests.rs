@@ -4,7 +4,7 @@
 //! sizes from 4 KiB to 2 MiB, version 2 images, and the features ember refuses by name.
 
 use super::super::test_util::*;
-use super::super::{open, overlay, DiskError};
+use super::super::DiskError;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -86,7 +86,7 @@ fn standard_overlays_written_by_qemu_are_read_and_written_by_ember() {
         assert!(qemu_content(&top).unwrap() == expect, "{case}: qemu-img sees other content after ember's writes");
         let mut d = open(&top, true).unwrap();
         assert!(read_at(d.as_mut(), 0, size as usize) == expect, "{case}: ember reads other content after its writes");
-        let layers = overlay::info(&top).unwrap();
+        let layers = ov::info(&top).unwrap();
         assert!(!layers[0].subclusters && layers[0].cluster_size == Some(cluster), "{case}: {layers:?}");
     }
 }
@@ -115,7 +115,7 @@ fn compressed_clusters_are_read_but_not_written() {
         }
         drop(d);
         let flat = dir.as_path().join(format!("flat-{cluster}.raw"));
-        overlay::flatten(&comp, &flat).unwrap();
+        ov::flatten(&comp, &flat).unwrap();
         assert!(std::fs::read(&flat).unwrap() == want);
         let msg = open(&comp, false).err().unwrap().to_string();
         assert!(msg.contains(s(&comp)) && msg.contains("compressed clusters"), "{msg}");

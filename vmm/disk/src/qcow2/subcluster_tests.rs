@@ -34,8 +34,8 @@ fn new_overlays_have_subclusters_and_qemu_img_agrees() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 8 * MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
-    let layers = overlay::info(&top).unwrap();
+    ov::create(&base, &top).unwrap();
+    let layers = ov::info(&top).unwrap();
     assert!(layers[0].subclusters && layers[0].cluster_size == Some(CLUSTER_SIZE), "{layers:?}");
     assert!(!layers[1].subclusters && layers[1].cluster_size.is_none());
     let text = overlay::render_info(&layers, false);
@@ -56,10 +56,10 @@ fn a_first_small_write_stores_only_its_subclusters() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 64 * MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     let before = allocated(&top);
     let mut expect = base_bytes(0, 64 << 20);
-    let mut d = Qcow2Disk::open(&top, false).unwrap();
+    let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
     // 256 4 KiB writes, each in a cluster of its own.
     for i in 0..256u64 {
         let off = i * 4 * CLUSTER_SIZE + (i % 16) * 4096;
@@ -73,7 +73,7 @@ fn a_first_small_write_stores_only_its_subclusters() {
     let grown = allocated(&top) - before;
     // With whole-cluster copy-on-write this would be 16 MiB.
     assert!(grown <= 2 * MIB, "256 writes of 4 KiB grew the overlay by {grown} bytes");
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert_eq!(read(&mut d, 0, 64 << 20), expect);
     qemu_check(&top);
     if let Some(q) = qemu_content(&top) {
@@ -89,10 +89,10 @@ fn random_writes_of_any_alignment_match_a_model_and_qemu() {
     let size = 16 * MIB;
     let base = make_base(dir.as_path(), "base.raw", size);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     let mut model = base_bytes(0, size as usize);
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut d = Qcow2Disk::open(&top, false).unwrap();
+    let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
     for n in 0..600u64 {
         let sectors = 1 + rng.next() % match n % 3 {
             0 => 4,
@@ -115,7 +115,7 @@ fn random_writes_of_any_alignment_match_a_model_and_qemu() {
     d.flush().unwrap();
     assert!(read(&mut d, 0, size as usize) == model);
     drop(d);
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert!(read(&mut d, 0, size as usize) == model, "after reopening");
     qemu_check(&top);
     if let Some(q) = qemu_content(&top) {
@@ -123,7 +123,7 @@ fn random_writes_of_any_alignment_match_a_model_and_qemu() {
     }
     // Flattening gives the same disk.
     let flat = dir.as_path().join("flat.raw");
-    overlay::flatten(&top, &flat).unwrap();
+    ov::flatten(&top, &flat).unwrap();
     assert!(std::fs::read(&flat).unwrap() == model);
 }
 
@@ -133,17 +133,17 @@ fn the_last_sector_of_a_disk_that_ends_inside_a_subcluster() {
     let size = MIB + 512;
     let base = make_base(dir.as_path(), "base.raw", size);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     let mut expect = base_bytes(0, size as usize);
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         write_at(&mut d, size - 512, &[0xab; 512]);
         write_at(&mut d, size - 1536, &[0xcd; 512]);
         d.flush().unwrap();
     }
     expect[(size - 512) as usize..].fill(0xab);
     expect[(size - 1536) as usize..][..512].fill(0xcd);
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert!(read(&mut d, 0, size as usize) == expect);
     qemu_check(&top);
     if let Some(q) = qemu_content(&top) {
@@ -166,24 +166,24 @@ fn chains_mix_layouts_with_subclusters_on_top() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut expect = base_bytes(0, 8 << 20);
     {
-        let mut d = Qcow2Disk::open(&old, false).unwrap();
+        let mut d = Qcow2Disk::open(&old, false, &tmp_policy()).unwrap();
         write_at(&mut d, MIB + 512, &[0x11; 8192]);
         d.flush().unwrap();
     }
     expect[(MIB + 512) as usize..][..8192].fill(0x11);
-    overlay::create(&old, &mid).unwrap();
+    ov::create(&old, &mid).unwrap();
     {
-        let mut d = Qcow2Disk::open(&mid, false).unwrap();
+        let mut d = Qcow2Disk::open(&mid, false, &tmp_policy()).unwrap();
         write_at(&mut d, MIB + 4096, &[0x22; 1024]);
         write_at(&mut d, 5 * MIB, &[0x33; 70_000 & !511]);
         d.flush().unwrap();
     }
     expect[(MIB + 4096) as usize..][..1024].fill(0x22);
     expect[(5 * MIB) as usize..][..70_000 & !511].fill(0x33);
-    overlay::create(&mid, &top).unwrap();
+    ov::create(&mid, &top).unwrap();
     let (old_sum, mid_sum) = (checksum(&old), checksum(&mid));
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         assert!(read(&mut d, 0, 8 << 20) == expect);
         write_at(&mut d, MIB, &[0x44; 2048]);
         write_at(&mut d, 5 * MIB + 1536, &[0x55; 512]);
@@ -192,9 +192,9 @@ fn chains_mix_layouts_with_subclusters_on_top() {
     expect[MIB as usize..][..2048].fill(0x44);
     expect[(5 * MIB + 1536) as usize..][..512].fill(0x55);
     assert_eq!((checksum(&old), checksum(&mid)), (old_sum, mid_sum), "a backing layer changed");
-    let layers = overlay::info(&top).unwrap();
+    let layers = ov::info(&top).unwrap();
     assert_eq!(layers.iter().map(|l| l.subclusters).collect::<Vec<_>>(), [true, true, false, false]);
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert!(read(&mut d, 0, 8 << 20) == expect);
     drop(d);
     for layer in [&top, &mid, &old] {
@@ -202,7 +202,7 @@ fn chains_mix_layouts_with_subclusters_on_top() {
     }
     assert!(qemu_content(&top).unwrap() == expect, "qemu-img sees other content");
     let flat = dir.as_path().join("flat.raw");
-    overlay::flatten(&top, &flat).unwrap();
+    ov::flatten(&top, &flat).unwrap();
     assert!(std::fs::read(&flat).unwrap() == expect);
 
     // A standard layer on top of layers with subclusters.
@@ -211,15 +211,15 @@ fn chains_mix_layouts_with_subclusters_on_top() {
         .unwrap();
     assert!(out.status.success());
     {
-        let mut d = Qcow2Disk::open(&std_top, false).unwrap();
+        let mut d = Qcow2Disk::open(&std_top, false, &tmp_policy()).unwrap();
         assert!(read(&mut d, 0, 8 << 20) == expect);
         write_at(&mut d, MIB + 1024, &[0x66; 512]);
         d.flush().unwrap();
     }
     expect[(MIB + 1024) as usize..][..512].fill(0x66);
-    let layers = overlay::info(&std_top).unwrap();
+    let layers = ov::info(&std_top).unwrap();
     assert_eq!(layers.iter().map(|l| l.subclusters).collect::<Vec<_>>(), [false, true, true, false, false]);
-    let mut d = Qcow2Disk::open(&std_top, true).unwrap();
+    let mut d = Qcow2Disk::open(&std_top, true, &tmp_policy()).unwrap();
     assert!(read(&mut d, 0, 8 << 20) == expect);
     qemu_check(&std_top);
     assert!(qemu_content(&std_top).unwrap() == expect, "qemu-img sees other content");
@@ -256,7 +256,7 @@ fn overlays_made_and_written_by_qemu_with_subclusters() {
     let regions = [(5 * MIB - 4096, 80 << 10), (300 * MIB - 4096, 16384), (550 * MIB - 4096, 16384)];
     {
         // qemu-img made one L2 table; the writable open adds the two others.
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         for (off, len) in regions {
             assert!(read(&mut d, off, len as usize) == model(&ops, patterned, off, len), "at {off:#x}");
         }
@@ -269,7 +269,7 @@ fn overlays_made_and_written_by_qemu_with_subclusters() {
     }
     qemu_check(&top);
     let q = qemu_content(&top).unwrap();
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     for (off, len) in regions {
         let want = model(&ops, patterned, off, len);
         assert!(read(&mut d, off, len as usize) == want, "ember at {off:#x}");
@@ -286,11 +286,11 @@ fn the_refcount_table_grows_new_blocks_as_the_file_does() {
     let size = 256 * MIB;
     let base = make_base_with(dir.as_path(), "base.raw", size, MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create_with_cluster_size(&base, &top, 16 << 10).unwrap();
+    ov::create_with_cluster_size(&base, &top, 16 << 10).unwrap();
     let cs = 16u64 << 10;
     let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         let mem = guest_memory(4096);
         for i in 0..size / cs {
             mem.write_slice(&block(i), GuestAddress(0)).unwrap();
@@ -307,7 +307,7 @@ fn the_refcount_table_grows_new_blocks_as_the_file_does() {
     let mut rt = vec![0u8; 32];
     f.read_exact_at(&mut rt, h.reftable_offset).unwrap();
     assert!(rt.chunks(8).take(3).all(|e| be64(e, 0) != 0), "{rt:x?}");
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     for i in (0..size / cs).step_by(97) {
         assert!(read(&mut d, i * cs + 8192, 4096) == block(i), "cluster {i}");
         assert!(read(&mut d, i * cs, 8192) == model(&[], MIB, i * cs, 8192), "cluster {i}");
@@ -319,9 +319,9 @@ fn malformed_entries_are_clear_errors() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 4 * MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         write_at(&mut d, 0, &[1; 4096]);
         d.flush().unwrap();
     }
@@ -336,20 +336,20 @@ fn malformed_entries_are_clear_errors() {
 
     // Subcluster 0 both allocated and zero.
     f.write_all_at(&(0b11u64 | 1 << 32).to_be_bytes(), l2 + 8).unwrap();
-    let msg = Qcow2Disk::open(&top, true).err().unwrap().to_string();
+    let msg = Qcow2Disk::open(&top, true, &tmp_policy()).err().unwrap().to_string();
     assert!(msg.contains("top.qcow2") && msg.contains("both allocated and zero"), "{msg}");
     // Allocated subclusters beyond the end of the file.
     f.write_all_at(&(1u64 << 31).to_be_bytes(), l2 + 8).unwrap();
     f.write_all_at(&((1u64 << 40) | 1 << 63).to_be_bytes(), l2).unwrap();
-    let e = Qcow2Disk::open(&top, true).err().unwrap();
+    let e = Qcow2Disk::open(&top, true, &tmp_policy()).err().unwrap();
     assert!(matches!(e, DiskError::Truncated { .. }), "{e}");
     // A compressed cluster with a bitmap.
     f.write_all_at(&(1u64 << 62).to_be_bytes(), l2).unwrap();
-    let msg = Qcow2Disk::open(&top, true).err().unwrap().to_string();
+    let msg = Qcow2Disk::open(&top, true, &tmp_policy()).err().unwrap().to_string();
     assert!(msg.contains("compressed cluster with a subcluster bitmap"), "{msg}");
     // A compressed cluster: read, but not written.
     f.write_all_at(&[0; 8], l2 + 8).unwrap();
-    assert!(Qcow2Disk::open(&top, true).is_ok());
-    let msg = Qcow2Disk::open(&top, false).err().unwrap().to_string();
+    assert!(Qcow2Disk::open(&top, true, &tmp_policy()).is_ok());
+    let msg = Qcow2Disk::open(&top, false, &tmp_policy()).err().unwrap().to_string();
     assert!(msg.contains("compressed clusters") && msg.contains("does not write"), "{msg}");
 }

@@ -1,6 +1,5 @@
 //! The qcow2 layer against real files: chains, structure checks, qemu-img agreement.
 
-use super::super::overlay;
 use super::super::test_util::*;
 use super::*;
 use std::os::unix::fs::FileExt;
@@ -34,9 +33,9 @@ fn overlay_on_raw_reads_the_base_and_writes_only_to_itself() {
     let base = make_base(dir.as_path(), "base.raw", 16 * MIB);
     let (sum, mt) = (checksum(&base), mtime(&base));
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
 
-    let mut d = Qcow2Disk::open(&top, false).unwrap();
+    let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
     assert_eq!(d.size(), 16 * MIB);
     assert!(!d.read_only());
     assert_eq!(read(&mut d, 0, 256 << 10), base_bytes(0, 256 << 10));
@@ -56,7 +55,7 @@ fn overlay_on_raw_reads_the_base_and_writes_only_to_itself() {
     drop(d);
 
     // Reopened: the same; the base untouched; the overlay small.
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert_eq!(read(&mut d, 0, 16 * MIB as usize), expect);
     assert_eq!(checksum(&base), sum);
     assert_eq!(mtime(&base), mt);
@@ -84,17 +83,17 @@ fn chains_see_through_frozen_layers_and_never_write_them() {
     let base = make_base(dir.as_path(), "base.raw", 8 * MIB);
     let frozen = dir.as_path().join("frozen.qcow2");
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &frozen).unwrap();
+    ov::create(&base, &frozen).unwrap();
     {
-        let mut d = Qcow2Disk::open(&frozen, false).unwrap();
+        let mut d = Qcow2Disk::open(&frozen, false, &tmp_policy()).unwrap();
         write_at(&mut d, MIB, &[0x11; 8192]);
         write_at(&mut d, 6 * MIB, &[0x22; 512]);
         d.flush().unwrap();
     }
     let (base_sum, frozen_sum) = (checksum(&base), checksum(&frozen));
     let frozen_mtime = mtime(&frozen);
-    overlay::create(&frozen, &top).unwrap();
-    let mut d = Qcow2Disk::open(&top, false).unwrap();
+    ov::create(&frozen, &top).unwrap();
+    let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
     assert_eq!(read(&mut d, MIB, 8192), vec![0x11; 8192]);
     assert_eq!(read(&mut d, 6 * MIB, 512), vec![0x22; 512]);
     assert_eq!(read(&mut d, 2 * MIB, 65536), base_bytes(2 * MIB, 65536));
@@ -110,7 +109,7 @@ fn chains_see_through_frozen_layers_and_never_write_them() {
     assert_eq!(checksum(&base), base_sum);
     assert_eq!(checksum(&frozen), frozen_sum);
     assert_eq!(mtime(&frozen), frozen_mtime);
-    let mut f = Qcow2Disk::open(&frozen, true).unwrap();
+    let mut f = Qcow2Disk::open(&frozen, true, &tmp_policy()).unwrap();
     assert_eq!(read(&mut f, MIB, 8192), vec![0x11; 8192]);
     assert_eq!(read(&mut f, 7 * MIB, 4096), base_bytes(7 * MIB, 4096));
     qemu_check(&top);
@@ -122,8 +121,8 @@ fn backing_layers_are_opened_read_only() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
-    let _d = Qcow2Disk::open(&top, false).unwrap();
+    ov::create(&base, &top).unwrap();
+    let _d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
     // Our process holds the base: every fd for it must be O_RDONLY.
     let mut seen = 0;
     for fd in std::fs::read_dir("/proc/self/fd").unwrap() {
@@ -147,9 +146,9 @@ fn read_only_overlay_refuses_writes() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     let sum = checksum(&top);
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert!(d.read_only());
     let mem = guest_memory(4096);
     let e = d.write_vectored(0, &slices(&mem, &[(0, 512)])).unwrap_err();
@@ -164,9 +163,9 @@ fn missing_backing_file_is_a_clear_error() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     std::fs::remove_file(&base).unwrap();
-    let e = Qcow2Disk::open(&top, false).err().unwrap();
+    let e = Qcow2Disk::open(&top, false, &tmp_policy()).err().unwrap();
     assert!(matches!(e, DiskError::MissingBacking { .. }), "{e}");
     let msg = e.to_string();
     assert!(
@@ -180,9 +179,9 @@ fn resized_backing_file_is_a_clear_error() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 2 * MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     std::fs::OpenOptions::new().write(true).open(&base).unwrap().set_len(3 * MIB).unwrap();
-    let msg = Qcow2Disk::open(&top, false).err().unwrap().to_string();
+    let msg = Qcow2Disk::open(&top, false, &tmp_policy()).err().unwrap().to_string();
     assert!(
         msg.contains("virtual size of 2097152") && msg.contains("3145728") && msg.contains("base.raw"),
         "{msg}"
@@ -190,21 +189,31 @@ fn resized_backing_file_is_a_clear_error() {
 }
 
 #[test]
-fn backing_file_of_the_wrong_format_is_a_clear_error() {
+fn a_backing_file_is_opened_in_its_recorded_format_whatever_its_content() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
     let mid = dir.as_path().join("mid.qcow2");
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &mid).unwrap();
-    overlay::create(&mid, &top).unwrap();
+    ov::create(&base, &mid).unwrap();
+    ov::create(&mid, &top).unwrap();
     // Replace the qcow2 middle layer by a raw file of the same size.
     std::fs::remove_file(&mid).unwrap();
     std::fs::copy(&base, &mid).unwrap();
-    let msg = Qcow2Disk::open(&top, true).err().unwrap().to_string();
-    assert!(
-        msg.contains("mid.qcow2") && msg.contains("recorded as qcow2") && msg.contains("is raw"),
-        "{msg}"
-    );
+    let msg = Qcow2Disk::open(&top, true, &tmp_policy()).err().unwrap().to_string();
+    assert!(msg.contains("mid.qcow2") && msg.contains("no qcow2 magic"), "{msg}");
+
+    // A layer recorded as raw is read as raw, even when its content is a qcow2 image.
+    let other = dir.as_path().join("other.qcow2");
+    ov::create(&base, &other).unwrap();
+    let raw_len = std::fs::metadata(&other).unwrap().len().next_multiple_of(MIB);
+    std::fs::OpenOptions::new().write(true).open(&other).unwrap().set_len(raw_len).unwrap();
+    let as_raw = dir.as_path().join("as-raw.raw");
+    std::fs::hard_link(&other, &as_raw).unwrap();
+    let over = dir.as_path().join("over.qcow2");
+    ov::create(&as_raw, &over).unwrap();
+    let mut d = Qcow2Disk::open(&over, true, &tmp_policy()).unwrap();
+    assert_eq!(d.size(), raw_len);
+    assert_eq!(read(&mut d, 0, 4), crate::QCOW2_MAGIC);
 }
 
 #[test]
@@ -212,17 +221,17 @@ fn truncated_overlay_is_a_clear_error() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", 4 * MIB);
     let top = dir.as_path().join("top.qcow2");
-    overlay::create(&base, &top).unwrap();
+    ov::create(&base, &top).unwrap();
     // The first clusters handed out follow the metadata, which is all a new overlay holds.
     let data = std::fs::metadata(&top).unwrap().len();
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         write_at(&mut d, 0, &vec![0x5a; 1 << 20]);
         d.flush().unwrap();
     }
     for cut in [data + MIB - 4096, data + 4096, data / 2, 60] {
         std::fs::OpenOptions::new().write(true).open(&top).unwrap().set_len(cut).unwrap();
-        let e = Qcow2Disk::open(&top, true).err().unwrap();
+        let e = Qcow2Disk::open(&top, true, &tmp_policy()).err().unwrap();
         assert!(matches!(e, DiskError::Truncated { .. }), "cut at {cut}: {e}");
         let msg = e.to_string();
         assert!(msg.contains("top.qcow2") && msg.contains("truncated"), "{msg}");
@@ -233,7 +242,7 @@ fn truncated_overlay_is_a_clear_error() {
 fn not_a_qcow2_file() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
-    let msg = Qcow2Disk::open(&base, true).err().unwrap().to_string();
+    let msg = Qcow2Disk::open(&base, true, &tmp_policy()).err().unwrap().to_string();
     assert!(msg.contains("base.raw") && msg.contains("magic"), "{msg}");
 }
 
@@ -258,7 +267,7 @@ fn overlays_made_by_qemu_img_get_their_l2_tables_on_a_writable_open() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(l1_table(&top).iter().all(|e| *e == 0));
     {
-        let mut d = Qcow2Disk::open(&top, false).unwrap();
+        let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
         write_at(&mut d, 700 * MIB, &[9; 4096]);
         d.flush().unwrap();
     }
@@ -266,7 +275,7 @@ fn overlays_made_by_qemu_img_get_their_l2_tables_on_a_writable_open() {
     assert_eq!(l1.len(), 3);
     assert!(l1.iter().all(|e| e & L1_OFFSET_MASK != 0), "{l1:x?}");
     qemu_check(&top);
-    let mut d = Qcow2Disk::open(&top, true).unwrap();
+    let mut d = Qcow2Disk::open(&top, true, &tmp_policy()).unwrap();
     assert_eq!(read(&mut d, 700 * MIB, 4096), vec![9; 4096]);
     assert_eq!(read(&mut d, 700 * MIB + 4096, 4096), vec![0; 4096]);
     assert_eq!(read(&mut d, 4096, 4096), base_bytes(4096, 4096));

@@ -21,7 +21,7 @@ use self::request::{execute, Limits, SECTOR_SIZE};
 use super::{ActivateError, Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX};
 use crate::config::DriveConfig;
-use disk::{overlay, DiskBackend, DiskError};
+use disk::{overlay, BackingPolicy, DiskBackend, DiskError, Format};
 
 pub const QUEUE_SIZE: u16 = 256;
 /// Two descriptors of every chain hold the header and the status byte.
@@ -155,33 +155,36 @@ impl DiskBackend for Detached {
 }
 
 impl Block {
-    /// Puts the disk at `path` behind the device (PATCH /drives/{id}). The chain is checked
+    /// Puts the disk at `path` (in `format`, else the drive's current one) behind the device
+    /// (PATCH /drives/{id}), its backing files where `policy` allows. The chain is checked
     /// first without taking locks; then the current disk is flushed and closed, so that its
     /// locks are gone when the new chain, which may hold its file as a backing layer, is
     /// opened. The new disk must have the same size and writability, since the guest already
     /// knows them; its id stays the old one for the same reason. If it cannot be opened, the
     /// old file goes back.
-    pub fn update_disk(&mut self, path: &Path) -> Result<(), BlockError> {
-        overlay::info(path)?;
+    pub fn update_disk(&mut self, path: &Path, format: Option<Format>, policy: &BackingPolicy) -> Result<(), BlockError> {
+        let format = format.unwrap_or(self.config.format);
+        overlay::info(path, format, policy)?;
         self.disk.flush().map_err(BlockError::Flush)?;
         let (size, read_only) = (self.disk.size(), self.disk.read_only());
         self.disk = Box::new(Detached { size, read_only });
-        if let Err(e) = self.attach(path) {
+        if let Err(e) = self.attach(path, format, policy) {
             let old = self.config.path.clone();
-            if let Err(back) = self.attach(&old) {
+            if let Err(back) = self.attach(&old, self.config.format, policy) {
                 let id = self.config.id.as_deref().unwrap_or_default();
                 tracing::error!("drive {id}: cannot reopen {} either, its requests fail: {back}", old.display());
             }
             return Err(e);
         }
         self.config.path = path.to_owned();
+        self.config.format = format;
         Ok(())
     }
 
     /// Puts the disk at `path` behind a device whose disk was detached.
-    fn attach(&mut self, path: &Path) -> Result<(), BlockError> {
+    fn attach(&mut self, path: &Path, format: Format, policy: &BackingPolicy) -> Result<(), BlockError> {
         let (drive_size, drive_read_only) = (self.disk.size(), self.disk.read_only());
-        let disk = disk::open(path, self.config.read_only)?;
+        let disk = disk::open(path, format, self.config.read_only, policy)?;
         if disk.size() != drive_size || disk.read_only() != drive_read_only {
             return Err(BlockError::Mismatch { size: disk.size(), read_only: disk.read_only(), drive_size, drive_read_only });
         }

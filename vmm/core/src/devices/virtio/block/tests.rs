@@ -64,7 +64,7 @@ impl DiskBackend for MemDisk {
 }
 
 fn drive() -> DriveConfig {
-    DriveConfig { id: None, path: "/test/disk".into(), read_only: false, root: false }
+    DriveConfig { id: None, path: "/test/disk".into(), read_only: false, root: false, format: disk::Format::Raw }
 }
 
 const MEM: usize = 1 << 20;
