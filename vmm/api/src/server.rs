@@ -32,9 +32,12 @@ pub enum ServerError {
     Bind { path: PathBuf, reason: String },
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
-/// Starts serving the API on a new Unix socket at `path`.
+/// Starts serving the API on a new Unix socket at `path`, from a thread that has installed its
+/// seccomp filter (the API one) before it accepts a connection.
 pub fn start(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
     if path.symlink_metadata().is_ok() {
         return Err(ServerError::Exists { path: path.to_path_buf() });
@@ -42,10 +45,20 @@ pub fn start(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, ServerErr
     let bind = |e: std::io::Error| ServerError::Bind { path: path.to_path_buf(), reason: e.to_string() };
     let listener = UnixListener::bind(path).map_err(bind)?;
     listener.set_nonblocking(true).map_err(bind)?;
-    std::thread::Builder::new()
+    let (filtered, installed) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
         .name("ember-api".into())
-        .spawn(move || serve(listener, sender))
-        .map_err(ServerError::Thread)
+        .spawn(move || {
+            let result = seccomp::install(seccomp::Thread::Api);
+            let ok = result.is_ok();
+            let _ = filtered.send(result);
+            if ok {
+                serve(listener, sender);
+            }
+        })
+        .map_err(ServerError::Thread)?;
+    installed.recv().map_err(|_| ServerError::Thread(std::io::Error::other("the API thread ended at its start")))??;
+    Ok(thread)
 }
 
 /// A client connection: the bytes it sent that are not handled yet.

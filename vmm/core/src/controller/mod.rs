@@ -36,13 +36,15 @@ fn info(id: &str, state: InstanceState) -> ApiResponse {
 }
 
 /// Serves `channel` until the VM has been started and has ended. The guest's console goes to
-/// `console`.
+/// `console`. The calling thread becomes the VMM's main thread: it installs the main seccomp
+/// filter before it takes the first request.
 pub fn serve(
     channel: ApiChannel,
     id: String,
     started: Instant,
     console: Box<dyn Write + Send>,
 ) -> Result<RunOutcome, ControllerError> {
+    runner::confine_main_thread()?;
     let mut preboot = PrebootController::new(id, console);
     loop {
         let call = channel.calls.recv().map_err(|_| ControllerError::ApiGone)?;
