@@ -18,7 +18,7 @@ mod names;
 
 use std::sync::Once;
 
-use seccompiler::{BpfProgram, sock_filter};
+use seccompiler::{sock_filter, BpfProgram};
 
 /// Exit status of a VMM that made a forbidden system call (128 + SIGSYS, as a shell reports a
 /// process that SIGSYS killed).
