@@ -11,7 +11,8 @@ use vmm::vstate::vcpu::GuestExit;
 
 mod cli;
 
-/// Exit status when the guest kernel panicked (ember's own failures exit 1).
+/// Exit status when the guest kernel panicked (ember's own failures exit 1; a VMM that made a
+/// system call its seccomp filter forbids exits 159, `seccomp::EXIT_STATUS`).
 const EXIT_GUEST_PANIC: u8 = 2;
 
 #[derive(Parser)]

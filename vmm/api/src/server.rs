@@ -51,9 +51,12 @@ pub enum ServerError {
     Bind { path: PathBuf, reason: String },
     #[error("cannot start the API thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
-/// Starts serving the API on a new Unix socket at `path`.
+/// Starts serving the API on a new Unix socket at `path`, from a thread that has installed its
+/// seccomp filter (the API one) before it accepts a connection.
 pub fn start(path: &Path, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
     spawn(bind(path, &sender)?, sender)
 }
@@ -73,12 +76,23 @@ pub fn bind(path: &Path, sender: &ApiSender) -> Result<UnixListener, ServerError
     Ok(listener)
 }
 
-/// Serves the API on `listener` in a thread of its own.
+/// Serves the API on `listener` in a thread of its own, which installs its seccomp filter
+/// before it accepts a connection.
 pub fn spawn(listener: UnixListener, sender: ApiSender) -> Result<JoinHandle<()>, ServerError> {
-    std::thread::Builder::new()
+    let (filtered, installed) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
         .name("ember-api".into())
-        .spawn(move || serve(listener, sender))
-        .map_err(ServerError::Thread)
+        .spawn(move || {
+            let result = seccomp::install(seccomp::Thread::Api);
+            let ok = result.is_ok();
+            let _ = filtered.send(result);
+            if ok {
+                serve(listener, sender);
+            }
+        })
+        .map_err(ServerError::Thread)?;
+    installed.recv().map_err(|_| ServerError::Thread(std::io::Error::other("the API thread ended at its start")))??;
+    Ok(thread)
 }
 
 /// A client connection.

@@ -37,7 +37,8 @@ fn info(id: &str, state: InstanceState) -> ApiResponse {
 
 /// Serves `channel` until the VM has been started and has ended. The guest's console goes to
 /// `console`; the backing files of the drives' qcow2 layers may lie only where `backing`
-/// allows.
+/// allows. The calling thread becomes the VMM's main thread: it installs the main seccomp
+/// filter before it takes the first request.
 pub fn serve(
     channel: ApiChannel,
     id: String,
@@ -45,6 +46,7 @@ pub fn serve(
     backing: disk::BackingPolicy,
     console: Box<dyn Write + Send>,
 ) -> Result<RunOutcome, ControllerError> {
+    runner::confine_main_thread()?;
     let mut preboot = PrebootController::new(id, backing, console, channel.home());
     loop {
         let call = channel.calls.recv().map_err(|_| ControllerError::ApiGone)?;

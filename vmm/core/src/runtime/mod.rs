@@ -32,6 +32,8 @@ pub enum RunError {
     EventLoop(event_manager::Error),
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// Watches the eventfds that end the VM: the guest's reset request and vCPU exit reports.
@@ -93,9 +95,21 @@ pub struct RuntimeApi {
     pub loaded_at: Option<Instant>,
 }
 
-/// Runs the VM to its end. `started` is when the process started, for the boot timings.
+/// Runs the VM to its end. `started` is when the process started, for the boot timings. The
+/// calling thread is the VMM's main thread: confined before the guest runs.
 pub fn run(vmm: Vmm, started: Instant, console_input: bool) -> Result<RunOutcome, RunError> {
+    confine_main_thread()?;
     run_with_api(vmm, started, console_input, None)
+}
+
+/// Installs the main thread's seccomp filter on the calling thread. The vCPU kick handler goes
+/// in first, so that the filter need not allow `rt_sigaction`. vCPU threads are spawned after
+/// this and inherit the filter under their own, which is why the main filter allows all the
+/// vCPU filter does; the API thread is spawned before it (its own filter alone applies).
+pub fn confine_main_thread() -> Result<(), RunError> {
+    install_kick_handler()?;
+    seccomp::install(seccomp::Thread::Main)?;
+    Ok(())
 }
 
 /// Runs the VM to its end, answering `api`'s calls meanwhile.

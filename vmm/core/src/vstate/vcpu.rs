@@ -240,9 +240,14 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the guest until the VM is stopped, handling the exits that need the VMM.
+    /// Runs the guest until the VM is stopped, handling the exits that need the VMM. The
+    /// thread's seccomp filter (the vCPU one) goes on before the first KVM_RUN.
     pub fn run(mut self, ctx: &VcpuContext) -> ExitCounts {
         let mut counts = ExitCounts::default();
+        if let Err(e) = seccomp::install(seccomp::Thread::Vcpu) {
+            ctx.exit.report(GuestExit::Failure(format!("vCPU {}: {e}", self.index)));
+            return counts;
+        }
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut loaded_at = ctx.loaded_at.filter(|_| self.index == 0);
         while !ctx.stop.load(Ordering::Acquire) {
