@@ -14,6 +14,7 @@ mod error;
 mod fork;
 mod identity;
 mod lifecycle;
+mod limits;
 mod names;
 pub mod paths;
 mod process;
@@ -23,6 +24,7 @@ mod spares;
 pub mod template;
 
 pub use error::SandboxError;
+pub use limits::HostLimits;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,11 +78,15 @@ pub struct Store {
     vmm_binary: PathBuf,
     /// How many spare VMMs sandbox starts keep (see `spares`).
     spare_vmms: usize,
+    /// What sandboxes are bounded by, when not this host's limits (see `limits`).
+    limits: Option<HostLimits>,
+    /// A bound on sandboxes' memory below the host's RAM.
+    mem_cap_mib: Option<u64>,
 }
 
 impl Store {
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary, spare_vmms: 0 }
+        Self { root, vmm_binary, spare_vmms: 0, limits: None, mem_cap_mib: None }
     }
 
     /// The sandbox's record, if `name` exists.

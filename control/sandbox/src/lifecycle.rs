@@ -21,6 +21,7 @@ use crate::{identity, SandboxError, SandboxSpec, Shape, Store};
 impl Store {
     /// Starts a sandbox and returns once its guest agent answers.
     pub fn start(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        self.check_machine(spec)?;
         self.create(spec.name.clone(), |name, dir| self.boot(name, dir, spec))
     }
 
