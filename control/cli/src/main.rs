@@ -301,7 +301,18 @@ fn store() -> anyhow::Result<sandbox::Store> {
         .with_disk_dirs(disk_dirs)
         .with_jail(jail);
     store.check_state_dir()?;
-    Ok(store)
+    Ok(match mem_cap_mib()? {
+        Some(cap) => store.with_mem_cap(cap),
+        None => store,
+    })
+}
+
+/// `EMBER_MAX_MEM_MIB`: the most guest memory a VM may have, when less than the host's RAM.
+fn mem_cap_mib() -> anyhow::Result<Option<u64>> {
+    std::env::var("EMBER_MAX_MEM_MIB")
+        .ok()
+        .map(|cap| cap.parse().context("EMBER_MAX_MEM_MIB must be a number of MiB"))
+        .transpose()
 }
 
 /// What to boot a sandbox from; `image` is `default` or a path.
@@ -441,6 +452,14 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
         return run_detached(args);
     }
     vmm::vstate::kvm::check_host()?;
+    // vCPUs beyond the host's CPUs are fine for a VM on this terminal (boot tests use them);
+    // KVM's own limit is checked when the VM is made.
+    let limits = sandbox::HostLimits::of_host();
+    match mem_cap_mib()? {
+        Some(cap) => limits.with_mem_cap(cap),
+        None => limits,
+    }
+    .check_memory(args.mem_mib)?;
     let cfg = VmConfig {
         kernel: match args.kernel {
             Some(k) => k,

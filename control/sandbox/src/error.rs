@@ -55,6 +55,14 @@ pub enum SandboxError {
     TemplateNotFound(String),
     #[error("template {name} is in use by sandbox {users}: remove those first")]
     TemplateInUse { name: String, users: String },
+    #[error("sandbox {name} is still starting (ember process {pid} is starting it): try again once it is ready")]
+    Starting { name: String, pid: i32 },
+    #[error("sandbox {name} did not finish starting: the ember process that started it ({pid}) is gone; remove it with `ember rm {name}`")]
+    FailedStart { name: String, pid: i32 },
+    #[error("guest memory of {mem_mib} MiB is refused: give --mem-mib a multiple of 2 from 2 to {max_mib} ({bound})")]
+    BadMemory { mem_mib: u64, max_mib: u64, bound: &'static str },
+    #[error("{vcpus} vCPUs are refused: give --vcpus from 1 to {max} ({bound})")]
+    BadVcpus { vcpus: u8, max: u32, bound: &'static str },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {

@@ -49,7 +49,7 @@ impl Store {
     /// numbers); returns once every child's guest agent answers. If any child fails, none is
     /// kept.
     pub fn fork(&self, parent: &str, count: usize, ready_timeout: Duration) -> Result<Vec<Record>, SandboxError> {
-        let record = self.record(parent)?;
+        let record = self.ready_record(parent)?;
         let dir = self.dir(parent);
         if !record.vmm_alive(&dir) {
             return Err(SandboxError::NotRunning(parent.into()));
@@ -231,6 +231,8 @@ mod tests {
             jail: None,
             cgroup: None,
             disk_dirs: Vec::new(),
+            phase: crate::record::Phase::Ready,
+            starter: None,
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

@@ -42,7 +42,7 @@ impl Store {
     /// to `name`. Every start does this; a sandbox made some other way (a fork) calls it
     /// before it is handed out.
     pub fn fix_identity(&self, name: &str) -> Result<(), SandboxError> {
-        self.record(name)?;
+        self.ready_record(name)?;
         let uds = self.dir(name).join(VSOCK_SOCKET);
         let mut agent = agent_client::connect(&uds, agent_protocol::DEFAULT_PORT, STEP_TIMEOUT)
             .map_err(|source| SandboxError::Identity { name: name.to_string(), source })?;
@@ -96,6 +96,8 @@ mod tests {
             jail: None,
             cgroup: None,
             disk_dirs: Vec::new(),
+            phase: crate::record::Phase::Ready,
+            starter: None,
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

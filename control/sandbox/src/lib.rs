@@ -8,6 +8,11 @@
 //!
 //! A name with a leading '.' is a hidden sandbox: one that a command makes for its own use
 //! (the one a template is made from). `ls` leaves it out, and its VMM dies with the command.
+//!
+//! A start that never completed because its `ember` was killed (the record says `starting`,
+//! its starter is gone) is found by the next command that meets it: its VMM is stopped, `ls`
+//! shows it as `Failed` (and removes a hidden one), other commands refuse it, and `rm`
+//! removes it (see `record`).
 
 mod cids;
 mod error;
@@ -15,6 +20,7 @@ mod fork;
 mod identity;
 pub mod jails;
 mod lifecycle;
+mod limits;
 mod names;
 pub mod paths;
 mod process;
@@ -24,6 +30,7 @@ mod spares;
 pub mod template;
 
 pub use error::SandboxError;
+pub use limits::HostLimits;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,7 +41,7 @@ use api::models::InstanceInfo;
 use error::io;
 use names::{check_existing_name, is_hidden};
 use paths::{API_SOCKET, RECORD, VSOCK_SOCKET};
-use record::Record;
+use record::{Record, StartState};
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -69,9 +76,13 @@ struct Shape {
 pub struct Status {
     #[serde(flatten)]
     pub record: Record,
-    /// "Running", "Paused", or "Stopped" when its VMM process is gone.
+    /// "Running", "Paused", "Stopped" when its VMM process is gone, "Starting" while an ember
+    /// process starts it, "Failed" when that process died before the start completed.
     pub state: String,
 }
+
+/// What `ls` says of a start that will never complete.
+const FAILED: &str = "Failed";
 
 pub struct Store {
     root: PathBuf,
@@ -84,11 +95,15 @@ pub struct Store {
     /// Directories besides `$EMBER_STATE` that backing files may lie under: the images
     /// directory, and what the user allowed (see [`Store::disk_policy`]).
     disk_dirs: Vec<PathBuf>,
+    /// What sandboxes are bounded by, when not this host's limits (see `limits`).
+    limits: Option<HostLimits>,
+    /// A bound on sandboxes' memory below the host's RAM.
+    mem_cap_mib: Option<u64>,
 }
 
 impl Store {
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary, spare_vmms: 0, jail: None, disk_dirs: Vec::new() }
+        Self { root, vmm_binary, spare_vmms: 0, jail: None, disk_dirs: Vec::new(), limits: None, mem_cap_mib: None }
     }
 
     /// Jails the VMMs this store starts as `settings` say.
@@ -154,9 +169,25 @@ impl Store {
         Ok(disk::overlay::info(&self.dir(name).join(paths::OVERLAY), disk::Format::Qcow2, &backing)?)
     }
 
+    /// The record of sandbox `name` if it is there to be used: its start completed, or it is
+    /// this process's own, being started. A failed start's VMM is stopped on the way.
+    pub(crate) fn ready_record(&self, name: &str) -> Result<Record, SandboxError> {
+        let (record, state) = self.start_state(self.record(name)?);
+        match state {
+            StartState::Ready | StartState::Starting { by_this_process: true } => Ok(record),
+            StartState::Starting { by_this_process: false } => {
+                Err(SandboxError::Starting { name: name.into(), pid: record.starter.map_or(0, |s| s.pid) })
+            }
+            StartState::Failed => {
+                self.stop_vmm(&record, &self.dir(name));
+                Err(SandboxError::FailedStart { name: name.into(), pid: record.starter.map_or(0, |s| s.pid) })
+            }
+        }
+    }
+
     /// The vsock socket through which the host reaches the sandbox's guest agent.
     pub fn vsock_socket(&self, name: &str) -> Result<PathBuf, SandboxError> {
-        self.record(name)?;
+        self.ready_record(name)?;
         Ok(self.dir(name).join(VSOCK_SOCKET))
     }
 
@@ -172,10 +203,19 @@ impl Store {
         ApiClient::new(self.dir(name).join(API_SOCKET))
     }
 
-    /// The sandboxes, hidden ones left out.
+    /// The sandboxes, hidden ones left out; a hidden one whose command died making it or
+    /// using it is removed (no one else can name it).
     pub fn list(&self) -> Result<Vec<Status>, SandboxError> {
         let mut all = self.list_all()?;
-        all.retain(|s| !is_hidden(&s.record.name));
+        all.retain(|s| {
+            if !is_hidden(&s.record.name) {
+                return true;
+            }
+            if s.state == FAILED {
+                self.teardown(&s.record.name, &self.dir(&s.record.name));
+            }
+            false
+        });
         Ok(all)
     }
 
@@ -195,9 +235,39 @@ impl Store {
         Ok(entries.flatten().filter_map(|e| self.record(&e.file_name().to_string_lossy()).ok()).collect())
     }
 
+    /// Where `record`'s start stands. A start that looks failed is read again: its starter
+    /// may have recorded it complete and exited since the record was read.
+    fn start_state(&self, record: Record) -> (Record, StartState) {
+        let state = record.start_state();
+        if state != StartState::Failed {
+            return (record, state);
+        }
+        match self.record(&record.name) {
+            Ok(again) => {
+                let state = again.start_state();
+                (again, state)
+            }
+            Err(_) => (record, state),
+        }
+    }
+
     fn status(&self, record: Record) -> Status {
         let dir = self.dir(&record.name);
-        let state = if !record.vmm_alive(&dir) {
+        let (record, state) = self.start_state(record);
+        let state = match state {
+            StartState::Starting { .. } => "Starting".to_string(),
+            StartState::Failed => {
+                self.stop_vmm(&record, &dir);
+                FAILED.to_string()
+            }
+            StartState::Ready => self.ready_state(&record, &dir),
+        };
+        Status { record, state }
+    }
+
+    /// The state of a sandbox whose start completed, as its VMM says.
+    fn ready_state(&self, record: &Record, dir: &std::path::Path) -> String {
+        if !record.vmm_alive(dir) {
             "Stopped".to_string()
         } else {
             match ApiClient::new(dir.join(API_SOCKET)).get::<InstanceInfo>("/") {
@@ -207,8 +277,7 @@ impl Store {
                     .unwrap_or_default(),
                 Err(_) => "Unresponsive".to_string(),
             }
-        };
-        Status { record, state }
+        }
     }
 
 }
@@ -224,6 +293,8 @@ pub(crate) fn test_overlay(base: &std::path::Path, top: &std::path::Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -272,6 +343,8 @@ mod tests {
                 jail: None,
                 cgroup: None,
                 disk_dirs: Vec::new(),
+                phase: crate::record::Phase::Ready,
+                starter: None,
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
@@ -305,5 +378,148 @@ mod tests {
         assert!(!store.dir("t1").exists());
         let long = Store::new(dir.as_path().join("x".repeat(120)), PathBuf::from("/nonexistent/ember"));
         assert!(matches!(long.start(&spec), Err(SandboxError::PathTooLong(_))));
+    }
+
+    /// A store with sandbox `name`'s directory, and a stand-in for its VMM: a shell whose
+    /// command line names the sandbox's API socket, as `ember vmm` started for it does.
+    struct Orphan {
+        _tmp: vmm_sys_util::tempdir::TempDir,
+        store: Store,
+        vmm: std::process::Child,
+    }
+
+    fn orphan(name: &str) -> Orphan {
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
+        let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from("/bin/sh"));
+        std::fs::create_dir_all(store.dir(name)).unwrap();
+        let socket = store.dir(name).join(API_SOCKET);
+        // The trailing `:` keeps the shell from exec'ing sleep, so its argv stays in /proc.
+        let vmm = std::process::Command::new("/bin/sh").args(["-c", "sleep 60; :", "sh"]).arg(&socket).spawn().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !record::vmm_serves(vmm.id() as i32, &socket) {
+            assert!(std::time::Instant::now() < deadline, "the stand-in VMM did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Orphan { _tmp: tmp, store, vmm }
+    }
+
+    impl Orphan {
+        /// Writes sandbox `name`'s record: `starting`, by `starter`; the VMM's pid recorded
+        /// unless `pid_known` is false (a start killed before it wrote it).
+        fn starting(&self, name: &str, starter: Option<record::Starter>, pid_known: bool) {
+            let record = Record {
+                pid: if pid_known { self.vmm.id() as i32 } else { 0 },
+                cid: 3,
+                image: "/i".into(),
+                mem_mib: 256,
+                vcpus: 1,
+                starter,
+                ..Record::starting(name).unwrap()
+            };
+            record.write(&self.store.dir(name)).unwrap();
+        }
+
+        /// Whether the stand-in VMM was killed (waited for, 5 s at most).
+        fn vmm_killed(&mut self) -> bool {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(status) = self.vmm.try_wait().unwrap() {
+                    return std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL);
+                }
+                if std::time::Instant::now() > deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn state(&self, name: &str) -> String {
+            let all = self.store.list_all().unwrap();
+            all.into_iter().find(|s| s.record.name == name).map(|s| s.state).unwrap_or_else(|| "absent".into())
+        }
+    }
+
+    impl Drop for Orphan {
+        fn drop(&mut self) {
+            let _ = self.vmm.kill();
+            let _ = self.vmm.wait();
+        }
+    }
+
+    /// A process that lived and is gone: a starter killed during the start.
+    fn dead_starter() -> record::Starter {
+        let mut child = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let starter = record::Starter::of(child.id() as i32).expect("a live process has a start time");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!starter.alive());
+        starter
+    }
+
+    #[test]
+    fn a_start_whose_starter_died_is_failed_its_vmm_stopped_and_rm_removes_it() {
+        let mut o = orphan("orphan");
+        o.starting("orphan", Some(dead_starter()), true);
+        assert_eq!(o.state("orphan"), "Failed");
+        assert!(o.vmm_killed(), "ls left the orphan VMM running");
+        assert_eq!(o.state("orphan"), "Failed", "it stays failed, never running");
+        let err = o.store.vsock_socket("orphan").unwrap_err();
+        assert!(matches!(err, SandboxError::FailedStart { .. }) && err.to_string().contains("ember rm orphan"), "{err}");
+        o.store.remove("orphan").unwrap();
+        assert!(!o.store.dir("orphan").exists());
+    }
+
+    #[test]
+    fn a_failed_start_is_stopped_by_any_lookup_even_before_its_vmm_pid_was_recorded() {
+        let mut o = orphan("early");
+        o.starting("early", Some(dead_starter()), false);
+        assert!(matches!(o.store.snapshot("early", Path::new("/nonexistent")), Err(SandboxError::FailedStart { .. })));
+        assert!(o.vmm_killed(), "the VMM was found by its socket and stopped");
+        // A starter's pid taken by a later process is no starter.
+        let me = record::Starter::this_process().unwrap();
+        let recycled = record::Starter { start_time: me.start_time + 1, ..me };
+        o.starting("early", Some(recycled), false);
+        assert_eq!(o.state("early"), "Failed");
+        o.starting("early", None, false);
+        assert_eq!(o.state("early"), "Failed", "a start with no starter recorded");
+    }
+
+    #[test]
+    fn a_start_under_way_is_starting_and_left_alone() {
+        let mut o = orphan("young");
+        let mut starter_process = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let starter = record::Starter::of(starter_process.id() as i32).unwrap();
+        o.starting("young", Some(starter), true);
+        assert_eq!(o.state("young"), "Starting");
+        let err = o.store.vsock_socket("young").unwrap_err();
+        assert!(matches!(err, SandboxError::Starting { .. }), "{err}");
+        assert!(o.vmm.try_wait().unwrap().is_none(), "the VMM of a start under way was stopped");
+        // This process's own start is its to use.
+        o.starting("young", Some(record::Starter::this_process().unwrap()), true);
+        o.store.vsock_socket("young").unwrap();
+        // Once its starter is killed, it is a failed start.
+        o.starting("young", Some(starter), true);
+        starter_process.kill().unwrap();
+        starter_process.wait().unwrap();
+        assert_eq!(o.state("young"), "Failed");
+        assert!(o.vmm_killed());
+    }
+
+    #[test]
+    fn leftovers_of_killed_starts_are_cleaned() {
+        let o = orphan(".sb-0badc0de");
+        o.starting(".sb-0badc0de", Some(dead_starter()), true);
+        assert!(o.store.list().unwrap().is_empty());
+        assert!(!o.store.dir(".sb-0badc0de").exists(), "ls removes a hidden sandbox whose command died");
+        // Killed between making the directory and writing the first record.
+        std::fs::create_dir_all(o.store.dir("bare")).unwrap();
+        o.store.remove("bare").unwrap();
+        assert!(!o.store.dir("bare").exists());
+        // Records from before phases were kept are ready ones.
+        let old = br#"{"name":"old","pid":0,"cid":3,"image":"/i","mem_mib":256,"vcpus":1,"created":1}"#;
+        std::fs::create_dir_all(o.store.dir("old")).unwrap();
+        std::fs::write(o.store.dir("old").join(RECORD), old).unwrap();
+        assert_eq!(o.store.record("old").unwrap().phase, record::Phase::Ready);
+        assert_eq!(o.state("old"), "Stopped");
     }
 }

@@ -15,9 +15,9 @@ use disk::overlay;
 use crate::error::io;
 use crate::jails::View;
 use crate::names::{check_name, is_hidden, random_name};
-use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, RECORD, VMM_LOG, VSOCK_SOCKET};
+use crate::paths::{API_SOCKET, CONSOLE_LOG, MAX_SOCKET_PATH, METRICS, OVERLAY, VMM_LOG, VSOCK_SOCKET};
 use crate::process::{tail, VmmProcess};
-use crate::record::Record;
+use crate::record::{find_vmm_serving, Phase, Record, Starter};
 use crate::{identity, SandboxError, SandboxSpec, Shape, Store};
 
 /// The format of a base image the user named: qcow2 if its name ends `.qcow2`, else raw (what
@@ -29,6 +29,7 @@ pub(crate) fn image_format(image: &Path) -> disk::Format {
 impl Store {
     /// Starts a sandbox and returns once its guest agent answers.
     pub fn start(&self, spec: &SandboxSpec) -> Result<Record, SandboxError> {
+        self.check_machine(spec)?;
         self.create(spec.name.clone(), |name, dir| self.boot(name, dir, spec))
     }
 
@@ -48,8 +49,8 @@ impl Store {
         }
     }
 
-    /// Makes the state directory of a new sandbox and runs `make` in it; a failure leaves
-    /// nothing behind.
+    /// Makes the state directory of a new sandbox, records that this process is starting it,
+    /// and runs `make` in it; a failure leaves nothing behind.
     pub(crate) fn create(
         &self,
         name: Option<String>,
@@ -75,7 +76,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(SandboxError::Exists(name)),
             Err(e) => return Err(io("cannot create", &dir)(e)),
         }
-        let result = make(&name, &dir);
+        let result = Record::starting(&name).and_then(|r| r.write(&dir)).and_then(|()| make(&name, &dir));
         if result.is_err() {
             self.teardown(&name, &dir);
         }
@@ -129,9 +130,10 @@ impl Store {
     }
 
     /// Spawns the sandbox's VMM, writes its record, has `configure` set it going through its
-    /// API, waits until its guest agent answers, and gives the guest its own identity. The VMM
-    /// gets the sandbox's overlay (`dir`/disk.qcow2) to write, and reads its backing chain and
-    /// `inputs` (kernel, snapshot files).
+    /// API, waits until its guest agent answers, gives the guest its own identity, and records
+    /// the start as complete (a hidden sandbox's never is: it is this process's scratch). The
+    /// VMM gets the sandbox's overlay (`dir`/disk.qcow2) to write, and reads its backing chain
+    /// and `inputs` (kernel, snapshot files).
     pub(crate) fn launch(
         &self,
         name: &str,
@@ -180,13 +182,10 @@ impl Store {
             jail: jail.clone(),
             cgroup: cgroup.clone(),
             disk_dirs: shape.backing.dirs().to_vec(),
+            phase: Phase::Starting,
+            starter: Some(Starter::this_process()?),
         };
-        let record_path = dir.join(RECORD);
-        let json = serde_json::to_vec_pretty(&record).map_err(|e| SandboxError::BadRecord {
-            path: record_path.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&record_path, json).map_err(io("cannot write", &record_path))?;
+        record.write(dir)?;
 
         let died = |vmm: &mut VmmProcess| -> Option<SandboxError> {
             vmm.exited().map(|how| SandboxError::VmmDied {
@@ -256,6 +255,13 @@ impl Store {
                     }
                     identity::fix(&mut agent, name).map_err(|e| died(&mut vmm).unwrap_or(e))?;
                     tracing::debug!("sandbox {name}: identity set {:?} into the start", started.elapsed());
+                    let record = if is_hidden(name) {
+                        record
+                    } else {
+                        let ready = Record { phase: Phase::Ready, starter: None, ..record };
+                        ready.write(dir)?;
+                        ready
+                    };
                     // Only now: a spare getting ready while the guest does would slow it down.
                     // A hidden sandbox is some command's scratch, made before those it serves.
                     if !is_hidden(name) {
@@ -311,7 +317,7 @@ impl Store {
     /// The VM exits of sandbox `name` so far, which measure its work independently of the
     /// host's speed (through the API's FlushMetrics).
     pub fn vm_exits(&self, name: &str) -> Result<u64, SandboxError> {
-        self.record(name)?;
+        self.ready_record(name)?;
         self.api(name).put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics })?;
         let path = self.dir(name).join(METRICS);
         let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
@@ -321,11 +327,15 @@ impl Store {
         Ok(metrics.vcpu.exits)
     }
 
-    /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included.
+    /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included;
+    /// also a directory left without a record by a start killed at its very beginning.
     pub fn remove(&self, name: &str) -> Result<(), SandboxError> {
-        self.record(name)?;
-        self.teardown(name, &self.dir(name));
         let dir = self.dir(name);
+        match self.record(name) {
+            Err(SandboxError::NotFound(_)) if dir.is_dir() => {}
+            Err(e) => return Err(e),
+            Ok(_) => self.teardown(name, &dir),
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io("cannot remove", &dir))?;
         }
@@ -336,14 +346,7 @@ impl Store {
     pub(crate) fn teardown(&self, name: &str, dir: &Path) {
         if let Ok(record) = self.record(name) {
             self.release_cid(name, record.cid);
-            if record.vmm_alive(dir) {
-                // SAFETY: plain kill(2); vmm_alive checked that the pid is this sandbox's VMM.
-                unsafe { libc::kill(record.pid, libc::SIGKILL) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while record.vmm_alive(dir) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
+            self.stop_vmm(&record, dir);
             self.remove_confinement(record.jail.as_deref(), record.cgroup);
         }
         let _ = std::fs::remove_dir_all(dir);
@@ -377,5 +380,23 @@ impl Store {
             }
         }
         (links, binds)
+    }
+    /// Kills the sandbox's VMM if it runs and waits (5 s at most) until it is gone. A start
+    /// that had not recorded its VMM's pid yet (pid 0) may have spawned it: it is looked for
+    /// by the socket it was started to serve.
+    pub(crate) fn stop_vmm(&self, record: &Record, dir: &Path) {
+        let socket = dir.join(API_SOCKET);
+        let vmm = match record.pid {
+            0 if record.phase == Phase::Starting => find_vmm_serving(&socket).map(|pid| Record { pid, ..record.clone() }),
+            pid if pid > 0 && record.vmm_alive(dir) => Some(record.clone()),
+            _ => None,
+        };
+        let Some(vmm) = vmm else { return };
+        // SAFETY: plain kill(2); the pid was checked to be this sandbox's VMM.
+        unsafe { libc::kill(vmm.pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while vmm.vmm_alive(dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

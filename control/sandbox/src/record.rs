@@ -1,13 +1,80 @@
 //! A sandbox's record in its state directory (`sandbox.json`), and what is known of its
-//! VMM process.
+//! VMM process and of the process starting it.
+//!
+//! A record is written as soon as the sandbox's directory exists, in phase `starting` with
+//! its starter (the ember process making it); again once its VMM is spawned; and in phase
+//! `ready` once its agent answered and has its identity. A record still `starting` whose
+//! starter is gone is a failed start (the starter was killed): whoever meets it stops its VMM,
+//! `ls` shows it as failed, and `rm` removes it. A hidden sandbox stays `starting` for its
+//! whole life: it is its command's scratch, and dies with it.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::paths::API_SOCKET;
+use crate::error::io;
+use crate::paths::{API_SOCKET, RECORD};
+use crate::SandboxError;
+
+/// How far a sandbox's start has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Being made by its starter (or it died doing so).
+    Starting,
+    /// Its start completed. Records from before phases were kept are taken as ready.
+    #[default]
+    Ready,
+}
+
+/// A process, told apart from a later one with the same pid by its start time (clock ticks
+/// after boot, `/proc/PID/stat` field 22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Starter {
+    pub pid: i32,
+    pub start_time: u64,
+}
+
+impl Starter {
+    /// Process `pid`, if it is alive (not a zombie).
+    pub fn of(pid: i32) -> Option<Starter> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the parenthesised command name (which may hold spaces) start
+        // with field 3, the state; the start time is field 22.
+        let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+        if matches!(fields.next(), None | Some("Z") | Some("X")) {
+            return None;
+        }
+        let start_time = fields.nth(18)?.parse().ok()?;
+        Some(Starter { pid, start_time })
+    }
+
+    /// This process.
+    pub fn this_process() -> Result<Starter, SandboxError> {
+        static ME: OnceLock<Option<Starter>> = OnceLock::new();
+        let me = ME.get_or_init(|| Starter::of(std::process::id() as i32));
+        me.ok_or_else(|| io("cannot read", Path::new("/proc/self/stat"))(std::io::ErrorKind::NotFound.into()))
+    }
+
+    /// Whether this process is still running.
+    pub fn alive(&self) -> bool {
+        Starter::of(self.pid).is_some_and(|now| now == *self)
+    }
+}
+
+/// Where a sandbox's start stands, from its record and whether its starter lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartState {
+    Ready,
+    /// Its starter is at it, in this process or another.
+    Starting { by_this_process: bool },
+    /// Its starter is gone, the start unfinished.
+    Failed,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -35,9 +102,55 @@ pub struct Record {
     /// children get the same.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disk_dirs: Vec<PathBuf>,
+    #[serde(default)]
+    pub phase: Phase,
+    /// The process making the sandbox, while it is `starting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starter: Option<Starter>,
 }
 
 impl Record {
+    /// The record of sandbox `name` as soon as its directory is made: this process is
+    /// starting it, and nothing else is known yet (no VMM: pid 0).
+    pub(crate) fn starting(name: &str) -> Result<Record, SandboxError> {
+        Ok(Record {
+            name: name.to_string(),
+            pid: 0,
+            cid: 0,
+            image: PathBuf::new(),
+            mem_mib: 0,
+            vcpus: 0,
+            created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs(),
+            vmm_socket: None,
+            jail: None,
+            cgroup: None,
+            disk_dirs: Vec::new(),
+            phase: Phase::Starting,
+            starter: Some(Starter::this_process()?),
+        })
+    }
+
+    pub fn start_state(&self) -> StartState {
+        match (self.phase, self.starter) {
+            (Phase::Ready, _) => StartState::Ready,
+            (Phase::Starting, Some(starter)) if starter.alive() => {
+                StartState::Starting { by_this_process: Starter::this_process().is_ok_and(|me| me == starter) }
+            }
+            (Phase::Starting, _) => StartState::Failed,
+        }
+    }
+
+    /// Writes the record into `dir` whole or not at all (a temporary file renamed over it),
+    /// so that a reader never sees half of one.
+    pub(crate) fn write(&self, dir: &Path) -> Result<(), SandboxError> {
+        let path = dir.join(RECORD);
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|e| SandboxError::BadRecord { path: path.clone(), reason: e.to_string() })?;
+        let temporary = dir.join(format!(".{RECORD}.{}", std::process::id()));
+        std::fs::write(&temporary, json).map_err(io("cannot write", &temporary))?;
+        std::fs::rename(&temporary, &path).map_err(io("cannot write", &path))
+    }
+
     /// Whether the record's VMM process is alive (see [`vmm_serves`]); `dir` is the
     /// sandbox's state directory.
     pub fn vmm_alive(&self, dir: &Path) -> bool {
@@ -61,6 +174,13 @@ pub fn vmm_serves(pid: i32, socket: &Path) -> bool {
         return false;
     };
     cmdline.split(|b| *b == 0).any(|arg| Path::new(OsStr::from_bytes(arg)) == socket)
+}
+
+/// A live process started to serve `socket`, looked for among all processes: the VMM of a
+/// start that died before recording its pid.
+pub fn find_vmm_serving(socket: &Path) -> Option<i32> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).find(|&pid| vmm_serves(pid, socket))
 }
 
 #[cfg(test)]
@@ -100,6 +220,8 @@ mod tests {
             jail: None,
             cgroup: None,
             disk_dirs: Vec::new(),
+            phase: Phase::Ready,
+            starter: None,
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

@@ -59,7 +59,7 @@ impl Store {
     /// Writes a snapshot of sandbox `name` into `dir` (created; must not hold a snapshot yet).
     /// The sandbox is paused meanwhile and resumed after, whatever happened.
     pub fn snapshot(&self, name: &str, dir: &Path) -> Result<(), SandboxError> {
-        self.record(name)?;
+        self.ready_record(name)?;
         let dir = absolute(dir)?;
         let files = SnapshotFiles::in_dir(&dir);
         if files.state.exists() {

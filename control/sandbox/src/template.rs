@@ -92,6 +92,7 @@ impl Store {
     /// Makes template `name` by booting a sandbox as `spec` says (its name aside).
     pub fn create_template(&self, name: &str, spec: &SandboxSpec) -> Result<TemplateInfo, SandboxError> {
         check_name(name)?;
+        self.check_machine(spec)?;
         // Checked first so that a taken name costs no boot; the final rename checks again.
         if self.template_dir(name).exists() {
             return Err(SandboxError::TemplateExists(name.into()));
@@ -208,6 +209,7 @@ impl Store {
     /// Starts a sandbox as `spec` says by restoring the automatic template for it, made first
     /// if it does not exist yet (`making` hears its name then).
     pub fn start_auto(&self, spec: &SandboxSpec, making: impl FnOnce(&str)) -> Result<Record, SandboxError> {
+        self.check_machine(spec)?;
         if let Some(name) = &spec.name {
             self.check_new_name(name)?;
         }

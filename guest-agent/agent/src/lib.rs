@@ -10,12 +10,16 @@ pub mod sys;
 pub mod workers;
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 /// A connected byte stream the server can run over: `UnixStream`, or the vsock stream.
 pub trait Connection: Read + Write + Send + Sized + 'static {
     fn try_clone(&self) -> io::Result<Self>;
     /// Shuts down both directions (unblocks a reader on another handle).
     fn shutdown(&self);
+    /// SO_RCVTIMEO: a read that waits longer fails with `WouldBlock`; `None` waits forever.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
 }
 
 impl Connection for std::os::unix::net::UnixStream {
@@ -24,6 +28,12 @@ impl Connection for std::os::unix::net::UnixStream {
     }
     fn shutdown(&self) {
         let _ = std::os::unix::net::UnixStream::shutdown(self, std::net::Shutdown::Both);
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_nonblocking(self, nonblocking)
     }
 }
 

@@ -1,5 +1,6 @@
 //! `ember-agent`: listens on AF_VSOCK (or a Unix socket, for testing on the host) and serves
-//! the protocol of PROTOCOL.md, one thread per connection (threads are kept for later ones).
+//! the protocol of PROTOCOL.md, one thread per connection (threads are kept for later ones),
+//! at most `server::MAX_CONNECTIONS` connections at once.
 //!
 //! Usage: `ember-agent [--port N] [--unix PATH] [--init]` (see --help).
 //! `--init` (implied when the agent is PID 1): mount /proc, /sys, /dev, /dev/pts, /dev/shm,
@@ -10,10 +11,8 @@ use std::os::unix::net::UnixListener;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use ember_agent::server::{serve, Config};
+use ember_agent::server::{Config, Server};
 use ember_agent::sys;
-use ember_agent::workers::Workers;
-use ember_agent::Connection;
 use tracing::{info, warn};
 
 /// The agent inside an ember sandbox: serves the host's requests (guest-agent/PROTOCOL.md).
@@ -29,16 +28,6 @@ struct Args {
     /// Act as init: mount the usual file systems and honour PowerOff (implied as PID 1)
     #[arg(long)]
     init: bool,
-}
-
-/// Connection threads: 256 KiB stacks, which the deepest request (an exec's set-up) fits in.
-fn workers<S: Connection>(config: &Config) -> Workers<S> {
-    let config = config.clone();
-    Workers::new(256 << 10, move |s| {
-        if let Err(e) = serve(s, &config) {
-            warn!("connection: {e}");
-        }
-    })
 }
 
 fn main() -> Result<()> {
@@ -62,15 +51,16 @@ fn main() -> Result<()> {
     sys::Reaper::get();
     let config = Config {
         allow_power_off: args.init,
+        ..Config::default()
     };
     if let Some(path) = &args.unix {
         let _ = std::fs::remove_file(path);
         let l = UnixListener::bind(path).with_context(|| format!("bind {path}"))?;
         info!("listening on unix:{path}");
-        let workers = workers(&config);
+        let server = Server::new(config);
         loop {
             match l.accept() {
-                Ok((s, _)) => workers.dispatch(s),
+                Ok((s, _)) => server.accept(s),
                 Err(e) => warn!("accept: {e}"),
             }
         }
@@ -78,10 +68,10 @@ fn main() -> Result<()> {
     let l = sys::VsockListener::bind(args.port)
         .with_context(|| format!("bind vsock port {}", args.port))?;
     info!("listening on vsock port {}", args.port);
-    let workers = workers(&config);
+    let server = Server::new(config);
     loop {
         match l.accept() {
-            Ok(s) => workers.dispatch(s),
+            Ok(s) => server.accept(s),
             Err(e) => {
                 warn!("accept: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(10));

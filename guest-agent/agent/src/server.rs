@@ -19,31 +19,202 @@
 //! queue is full, the reader waits, which delays the next requests on that connection (not
 //! other connections) until the child reads or exits. A host that sends large stdin should
 //! use its own connection for it.
+//!
+//! Bounds: at most `Config::max_connections` connections are served at once (each has its
+//! thread); one past that gets a `TooManyConnections` error and is closed. A frame's buffer
+//! grows as its bytes arrive (see `read_frame`), and a frame that has begun must be complete
+//! within `Config::frame_timeout`, or its connection is closed: a peer cannot hold a slot, or
+//! a megabyte, by announcing a frame and stalling. A connection idle between frames may stay.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use crate::sys::{self, error_kind};
+use crate::workers::{Full, Workers};
 use crate::Connection;
 use agent_protocol::{
     decode, encode, leading_id, read_frame, ErrorKind, FrameError, Reply, ReplyBody, Request,
-    RequestBody, CONNECTION_ID, MAX_DISCARD, MAX_FRAME, PROTOCOL_VERSION,
+    RequestBody, CHUNK, CONNECTION_ID, MAX_DISCARD, PROTOCOL_VERSION,
 };
 use rustix::process::Signal;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[derive(Debug, Clone, Default)]
+/// Connections served at once by default: more than any host use needs (a sandbox's control
+/// plane opens a few), few enough that their threads and buffers fit a small guest.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long the rest of a frame may take to arrive, once its first byte has, by default.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection's frame buffer is kept between frames up to this size (a stdin or file chunk
+/// frame fits); a larger one is given back after its frame.
+const KEPT_BUFFER: usize = 2 * CHUNK;
+/// Bytes a connection reads from its socket at once, ahead of the frame reader.
+const READ_AHEAD: usize = 4096;
+/// Connection threads' stacks, which the deepest request (an exec's set-up) fits in.
+const CONNECTION_STACK: usize = 256 << 10;
+
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Honour `PowerOff` (only when the agent is the guest's init).
     pub allow_power_off: bool,
+    /// Connections served at once ([`Server`]); more are refused.
+    pub max_connections: usize,
+    /// How long a frame whose first byte arrived may take to be complete.
+    pub frame_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { allow_power_off: false, max_connections: MAX_CONNECTIONS, frame_timeout: FRAME_TIMEOUT }
+    }
+}
+
+/// Serves the connections an accept loop hands it, each on a thread of its own, at most
+/// `config.max_connections` at once.
+pub struct Server<S> {
+    workers: Workers<S>,
+    max_connections: usize,
+}
+
+impl<S: Connection> Server<S> {
+    pub fn new(config: Config) -> Self {
+        let max_connections = config.max_connections;
+        let workers = Workers::new(CONNECTION_STACK, max_connections, move |s| {
+            if let Err(e) = serve(s, &config) {
+                warn!("connection: {e}");
+            }
+        });
+        Server { workers, max_connections }
+    }
+
+    /// Serves `conn`, or refuses it when as many connections as allowed are open.
+    pub fn accept(&self, conn: S) {
+        if let Err(Full { conn, open }) = self.workers.dispatch(conn) {
+            refuse(conn, open, self.max_connections);
+        }
+    }
+}
+
+/// Tells the peer why it is not served and closes the connection, on the accepting thread:
+/// the error is written without waiting (a fresh socket has room for it; a peer that left
+/// none gets the connection closed only), so that no peer can hold up the accept loop.
+fn refuse<S: Connection>(mut conn: S, open: usize, limit: usize) {
+    warn!("refusing a connection: {open} open, the limit is {limit}");
+    let reply = Reply {
+        id: CONNECTION_ID,
+        body: ReplyBody::Error {
+            kind: ErrorKind::TooManyConnections,
+            message: format!("too many connections: {open} open, the limit is {limit}"),
+        },
+    };
+    if let Ok(frame) = encode(&reply) {
+        if conn.set_nonblocking(true).is_ok() {
+            let _ = conn.write(&frame);
+        }
+    }
+    conn.shutdown();
+}
+
+/// A connection's read side: it reads ahead (a small request costs one read), and once a
+/// frame has begun, the rest of it must arrive within the frame timeout; between frames it
+/// waits as long as the peer likes.
+struct Incoming<S> {
+    stream: S,
+    ahead: Box<[u8]>,
+    start: usize,
+    end: usize,
+    timeout: Duration,
+    /// Bytes of the frame being read have been handed out since the last one ended.
+    in_frame: bool,
+    /// When the frame being read must be complete: set when it first needs more bytes.
+    deadline: Option<Instant>,
+    /// Whether the socket has a receive timeout set now.
+    timed: bool,
+}
+
+impl<S: Connection> Incoming<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
+        let ahead = vec![0; READ_AHEAD].into_boxed_slice();
+        Incoming { stream, ahead, start: 0, end: 0, timeout, in_frame: false, deadline: None, timed: false }
+    }
+
+    /// The frame being read is complete (or discarded): the next one has a deadline once
+    /// it has begun.
+    fn frame_done(&mut self) {
+        self.in_frame = false;
+        self.deadline = None;
+    }
+
+    /// Sets the socket's receive timeout to what is left of the frame's time, or clears it
+    /// between frames.
+    fn arm(&mut self) -> io::Result<()> {
+        if self.in_frame && self.deadline.is_none() {
+            self.deadline = Some(Instant::now() + self.timeout);
+        }
+        match self.deadline {
+            None if self.timed => {
+                self.stream.set_read_timeout(None)?;
+                self.timed = false;
+            }
+            None => {}
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(self.stalled());
+                }
+                self.stream.set_read_timeout(Some(left))?;
+                self.timed = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn stalled(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the rest of a frame did not arrive within {:?}", self.timeout),
+        )
+    }
+
+    /// Reads from the socket into `out`, or into the read-ahead buffer (`None`); a read
+    /// that the frame's deadline ended is the stall error.
+    fn read_stream(&mut self, out: Option<&mut [u8]>) -> io::Result<usize> {
+        let buf = out.unwrap_or(&mut self.ahead[..]);
+        match self.stream.read(buf) {
+            Err(e) if self.deadline.is_some() && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(self.stalled())
+            }
+            r => r,
+        }
+    }
+}
+
+impl<S: Connection> Read for Incoming<S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            self.arm()?;
+            // A read as large as the read-ahead buffer gains nothing from it.
+            if out.len() >= self.ahead.len() {
+                let n = self.read_stream(Some(out))?;
+                self.in_frame |= n > 0;
+                return Ok(n);
+            }
+            self.end = self.read_stream(None)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.ahead[self.start..self.start + n]);
+        self.start += n;
+        self.in_frame |= n > 0;
+        Ok(n)
+    }
 }
 
 pub(crate) static RUNNING_EXECS: AtomicU32 = AtomicU32::new(0);
@@ -113,7 +284,7 @@ pub(crate) fn spawn_thread(
 
 /// Serves one connection until the peer closes it (or it fails). Running execs started on
 /// it are killed (their process groups, SIGKILL) when it ends; detached ones are not.
-pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
+pub fn serve<S: Connection>(stream: S, config: &Config) -> io::Result<()> {
     start_time();
     let out = Arc::new(Out {
         w: Mutex::new(Box::new(stream.try_clone()?)),
@@ -121,10 +292,19 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
     let execs: Execs = Arc::default();
     let mut writes = crate::files::Writes::default();
     let mut buf = Vec::new();
+    let mut incoming = Incoming::new(stream, config.frame_timeout);
     let result = loop {
-        match read_frame(&mut stream, &mut buf) {
+        let frame = read_frame(&mut incoming, &mut buf);
+        incoming.frame_done();
+        match frame {
             Ok(()) => {}
             Err(FrameError::Closed) => break Ok(()),
+            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                // No error reply: a peer that stalls may not read either, and a write to it
+                // could hold this thread as long as the stall would have.
+                warn!("closing a connection: {e}");
+                break Ok(());
+            }
             Err(FrameError::TooLarge(n)) => {
                 out.error(
                     CONNECTION_ID,
@@ -159,9 +339,8 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
                 continue;
             }
         };
-        // Uploads come in frames of up to a few hundred KiB: keep a buffer that size, but
-        // not one that a single large frame grew.
-        if buf.capacity() > MAX_FRAME / 2 {
+        // An idle connection holds a small buffer only, not what a large frame grew.
+        if buf.capacity() > KEPT_BUFFER {
             buf = Vec::new();
         }
         handle(req, &out, &execs, &mut writes, config);
@@ -171,7 +350,7 @@ pub fn serve<S: Connection>(mut stream: S, config: &Config) -> io::Result<()> {
     for (_, h) in running {
         let _ = sys::kill(h.pid, true, Signal::KILL.as_raw());
     }
-    stream.shutdown();
+    incoming.stream.shutdown();
     result
 }
 

@@ -22,6 +22,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// keeps being served); a larger length is taken as a desynchronized or hostile stream and
 /// the connection is closed after the error reply.
 pub const MAX_DISCARD: usize = 64 << 20;
+/// How much of a frame's buffer [`read_frame`] allocates before any of its payload arrived;
+/// the buffer then at most doubles what has arrived, up to the announced length.
+pub const FIRST_STEP: usize = 4096;
 /// Size of the stdout/stderr/file-read chunks the agent sends.
 pub const CHUNK: usize = 64 << 10;
 /// The request id the agent uses for replies about the connection itself (malformed or
@@ -242,6 +245,9 @@ pub enum ErrorKind {
     IsADirectory,
     /// A path whose parent is not a directory (ENOTDIR).
     NotADirectory,
+    /// The agent serves as many connections as it will (reply id is [`CONNECTION_ID`]); the
+    /// connection is closed after this reply.
+    TooManyConnections,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,7 +321,9 @@ pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Fra
     Ok(())
 }
 
-/// Reads one frame's payload into `buf`. An oversized frame whose length is at most
+/// Reads one frame's payload into `buf` (which then holds exactly the payload; its memory is
+/// at most twice what has arrived plus [`FIRST_STEP`], whatever length the frame announces,
+/// beyond what it held already). An oversized frame whose length is at most
 /// [`MAX_DISCARD`] is consumed (discarded in bounded chunks) and reported as `TooLarge`, so
 /// the stream stays in sync; a longer one is reported as `TooLarge` without consuming it
 /// (the caller should close the connection). EOF before a frame starts is `Closed`.
@@ -345,8 +353,25 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameErro
         return Err(FrameError::TooLarge(len));
     }
     buf.clear();
-    buf.resize(len, 0);
-    read_exact(r, buf)
+    // The buffer grows with what arrives (doubling from FIRST_STEP), so that a peer that
+    // announces a large frame and sends little of it makes the reader hold little; only
+    // the room about to be read into is zeroed.
+    let mut filled = 0;
+    while filled < len {
+        if filled == buf.len() {
+            let step = filled.max(FIRST_STEP).min(len - filled);
+            buf.reserve_exact(step);
+            buf.resize(filled + step, 0);
+        }
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => return Err(FrameError::Truncated),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Truncated),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), FrameError> {
@@ -456,6 +481,47 @@ mod tests {
             read_message::<_, Request>(&mut &[5, 0, 0, 0, 1, 2][..]),
             Err(FrameError::Truncated)
         ));
+    }
+
+    /// A peer that hands over at most `step` bytes per read, then ends.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.step).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_frame_buffer_grows_with_what_arrives() {
+        // 1 MiB announced, 10 bytes sent: the reader holds one small step, not the megabyte.
+        let mut stream = (MAX_FRAME as u32).to_le_bytes().to_vec();
+        stream.extend([7u8; 10]);
+        let mut buf = Vec::new();
+        let got = read_frame(&mut Trickle { data: &stream, step: 3 }, &mut buf);
+        assert!(matches!(got, Err(FrameError::Truncated)), "{got:?}");
+        assert!(buf.capacity() <= FIRST_STEP, "{} bytes held for 10 received", buf.capacity());
+        // Half of it sent, in small reads: at most twice that is held.
+        let half = MAX_FRAME / 2;
+        stream.extend(vec![7u8; half - 10]);
+        let got = read_frame(&mut Trickle { data: &stream, step: 1000 }, &mut buf);
+        assert!(matches!(got, Err(FrameError::Truncated)), "{got:?}");
+        assert!(buf.capacity() <= 2 * half + FIRST_STEP, "{} bytes held for {half} received", buf.capacity());
+        // A whole frame, in reads of every size, comes out exact.
+        let payload = postcard::to_stdvec(&Request { id: 9, body: RequestBody::FileData { data: vec![5; 300_000] } }).unwrap();
+        let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+        frame.extend(&payload);
+        for step in [1, 7, 4096, 65536, usize::MAX] {
+            let mut buf = Vec::new();
+            read_frame(&mut Trickle { data: &frame, step }, &mut buf).unwrap();
+            assert_eq!(buf, payload, "in reads of {step} bytes");
+        }
     }
 
     #[test]

@@ -38,6 +38,12 @@ impl Connection for VsockStream {
     fn shutdown(&self) {
         let _ = shutdown(&self.0, Shutdown::Both);
     }
+    fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(rustix::net::sockopt::set_socket_timeout(&self.0, rustix::net::sockopt::Timeout::Recv, timeout)?)
+    }
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        Ok(rustix::io::ioctl_fionbio(&self.0, nonblocking)?)
+    }
 }
 
 /// A listening AF_VSOCK socket bound to any CID on `port`.
