@@ -233,7 +233,15 @@ impl Store {
             configure(&api, &view)
         })();
         if let Err(e) = configured {
-            return Err(died(&mut vmm).unwrap_or(e));
+            // A VMM that broke off a request is usually dying: its log says why.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            loop {
+                match died(&mut vmm) {
+                    Some(died) => return Err(died),
+                    None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                    None => return Err(e),
+                }
+            }
         }
 
         // In short rounds, so that a VMM that dies is noticed at once.

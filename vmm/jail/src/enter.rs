@@ -58,11 +58,12 @@ impl Jail {
             .or_else(|_| mount_data(Path::new("proc"), &proc, c"proc", proc_flags, c"hidepid=invisible"))?;
         let last_capability = last_capability();
         self.pivot()?;
-        self.drop_privileges(last_capability)?;
+        // While still root, which may raise a hard limit to what the VMM needs.
         set_limit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES)?;
         set_limit(libc::RLIMIT_NPROC, MAX_PROCESSES)?;
         set_limit(libc::RLIMIT_FSIZE, self.max_file_size)?;
         set_limit(libc::RLIMIT_CORE, 0)?;
+        self.drop_privileges(last_capability)?;
         // SAFETY: umask only changes this process's file creation mask.
         unsafe { libc::umask(0o077) };
         tracing::info!("jailed in {} as {}:{}", self.root.display(), self.uid, self.gid);
