@@ -142,8 +142,10 @@ impl Store {
         std::fs::rename(&overlay_path, &layer).map_err(io("cannot move the sandbox's disk to", &layer))?;
         let base = overlay::Base { path: &layer, format: disk::Format::Qcow2, policy: backing };
         let switched = overlay::create_over_in_use(base, &overlay_path).map_err(SandboxError::from).and_then(|()| {
-            // The parent's jail gets the new overlay at the old path; the old file, a layer
-            // from now on, is left open in the VMM until the switch closes it.
+            // The parent's jail gets the layer (the old file, read-only for every VMM from now
+            // on: the VMM keeps the descriptor it has until the switch closes it) and the new
+            // overlay at the old path.
+            view.expose(&layer, false)?;
             view.expose(&overlay_path, true)?;
             let patch = PartialDrive {
                 drive_id: ROOT_DRIVE.into(),
@@ -160,8 +162,6 @@ impl Store {
             let _ = view.expose(&overlay_path, true);
             return Err(e);
         }
-        // Children read the layer; no VMM may write it again.
-        view.seal(&layer)?;
         Ok(Frozen { memory, layer })
     }
 

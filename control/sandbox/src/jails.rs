@@ -134,14 +134,19 @@ impl View {
         })
     }
 
-    /// Makes a file the VMM wrote read-only for every VMM from now on (a fork parent's old
-    /// overlay, a layer now): the user's again, group-readable by VMMs.
-    pub fn seal(&self, host_path: &Path) -> Result<(), SandboxError> {
+    /// Makes host file `path`, which the VMM will see through a bind mount, readable by it:
+    /// group the jail gid, 0640, where it is this user's and not readable by all already
+    /// (other users' files are as they are).
+    pub fn share(&self, path: &Path) -> Result<(), SandboxError> {
         let View::Jailed(jail) = self else { return Ok(()) };
-        let file = open_regular(host_path)?;
+        let file = open_regular(path)?;
+        let meta = file.metadata().map_err(io("cannot look at", path))?;
         // SAFETY: geteuid has no preconditions.
-        fchown(&file, host_path, unsafe { libc::geteuid() }, jail.gid)?;
-        file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", host_path))
+        if meta.uid() == unsafe { libc::geteuid() } && meta.mode() & 0o004 == 0 {
+            fchown(&file, path, meta.uid(), jail.gid)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o640)).map_err(io("cannot set the mode of", path))?;
+        }
+        Ok(())
     }
 
     /// Links the VMM's API socket into its `/run`: the VMM recognises its own directory, the
@@ -193,7 +198,9 @@ impl View {
         match link_fd(&file, host_path) {
             Ok(()) => {}
             Err(SandboxError::Io { source, .. }) if source.raw_os_error() == Some(libc::EXDEV) => {
-                copy_sparse(&file, host_path)?;
+                let copy = copy_sparse(&file, host_path)?;
+                // SAFETY: geteuid has no preconditions.
+                fchown(&copy, host_path, unsafe { libc::geteuid() }, jail.gid)?;
             }
             Err(e) => return Err(e),
         }
@@ -230,7 +237,7 @@ fn link_fd(file: &File, target: &Path) -> Result<(), SandboxError> {
 
 /// Copies `file` to a new file `target`, leaving holes as holes (a snapshot's memory file is
 /// mostly holes).
-fn copy_sparse(file: &File, target: &Path) -> Result<(), SandboxError> {
+fn copy_sparse(file: &File, target: &Path) -> Result<File, SandboxError> {
     use std::os::unix::fs::FileExt;
     let out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o640).open(target).map_err(io("cannot create", target))?;
     let len = file.metadata().map_err(io("cannot look at", target))?.len();
@@ -254,7 +261,8 @@ fn copy_sparse(file: &File, target: &Path) -> Result<(), SandboxError> {
         }
         offset = hole;
     }
-    out.sync_all().map_err(io("cannot sync", target))
+    out.sync_all().map_err(io("cannot sync", target))?;
+    Ok(out)
 }
 
 /// Creates `dir` and its missing parents under `root`, owned by root, mode 0711: the VMM can

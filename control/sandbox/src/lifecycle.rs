@@ -228,6 +228,9 @@ impl Store {
             for path in &links {
                 view.expose(path, false)?;
             }
+            for path in &binds {
+                view.share(path)?;
+            }
             let metrics = MetricsConfig { metrics_path: view.run_path(&dir.join(METRICS))? };
             api.put("/metrics", &metrics)?;
             configure(&api, &view)

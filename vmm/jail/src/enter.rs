@@ -149,6 +149,12 @@ impl Jail {
             check(libc::setresgid(self.gid, self.gid, self.gid), "set the jail gid")?;
             check(libc::setresuid(self.uid, self.uid, self.uid), "set the jail uid")?;
         }
+        // A uid change makes the process undumpable, which closes its own /proc/self/pagemap
+        // to it (freezing a restored VM for a fork reads it). Dumpable again: core dumps stay
+        // off (RLIMIT_CORE 0), and no one could attach anyway (no ptrace in its seccomp filters,
+        // and no other process in its pid namespace).
+        // SAFETY: prctl with integer arguments.
+        check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, "set dumpable")?;
         // Leaving uid 0 for good cleared the permitted and effective sets; a check is cheap.
         // SAFETY: prctl with integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "set no_new_privs")?;
