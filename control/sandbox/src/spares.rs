@@ -54,6 +54,11 @@ impl Store {
                 self.discard_spare(&entry.path());
                 continue;
             };
+            // A spare jailed (or not) as this store jails its VMMs, or the files it is handed
+            // would not be where it looks.
+            if self.spare_confinement(&id).0.is_some() != self.jail.is_some() {
+                continue;
+            }
             let Some(claimed) = claim(&entry.path()) else {
                 continue;
             };

@@ -1,0 +1,31 @@
+# Run by benches/jail/run inside the nested harness (busybox sh).
+N=${BENCH_RUNS:-5}
+ms() { awk '{printf "%d", $1 * 1000}' /proc/uptime; }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
+# mode jailed|open: the environment a start of that kind runs in.
+env_of() { [ "$1" = open ] && echo "EMBER_JAIL=off" || echo "EMBER_JAIL=on"; }
+ember template create bench >/dev/null || exit 1
+for mode in jailed open; do : >restore.$mode; : >fork.$mode; done
+# Run 0 of each kind is a warm-up (the emulated CPU translates code on its first run).
+for i in $(seq 0 "$N"); do
+  for mode in jailed open; do
+    e=$(env_of $mode)
+    # A spare of this kind for the start after the pause, as a user's earlier start leaves.
+    env $e ember run --detach --template bench --name pre-$mode-$i >/dev/null || exit 1
+    sleep 2
+    t0=$(ms)
+    env $e ember run --detach --template bench --name r-$mode-$i >/dev/null || exit 1
+    [ "$i" = 0 ] || echo $(($(ms) - t0)) >>restore.$mode
+    t0=$(ms)
+    env $e ember fork r-$mode-$i >/dev/null || exit 1
+    [ "$i" = 0 ] || echo $(($(ms) - t0)) >>fork.$mode
+    ember rm pre-$mode-$i r-$mode-$i r-$mode-$i-1 >/dev/null
+  done
+done
+echo "Debian sandbox, 256 MiB, $N runs each, medians (harness time), jailed | not jailed | ratio (target <= 1.05)"
+for what in restore fork; do
+  j=$(median <$what.jailed) o=$(median <$what.open)
+  echo "$what to agent-ready: $j ms | $o ms | $(awk "BEGIN{printf \"%.2f\", $j / $o}")"
+  echo "  each jailed: $(tr '\n' ' ' <$what.jailed)ms; each not: $(tr '\n' ' ' <$what.open)ms"
+done
+ember template rm bench
