@@ -148,6 +148,9 @@ impl Store {
         let resumes_agent_ms = shape.resumes_agent_ms;
         let overlay_path = dir.join(OVERLAY);
         let chain = overlay::info(&overlay_path, disk::Format::Qcow2, &shape.backing)?;
+        // Where the state directory is in memory (tmpfs, as in the nested harness), the
+        // overlay the VMM writes is memory charged to it, up to the disk's size.
+        let disk_in_memory = if self.state_in_memory() { chain.first().map_or(0, |l| l.virtual_size) } else { 0 };
         let mut reads: Vec<PathBuf> = chain.into_iter().skip(1).map(|l| l.path).collect();
         reads.extend(inputs.iter().cloned());
         let (links, binds) = self.placement(&reads);
@@ -218,7 +221,10 @@ impl Store {
         };
         if let Some(cgroup) = &cgroup {
             jail::cgroup::Cgroup::open(cgroup)
-                .and_then(|c| c.limit(jail::cgroup::Limits { mem_bytes: shape_mem_bytes, vcpus: u64::from(record.vcpus) }))
+                .and_then(|c| c.limit(jail::cgroup::Limits {
+                    mem_bytes: shape_mem_bytes.saturating_add(disk_in_memory),
+                    vcpus: u64::from(record.vcpus),
+                }))
                 .map_err(|e| SandboxError::Spawn { binary: self.vmm_binary.clone(), reason: e.to_string() })?;
         }
         let api = ApiClient::new(&api_socket);
@@ -371,6 +377,20 @@ impl Store {
         if let Some(cgroup) = cgroup.and_then(|c| jail::cgroup::Cgroup::open(&c).ok()) {
             cgroup.remove();
         }
+    }
+
+    /// Whether `$EMBER_STATE` is a file system in memory (tmpfs, ramfs), whose files count
+    /// against the memory limit of the cgroup that wrote them.
+    fn state_in_memory(&self) -> bool {
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        let state = self.root.parent().unwrap_or(&self.root);
+        let Ok(path) = std::ffi::CString::new(state.as_os_str().as_encoded_bytes()) else { return false };
+        // SAFETY: a zeroed statfs is valid for statfs to fill.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statfs with a NUL-terminated path and a struct to fill; the result is checked.
+        let ok = unsafe { libc::statfs(path.as_ptr(), &mut fs) } == 0;
+        ok && matches!(fs.f_type, TMPFS_MAGIC | RAMFS_MAGIC)
     }
 
     /// Which of the files a VMM reads are hard-linked into its jail (on the state directory's
