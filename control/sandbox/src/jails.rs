@@ -98,10 +98,10 @@ impl Store {
         })
     }
 
-    /// The jail of the VMM whose jail directory is `root`.
-    /// The jail's ids are its `/run`'s owner: a VMM keeps the ids it was jailed with whatever
-    /// a later command's settings say.
-    pub(crate) fn jail_at(&self, root: &Path) -> View {
+    /// What a VMM jailed in `root` (none: not jailed) sees. The jail's ids are its `/run`'s
+    /// owner: a VMM keeps the ids it was jailed with whatever a later command's settings say.
+    pub(crate) fn view_of(&self, root: Option<&Path>) -> View {
+        let Some(root) = root else { return View::Host };
         match std::fs::metadata(root.join(&RUN_DIR[1..])) {
             Ok(run) => View::Jailed(VmmJail { root: root.to_path_buf(), uid: run.uid(), gid: run.gid() }),
             Err(_) => match &self.jail {

@@ -193,10 +193,7 @@ impl Store {
 
     /// What sandbox `name`'s VMM sees of the host's files.
     pub(crate) fn view(&self, name: &str) -> Result<jails::View, SandboxError> {
-        Ok(match self.record(name)?.jail {
-            Some(root) => self.jail_at(&root),
-            None => jails::View::Host,
-        })
+        Ok(self.view_of(self.record(name)?.jail.as_deref()))
     }
 
     pub fn api(&self, name: &str) -> ApiClient {

@@ -148,9 +148,7 @@ impl Store {
         let resumes_agent_ms = shape.resumes_agent_ms;
         let overlay_path = dir.join(OVERLAY);
         let chain = overlay::info(&overlay_path, disk::Format::Qcow2, &shape.backing)?;
-        // Where the state directory is in memory (tmpfs, as in the nested harness), the
-        // overlay the VMM writes is memory charged to it, up to the disk's size.
-        let disk_in_memory = if self.state_in_memory() { chain.first().map_or(0, |l| l.virtual_size) } else { 0 };
+        let disk_size = chain.first().map_or(0, |l| l.virtual_size);
         let mut reads: Vec<PathBuf> = chain.into_iter().skip(1).map(|l| l.path).collect();
         reads.extend(inputs.iter().cloned());
         let (links, binds) = self.placement(&reads);
@@ -215,11 +213,11 @@ impl Store {
         }
 
         tracing::debug!("sandbox {name}: API socket up {:?} into the start", started.elapsed());
-        let view = match &jail {
-            Some(root) => self.jail_at(root),
-            None => View::Host,
-        };
+        let view = self.view_of(jail.as_deref());
         if let Some(cgroup) = &cgroup {
+            // Where the state directory is in memory (tmpfs, as in the nested harness), the
+            // overlay the VMM writes is memory charged to it, up to the disk's size.
+            let disk_in_memory = if self.state_in_memory() { disk_size } else { 0 };
             jail::cgroup::Cgroup::open(cgroup)
                 .and_then(|c| c.limit(jail::cgroup::Limits {
                     mem_bytes: shape_mem_bytes.saturating_add(disk_in_memory),

@@ -48,8 +48,10 @@ impl VmmProcess {
                 spare.cgroup.as_deref(),
             ),
         };
+        // Polled while the VMM starts: its cgroup is read only once it has ended.
+        let how = how?;
         let oom = cgroup.and_then(|c| jail::cgroup::Cgroup::open(c).ok()).is_some_and(|c| c.oom_killed());
-        how.map(|how| if oom { format!("{how}: it exceeded its memory limit (memory.max of its cgroup)") } else { how })
+        Some(if oom { format!("{how}: it exceeded its memory limit (memory.max of its cgroup)") } else { how })
     }
 
     /// Its jail directory and cgroup.
