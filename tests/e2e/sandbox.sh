@@ -163,6 +163,57 @@ case_the_root_file_system_leaves_no_deferred_work() {
   ! grep -qx ext4lazyinit out || { echo "    ext4lazyinit runs"; return 1; }
 }
 
+case_a_larger_disk_fills_up_in_the_guest_not_on_the_host() {
+  ember run --detach --name huge-disk --disk-gib 100000 >/dev/null 2>err
+  expect_status 1 && expect_in err "give --disk-gib from 1 to" || return 1
+  ember run --detach --name small-disk --disk-gib 1 >/dev/null 2>err
+  expect_status 1 && expect_in err "never smaller than its image" || return 1
+  [ ! -e "$STATE/huge-disk" ] && [ ! -e "$STATE/small-disk" ] || { echo "    a refused sandbox left its state"; return 1; }
+  # On a state directory of its own: the harness's is a tmpfs of half its RAM, which ember
+  # rightly finds too small for a 3 GiB disk.
+  big=$PWD/big-state
+  mkdir -p "$big" && mount -t tmpfs -o size=8g,mode=0700 big-state "$big" || return 1
+  (
+    # No spare VMMs: one would hold the file system.
+    export EMBER_STATE=$big EMBER_SPARE_VMMS=0
+    ember run --detach --name big-disk --disk-gib 3 >/dev/null 2>err
+    expect_status 0 || { cat err; exit 1; }
+    # ext4 grown online to the disk's end by the agent: well past the image's 2 GiB.
+    ember exec big-disk -- df -k / </dev/null >df 2>&1
+    kib=$(awk 'NR == 2 {print $2}' df)
+    [ "${kib:-0}" -gt 2900000 ] || { echo "    the guest's root is not 3 GiB:"; cat df; exit 1; }
+    # More than the image had free is there; more than the disk is not (ENOSPC in the guest).
+    ember exec big-disk -- fallocate -l 2600M /big </dev/null >out 2>&1
+    expect_status 0 || { cat out; exit 1; }
+    ember exec big-disk -- fallocate -l 1G /more </dev/null >out 2>&1
+    expect_status 1 && expect_in out "No space left" || exit 1
+    ember disk info "$big/sandboxes/big-disk/disk.qcow2" >info 2>&1
+    expect_in info "(3221225472 bytes)"
+  )
+  status=$?
+  (export EMBER_STATE=$big; rm_sb big-disk)
+  umount "$big" || { echo "    $big is still in use"; status=1; }
+  return $status
+}
+
+case_a_sandbox_ends_when_its_ttl_is_over() {
+  ember run --detach --name ttl-gone --ttl 15 >/dev/null 2>err && ember run --detach --name ttl-kept --ttl 15 --on-ttl keep >/dev/null 2>>err
+  expect_status 0 || { cat err; return 1; }
+  ember exec ttl-gone -- true </dev/null || return 1
+  pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/ttl-gone/sandbox.json")
+  sleep 20
+  # The VMM ended it on time, with no ember command running.
+  state=$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' /proc/$pid/status 2>/dev/null)
+  [ -z "$state" ] || [ "$state" = Z ] || { echo "    the VMM (pid $pid) still runs past its --ttl"; return 1; }
+  grep -q "deadline passed" "$STATE/ttl-gone/vmm.log" || { echo "    vmm.log says:"; tail -5 "$STATE/ttl-gone/vmm.log"; return 1; }
+  ember ls >ls 2>&1
+  ! grep -q "^ttl-gone " ls && grep -Eq "^ttl-kept +Expired" ls || { echo "    ls says:"; cat ls; return 1; }
+  [ ! -e "$STATE/ttl-gone" ] && [ -e "$STATE/ttl-kept/disk.qcow2" ] || { echo "    state left or lost"; ls "$STATE"; return 1; }
+  ember exec ttl-kept -- true </dev/null >/dev/null 2>err
+  expect_status 125 && expect_in err "lifetime (--ttl) is over" || return 1
+  ember rm ttl-kept && [ ! -e "$STATE/ttl-kept" ]
+}
+
 case_rm_stops_the_sandbox_and_deletes_its_state() {
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$SB/sandbox.json")
   [ -n "$pid" ] && [ -d /proc/$pid ] || { echo "    no running VMM recorded"; return 1; }

@@ -232,6 +232,14 @@ struct RunArgs {
     /// Boot the sandbox (with --detach) instead of restoring it from the automatic template
     #[arg(long, requires = "detach", conflicts_with_all = ["from_snapshot", "template"])]
     cold: bool,
+    /// Lifetime of the sandbox (with --detach) in seconds: then its VMM ends it, whatever the
+    /// guest does, and its state is removed (see --on-ttl)
+    #[arg(long, value_name = "SECONDS", requires = "detach", value_parser = clap::value_parser!(u64).range(1..))]
+    ttl: Option<u64>,
+    /// What becomes of the sandbox's state (its disk) once its --ttl is over: removed, or kept
+    /// for `ember ls` to show as Expired until `ember rm`
+    #[arg(long, value_enum, requires = "ttl", default_value = "remove")]
+    on_ttl: OnTtl,
     /// Seconds the guest agent has to answer after a detached sandbox starts
     #[arg(long, requires = "detach", default_value_t = 120)]
     ready_timeout: u64,
@@ -250,6 +258,10 @@ struct RunArgs {
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     vcpus: u8,
+    /// Size of the sandbox's disk (with --detach) when larger than its image: the guest's root
+    /// file system fills it, and writes past it fail in the guest (ENOSPC) [default: the image's size]
+    #[arg(long, value_name = "GIB", requires = "detach", conflicts_with_all = ["from_snapshot", "template"])]
+    disk_gib: Option<u64>,
     /// A virtio-blk disk: path=FILE[,ro=on|off][,root=on][,format=raw|qcow2]; repeatable, the
     /// guest sees them as /dev/vda, /dev/vdb, ... in order; the root=on one is mounted as /
     /// (rw unless ro=on). Without format=, FILE's name says it (.qcow2, or .raw, .img, .ext4)
@@ -334,7 +346,7 @@ fn sandbox_spec(
         path => PathBuf::from(path),
     };
     let ready_timeout = Duration::from_secs(ready_timeout_secs);
-    Ok(sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, ready_timeout })
+    Ok(sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, disk_gib: None, ready_timeout })
 }
 
 fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -350,7 +362,10 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("--initrd does not go with --detach: a sandbox boots its image's /sbin/ember-init");
         }
         let (kernel, image, boot_args) = (args.kernel, &args.image, args.cmdline);
-        let spec = sandbox_spec(args.name, kernel, image, args.mem_mib, args.vcpus, boot_args, args.ready_timeout)?;
+        let spec = sandbox::SandboxSpec {
+            disk_gib: args.disk_gib,
+            ..sandbox_spec(args.name, kernel, image, args.mem_mib, args.vcpus, boot_args, args.ready_timeout)?
+        };
         if args.cold {
             store.start(&spec)?
         } else {
@@ -359,8 +374,23 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
             })?
         }
     };
+    if let Some(secs) = args.ttl {
+        let keep = args.on_ttl == OnTtl::Keep;
+        // A sandbox that could not be given its lifetime is not left to run for ever.
+        if let Err(e) = store.set_lifetime(&record.name, Duration::from_secs(secs), keep) {
+            let _ = store.remove(&record.name);
+            return Err(e.into());
+        }
+    }
     println!("{}", record.name);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What becomes of a sandbox's state when its lifetime (--ttl) is over.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnTtl {
+    Remove,
+    Keep,
 }
 
 fn ls(json: bool) -> anyhow::Result<ExitCode> {
@@ -431,6 +461,7 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
         GuestExit::Reset => eprintln!("ember: the guest reset itself (a reboot or power-off)"),
         GuestExit::TripleFault => eprintln!("ember: the guest triple-faulted (KVM_EXIT_SHUTDOWN)"),
         GuestExit::SystemEvent(kind) => eprintln!("ember: the guest ended with KVM system event {kind}"),
+        GuestExit::Deadline => eprintln!("ember: the VM's deadline passed (the sandbox's --ttl): the VMM ended it"),
         GuestExit::Panic(_) | GuestExit::Failure(_) => {}
     }
     exit_status(exit)
@@ -438,7 +469,7 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
 
 fn exit_status(exit: GuestExit) -> anyhow::Result<ExitCode> {
     Ok(match exit {
-        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) => ExitCode::SUCCESS,
+        GuestExit::Reset | GuestExit::TripleFault | GuestExit::SystemEvent(_) | GuestExit::Deadline => ExitCode::SUCCESS,
         GuestExit::Panic(line) => {
             eprintln!("ember: the guest kernel panicked: {line}");
             ExitCode::from(EXIT_GUEST_PANIC)

@@ -63,6 +63,18 @@ pub enum SandboxError {
     BadMemory { mem_mib: u64, max_mib: u64, bound: &'static str },
     #[error("{vcpus} vCPUs are refused: give --vcpus from 1 to {max} ({bound})")]
     BadVcpus { vcpus: u8, max: u32, bound: &'static str },
+    #[error(
+        "a disk of {gib} GiB is refused: give --disk-gib from 1 to {max_gib} (the size of the file \
+         system holding {state}), and at least the image's size"
+    )]
+    BadDisk { gib: u64, max_gib: u64, state: PathBuf },
+    #[error("a lifetime of {secs} s is refused: it ends past what the clock can say")]
+    BadTtl { secs: u64 },
+    #[error(
+        "sandbox {name}'s lifetime (--ttl) is over: its VMM was stopped{}",
+        if *removed { " and its state removed" } else { "; `ember rm` removes its state" }
+    )]
+    Expired { name: String, removed: bool },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {

@@ -233,6 +233,7 @@ mod tests {
             disk_dirs: Vec::new(),
             phase: crate::record::Phase::Ready,
             starter: None,
+            lifetime: None,
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

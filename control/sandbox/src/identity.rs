@@ -98,6 +98,7 @@ mod tests {
             disk_dirs: Vec::new(),
             phase: crate::record::Phase::Ready,
             starter: None,
+            lifetime: None,
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

@@ -51,6 +51,23 @@ impl JailSettings {
     }
 }
 
+/// Says once per process what a VMM started by a caller who is not root goes without, unless
+/// the caller turned the jail off knowingly (`EMBER_JAIL=off`).
+pub(crate) fn note_unjailed() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") {
+        return;
+    }
+    ONCE.call_once(|| {
+        tracing::warn!(
+            "not running as root: sandbox VMMs run as you, confined by their seccomp filters only, \
+             without a jail (own mount, pid and network namespaces and root, an unprivileged uid, no \
+             capabilities) or cgroup limits on memory, CPU and processes; run ember as root for \
+             those (EMBER_JAIL=off says you know)"
+        )
+    });
+}
+
 /// One VMM's jail directory, as the host sees it.
 #[derive(Debug, Clone)]
 pub(crate) struct VmmJail {

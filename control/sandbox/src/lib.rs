@@ -13,6 +13,9 @@
 //! its starter is gone) is found by the next command that meets it: its VMM is stopped, `ls`
 //! shows it as `Failed` (and removes a hidden one), other commands refuse it, and `rm`
 //! removes it (see `record`).
+//!
+//! A sandbox may have a lifetime (see `lifetime`): its VMM ends it on time, and the next
+//! command that meets it removes its state (or `ls` shows it as `Expired`, if it is kept).
 
 mod cids;
 mod error;
@@ -20,6 +23,7 @@ mod fork;
 mod identity;
 pub mod jails;
 mod lifecycle;
+pub mod lifetime;
 mod limits;
 mod names;
 pub mod paths;
@@ -53,6 +57,9 @@ pub struct SandboxSpec {
     pub vcpus: u8,
     /// Appended to the kernel command line.
     pub boot_args: Option<String>,
+    /// The disk's size when larger than the image: the guest's root file system is grown to
+    /// fill it, and the sandbox's overlay never grows past it.
+    pub disk_gib: Option<u64>,
     /// How long the guest agent has to answer after the VM starts.
     pub ready_timeout: Duration,
 }
@@ -77,7 +84,8 @@ pub struct Status {
     #[serde(flatten)]
     pub record: Record,
     /// "Running", "Paused", "Stopped" when its VMM process is gone, "Starting" while an ember
-    /// process starts it, "Failed" when that process died before the start completed.
+    /// process starts it, "Failed" when that process died before the start completed,
+    /// "Expired" when its lifetime is over (and its state kept).
     pub state: String,
 }
 
@@ -174,7 +182,11 @@ impl Store {
     pub(crate) fn ready_record(&self, name: &str) -> Result<Record, SandboxError> {
         let (record, state) = self.start_state(self.record(name)?);
         match state {
-            StartState::Ready | StartState::Starting { by_this_process: true } => Ok(record),
+            StartState::Ready => match self.end_if_expired(&record) {
+                Some(removed) => Err(SandboxError::Expired { name: name.into(), removed }),
+                None => Ok(record),
+            },
+            StartState::Starting { by_this_process: true } => Ok(record),
             StartState::Starting { by_this_process: false } => {
                 Err(SandboxError::Starting { name: name.into(), pid: record.starter.map_or(0, |s| s.pid) })
             }
@@ -205,6 +217,9 @@ impl Store {
     pub fn list(&self) -> Result<Vec<Status>, SandboxError> {
         let mut all = self.list_all()?;
         all.retain(|s| {
+            if s.state == lifetime::EXPIRED && s.record.lifetime.is_some_and(|l| !l.keep) {
+                return false;
+            }
             if !is_hidden(&s.record.name) {
                 return true;
             }
@@ -257,6 +272,7 @@ impl Store {
                 self.stop_vmm(&record, &dir);
                 FAILED.to_string()
             }
+            StartState::Ready if self.end_if_expired(&record).is_some() => lifetime::EXPIRED.to_string(),
             StartState::Ready => self.ready_state(&record, &dir),
         };
         Status { record, state }
@@ -342,6 +358,7 @@ mod tests {
                 disk_dirs: Vec::new(),
                 phase: crate::record::Phase::Ready,
                 starter: None,
+                lifetime: None,
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
@@ -368,6 +385,7 @@ mod tests {
             mem_mib: 128,
             vcpus: 1,
             boot_args: None,
+            disk_gib: None,
             ready_timeout: Duration::from_secs(1),
         };
         let err = store.start(&spec).unwrap_err();
@@ -500,6 +518,48 @@ mod tests {
         starter_process.wait().unwrap();
         assert_eq!(o.state("young"), "Failed");
         assert!(o.vmm_killed());
+    }
+
+    #[test]
+    fn a_sandbox_met_after_its_lifetime_is_stopped_and_removed_or_kept() {
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let ready = |o: &Orphan, name: &str, lifetime| {
+            std::fs::create_dir_all(o.store.dir(name)).unwrap();
+            let record = Record {
+                pid: o.vmm.id() as i32,
+                phase: record::Phase::Ready,
+                starter: None,
+                lifetime: Some(lifetime),
+                ..Record::starting(name).unwrap()
+            };
+            record.write(&o.store.dir(name)).unwrap();
+        };
+        let mut o = orphan("long");
+        ready(&o, "long", lifetime::Lifetime { ends_unix_ms: now_ms + 600_000, keep: false });
+        assert_ne!(o.state("long"), "Expired");
+        o.store.vsock_socket("long").expect("a sandbox within its lifetime is there to use");
+        assert!(o.vmm.try_wait().unwrap().is_none());
+
+        ready(&o, "long", lifetime::Lifetime { ends_unix_ms: now_ms - 1, keep: false });
+        let err = o.store.vsock_socket("long").unwrap_err();
+        assert!(matches!(err, SandboxError::Expired { removed: true, .. }) && err.to_string().contains("--ttl"), "{err}");
+        assert!(o.vmm_killed(), "the VMM of an expired sandbox was left running");
+        assert!(!o.store.dir("long").exists(), "the state of an expired sandbox was kept");
+        assert!(matches!(o.store.record("long"), Err(SandboxError::NotFound(_))));
+
+        let o = orphan("kept");
+        ready(&o, "kept", lifetime::Lifetime { ends_unix_ms: now_ms - 1, keep: true });
+        assert_eq!(o.state("kept"), "Expired");
+        assert!(o.store.list().unwrap().iter().any(|s| s.record.name == "kept" && s.state == "Expired"));
+        assert!(o.store.dir("kept").join(RECORD).exists(), "a kept state was removed");
+        let err = o.store.vsock_socket("kept").unwrap_err();
+        assert!(matches!(err, SandboxError::Expired { removed: false, .. }) && err.to_string().contains("ember rm"), "{err}");
+        o.store.remove("kept").unwrap();
+
+        let o = orphan("gone");
+        ready(&o, "gone", lifetime::Lifetime { ends_unix_ms: now_ms - 1, keep: false });
+        assert!(o.store.list().unwrap().is_empty(), "ls shows a sandbox whose lifetime is over");
+        assert!(!o.store.dir("gone").exists(), "ls leaves an expired sandbox's state");
     }
 
     #[test]

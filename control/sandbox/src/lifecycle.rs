@@ -87,7 +87,10 @@ impl Store {
         let overlay_path = dir.join(OVERLAY);
         let backing = self.disk_policy(&[&spec.image])?;
         let base = overlay::Base { path: &spec.image, format: image_format(&spec.image), policy: &backing };
-        overlay::create(base, &overlay_path)?;
+        match spec.disk_gib {
+            Some(gib) => overlay::create_sized(base, &overlay_path, gib << 30)?,
+            None => overlay::create(base, &overlay_path)?,
+        }
         let cid = self.reserve_cid(name)?;
         let shape =
             Shape { image: spec.image.clone(), backing, mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
@@ -185,6 +188,7 @@ impl Store {
             disk_dirs: shape.backing.dirs().to_vec(),
             phase: Phase::Starting,
             starter: Some(Starter::this_process()?),
+            lifetime: None,
         };
         record.write(dir)?;
 
@@ -382,13 +386,7 @@ impl Store {
     fn state_in_memory(&self) -> bool {
         const TMPFS_MAGIC: i64 = 0x0102_1994;
         const RAMFS_MAGIC: i64 = 0x8584_58f6;
-        let state = self.root.parent().unwrap_or(&self.root);
-        let Ok(path) = std::ffi::CString::new(state.as_os_str().as_encoded_bytes()) else { return false };
-        // SAFETY: a zeroed statfs is valid for statfs to fill.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: statfs with a NUL-terminated path and a struct to fill; the result is checked.
-        let ok = unsafe { libc::statfs(path.as_ptr(), &mut fs) } == 0;
-        ok && matches!(fs.f_type, TMPFS_MAGIC | RAMFS_MAGIC)
+        self.state_fs().is_some_and(|fs| matches!(fs.f_type, TMPFS_MAGIC | RAMFS_MAGIC))
     }
 
     /// Which of the files a VMM reads are hard-linked into its jail (on the state directory's

@@ -105,7 +105,37 @@ impl Store {
             Some(cap) => limits.with_mem_cap(cap),
             None => limits,
         };
-        limits.check(spec.mem_mib, spec.vcpus)
+        limits.check(spec.mem_mib, spec.vcpus)?;
+        match spec.disk_gib {
+            Some(gib) => self.check_disk(gib),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails unless a disk of `gib` GiB could fill up without filling the file system of
+    /// `$EMBER_STATE`, where its overlay grows (a disk is sparse: this bounds one sandbox, not
+    /// all of them together).
+    fn check_disk(&self, gib: u64) -> Result<(), SandboxError> {
+        let state = self.root.parent().unwrap_or(&self.root).to_path_buf();
+        let max_gib = match self.state_fs() {
+            Some(fs) => fs.f_blocks.saturating_mul(u64::try_from(fs.f_bsize).unwrap_or(0)) >> 30,
+            None => 0,
+        };
+        if gib == 0 || gib > max_gib {
+            return Err(SandboxError::BadDisk { gib, max_gib, state });
+        }
+        Ok(())
+    }
+
+    /// The file system `$EMBER_STATE` is on, as statfs says.
+    pub(crate) fn state_fs(&self) -> Option<libc::statfs> {
+        let state = self.root.parent().unwrap_or(&self.root);
+        let path = std::ffi::CString::new(state.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a zeroed statfs is valid for statfs to fill.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statfs with a NUL-terminated path and a struct to fill; the result is checked.
+        let ok = unsafe { libc::statfs(path.as_ptr(), &mut fs) } == 0;
+        ok.then_some(fs)
     }
 }
 
@@ -166,6 +196,7 @@ mod tests {
             mem_mib,
             vcpus,
             boot_args: None,
+            disk_gib: None,
             ready_timeout: Duration::from_secs(1),
         };
         for (mem, vcpus) in [(255, 1), (0, 1), (1 << 30, 1), (256, 3)] {
@@ -181,6 +212,14 @@ mod tests {
             assert!(!making.get(), "a template was begun for {mem} MiB, {vcpus} vCPUs");
             let made: Vec<_> = std::fs::read_dir(tmp.as_path()).unwrap().flatten().map(|e| e.file_name()).collect();
             assert_eq!(made.len(), 2, "{mem} MiB, {vcpus} vCPUs made {made:?}");
+        }
+        let fs_gib = store.state_fs().map(|fs| (fs.f_blocks * fs.f_bsize as u64) >> 30).unwrap();
+        for gib in [0, fs_gib + 1, u64::MAX >> 30] {
+            let disk = SandboxSpec { disk_gib: Some(gib), ..spec(256, 1) };
+            let e = store.start(&disk).unwrap_err();
+            let message = e.to_string();
+            assert!(matches!(e, SandboxError::BadDisk { .. }) && message.contains(&format!("from 1 to {fs_gib}")), "{message}");
+            assert!(store.start_auto(&disk, |_| panic!("a template was begun for a {gib} GiB disk")).is_err());
         }
     }
 }

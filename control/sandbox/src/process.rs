@@ -94,6 +94,9 @@ impl Store {
             args.push(d.into());
         }
         let (mut jail_root, mut cgroup) = (None, None);
+        if self.jail.is_none() {
+            crate::jails::note_unjailed();
+        }
         if let Some(settings) = &self.jail {
             let jail = self.new_jail(settings, id, extra_read_only)?;
             args.extend(jail.args());

@@ -107,6 +107,9 @@ pub struct Record {
     /// The process making the sandbox, while it is `starting`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub starter: Option<Starter>,
+    /// When it ends (`ember run --ttl`), and what then becomes of its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<crate::lifetime::Lifetime>,
 }
 
 impl Record {
@@ -127,6 +130,7 @@ impl Record {
             disk_dirs: Vec::new(),
             phase: Phase::Starting,
             starter: Some(Starter::this_process()?),
+            lifetime: None,
         })
     }
 
@@ -222,6 +226,7 @@ mod tests {
             disk_dirs: Vec::new(),
             phase: Phase::Ready,
             starter: None,
+            lifetime: None,
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

@@ -189,11 +189,12 @@ impl Store {
     /// boot as `spec` says depends on.
     pub fn auto_template_name(&self, spec: &SandboxSpec) -> Result<String, SandboxError> {
         let mut key = format!(
-            "ember auto template\nember {}\nmem {} MiB\nvcpus {}\nboot args {:?}\n",
+            "ember auto template\nember {}\nmem {} MiB\nvcpus {}\nboot args {:?}\ndisk {:?} GiB\n",
             env!("CARGO_PKG_VERSION"),
             spec.mem_mib,
             spec.vcpus,
-            spec.boot_args
+            spec.boot_args,
+            spec.disk_gib
         );
         // The VMM binary too: a rebuilt ember may restore devices differently, or read another
         // snapshot format.
@@ -253,6 +254,7 @@ mod tests {
                 mem_mib: 128,
                 vcpus: 1,
                 boot_args: None,
+                disk_gib: None,
                 ready_timeout: Duration::from_secs(5),
             }
         }
@@ -374,6 +376,7 @@ mod tests {
         assert!(differs(&SandboxSpec { mem_mib: 256, ..spec.clone() }));
         assert!(differs(&SandboxSpec { vcpus: 2, ..spec.clone() }));
         assert!(differs(&SandboxSpec { boot_args: Some("quiet".into()), ..spec.clone() }));
+        assert!(differs(&SandboxSpec { disk_gib: Some(4), ..spec.clone() }));
         // The sandbox's own name and patience are no part of it.
         let patient = Duration::from_secs(1);
         assert!(!differs(&SandboxSpec { name: Some("x".into()), ready_timeout: patient, ..spec.clone() }));

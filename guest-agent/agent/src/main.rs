@@ -49,6 +49,12 @@ fn main() -> Result<()> {
     }
     // Start the reaper now, so that zombies are collected even before the first exec.
     sys::Reaper::get();
+    // Before the first request, so that no command sees the disk's end unused.
+    match sys::grow_root() {
+        Ok(Some((from, to))) => info!("grew the root file system from {from} to {to} blocks to fill its disk"),
+        Ok(None) => {}
+        Err(e) => warn!("cannot grow the root file system to its disk: {e}"),
+    }
     let config = Config {
         allow_power_off: args.init,
         ..Config::default()

@@ -30,6 +30,7 @@ pub enum ApiRequest {
     PatchDrive(models::PartialDrive),
     PutVsock(models::Vsock),
     PutMetrics(models::MetricsConfig),
+    PutDeadline(models::Deadline),
     Action(models::ActionType),
     PatchVm(models::VmState),
     CreateSnapshot(models::SnapshotCreateParams),

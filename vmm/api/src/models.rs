@@ -230,6 +230,15 @@ pub struct MetricsConfig {
     pub metrics_path: String,
 }
 
+/// PUT /deadline (ember's own): when the VMM ends the VM, whatever the guest does, in
+/// milliseconds since the Unix epoch; what a sandbox's lifetime (`ember run --ttl`) is. Before
+/// or after the start; a later call replaces the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deadline {
+    pub unix_ms: u64,
+}
+
 /// One line of the metrics file (Firecracker's shape, ember's few counters).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metrics {

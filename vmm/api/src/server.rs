@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use super::models::{
-    BootSource, Drive, InstanceActionInfo, MachineConfig, MetricsConfig, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
+    BootSource, Deadline, Drive, InstanceActionInfo, MachineConfig, MetricsConfig, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, Vm, Vsock,
 };
 use super::scm::{self, MAX_FDS};
 use super::{ApiRequest, ApiResponse, ApiSender, SocketHome};
@@ -394,6 +394,7 @@ pub fn route(method: &str, url: &str, body: &[u8]) -> Result<ApiRequest, ApiResp
             Ok(ApiRequest::PatchDrive(drive))
         }
         ("PUT", ["metrics"]) => Ok(ApiRequest::PutMetrics(parse::<MetricsConfig>(body)?)),
+        ("PUT", ["deadline"]) => Ok(ApiRequest::PutDeadline(parse::<Deadline>(body)?)),
         ("PUT", ["vsock"]) => Ok(ApiRequest::PutVsock(parse::<Vsock>(body)?)),
         ("PUT", ["actions"]) => Ok(ApiRequest::Action(parse::<InstanceActionInfo>(body)?.action_type)),
         ("PATCH", ["vm"]) => Ok(ApiRequest::PatchVm(parse::<Vm>(body)?.state)),
@@ -667,6 +668,11 @@ mod tests {
             ApiRequest::Action(ActionType::SendCtrlAltDel)
         );
         assert_eq!(route("PATCH", "/vm", br#"{"state":"Resumed"}"#).unwrap(), ApiRequest::PatchVm(VmState::Resumed));
+        assert_eq!(
+            route("PUT", "/deadline", br#"{"unix_ms":1700000000000}"#).unwrap(),
+            ApiRequest::PutDeadline(Deadline { unix_ms: 1_700_000_000_000 })
+        );
+        assert!(route("PUT", "/deadline", br#"{"unix_ms":-1}"#).is_err());
         let drive = br#"{"drive_id":"rootfs","path_on_host":"/x","is_root_device":true,"is_read_only":true}"#;
         match route("PUT", "/drives/rootfs", drive).unwrap() {
             ApiRequest::PutDrive(d) => assert!(d.is_root_device && d.is_read_only),

@@ -118,6 +118,11 @@ pub enum DiskError {
     Io { path: PathBuf, op: &'static str, error: io::Error },
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
     BadSize { path: PathBuf, size: u64 },
+    #[error(
+        "{path} cannot be {size} bytes: its base {base} is {base_size} bytes, and a disk is never \
+         smaller than its image (ask for at least that much)"
+    )]
+    SmallerThanBase { path: PathBuf, size: u64, base: PathBuf, base_size: u64 },
     #[error("{path} is not a usable qcow2 image: {reason}")]
     Qcow2 { path: PathBuf, reason: String },
     #[error(
@@ -151,7 +156,7 @@ pub enum DiskError {
     DiskDir { dir: PathBuf, error: io::Error },
     #[error(
         "qcow2 image {path} has a virtual size of {size} bytes, but its backing file {backing} is \
-         {backing_size} bytes: the backing file was changed after the overlay was made"
+         larger, {backing_size} bytes: the backing file was changed after the overlay was made"
     )]
     BackingSize { path: PathBuf, backing: PathBuf, size: u64, backing_size: u64 },
     #[error("qcow2 image {path}: backing chain is too deep or loops back to {backing}")]

@@ -107,7 +107,14 @@ pub fn create(base: Base<'_>, overlay: &Path) -> Result<(), DiskError> {
 
 /// [`create`] with another cluster size (a power of two from 16 KiB to 2 MiB).
 pub fn create_with_cluster_size(base: Base<'_>, overlay: &Path, cluster_size: u64) -> Result<(), DiskError> {
-    create_inner(base, overlay, cluster_size, true)
+    create_inner(base, overlay, cluster_size, true, None)
+}
+
+/// [`create`] with a virtual size of SIZE bytes, at least BASE's: the guest sees a disk larger
+/// than its image, whose end (past BASE's) reads as zeros until written. The overlay never
+/// grows past SIZE plus its metadata, so SIZE caps what the guest can write.
+pub fn create_sized(base: Base<'_>, overlay: &Path, size: u64) -> Result<(), DiskError> {
+    create_inner(base, overlay, CLUSTER_SIZE, true, Some(size))
 }
 
 /// [`create`] over a base that a paused VM still holds open for writing, flushed: a fork
@@ -115,10 +122,16 @@ pub fn create_with_cluster_size(base: Base<'_>, overlay: &Path, cluster_size: u6
 /// (PATCH /drives/{id}), which gives up its write lock on the base. Without that pause and
 /// flush the base could change under the new overlay.
 pub fn create_over_in_use(base: Base<'_>, overlay: &Path) -> Result<(), DiskError> {
-    create_inner(base, overlay, CLUSTER_SIZE, false)
+    create_inner(base, overlay, CLUSTER_SIZE, false, None)
 }
 
-fn create_inner(base: Base<'_>, overlay: &Path, cluster_size: u64, lock_base: bool) -> Result<(), DiskError> {
+fn create_inner(
+    base: Base<'_>,
+    overlay: &Path,
+    cluster_size: u64,
+    lock_base: bool,
+    size: Option<u64>,
+) -> Result<(), DiskError> {
     if !cluster_size.is_power_of_two() || !(16 << 10..=2 << 20).contains(&cluster_size) {
         return Err(DiskError::Qcow2 {
             path: overlay.into(),
@@ -135,8 +148,18 @@ fn create_inner(base: Base<'_>, overlay: &Path, cluster_size: u64, lock_base: bo
     })?;
     // The whole chain below must open, and its size must suit a block device.
     let format = base.format;
-    let size = open_chain(&base_abs, format, false, lock_base, base.policy)?.image.size();
-    check_size(&base_abs, size)?;
+    let base_size = open_chain(&base_abs, format, false, lock_base, base.policy)?.image.size();
+    check_size(&base_abs, base_size)?;
+    let size = match size {
+        Some(size) if size < base_size => {
+            return Err(DiskError::SmallerThanBase { path: overlay.into(), size, base: base_abs, base_size })
+        }
+        Some(size) => {
+            check_size(overlay, size)?;
+            size
+        }
+        None => base_size,
+    };
 
     let name = overlay.file_name().ok_or_else(|| DiskError::Open {
         path: overlay.into(),

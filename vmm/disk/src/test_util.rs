@@ -238,6 +238,10 @@ pub mod ov {
         with_base(base, |b| overlay::create(b, top))
     }
 
+    pub fn create_sized(base: &Path, top: &Path, size: u64) -> Result<(), DiskError> {
+        with_base(base, |b| overlay::create_sized(b, top, size))
+    }
+
     pub fn create_with_cluster_size(base: &Path, top: &Path, cluster_size: u64) -> Result<(), DiskError> {
         with_base(base, |b| overlay::create_with_cluster_size(b, top, cluster_size))
     }

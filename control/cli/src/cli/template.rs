@@ -44,6 +44,10 @@ pub struct CreateArgs {
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     vcpus: u8,
+    /// Size of the disk of the template's sandboxes when larger than the image (their root
+    /// file system fills it) [default: the image's size]
+    #[arg(long, value_name = "GIB")]
+    disk_gib: Option<u64>,
     /// Seconds the guest agent has to answer after the sandbox boots
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
@@ -54,8 +58,10 @@ pub fn template(cmd: TemplateCommand, store: &Store) -> anyhow::Result<ExitCode>
         TemplateCommand::Create(args) => {
             vmm::vstate::kvm::check_host()?;
             let (kernel, image) = (args.kernel, &args.image);
-            let spec =
-                crate::sandbox_spec(None, kernel, image, args.mem_mib, args.vcpus, args.cmdline, args.ready_timeout)?;
+            let spec = sandbox::SandboxSpec {
+                disk_gib: args.disk_gib,
+                ..crate::sandbox_spec(None, kernel, image, args.mem_mib, args.vcpus, args.cmdline, args.ready_timeout)?
+            };
             store.create_template(&args.name, &spec)?;
         }
         TemplateCommand::Ls { json } => ls(store, json)?,

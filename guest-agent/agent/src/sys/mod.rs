@@ -1,8 +1,9 @@
 //! The Linux calls the agent needs: the process reaper, ptys, users, identity hooks, init
-//! mode and the AF_VSOCK listener. Through rustix wherever it has the call; libc is left for
-//! what it lacks (the passwd/group databases, `waitid`'s pid, signals by raw number, the
-//! random-device ioctls, the vsock address).
+//! mode, growing the root file system and the AF_VSOCK listener. Through rustix wherever it
+//! has the call; libc is left for what it lacks (the passwd/group databases, `waitid`'s pid,
+//! signals by raw number, the ext4 resize and random-device ioctls, the vsock address).
 
+mod grow;
 mod identity;
 mod init;
 mod pty;
@@ -15,6 +16,7 @@ use std::io;
 use agent_protocol::ErrorKind;
 use rustix::io::Errno;
 
+pub use grow::{ext4_size, grow_root, Ext4Size};
 pub use identity::{add_entropy, power_off, set_clock, set_hostname};
 pub use init::{init_mounts, set_subreaper};
 pub use pty::{eof_char, make_controlling_tty, open_pty, set_pty_size};

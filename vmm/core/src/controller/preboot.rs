@@ -12,7 +12,7 @@ use api::{ApiCall, ApiChannel, ApiRequest, ApiResponse, SocketHome};
 
 use super::error::{answer, ApiError};
 use super::info;
-use super::runtime::{MetricsFile, RuntimeController};
+use super::runtime::{deadline_time, MetricsFile, RuntimeController};
 use crate::builder;
 use crate::config::disk_format;
 use crate::files;
@@ -45,6 +45,8 @@ pub struct PrebootController {
     /// The API socket, whose directory is the only one PUT /metrics may name.
     home: Option<SocketHome>,
     metrics: Option<MetricsFile>,
+    /// When the VM is to end (PUT /deadline), once started.
+    deadline: Option<std::time::SystemTime>,
     /// KVM's first memory slot costs milliseconds; paid at start, a snapshot load does not
     /// wait for it.
     prepared: Option<PreparedVm>,
@@ -79,6 +81,7 @@ impl PrebootController {
             resources: VmResources::default(),
             home,
             metrics: None,
+            deadline: None,
             prepared,
         }
     }
@@ -107,6 +110,10 @@ impl PrebootController {
                     Err(e) => ApiError::MetricsFile(e).into(),
                 }
             }
+            ApiRequest::PutDeadline(deadline) => {
+                self.deadline = Some(deadline_time(deadline));
+                ApiResponse::no_content()
+            }
             ApiRequest::PatchDrive(_) => ApiError::DriveUpdateBeforeStart.into(),
             ApiRequest::PatchVm(_) => ApiError::NotStarted.into(),
             ApiRequest::CreateSnapshot(_) => ApiError::NothingToSnapshot.into(),
@@ -132,7 +139,13 @@ impl PrebootController {
     }
 
     fn runtime_controller(&mut self, machine: MachineConfig) -> RuntimeController {
-        RuntimeController { id: self.id.clone(), machine, metrics: self.metrics.take(), backing: self.backing.clone() }
+        RuntimeController {
+            id: self.id.clone(),
+            machine,
+            metrics: self.metrics.take(),
+            backing: self.backing.clone(),
+            deadline: self.deadline,
+        }
     }
 
     fn start(&mut self) -> Result<Started, ApiError> {

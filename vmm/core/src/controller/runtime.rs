@@ -30,6 +30,8 @@ pub struct RuntimeController {
     pub metrics: Option<MetricsFile>,
     /// Where the backing files of a drive's new disk may lie (PATCH /drives).
     pub backing: disk::BackingPolicy,
+    /// When the run loop ends the VM (PUT /deadline).
+    pub deadline: Option<std::time::SystemTime>,
 }
 
 impl RuntimeController {
@@ -52,6 +54,10 @@ impl RuntimeController {
             ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiError::CtrlAltDel.into(),
             ApiRequest::Action(ActionType::FlushMetrics) => answer(self.flush_metrics(vmm)),
             ApiRequest::PutMetrics(_) => ApiError::MetricsAfterStart.into(),
+            ApiRequest::PutDeadline(deadline) => {
+                self.deadline = Some(deadline_time(deadline));
+                ApiResponse::no_content()
+            }
             ApiRequest::PutBootSource(_) | ApiRequest::PutMachineConfig(_) | ApiRequest::PutDrive(_) | ApiRequest::PutVsock(_) => {
                 ApiError::ConfigAfterStart.into()
             }
@@ -115,6 +121,11 @@ fn create_snapshot(params: &SnapshotCreateParams, vmm: &mut Vmm) -> ApiResponse 
         }
         Err(e) => ApiError::Snapshot(e).into(),
     }
+}
+
+/// The moment a PUT /deadline names.
+pub(super) fn deadline_time(deadline: api::models::Deadline) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(deadline.unix_ms)
 }
 
 /// Puts another file behind a drive (PATCH /drives/{id}).

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
@@ -148,7 +148,17 @@ pub fn run_with_api(
 
     let mut loop_result = Ok(());
     while !done.load(Ordering::Acquire) {
-        if let Err(e) = events.run() {
+        let deadline = api.as_ref().and_then(|a| a.controller.deadline);
+        let ran = match deadline.map(|d| d.duration_since(SystemTime::now())) {
+            None => events.run(),
+            Some(Ok(left)) => events.run_with_timeout(i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX)),
+            Some(Err(_)) => {
+                tracing::info!("the VM's deadline has passed: the VMM ends it");
+                exit.report(GuestExit::Deadline);
+                break;
+            }
+        };
+        if let Err(e) = ran {
             loop_result = Err(RunError::EventLoop(e));
             break;
         }

@@ -58,6 +58,8 @@ pub enum GuestExit {
     Panic(String),
     /// The VMM could not go on running the guest.
     Failure(String),
+    /// The VMM ended the VM: its deadline (PUT /deadline) passed.
+    Deadline,
 }
 
 /// Where vCPU threads report why the VM must stop; the first report wins.

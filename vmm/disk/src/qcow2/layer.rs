@@ -307,7 +307,14 @@ impl Layer {
             }
             (cluster, e, first) = (cluster + 1, next, 0);
         }
-        (state, host, (end - at).min(max).min(self.size - at))
+        let len = (end - at).min(max).min(self.size - at);
+        // A backing layer may be smaller than this one (a disk made larger than its image):
+        // past its end the disk reads as zeros.
+        match (state, self.backing.as_ref().map(|b| b.size())) {
+            (State::Backing, Some(below)) if at >= below => (State::Zero, host, len),
+            (State::Backing, Some(below)) => (state, host, len.min(below - at)),
+            _ => (state, host, len),
+        }
     }
 
     pub fn read_vectored(&mut self, offset: u64, bufs: &[VolatileSlice<'_>]) -> io::Result<()> {

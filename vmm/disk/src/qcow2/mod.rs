@@ -7,7 +7,7 @@
 //! layer is used, ember checks its header against the file (`header.rs`), that the file is long
 //! enough for every structure it references (reading zeros past the end of a file would turn a
 //! truncated overlay into silently missing data), and that the backing file lies where the
-//! [`BackingPolicy`] allows, is a regular file and has the overlay's virtual size. A backing
+//! [`BackingPolicy`] allows, is a regular file and is no larger than the overlay's virtual size. A backing
 //! file is opened in the format the layer records for it (QEMU's backing-format header
 //! extension, `qemu-img create -F`), never in one guessed from its content; a layer that
 //! records none is refused.
@@ -252,7 +252,9 @@ fn open_backing(path: &Path, header: &Header, backing: &str, walk: &mut Walk<'_>
         other => other?,
     };
     let image = open_layer(&backing_path, backing_file, format, false, walk)?;
-    if image.size() != header.size {
+    // Smaller is how a disk is made larger than its image (the rest reads as zeros, as in
+    // QEMU); larger means the backing file changed after the overlay was made.
+    if image.size() > header.size {
         return Err(DiskError::BackingSize {
             path: path.into(),
             backing: backing_path,

@@ -189,6 +189,45 @@ fn resized_backing_file_is_a_clear_error() {
 }
 
 #[test]
+fn a_disk_larger_than_its_image_reads_zeros_past_the_image_and_keeps_what_is_written_there() {
+    let dir = tmpdir();
+    let base = make_base(dir.as_path(), "base.raw", 2 * MIB);
+    let top = dir.as_path().join("top.qcow2");
+    ov::create_sized(&base, &top, 6 * MIB).unwrap();
+    let mut d = Qcow2Disk::open(&top, false, &tmp_policy()).unwrap();
+    assert_eq!(d.size(), 6 * MIB);
+    // One read across the image's end: the image, then zeros.
+    let mut expect = base_bytes(0, 2 * MIB as usize);
+    expect.resize(4 * MIB as usize, 0);
+    assert_eq!(read(&mut d, 0, 4 * MIB as usize), expect);
+    // A partial-cluster write across the end copies the image's part of the cluster and
+    // zeros for the rest.
+    let a = vec![0x5au8; 8192];
+    write_at(&mut d, 2 * MIB - 4096, &a);
+    write_at(&mut d, 6 * MIB - 4096, &a[..4096]);
+    d.flush().unwrap();
+    drop(d);
+
+    // A layer on top (what a snapshot or fork adds) has the larger size and sees the same.
+    let child = dir.as_path().join("child.qcow2");
+    ov::create(&top, &child).unwrap();
+    let mut d = Qcow2Disk::open(&child, true, &tmp_policy()).unwrap();
+    assert_eq!(d.size(), 6 * MIB);
+    expect.resize(6 * MIB as usize, 0);
+    expect[(2 * MIB - 4096) as usize..][..8192].copy_from_slice(&a);
+    expect[(6 * MIB - 4096) as usize..].copy_from_slice(&a[..4096]);
+    assert_eq!(read(&mut d, 0, 6 * MIB as usize), expect);
+    qemu_check(&top);
+
+    let small = dir.as_path().join("small.qcow2");
+    let msg = ov::create_sized(&base, &small, MIB).unwrap_err().to_string();
+    assert!(msg.contains("never smaller than its image") && msg.contains("2097152"), "{msg}");
+    assert!(!small.exists());
+    let odd = ov::create_sized(&base, &small, 4 * MIB + 100).unwrap_err().to_string();
+    assert!(odd.contains("not a multiple of 512"), "{odd}");
+}
+
+#[test]
 fn a_backing_file_is_opened_in_its_recorded_format_whatever_its_content() {
     let dir = tmpdir();
     let base = make_base(dir.as_path(), "base.raw", MIB);
