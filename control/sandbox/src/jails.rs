@@ -20,6 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use disk::regular::Refused;
+
 use crate::error::io;
 use crate::names::random_hex;
 use crate::{SandboxError, Store};
@@ -233,16 +235,13 @@ impl View {
 /// Opens `path` without following a final symlink and without blocking on a FIFO; anything
 /// but a regular file is refused.
 fn open_regular(path: &Path) -> Result<File, SandboxError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("cannot open", path))?;
-    let meta = file.metadata().map_err(io("cannot look at", path))?;
-    if !meta.file_type().is_file() {
-        return Err(SandboxError::Io { what: "not a regular file:", path: path.into(), source: std::io::Error::other("refused") });
-    }
-    Ok(file)
+    disk::regular::open_regular(path, false, false).map_err(|refused| match refused {
+        Refused::Open(e) => io("cannot open", path)(e),
+        Refused::Stat(e) => io("cannot look at", path)(e),
+        Refused::NotRegular(kind) => {
+            SandboxError::Io { what: "not a regular file:", path: path.into(), source: std::io::Error::other(kind) }
+        }
+    })
 }
 
 /// Links the open file at `target` (`linkat` of the descriptor: the inode opened and checked,

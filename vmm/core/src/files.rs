@@ -12,6 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use api::SocketHome;
+use disk::regular::Refused;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -53,12 +54,11 @@ fn check_regular(file: File, what: &'static str, path: &Path) -> Result<File, Fi
 
 /// Opens the regular file at `path` for reading (`what` names it in errors).
 pub fn open_regular(path: &Path, what: &'static str) -> Result<File, FileError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(open_error(what, path))?;
-    check_regular(file, what, path)
+    disk::regular::open_regular(path, false, false).map_err(|refused| match refused {
+        Refused::Open(e) => open_error(what, path)(e),
+        Refused::Stat(source) => FileError::Open { what, path: path.to_owned(), source },
+        Refused::NotRegular(_) => FileError::NotRegular { what, path: path.to_owned() },
+    })
 }
 
 /// The `index`th descriptor of a request as a file, if it is a regular one (a memfd is).

@@ -16,6 +16,7 @@
 pub mod overlay;
 pub mod qcow2;
 pub mod raw;
+pub mod regular;
 
 #[cfg(test)]
 mod crash_tests;
@@ -27,7 +28,7 @@ mod trust_tests;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
@@ -260,28 +261,11 @@ impl BackingPolicy {
 /// that a FIFO cannot hang it (O_NONBLOCK changes nothing for a regular file), and fstat says
 /// what was opened.
 pub(crate) fn open_image_file(path: &Path, writable: bool, lock: bool, follow: bool) -> Result<File, DiskError> {
-    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | nofollow)
-        .open(path)
-        .map_err(|error| DiskError::Open { path: path.into(), error })?;
-    let kind = file.metadata().map_err(|error| DiskError::Io { path: path.into(), op: "stat", error })?.file_type();
-    if !kind.is_file() {
-        let kind = if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_dir() {
-            "a directory"
-        } else if kind.is_block_device() || kind.is_char_device() {
-            "a device"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "not a file"
-        };
-        return Err(DiskError::NotRegular { path: path.into(), kind });
-    }
+    let file = regular::open_regular(path, writable, follow).map_err(|refused| match refused {
+        regular::Refused::Open(error) => DiskError::Open { path: path.into(), error },
+        regular::Refused::Stat(error) => DiskError::Io { path: path.into(), op: "stat", error },
+        regular::Refused::NotRegular(kind) => DiskError::NotRegular { path: path.into(), kind },
+    })?;
     if !lock {
         return Ok(file);
     }
