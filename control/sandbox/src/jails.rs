@@ -266,14 +266,9 @@ fn copy_sparse(file: &File, target: &Path) -> Result<File, SandboxError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0u64;
     while offset < len {
-        // SAFETY: lseek on a valid fd.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            break;
-        }
-        // SAFETY: lseek on a valid fd.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.max(data) as u64;
-        let mut at = data as u64;
+        let Some(data) = disk::seek_data(file, offset).map_err(io("cannot read for", target))? else { break };
+        let hole = disk::seek_hole(file, data).map_err(io("cannot read for", target))?.unwrap_or(len).max(data);
+        let mut at = data;
         while at < hole {
             let n = (hole - at).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..n], at).map_err(io("cannot read for", target))?;
@@ -311,4 +306,28 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
 
 fn fchown(file: &File, path: &Path, uid: u32, gid: u32) -> Result<(), SandboxError> {
     std::os::unix::fs::fchown(file, Some(uid), Some(gid)).map_err(io("cannot change the owner of", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    #[test]
+    fn a_sparse_copy_has_the_same_bytes_and_keeps_the_holes() {
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-jails-").unwrap();
+        let from = tmp.as_path().join("memory");
+        let f = std::fs::File::create(&from).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1u8; 8192], 0).unwrap();
+        f.write_all_at(&[2u8; 4096], 40 << 20).unwrap();
+        f.write_all_at(&[3u8; 100], (64 << 20) - 100).unwrap();
+        let to = tmp.as_path().join("copy");
+        let copy = copy_sparse(&std::fs::File::open(&from).unwrap(), &to).unwrap();
+        assert_eq!(std::fs::read(&to).unwrap(), std::fs::read(&from).unwrap());
+        let allocated = copy.metadata().unwrap().blocks() * 512;
+        assert!(allocated < 1 << 20, "{allocated} bytes allocated for 12 KiB of data");
+        assert!(copy_sparse(&std::fs::File::open(&from).unwrap(), &to).is_err(), "an existing target is overwritten");
+    }
 }

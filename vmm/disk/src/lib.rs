@@ -328,12 +328,12 @@ pub(crate) fn check_size(path: &Path, size: u64) -> Result<(), DiskError> {
 /// The first offset at or after POS where FILE holds data (SEEK_DATA), or None when only a hole
 /// follows. A shared reference is enough: lseek moves the file position, which ember never
 /// uses (all its I/O is positioned).
-pub(crate) fn seek_data(file: &File, pos: u64) -> io::Result<Option<u64>> {
+pub fn seek_data(file: &File, pos: u64) -> io::Result<Option<u64>> {
     seek(file, pos, libc::SEEK_DATA)
 }
 
 /// The first offset at or after POS where FILE has a hole (SEEK_HOLE; the end counts as one).
-pub(crate) fn seek_hole(file: &File, pos: u64) -> io::Result<Option<u64>> {
+pub fn seek_hole(file: &File, pos: u64) -> io::Result<Option<u64>> {
     seek(file, pos, libc::SEEK_HOLE)
 }
 
