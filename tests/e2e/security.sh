@@ -84,4 +84,46 @@ case_a_vmm_past_its_memory_limit_is_killed_alone() {
   [ -z "$(ls "$STATE/jails" 2>/dev/null | grep -v '^spare-')" ] || { echo "    jails left behind:"; ls "$STATE/jails"; return 1; }
 }
 
+case_a_user_who_is_not_root_gets_a_vmm_jailed_in_a_user_namespace() {
+  # A host where KVM is a group's, and a member of it who is not root.
+  grep -q '^kvm:' /etc/group || echo 'kvm:x:2001:sbuser' >>/etc/group
+  grep -q '^sbuser:' /etc/passwd || echo 'sbuser:x:2000:2000::/tmp/sbuser:/bin/sh' >>/etc/passwd
+  mkdir -p /tmp/sbuser && chown 2000:2000 /tmp/sbuser
+  chgrp 2001 /dev/kvm && chmod 660 /dev/kvm
+  su sbuser -c "ember run --detach --name mine" >out 2>err
+  status=$?
+  ustate=/tmp/sbuser/.local/state/ember/sandboxes
+  pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$ustate/mine/sandbox.json" 2>/dev/null)
+  report() { echo "    $1"; grep -E "Uid|Cap|Seccomp|NoNewPrivs|NSpid" /proc/$pid/status 2>/dev/null; tail -5 "$ustate/mine/vmm.log"; }
+  check() {
+    [ $status = 0 ] || { echo "    ember run as sbuser failed:"; cat err; return 1; }
+    expect_in err "jailed in user namespaces" || return 1
+    grep -q "^Uid:[[:space:]]*2000[[:space:]]" /proc/$pid/status || { report "not the caller's uid"; return 1; }
+    for t in /proc/$pid/task/*; do
+      grep -q "^Seccomp:[[:space:]]*2" $t/status && grep -q "^NoNewPrivs:[[:space:]]*1" $t/status ||
+        { report "thread $(cat $t/comm) is not confined"; return 1; }
+    done
+    grep -q "^CapEff:[[:space:]]*0000000000000000" /proc/$pid/status && grep -q "^CapBnd:[[:space:]]*0000000000000000" /proc/$pid/status ||
+      { report "capabilities left"; return 1; }
+    grep -q "^NSpid:[[:space:]]*$pid[[:space:]]*1$" /proc/$pid/status || { report "not pid 1 of its own pid namespace"; return 1; }
+    for ns in user net mnt ipc uts pid; do
+      [ "$(readlink /proc/$pid/ns/$ns)" != "$(readlink /proc/self/ns/$ns)" ] || { report "shares the host's $ns namespace"; return 1; }
+    done
+    ls /proc/$pid/root >root.ls
+    for unwanted in bin etc sbin tmp usr sys; do
+      ! grep -qx "$unwanted" root.ls || { echo "    its root holds /$unwanted:"; cat root.ls; return 1; }
+    done
+    su sbuser -c "ember exec mine -- sh -c 'echo from \$(id -u)'" </dev/null >out 2>&1
+    expect_in out "from 0" || return 1
+    # What the guest does stays the caller's: the sandbox's files are sbuser's alone.
+    [ "$(stat -c %U "$ustate/mine/disk.qcow2")" = sbuser ] || { ls -l "$ustate/mine"; return 1; }
+    su sbuser -c "ember rm mine" 2>&1 && [ ! -e "$ustate/mine" ]
+  }
+  check
+  result=$?
+  su sbuser -c "ember rm mine" >/dev/null 2>&1
+  chmod 600 /dev/kvm && chgrp 0 /dev/kvm
+  return $result
+}
+
 run_cases "$0"

@@ -197,6 +197,10 @@ struct VmmArgs {
     /// The largest file the jailed VMM may write, in bytes
     #[arg(long, value_name = "BYTES", default_value_t = 1 << 40)]
     jail_max_file_size: u64,
+    /// The VMM was started in a user namespace of its own whose root is --jail-uid outside
+    /// (how a caller who is not root jails it): it keeps that uid and drops its capabilities
+    #[arg(long, requires = "jail")]
+    jail_userns: bool,
     /// A directory the backing files of the drives' qcow2 layers may lie under (repeatable);
     /// with none, a drive whose qcow2 layer has a backing file is refused
     #[arg(long = "disk-dir", value_name = "DIR")]
@@ -449,6 +453,7 @@ fn vmm_process(args: VmmArgs, started: Instant) -> anyhow::Result<ExitCode> {
             gid: args.jail_gid.unwrap_or_default(),
             read_only: args.jail_ro,
             max_file_size: args.jail_max_file_size,
+            user_namespace: args.jail_userns,
         };
         jail.enter()?;
     }

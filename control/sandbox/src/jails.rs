@@ -38,35 +38,52 @@ pub struct JailSettings {
     pub gid: u32,
     /// Host paths (the installation's kernel and images) every VMM sees read-only.
     pub read_only: Vec<PathBuf>,
+    /// The caller is not root: each VMM is jailed in a user namespace of its own, as the
+    /// caller's `uid` and `gid` (see `jail`), with no cgroup.
+    pub user_namespace: bool,
 }
 
 impl JailSettings {
-    /// The default jail: uid and gid `EMBER_JAIL_UID`/`EMBER_JAIL_GID` (60000), when this
-    /// process is root and `EMBER_JAIL` is not `off`. `None` otherwise: the VMMs then run as
-    /// the caller, confined by their seccomp filters alone.
+    /// The default jail, unless `EMBER_JAIL` is `off`: as root, uid and gid
+    /// `EMBER_JAIL_UID`/`EMBER_JAIL_GID` (60000); as another user, where the kernel allows
+    /// unprivileged user namespaces, the caller's own ids in a user namespace per VMM. `None`
+    /// otherwise: the VMMs then run as the caller, confined by their seccomp filters alone.
     pub fn from_env(read_only: Vec<PathBuf>) -> Option<JailSettings> {
-        if !jail::privileged() || std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") {
+        if std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") {
             return None;
         }
-        let id = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&v: &u32| v != 0).unwrap_or(60000);
-        Some(JailSettings { uid: id("EMBER_JAIL_UID"), gid: id("EMBER_JAIL_GID"), read_only })
+        if jail::privileged() {
+            let id = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok()).filter(|&v: &u32| v != 0).unwrap_or(60000);
+            return Some(JailSettings { uid: id("EMBER_JAIL_UID"), gid: id("EMBER_JAIL_GID"), read_only, user_namespace: false });
+        }
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        jail::user_namespaces_allowed().then_some(JailSettings { uid, gid, read_only, user_namespace: true })
     }
 }
 
-/// Says once per process what a VMM started by a caller who is not root goes without, unless
-/// the caller turned the jail off knowingly (`EMBER_JAIL=off`).
-pub(crate) fn note_unjailed() {
+/// Says once per process what a VMM started by a caller who is not root goes without (all
+/// of the jail where user namespaces are not allowed; else its own uid and cgroup), unless the
+/// caller turned the jail off knowingly (`EMBER_JAIL=off`).
+pub(crate) fn note_unprivileged(settings: Option<&JailSettings>) {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    if std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") {
+    if std::env::var("EMBER_JAIL").is_ok_and(|v| v == "off") || settings.is_some_and(|s| !s.user_namespace) {
         return;
     }
-    ONCE.call_once(|| {
-        tracing::warn!(
-            "not running as root: sandbox VMMs run as you, confined by their seccomp filters only, \
-             without a jail (own mount, pid and network namespaces and root, an unprivileged uid, no \
-             capabilities) or cgroup limits on memory, CPU and processes; run ember as root for \
+    ONCE.call_once(|| match settings {
+        None => tracing::warn!(
+            "not running as root, and this kernel allows no unprivileged user namespaces: sandbox \
+             VMMs run as you, confined by their seccomp filters only, without a jail (own mount, pid \
+             and network namespaces and root, no capabilities), an unprivileged uid of their own, or \
+             cgroup limits on memory, CPU and processes; run ember as root for those (EMBER_JAIL=off \
+             says you know)"
+        ),
+        Some(_) => tracing::warn!(
+            "not running as root: sandbox VMMs are jailed in user namespaces (own mount, pid and \
+             network namespaces and root, no capabilities, seccomp) but run as your uid, without a \
+             uid of their own or cgroup limits on memory, CPU and processes; run ember as root for \
              those (EMBER_JAIL=off says you know)"
-        )
+        ),
     });
 }
 
@@ -114,6 +131,7 @@ impl Store {
             read_only,
             // Its overlay grows to the disk's size at most, a snapshot's memory file to RAM's.
             max_file_size: 1 << 40,
+            user_namespace: settings.user_namespace,
         })
     }
 

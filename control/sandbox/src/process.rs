@@ -94,16 +94,17 @@ impl Store {
             args.push(d.into());
         }
         let (mut jail_root, mut cgroup) = (None, None);
-        if self.jail.is_none() {
-            crate::jails::note_unjailed();
-        }
+        crate::jails::note_unprivileged(self.jail.as_ref());
         if let Some(settings) = &self.jail {
             let jail = self.new_jail(settings, id, extra_read_only)?;
             args.extend(jail.args());
             jail_root = Some(jail.root);
-            match jail::cgroup::Cgroup::create(id) {
-                Ok(c) => cgroup = Some(c),
-                Err(reason) => tracing::warn!("{id}: the VMM runs without cgroup limits: {reason}"),
+            // Said once above for a caller who may not make cgroups.
+            if !settings.user_namespace {
+                match jail::cgroup::Cgroup::create(id) {
+                    Ok(c) => cgroup = Some(c),
+                    Err(reason) => tracing::warn!("{id}: the VMM runs without cgroup limits: {reason}"),
+                }
             }
         }
         tracing::debug!("{id}: spawning the VMM");
@@ -113,6 +114,7 @@ impl Store {
             stdout: console,
             stderr: log,
             new_pid_namespace: self.jail.is_some(),
+            user_namespace: self.jail.as_ref().filter(|s| s.user_namespace).map(|s| (s.uid, s.gid)),
             cgroup: cgroup.as_ref().map(|c| c.dir()),
             tied,
         })

@@ -14,7 +14,7 @@ impl Jail {
     /// Enters the jail. Must run before any other thread exists (uid changes and namespaces
     /// are per thread underneath) and before any input from the API or a guest is read.
     pub fn enter(&self) -> Result<(), JailError> {
-        if self.uid == 0 || self.gid == 0 {
+        if !self.user_namespace && (self.uid == 0 || self.gid == 0) {
             return Err(JailError::Root);
         }
         for path in std::iter::once(&self.root).chain(&self.read_only) {
@@ -42,8 +42,12 @@ impl Jail {
         }
         for device in DEVICES {
             let device = Path::new(device);
-            if device.exists() {
-                self.make_device(device)?;
+            match device.exists() {
+                false => {}
+                // A user namespace may not make device nodes; the caller's access to the
+                // host's is what it has.
+                true if self.user_namespace => self.bind(device, libc::MS_NOSUID | libc::MS_NOEXEC)?,
+                true => self.make_device(device)?,
             }
         }
         // /proc/self/pagemap finds a restored VM's written pages when it is frozen for a fork.
@@ -58,11 +62,13 @@ impl Jail {
             .or_else(|_| mount_data(Path::new("proc"), &proc, c"proc", proc_flags, c"hidepid=invisible"))?;
         let last_capability = last_capability();
         self.pivot()?;
-        // While still root, which may raise a hard limit to what the VMM needs.
-        set_limit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES)?;
-        set_limit(libc::RLIMIT_NPROC, MAX_PROCESSES)?;
-        set_limit(libc::RLIMIT_FSIZE, self.max_file_size)?;
-        set_limit(libc::RLIMIT_CORE, 0)?;
+        // While still root, which may raise a hard limit to what the VMM needs (root of a user
+        // namespace may only lower one).
+        let lower_only = self.user_namespace;
+        set_limit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES, lower_only)?;
+        set_limit(libc::RLIMIT_NPROC, MAX_PROCESSES, lower_only)?;
+        set_limit(libc::RLIMIT_FSIZE, self.max_file_size, lower_only)?;
+        set_limit(libc::RLIMIT_CORE, 0, lower_only)?;
         self.drop_privileges(last_capability)?;
         // SAFETY: umask only changes this process's file creation mask.
         unsafe { libc::umask(0o077) };
@@ -142,12 +148,17 @@ impl Jail {
         }
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
-        // SAFETY: setgroups with an empty list; setresgid/setresuid with plain ids. The C
-        // library applies them to every thread, and there is only this one.
-        unsafe {
-            check(libc::setgroups(0, std::ptr::null()), "drop supplementary groups")?;
-            check(libc::setresgid(self.gid, self.gid, self.gid), "set the jail gid")?;
-            check(libc::setresuid(self.uid, self.uid, self.uid), "set the jail uid")?;
+        if self.user_namespace {
+            // The one id the namespace maps is the caller's; its capabilities go explicitly.
+            clear_capabilities()?;
+        } else {
+            // SAFETY: setgroups with an empty list; setresgid/setresuid with plain ids. The C
+            // library applies them to every thread, and there is only this one.
+            unsafe {
+                check(libc::setgroups(0, std::ptr::null()), "drop supplementary groups")?;
+                check(libc::setresgid(self.gid, self.gid, self.gid), "set the jail gid")?;
+                check(libc::setresuid(self.uid, self.uid, self.uid), "set the jail uid")?;
+            }
         }
         // A uid change makes the process undumpable, which closes its own /proc/self/pagemap
         // to it (freezing a restored VM for a fork reads it). Dumpable again: core dumps stay
@@ -155,7 +166,8 @@ impl Jail {
         // and no other process in its pid namespace).
         // SAFETY: prctl with integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, "set dumpable")?;
-        // Leaving uid 0 for good cleared the permitted and effective sets; a check is cheap.
+        // Leaving uid 0 for good (or capset) cleared the permitted and effective sets; a check
+        // is cheap.
         // SAFETY: prctl with integer arguments.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "set no_new_privs")?;
         if capabilities_held() {
@@ -205,7 +217,13 @@ fn check(rc: impl Into<i64>, what: &str) -> Result<(), JailError> {
     }
 }
 
-fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> Result<(), JailError> {
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64, lower_only: bool) -> Result<(), JailError> {
+    let mut now = libc::rlimit { rlim_cur: 0, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: getrlimit writes the valid struct passed.
+    if lower_only && unsafe { libc::getrlimit(resource, &mut now) } != 0 {
+        return check(-1, &format!("read resource limit {resource}"));
+    }
+    let value = if lower_only { value.min(now.rlim_max) } else { value };
     let limit = libc::rlimit { rlim_cur: value, rlim_max: value };
     // SAFETY: setrlimit reads the valid struct passed.
     check(unsafe { libc::setrlimit(resource, &limit) }, &format!("set resource limit {resource}"))
@@ -219,23 +237,36 @@ fn last_capability() -> libc::c_ulong {
         .unwrap_or(63)
 }
 
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: two `CapData`, capabilities 0–31 and 32–63.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Empties this thread's effective, permitted and inheritable sets (capset, version 3).
+fn clear_capabilities() -> Result<(), JailError> {
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads the header and two CapData structs (version 3) from valid memory.
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) }, "clear the capabilities")
+}
+
 /// Whether any capability is still permitted or effective (capget, version 3).
 fn capabilities_held() -> bool {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Default, Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut header = Header { version: 0x2008_0522, pid: 0 };
-    let mut data = [Data::default(); 2];
-    // SAFETY: capget writes two Data structs (version 3) into the array passed.
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget writes two CapData structs (version 3) into the array passed.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
     rc != 0 || data.iter().any(|d| d.effective != 0 || d.permitted != 0)
 }
@@ -250,12 +281,14 @@ mod tests {
     const CHILD: &str = "EMBER_JAIL_TEST_ROOT";
 
     /// Runs in a child test process (one thread: `--test-threads=1`), jailed in the directory
-    /// the parent made, and reports what it can see.
+    /// the parent made (in a user namespace of its own if `EMBER_JAIL_TEST_USERNS` is set),
+    /// and reports what it can see.
     #[test]
     fn a_jailed_process_sees_only_its_jail_as_an_unprivileged_user() {
         if let Some(root) = std::env::var_os(CHILD) {
             let ro = PathBuf::from(std::env::var_os("EMBER_JAIL_TEST_RO").unwrap());
-            let jail = Jail { root: root.into(), uid: 60123, gid: 60124, read_only: vec![ro.clone()], max_file_size: 1 << 20 };
+            let user_namespace = std::env::var_os("EMBER_JAIL_TEST_USERNS").is_some();
+            let jail = Jail { root: root.into(), uid: 60123, gid: 60124, read_only: vec![ro.clone()], max_file_size: 1 << 20, user_namespace };
             jail.enter().unwrap();
             let mut seen: Vec<String> = std::fs::read_dir("/").unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             seen.sort();
@@ -275,22 +308,7 @@ mod tests {
             eprintln!("skipped: needs root");
             return;
         }
-        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-jail-").unwrap();
-        let root = tmp.as_path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        std::fs::write(root.join("mine"), "").unwrap();
-        let ro = tmp.as_path().join("image");
-        std::fs::write(&ro, "base image\n").unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "enter::tests::a_jailed_process_sees_only_its_jail_as_an_unprivileged_user", "--nocapture", "--test-threads=1"])
-            .env(CHILD, &root)
-            .env("EMBER_JAIL_TEST_RO", &ro)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "the jailed child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let (stdout, ro, _tmp) = jailed_child(false);
         let dev = if Path::new("/dev/kvm").exists() { "dev," } else { "" };
         let top = ro.strip_prefix("/").unwrap().iter().next().unwrap().to_string_lossy().into_owned();
         assert!(stdout.contains(&format!("root: {dev}mine,proc,{top}\n")), "{stdout}");
@@ -304,5 +322,106 @@ mod tests {
             assert!(stdout.contains("kvm opens: true"), "the jail's /dev/kvm is not the jail user's: {stdout}");
         }
         assert_eq!(std::fs::read_to_string(&ro).unwrap(), "base image\n", "the host file changed");
+    }
+
+    /// Not the plain test's jail uid: its hidepid /proc would show this test's processes.
+    const USERNS_UID: u32 = 60125;
+
+    /// The same jail entered by a process that an unprivileged user (USERNS_UID) started in
+    /// a user namespace of its own: root there, the caller outside, no capabilities after.
+    /// Run as root, the test starts itself as that user (`EMBER_JAIL_TEST_SPAWNER`), which
+    /// spawns the jailed child as the control plane would.
+    #[test]
+    fn a_process_jailed_in_its_own_user_namespace_keeps_the_callers_uid_and_no_capabilities() {
+        if let Some(script) = std::env::var_os("EMBER_JAIL_TEST_SPAWNER") {
+            use std::os::fd::AsFd;
+            let stdout = || std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().unwrap());
+            // SAFETY: getuid/getgid have no preconditions.
+            let ids = unsafe { (libc::getuid(), libc::getgid()) };
+            let mut process = crate::spawn::spawn(crate::spawn::Spawn {
+                program: Path::new("/bin/sh"),
+                args: vec!["-c".into(), script],
+                stdout: stdout(),
+                stderr: stdout(),
+                new_pid_namespace: true,
+                user_namespace: Some(ids),
+                cgroup: None,
+                tied: true,
+            })
+            .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let status = loop {
+                if let Some(status) = process.try_wait() {
+                    break status;
+                }
+                assert!(std::time::Instant::now() < deadline, "the jailed child did not end");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            assert!(status.success(), "the jailed child failed");
+            return;
+        }
+        if !crate::privileged() || !crate::user_namespaces_allowed() {
+            eprintln!("skipped: needs root (to act as another user) and user namespaces");
+            return;
+        }
+        let (stdout, ro, _tmp) = jailed_child(true);
+        let dev = if Path::new("/dev/kvm").exists() { "dev," } else { "" };
+        let top = ro.strip_prefix("/").unwrap().iter().next().unwrap().to_string_lossy().into_owned();
+        assert!(stdout.contains(&format!("root: {dev}mine,proc,{top}\n")), "{stdout}");
+        assert!(stdout.contains("ids: 0 0"), "not uid 0 of its namespace: {stdout}");
+        assert!(stdout.contains("caps held: false"), "{stdout}");
+        assert!(stdout.contains("write to it: false"), "the read-only bind mount was writable: {stdout}");
+        assert!(stdout.contains("processes: 1\n"), "other processes are visible: {stdout}");
+        assert!(stdout.contains("no_new_privs: true"), "{stdout}");
+        assert_eq!(std::fs::read_to_string(&ro).unwrap(), "base image\n", "the host file changed");
+    }
+
+    /// Runs the test above in a child jailed in a new directory; its output, the read-only
+    /// file it was given, and the directory (removed on drop).
+    fn jailed_child(user_namespace: bool) -> (String, PathBuf, vmm_sys_util::tempdir::TempDir) {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-jail-").unwrap();
+        // Passable by the user of the user namespace, which root's capabilities there do not
+        // reach.
+        std::fs::set_permissions(tmp.as_path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = tmp.as_path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("mine"), "").unwrap();
+        if user_namespace {
+            // The jail directory is the caller's, as the control plane makes it.
+            std::os::unix::fs::chown(&root, Some(USERNS_UID), Some(USERNS_UID)).unwrap();
+        }
+        let ro = tmp.as_path().join("image");
+        std::fs::write(&ro, "base image\n").unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let name = "enter::tests::a_jailed_process_sees_only_its_jail_as_an_unprivileged_user";
+        let test = std::env::current_exe().unwrap();
+        if !user_namespace {
+            let out = Command::new(&test)
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(CHILD, &root)
+                .env("EMBER_JAIL_TEST_RO", &ro)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "the jailed child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            return (stdout, ro, tmp);
+        }
+        // As user USERNS_UID would: it spawns the child, its ids mapped to 0 in the new namespace.
+        let script = format!(
+            "{CHILD}={} EMBER_JAIL_TEST_RO={} EMBER_JAIL_TEST_USERNS=1 exec {} --exact {name} --nocapture --test-threads=1",
+            root.display(),
+            ro.display(),
+            test.display()
+        );
+        let spawner = "enter::tests::a_process_jailed_in_its_own_user_namespace_keeps_the_callers_uid_and_no_capabilities";
+        let out = std::os::unix::process::CommandExt::gid(std::os::unix::process::CommandExt::uid(&mut Command::new(&test), USERNS_UID), USERNS_UID)
+            .args(["--exact", spawner, "--nocapture", "--test-threads=1"])
+            .env("EMBER_JAIL_TEST_SPAWNER", script)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "the spawner failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        (stdout, ro, tmp)
     }
 }

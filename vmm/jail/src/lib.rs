@@ -11,6 +11,13 @@
 //!   only itself); then an unprivileged uid and gid, no capabilities (bounding set included),
 //!   `no_new_privs`, and resource limits.
 //!
+//! A caller who is not root gets the same jail inside a user namespace of the VMM's own
+//! ([`Jail::user_namespace`]): `spawn` adds `CLONE_NEWUSER` and maps the caller's uid and gid to
+//! 0 inside, which is what owning the new namespaces and mounting there needs; the VMM then
+//! drops every capability but stays the caller's uid (one id is all an unprivileged map may
+//! hold), `/dev/kvm` is bind-mounted (no `mknod` in a user namespace), and there is no cgroup
+//! (the caller may not make one).
+//!
 //! What the control plane hands a jailed VMM later (a template's files for a spare, a fork's
 //! disk layer) is hard-linked into the jail directory from the host side: the jail root is the
 //! same directory, so new entries appear inside without any mount.
@@ -57,6 +64,9 @@ pub struct Jail {
     pub read_only: Vec<PathBuf>,
     /// The largest file the VMM may write (`RLIMIT_FSIZE`): its overlay and snapshot files.
     pub max_file_size: u64,
+    /// The VMM runs in a user namespace of its own, as uid 0 there, which is `uid` (the
+    /// caller's) outside: it keeps that uid and drops its capabilities (see the crate's doc).
+    pub user_namespace: bool,
 }
 
 impl Jail {
@@ -76,6 +86,9 @@ impl Jail {
             args.push("--jail-ro".into());
             args.push(path.clone().into());
         }
+        if self.user_namespace {
+            args.push("--jail-userns".into());
+        }
         args
     }
 
@@ -85,6 +98,15 @@ impl Jail {
         let relative = path.strip_prefix("/").unwrap_or(path);
         self.root.join(relative)
     }
+}
+
+/// Whether this kernel lets an unprivileged process make a user namespace (Debian's and
+/// Ubuntu's switches, and the count limit, say so), in which it may build a jail.
+pub fn user_namespaces_allowed() -> bool {
+    let read = |path: &str| std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    read("/proc/sys/user/max_user_namespaces").is_some_and(|n| n > 0)
+        && read("/proc/sys/kernel/unprivileged_userns_clone").is_none_or(|on| on == 1)
+        && read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").is_none_or(|on| on == 0)
 }
 
 /// Whether this process may build jails (creating namespaces, mounting, changing uid).

@@ -20,8 +20,11 @@ pub struct Spawn<'a> {
     pub args: Vec<OsString>,
     pub stdout: File,
     pub stderr: File,
-    /// A new pid namespace (the process is its pid 1); needs root.
+    /// A new pid namespace (the process is its pid 1); needs root, or `user_namespace`.
     pub new_pid_namespace: bool,
+    /// A new user namespace whose uid and gid 0 are these (the caller's own, for a caller
+    /// that is not root): the new namespaces are then its own, and so it may jail itself.
+    pub user_namespace: Option<(u32, u32)>,
     /// The cgroup directory to start the process in.
     pub cgroup: Option<&'a File>,
     /// Killed when this thread's process ends (`PR_SET_PDEATHSIG`), even if that is killed;
@@ -72,7 +75,13 @@ pub fn spawn(spawn: Spawn<'_>) -> Result<Process, JailError> {
     // parent's read sees end-of-file once the exec succeeded. A tied child also watches it to
     // see if this process died before its death signal was set.
     let (read_end, write_end) = pipe()?;
+    // A child in a user namespace waits on this one until its id maps are written (before
+    // them it is nobody, and an exec would leave it without the capabilities it needs there).
+    let (go_read, go_write) = pipe()?;
     let mut flags = 0u64;
+    if spawn.user_namespace.is_some() {
+        flags |= libc::CLONE_NEWUSER as u64;
+    }
     if spawn.new_pid_namespace {
         flags |= libc::CLONE_NEWPID as u64;
     }
@@ -86,6 +95,7 @@ pub fn spawn(spawn: Spawn<'_>) -> Result<Process, JailError> {
     clone_args.cgroup = spawn.cgroup.map_or(0, |c| c.as_raw_fd() as u64);
     let (stdout, stderr, null_fd) = (spawn.stdout.as_raw_fd(), spawn.stderr.as_raw_fd(), null.as_raw_fd());
     let (read_fd, write_fd) = (read_end.as_raw_fd(), write_end.as_raw_fd());
+    let (go_read_fd, go_write_fd) = (go_read.as_raw_fd(), go_write.as_raw_fd());
     let tied = spawn.tied;
     // SAFETY: clone3 without CLONE_VM forks this thread: the child gets a copy of the address
     // space and, until it execs, calls only async-signal-safe functions on memory prepared
@@ -95,6 +105,12 @@ pub fn spawn(spawn: Spawn<'_>) -> Result<Process, JailError> {
         // SAFETY: the child, see above: raw system calls on valid fds and pointers only.
         unsafe {
             libc::close(read_fd);
+            libc::close(go_write_fd);
+            // Returns at end-of-file: the parent wrote the maps, or gave up and kills this.
+            let mut byte = 0u8;
+            while libc::read(go_read_fd, (&mut byte as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
             libc::dup2(null_fd, 0);
             libc::dup2(stdout, 1);
             libc::dup2(stderr, 2);
@@ -113,7 +129,19 @@ pub fn spawn(spawn: Spawn<'_>) -> Result<Process, JailError> {
         return Err(JailError::Step { step: "start the VMM process (clone3)".into(), error: std::io::Error::last_os_error() });
     }
     drop(write_end);
+    drop(go_read);
     let pid = pid as i32;
+    if let Some((uid, gid)) = spawn.user_namespace {
+        if let Err(e) = map_ids(pid, uid, gid) {
+            // SAFETY: kill and waitpid of the child just made, which has not exec'd.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(e);
+        }
+    }
+    drop(go_write);
     let mut errno = [0u8; 4];
     let mut got = 0;
     while got < errno.len() {
@@ -135,6 +163,16 @@ pub fn spawn(spawn: Spawn<'_>) -> Result<Process, JailError> {
     // A tied child whose death signal was set after this process died would be orphaned; the
     // exec has happened, so it was set while this process lived.
     Ok(Process { pid, reaped: false })
+}
+
+/// Maps uid and gid 0 of process `pid`'s new user namespace to `uid` and `gid` outside, as an
+/// unprivileged owner of the namespace may: one id each, and `setgroups` denied first.
+fn map_ids(pid: i32, uid: u32, gid: u32) -> Result<(), JailError> {
+    for (file, content) in [("uid_map", format!("0 {uid} 1\n")), ("setgroups", "deny\n".into()), ("gid_map", format!("0 {gid} 1\n"))] {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, content).map_err(step(format!("write {path} (the VMM's user namespace)")))?;
+    }
+    Ok(())
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), JailError> {
@@ -160,6 +198,7 @@ mod tests {
             stdout: out.try_clone().unwrap(),
             stderr: out,
             new_pid_namespace: false,
+            user_namespace: None,
             cgroup: None,
             tied,
         })
@@ -184,6 +223,34 @@ mod tests {
     }
 
     #[test]
+    fn a_process_in_a_user_namespace_is_root_there_and_the_callers_ids_outside() {
+        if !crate::user_namespaces_allowed() {
+            eprintln!("skipped: no user namespaces here");
+            return;
+        }
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-spawn-").unwrap();
+        let out_path = tmp.as_path().join("out");
+        let out = File::create(&out_path).unwrap();
+        let mut process = spawn(Spawn {
+            program: Path::new("/bin/sh"),
+            args: vec!["-c".into(), "cat /proc/self/uid_map /proc/self/gid_map /proc/self/setgroups; echo pid $$".into()],
+            stdout: out.try_clone().unwrap(),
+            stderr: out,
+            new_pid_namespace: true,
+            user_namespace: Some((uid, gid)),
+            cgroup: None,
+            tied: false,
+        })
+        .unwrap();
+        assert_eq!(wait(&mut process).code(), Some(0));
+        let text = std::fs::read_to_string(&out_path).unwrap();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words, ["0", &uid.to_string(), "1", "0", &gid.to_string(), "1", "deny", "pid", "1"], "{text}");
+    }
+
+    #[test]
     fn an_exec_failure_is_the_spawns_error() {
         let out = File::create("/dev/null").unwrap();
         let error = spawn(Spawn {
@@ -192,6 +259,7 @@ mod tests {
             stdout: out.try_clone().unwrap(),
             stderr: out,
             new_pid_namespace: false,
+            user_namespace: None,
             cgroup: None,
             tied: false,
         })
@@ -214,6 +282,7 @@ mod tests {
             stdout: out.try_clone().unwrap(),
             stderr: out,
             new_pid_namespace: true,
+            user_namespace: None,
             cgroup: None,
             tied: false,
         })
