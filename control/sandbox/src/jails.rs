@@ -267,7 +267,14 @@ fn open_regular(path: &Path) -> Result<File, SandboxError> {
 fn link_fd(file: &File, target: &Path) -> Result<(), SandboxError> {
     let target_c = CString::new(target.as_os_str().as_bytes()).map_err(|_| io("bad path", target)(std::io::ErrorKind::InvalidInput.into()))?;
     // SAFETY: linkat with a valid fd, an empty path and a NUL-terminated target.
-    let rc = unsafe { libc::linkat(file.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), libc::AT_EMPTY_PATH) };
+    let mut rc = unsafe { libc::linkat(file.as_raw_fd(), c"".as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), libc::AT_EMPTY_PATH) };
+    if rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+        // AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; without it (a caller who is not root) the
+        // descriptor's /proc link, followed, names the same inode.
+        let proc_fd = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).expect("no NUL");
+        // SAFETY: linkat with two NUL-terminated paths.
+        rc = unsafe { libc::linkat(libc::AT_FDCWD, proc_fd.as_ptr(), libc::AT_FDCWD, target_c.as_ptr(), libc::AT_SYMLINK_FOLLOW) };
+    }
     match rc {
         0 => Ok(()),
         _ => Err(io("cannot link", target)(std::io::Error::last_os_error())),
