@@ -63,8 +63,6 @@ def test_stop_and_start_keep_the_disk(server, client, sb):
 
 @pytest.mark.skipif(FAKE, reason="the fake backend keeps no memory: its processes are the host's")
 def test_stop_with_memory_resumes_processes(server, client):
-    with client.sandbox(snapshot=server.snapshot, timeout=CREATE_TIMEOUT) as plain:
-        plain.delete()
     sb = client.create_sandbox(snapshot=server.snapshot, timeout=CREATE_TIMEOUT, preserve_memory_on_stop=True)
     try:
         sb.run("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' >/dev/null 2>&1 &")
@@ -118,8 +116,7 @@ def test_keys_and_tenants(server, client, sb):
         with pytest.raises(ResourceNotFoundError):
             other.delete_sandbox(sb.name)
         # The data plane by the box's own URL, with the other tenant's key.
-        stolen = other.get_sandbox.__self__  # the other client
-        sb_as_other = type(sb).from_dict({"name": sb.name, "dataplane_url": sb.dataplane_url, "id": sb.id}, client=stolen, auto_delete=False)
+        sb_as_other = type(sb).from_dict({"name": sb.name, "dataplane_url": sb.dataplane_url, "id": sb.id}, client=other, auto_delete=False)
         with pytest.raises(ResourceNotFoundError):
             sb_as_other.read("/etc/hostname")
         with pytest.raises(SandboxConnectionError):

@@ -38,9 +38,6 @@ async fn main() -> anyhow::Result<()> {
     server::check_listen(&listener.local_addr()?, &state.config.tenants).map_err(anyhow::Error::msg)?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    server::serve(listener, state, shutdown).await?;
+    server::serve(listener, state, server::until_signalled()).await?;
     Ok(())
 }

@@ -42,6 +42,22 @@ pub fn check_listen(addr: &SocketAddr, tenants: &tenants::Tenants) -> Result<(),
     Ok(())
 }
 
+/// Completes when the process is asked to end (SIGINT or SIGTERM).
+pub async fn until_signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Serves `state` on `listener` until `shutdown` completes. Sandboxes are left as they are.
 pub async fn serve(listener: tokio::net::TcpListener, state: Shared, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
     let reaper_state = state.clone();
