@@ -60,9 +60,11 @@ def test_stdin_is_closed_by_default(sb):
 def test_kill_ends_the_command_and_its_end_is_kept(sb):
     handle = sb.run("echo up; sleep 60", wait=False)
     command_id = handle.command_id
+    stream = iter(handle)
+    assert next(stream).data == "up\n"
     handle.kill()
     with pytest.raises(SandboxConnectionError):
-        list(handle)
+        list(stream)
     result = sb.reconnect(command_id).result
     assert result.exit_code == 137
     assert result.stdout == "up\n"

@@ -20,7 +20,11 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--listen" => listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen ADDR"))?,
+            "--listen" => {
+                listen = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--listen ADDR"))?
+            }
             "--keys" => keys = Some(args.next().ok_or_else(|| anyhow::anyhow!("--keys FILE"))?),
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -35,7 +39,8 @@ async fn main() -> anyhow::Result<()> {
     config.output_capacity = 1 << 20;
     let state = server::AppState::new(backend, config);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
-    server::check_listen(&listener.local_addr()?, &state.config.tenants).map_err(anyhow::Error::msg)?;
+    server::check_listen(&listener.local_addr()?, &state.config.tenants)
+        .map_err(anyhow::Error::msg)?;
     println!("listening on http://{}", listener.local_addr()?);
     std::io::stdout().flush()?;
     server::serve(listener, state, server::until_signalled()).await?;

@@ -71,7 +71,9 @@ pub struct Created {
 pub enum State {
     Running,
     /// Its VMM is gone; with `memory`, a start resumes its processes.
-    Stopped { memory: bool },
+    Stopped {
+        memory: bool,
+    },
     /// Gone wrong: its VMM died, its start failed.
     Failed,
 }
@@ -180,11 +182,22 @@ pub trait Backend: Send + Sync + 'static {
     fn remove_snapshot(&self, id: &str) -> Result<()>;
     fn templates(&self) -> Result<Vec<Template>>;
     /// Forks a running sandbox into `count` children; returns them, each ready.
-    fn fork(&self, name: &str, count: usize, ready_timeout: std::time::Duration) -> Result<Vec<Created>>;
+    fn fork(
+        &self,
+        name: &str,
+        count: usize,
+        ready_timeout: std::time::Duration,
+    ) -> Result<Vec<Created>>;
     fn exec(&self, name: &str, spec: &ExecSpec) -> Result<Box<dyn Running>>;
     /// Writes everything `data` yields to `path` (created or truncated, with `mode`; its
     /// parent directories made); returns the size written.
-    fn upload(&self, name: &str, path: &str, data: &mut (dyn Read + Send), mode: u32) -> Result<u64>;
+    fn upload(
+        &self,
+        name: &str,
+        path: &str,
+        data: &mut (dyn Read + Send),
+        mode: u32,
+    ) -> Result<u64>;
     /// Copies `path` into `out`; an error from `out` ends the copy early and is returned as
     /// `Failed` (a ranged read stops that way).
     fn download(&self, name: &str, path: &str, out: &mut dyn Write) -> Result<u64>;

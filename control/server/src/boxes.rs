@@ -32,7 +32,12 @@ impl Status {
         }
     }
 
-    pub const ALL: [Status; 4] = [Status::Provisioning, Status::Ready, Status::Failed, Status::Stopped];
+    pub const ALL: [Status; 4] = [
+        Status::Provisioning,
+        Status::Ready,
+        Status::Failed,
+        Status::Stopped,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -117,7 +122,9 @@ impl BoxRecord {
 pub fn check_name(name: &str) -> Result<(), ApiError> {
     let ok = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     match ok {
         true => Ok(()),
         false => Err(ApiError::invalid(
@@ -143,12 +150,21 @@ impl Boxes {
     /// Adds `record`, unless its tenant has a box of that name or is at its quota.
     pub fn insert(&self, record: BoxRecord, tenant: &Tenant) -> Result<(), ApiError> {
         let mut all = self.records.lock().unwrap();
-        if all.values().any(|r| r.tenant == record.tenant && r.name == record.name) {
-            return Err(ApiError::Conflict(format!("Sandbox name '{}' already in use", record.name)));
+        if all
+            .values()
+            .any(|r| r.tenant == record.tenant && r.name == record.name)
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox name '{}' already in use",
+                record.name
+            )));
         }
         let owned = all.values().filter(|r| r.tenant == record.tenant).count();
         if let Some(max) = tenant.max_boxes.filter(|&max| owned >= max) {
-            return Err(ApiError::Quota(format!("sandbox count limit of {max} reached for tenant {}", tenant.name)));
+            return Err(ApiError::Quota(format!(
+                "sandbox count limit of {max} reached for tenant {}",
+                tenant.name
+            )));
         }
         all.insert(record.id.clone(), record);
         Ok(())
@@ -156,12 +172,18 @@ impl Boxes {
 
     pub fn get(&self, tenant: &str, name: &str) -> Result<BoxRecord, ApiError> {
         let all = self.records.lock().unwrap();
-        all.values().find(|r| r.tenant == tenant && r.name == name).cloned().ok_or_else(|| not_found(name))
+        all.values()
+            .find(|r| r.tenant == tenant && r.name == name)
+            .cloned()
+            .ok_or_else(|| not_found(name))
     }
 
     pub fn by_id(&self, tenant: &str, id: &str) -> Result<BoxRecord, ApiError> {
         let all = self.records.lock().unwrap();
-        all.get(id).filter(|r| r.tenant == tenant).cloned().ok_or_else(|| not_found(id))
+        all.get(id)
+            .filter(|r| r.tenant == tenant)
+            .cloned()
+            .ok_or_else(|| not_found(id))
     }
 
     /// Box `id`, whichever tenant's (for the server's own steps on a box it already found).
@@ -172,7 +194,11 @@ impl Boxes {
     /// The tenant's boxes, oldest first.
     pub fn list(&self, tenant: &str) -> Vec<BoxRecord> {
         let all = self.records.lock().unwrap();
-        let mut mine: Vec<BoxRecord> = all.values().filter(|r| r.tenant == tenant).cloned().collect();
+        let mut mine: Vec<BoxRecord> = all
+            .values()
+            .filter(|r| r.tenant == tenant)
+            .cloned()
+            .collect();
         mine.sort_by(|a, b| (a.created_ms, &a.name).cmp(&(b.created_ms, &b.name)));
         mine
     }
@@ -189,9 +215,17 @@ impl Boxes {
     /// Renames box `id`, unless its tenant has another box of that name.
     pub fn rename(&self, id: &str, name: &str) -> Result<BoxRecord, ApiError> {
         let mut all = self.records.lock().unwrap();
-        let tenant = all.get(id).map(|r| r.tenant.clone()).ok_or_else(|| not_found(id))?;
-        if all.values().any(|r| r.tenant == tenant && r.name == name && r.id != id) {
-            return Err(ApiError::Conflict(format!("Sandbox name '{name}' already in use")));
+        let tenant = all
+            .get(id)
+            .map(|r| r.tenant.clone())
+            .ok_or_else(|| not_found(id))?;
+        if all
+            .values()
+            .any(|r| r.tenant == tenant && r.name == name && r.id != id)
+        {
+            return Err(ApiError::Conflict(format!(
+                "Sandbox name '{name}' already in use"
+            )));
         }
         let record = all.get_mut(id).ok_or_else(|| not_found(id))?;
         record.name = name.into();
@@ -205,18 +239,30 @@ impl Boxes {
     }
 
     pub fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().unwrap().entry(id.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     /// How many boxes are in each status, all tenants together.
     pub fn count_by_status(&self) -> Vec<(Status, usize)> {
         let all = self.records.lock().unwrap();
-        Status::ALL.iter().map(|&s| (s, all.values().filter(|r| r.status == s).count())).collect()
+        Status::ALL
+            .iter()
+            .map(|&s| (s, all.values().filter(|r| r.status == s).count()))
+            .collect()
     }
 
     /// Whether any box of any tenant was made from snapshot `id`.
     pub fn any_from_snapshot(&self, id: &str) -> bool {
-        self.records.lock().unwrap().values().any(|r| r.snapshot_id.as_deref() == Some(id))
+        self.records
+            .lock()
+            .unwrap()
+            .values()
+            .any(|r| r.snapshot_id.as_deref() == Some(id))
     }
 }
 
@@ -225,7 +271,10 @@ mod tests {
     use super::*;
 
     fn tenant(name: &str, max_boxes: Option<usize>) -> Tenant {
-        Tenant { name: name.into(), max_boxes }
+        Tenant {
+            name: name.into(),
+            max_boxes,
+        }
     }
 
     #[test]
@@ -233,14 +282,24 @@ mod tests {
         let boxes = Boxes::default();
         let a = BoxRecord::new("alice", "web");
         boxes.insert(a.clone(), &tenant("alice", None)).unwrap();
-        boxes.insert(BoxRecord::new("bob", "web"), &tenant("bob", None)).unwrap();
+        boxes
+            .insert(BoxRecord::new("bob", "web"), &tenant("bob", None))
+            .unwrap();
         let again = boxes.insert(BoxRecord::new("alice", "web"), &tenant("alice", None));
         assert!(matches!(again, Err(ApiError::Conflict(_))), "{again:?}");
         assert_eq!(boxes.get("alice", "web").unwrap().id, a.id);
-        assert!(matches!(boxes.by_id("bob", &a.id), Err(ApiError::NotFound(_))));
+        assert!(matches!(
+            boxes.by_id("bob", &a.id),
+            Err(ApiError::NotFound(_))
+        ));
         assert_eq!(boxes.list("bob").len(), 1);
-        boxes.insert(BoxRecord::new("alice", "db"), &tenant("alice", None)).unwrap();
-        assert!(matches!(boxes.rename(&a.id, "db"), Err(ApiError::Conflict(_))));
+        boxes
+            .insert(BoxRecord::new("alice", "db"), &tenant("alice", None))
+            .unwrap();
+        assert!(matches!(
+            boxes.rename(&a.id, "db"),
+            Err(ApiError::Conflict(_))
+        ));
         assert_eq!(boxes.rename(&a.id, "api").unwrap().name, "api");
         assert!(boxes.get("alice", "web").is_err());
     }
@@ -250,8 +309,13 @@ mod tests {
         let boxes = Boxes::default();
         let t = tenant("alice", Some(1));
         boxes.insert(BoxRecord::new("alice", "one"), &t).unwrap();
-        assert!(matches!(boxes.insert(BoxRecord::new("alice", "two"), &t), Err(ApiError::Quota(_))));
-        boxes.insert(BoxRecord::new("bob", "two"), &tenant("bob", Some(1))).unwrap();
+        assert!(matches!(
+            boxes.insert(BoxRecord::new("alice", "two"), &t),
+            Err(ApiError::Quota(_))
+        ));
+        boxes
+            .insert(BoxRecord::new("bob", "two"), &tenant("bob", Some(1)))
+            .unwrap();
     }
 
     #[test]

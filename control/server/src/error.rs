@@ -44,7 +44,10 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn invalid(field: &str, message: impl Into<String>) -> ApiError {
-        ApiError::Invalid { field: field.into(), message: message.into() }
+        ApiError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -52,7 +55,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Invalid { .. } | ApiError::CreationFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Invalid { .. } | ApiError::CreationFailed { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -83,8 +88,14 @@ impl ApiError {
     pub fn from_backend(what: &str, e: BackendError) -> ApiError {
         match e {
             BackendError::NotFound(m) => ApiError::NotFound(format!("{what}: {m}")),
-            BackendError::Invalid(m) => ApiError::BadRequest { kind: "InvalidRequest", message: format!("{what}: {m}") },
-            BackendError::NotReady(m) => ApiError::BadRequest { kind: "NotReady", message: format!("{what}: {m}") },
+            BackendError::Invalid(m) => ApiError::BadRequest {
+                kind: "InvalidRequest",
+                message: format!("{what}: {m}"),
+            },
+            BackendError::NotReady(m) => ApiError::BadRequest {
+                kind: "NotReady",
+                message: format!("{what}: {m}"),
+            },
             BackendError::Failed(m) => ApiError::Internal(format!("{what}: {m}")),
         }
     }
@@ -92,10 +103,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), axum::Json(json!({"detail": self.detail()}))).into_response();
+        let mut response =
+            (self.status(), axum::Json(json!({"detail": self.detail()}))).into_response();
         if matches!(self, ApiError::Quota(_)) {
             // The SDK retries a 429 after Retry-After: a quota does not lift in a second.
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
         }
         response
     }
@@ -109,12 +123,27 @@ mod tests {
     fn bodies_have_the_shapes_the_sdk_parses() {
         let e = ApiError::NotFound("Sandbox 'x' not found".into());
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
-        assert_eq!(e.detail(), json!({"error": "NotFound", "message": "Sandbox 'x' not found"}));
+        assert_eq!(
+            e.detail(),
+            json!({"error": "NotFound", "message": "Sandbox 'x' not found"})
+        );
         let e = ApiError::invalid("vcpus", "too many");
-        assert_eq!(e.detail(), json!([{"loc": ["body", "vcpus"], "msg": "too many", "type": "value_error"}]));
-        let e = ApiError::BadRequest { kind: "NotReady", message: "stopped".into() };
-        assert_eq!((e.status(), e.detail()["error"].clone()), (StatusCode::BAD_REQUEST, json!("NotReady")));
+        assert_eq!(
+            e.detail(),
+            json!([{"loc": ["body", "vcpus"], "msg": "too many", "type": "value_error"}])
+        );
+        let e = ApiError::BadRequest {
+            kind: "NotReady",
+            message: "stopped".into(),
+        };
+        assert_eq!(
+            (e.status(), e.detail()["error"].clone()),
+            (StatusCode::BAD_REQUEST, json!("NotReady"))
+        );
         let r = ApiError::Quota("sandbox count limit of 2 reached".into()).into_response();
-        assert_eq!((r.status(), r.headers()["retry-after"].to_str().unwrap()), (StatusCode::TOO_MANY_REQUESTS, "0"));
+        assert_eq!(
+            (r.status(), r.headers()["retry-after"].to_str().unwrap()),
+            (StatusCode::TOO_MANY_REQUESTS, "0")
+        );
     }
 }

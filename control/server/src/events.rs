@@ -20,7 +20,10 @@ pub struct Events {
 
 impl Events {
     pub fn new(dir: Option<PathBuf>) -> Events {
-        Events { dir, memory: Mutex::new(HashMap::new()) }
+        Events {
+            dir,
+            memory: Mutex::new(HashMap::new()),
+        }
     }
 
     fn file(&self, box_id: &str) -> Option<PathBuf> {
@@ -61,7 +64,10 @@ impl Events {
             Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
             None => {
                 let memory = self.memory.lock().unwrap();
-                memory.get(box_id).map(|e| e.iter().map(|l| format!("{l}\n")).collect()).unwrap_or_default()
+                memory
+                    .get(box_id)
+                    .map(|e| e.iter().map(|l| format!("{l}\n")).collect())
+                    .unwrap_or_default()
             }
         }
     }
@@ -84,18 +90,35 @@ mod tests {
     use super::*;
 
     fn kinds(text: &str) -> Vec<String> {
-        text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string()).collect()
+        text.lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
     }
 
     #[test]
     fn traces_are_json_lines_per_box_in_order_in_memory_and_on_disk() {
         let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-events-").unwrap();
-        for events in [Events::new(None), Events::new(Some(tmp.as_path().to_path_buf()))] {
-            events.record("a", serde_json::json!({"kind": "lifecycle", "op": "create"}));
+        for events in [
+            Events::new(None),
+            Events::new(Some(tmp.as_path().to_path_buf())),
+        ] {
+            events.record(
+                "a",
+                serde_json::json!({"kind": "lifecycle", "op": "create"}),
+            );
             events.record("b", serde_json::json!({"kind": "file"}));
-            events.record("a", serde_json::json!({"kind": "command", "argv": ["true"]}));
+            events.record(
+                "a",
+                serde_json::json!({"kind": "command", "argv": ["true"]}),
+            );
             assert_eq!(kinds(&events.read("a")), ["lifecycle", "command"]);
-            let first: serde_json::Value = serde_json::from_str(events.read("a").lines().next().unwrap()).unwrap();
+            let first: serde_json::Value =
+                serde_json::from_str(events.read("a").lines().next().unwrap()).unwrap();
             assert!(first["at"].as_str().unwrap().ends_with('Z'));
             events.forget("a");
             assert_eq!(events.read("a"), "");

@@ -59,7 +59,11 @@ pub async fn until_signalled() {
 }
 
 /// Serves `state` on `listener` until `shutdown` completes. Sandboxes are left as they are.
-pub async fn serve(listener: tokio::net::TcpListener, state: Shared, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Shared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
         let mut every = tokio::time::interval(REAP_EVERY);
@@ -68,7 +72,9 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Shared, shutdown: i
             reaper_state.commands.reap();
         }
     });
-    let served = axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
     reaper.abort();
     served
 }

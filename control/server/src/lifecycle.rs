@@ -22,22 +22,36 @@ fn creation_error(e: BackendError) -> ApiError {
     match e {
         BackendError::NotFound(m) => ApiError::NotFound(m),
         BackendError::Invalid(m) => ApiError::invalid("body", m),
-        BackendError::NotReady(m) | BackendError::Failed(m) => ApiError::CreationFailed { kind: "SandboxStart", message: m },
+        BackendError::NotReady(m) | BackendError::Failed(m) => ApiError::CreationFailed {
+            kind: "SandboxStart",
+            message: m,
+        },
     }
 }
 
 /// Adds `record` (provisioning) and makes its backend sandbox from `spec` in the background;
 /// with `wait`, returns once it is ready (or failed, then removed), or after `wait` with a
 /// timeout while it goes on.
-pub async fn provision(state: &Shared, tenant: &Tenant, record: BoxRecord, spec: CreateSpec, wait: Option<Duration>) -> Result<BoxRecord, ApiError> {
+pub async fn provision(
+    state: &Shared,
+    tenant: &Tenant,
+    record: BoxRecord,
+    spec: CreateSpec,
+    wait: Option<Duration>,
+) -> Result<BoxRecord, ApiError> {
     state.boxes.insert(record.clone(), tenant)?;
-    state.events.record(&record.id, json!({"kind": "lifecycle", "op": "create", "snapshot_id": record.snapshot_id}));
+    state.events.record(
+        &record.id,
+        json!({"kind": "lifecycle", "op": "create", "snapshot_id": record.snapshot_id}),
+    );
     let (done, result) = tokio::sync::oneshot::channel();
     let (task_state, id) = (state.clone(), record.id.clone());
     tokio::spawn(async move {
         let asked = Instant::now();
         let backend = task_state.backend.clone();
-        let created = blocking(move || backend.create(&spec)).await.and_then(|r| r.map_err(creation_error));
+        let created = blocking(move || backend.create(&spec))
+            .await
+            .and_then(|r| r.map_err(creation_error));
         let outcome = match created {
             Ok(created) => {
                 task_state.metrics.created(asked.elapsed());
@@ -53,14 +67,19 @@ pub async fn provision(state: &Shared, tenant: &Tenant, record: BoxRecord, spec:
                     let _ = blocking(move || backend.remove(&created.name)).await;
                 }
                 task_state.events.record(&id, json!({"kind": "lifecycle", "op": "ready", "seconds": asked.elapsed().as_secs_f64()}));
-                updated.ok_or_else(|| ApiError::NotFound("the sandbox was deleted while it was being created".into()))
+                updated.ok_or_else(|| {
+                    ApiError::NotFound("the sandbox was deleted while it was being created".into())
+                })
             }
             Err(e) => {
                 task_state.boxes.update(&id, |r| {
                     r.status = Status::Failed;
                     r.status_message = Some(e.to_string());
                 });
-                task_state.events.record(&id, json!({"kind": "lifecycle", "op": "failed", "message": e.to_string()}));
+                task_state.events.record(
+                    &id,
+                    json!({"kind": "lifecycle", "op": "failed", "message": e.to_string()}),
+                );
                 Err(e)
             }
         };
@@ -74,8 +93,14 @@ pub async fn provision(state: &Shared, tenant: &Tenant, record: BoxRecord, spec:
             remove_record(state, &record.id);
             Err(e)
         }
-        Ok(Err(_)) => Err(ApiError::Internal("the sandbox's creation was abandoned".into())),
-        Err(_) => Err(ApiError::Timeout(format!("Sandbox '{}' not ready after {}s (last status: provisioning)", record.name, wait.as_secs()))),
+        Ok(Err(_)) => Err(ApiError::Internal(
+            "the sandbox's creation was abandoned".into(),
+        )),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "Sandbox '{}' not ready after {}s (last status: provisioning)",
+            record.name,
+            wait.as_secs()
+        ))),
     }
 }
 
@@ -90,8 +115,19 @@ fn gone(id: &str) -> ApiError {
 }
 
 fn not_ready(record: &BoxRecord) -> ApiError {
-    let why = record.status_message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-    ApiError::BadRequest { kind: "NotReady", message: format!("Sandbox '{}' is {}{why}", record.name, record.status.as_str()) }
+    let why = record
+        .status_message
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
+    ApiError::BadRequest {
+        kind: "NotReady",
+        message: format!(
+            "Sandbox '{}' is {}{why}",
+            record.name,
+            record.status.as_str()
+        ),
+    }
 }
 
 /// Box `id` ready to run commands and move files: started first if it is stopped.
@@ -108,7 +144,11 @@ pub async fn start(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
     let lock = state.boxes.lock(id);
     let _held = lock.lock().await;
     let record = state.boxes.find(id).ok_or_else(|| gone(id))?;
-    let Some(name) = record.backend.clone().filter(|_| record.status == Status::Stopped) else {
+    let Some(name) = record
+        .backend
+        .clone()
+        .filter(|_| record.status == Status::Stopped)
+    else {
         return match record.status {
             Status::Ready => Ok(record),
             _ => Err(not_ready(&record)),
@@ -119,7 +159,9 @@ pub async fn start(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
     let started = blocking(move || backend.start(&name, timeout)).await?;
     match started {
         Ok(successor) => {
-            state.events.record(id, json!({"kind": "lifecycle", "op": "start"}));
+            state
+                .events
+                .record(id, json!({"kind": "lifecycle", "op": "start"}));
             state.boxes.update(id, |r| {
                 r.backend = Some(successor);
                 r.status = Status::Ready;
@@ -132,7 +174,10 @@ pub async fn start(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
                 r.status = Status::Stopped;
                 r.status_message = Some(e.to_string());
             });
-            Err(ApiError::from_backend(&format!("cannot start sandbox {}", record.name), e))
+            Err(ApiError::from_backend(
+                &format!("cannot start sandbox {}", record.name),
+                e,
+            ))
         }
     }
 }
@@ -153,7 +198,10 @@ pub async fn stop(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
     blocking(move || backend.stop(&name, memory))
         .await?
         .map_err(|e| ApiError::from_backend(&format!("cannot stop sandbox {}", record.name), e))?;
-    state.events.record(id, json!({"kind": "lifecycle", "op": "stop", "memory": memory}));
+    state.events.record(
+        id,
+        json!({"kind": "lifecycle", "op": "stop", "memory": memory}),
+    );
     let stopped = state.boxes.update(id, |r| {
         r.status = Status::Stopped;
         r.stopped_ms = Some(now_ms());
@@ -172,14 +220,23 @@ pub async fn delete(state: &Shared, id: &str) -> Result<(), ApiError> {
         let backend = state.backend.clone();
         match blocking(move || backend.remove(&name)).await? {
             Ok(()) | Err(BackendError::NotFound(_)) => {}
-            Err(e) => return Err(ApiError::from_backend(&format!("cannot delete sandbox {}", record.name), e)),
+            Err(e) => {
+                return Err(ApiError::from_backend(
+                    &format!("cannot delete sandbox {}", record.name),
+                    e,
+                ))
+            }
         }
     }
     Ok(())
 }
 
 /// Captures ready box `record` as `snapshot` in the background; returns it building.
-pub async fn capture(state: &Shared, record: &BoxRecord, snapshot: SnapshotRecord) -> Result<SnapshotRecord, ApiError> {
+pub async fn capture(
+    state: &Shared,
+    record: &BoxRecord,
+    snapshot: SnapshotRecord,
+) -> Result<SnapshotRecord, ApiError> {
     let name = match (record.status, record.backend.clone()) {
         (Status::Ready, Some(name)) => name,
         _ => return Err(not_ready(record)),
@@ -190,7 +247,9 @@ pub async fn capture(state: &Shared, record: &BoxRecord, snapshot: SnapshotRecor
         let lock = task_state.boxes.lock(&box_id);
         let _held = lock.lock().await;
         let (backend, id) = (task_state.backend.clone(), snap_id.clone());
-        let done = blocking(move || backend.snapshot(&name, &id)).await.and_then(|r| r.map_err(|e| ApiError::from_backend("cannot capture", e)));
+        let done = blocking(move || backend.snapshot(&name, &id))
+            .await
+            .and_then(|r| r.map_err(|e| ApiError::from_backend("cannot capture", e)));
         task_state.events.record(&box_id, json!({"kind": "lifecycle", "op": "snapshot", "snapshot_id": snap_id, "ok": done.is_ok()}));
         task_state.snapshots.update(&snap_id, |s| match done {
             Ok(()) => s.status = SnapStatus::Ready,
@@ -205,7 +264,13 @@ pub async fn capture(state: &Shared, record: &BoxRecord, snapshot: SnapshotRecor
 
 /// Forks ready box `id` into `count` children, boxes of the same tenant named
 /// `<name>-<n>` (the smallest free numbers); returns them ready.
-pub async fn fork(state: &Shared, tenant: &Tenant, id: &str, count: usize, timeout: Duration) -> Result<Vec<BoxRecord>, ApiError> {
+pub async fn fork(
+    state: &Shared,
+    tenant: &Tenant,
+    id: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<BoxRecord>, ApiError> {
     if !(1..=64).contains(&count) {
         return Err(ApiError::invalid("count", "fork 1 to 64 children at once"));
     }
@@ -216,8 +281,14 @@ pub async fn fork(state: &Shared, tenant: &Tenant, id: &str, count: usize, timeo
         (Status::Ready, Some(name)) => name,
         _ => return Err(not_ready(&parent)),
     };
-    if let Some(max) = tenant.max_boxes.filter(|&max| state.boxes.list(&tenant.name).len() + count > max) {
-        return Err(ApiError::Quota(format!("sandbox count limit of {max} reached for tenant {}", tenant.name)));
+    if let Some(max) = tenant
+        .max_boxes
+        .filter(|&max| state.boxes.list(&tenant.name).len() + count > max)
+    {
+        return Err(ApiError::Quota(format!(
+            "sandbox count limit of {max} reached for tenant {}",
+            tenant.name
+        )));
     }
     let backend = state.backend.clone();
     let children = blocking(move || backend.fork(&name, count, timeout))
@@ -249,20 +320,36 @@ pub async fn fork(state: &Shared, tenant: &Tenant, id: &str, count: usize, timeo
             let _ = blocking(move || backend.remove(&child.name)).await;
             return Err(e);
         }
-        state.events.record(&record.id, json!({"kind": "lifecycle", "op": "create", "forked_from": parent.id}));
+        state.events.record(
+            &record.id,
+            json!({"kind": "lifecycle", "op": "create", "forked_from": parent.id}),
+        );
         made.push(record);
     }
     let ids: Vec<&str> = made.iter().map(|r| r.id.as_str()).collect();
-    state.events.record(id, json!({"kind": "lifecycle", "op": "fork", "children": ids}));
+    state.events.record(
+        id,
+        json!({"kind": "lifecycle", "op": "fork", "children": ids}),
+    );
     Ok(made)
 }
 
 /// What a create names as its source, resolved for `tenant`.
-pub fn source_of(state: &Shared, tenant: &str, reference: Option<&str>, templates: &[crate::backend::Template]) -> Result<(Source, Option<SnapshotRecord>), ApiError> {
-    let Some(reference) = reference else { return Ok((Source::Default, None)) };
+pub fn source_of(
+    state: &Shared,
+    tenant: &str,
+    reference: Option<&str>,
+    templates: &[crate::backend::Template],
+) -> Result<(Source, Option<SnapshotRecord>), ApiError> {
+    let Some(reference) = reference else {
+        return Ok((Source::Default, None));
+    };
     let snapshot = state.snapshots.resolve(tenant, reference, templates)?;
     if snapshot.status != SnapStatus::Ready {
-        return Err(ApiError::BadRequest { kind: "NotReady", message: format!("snapshot {reference} is {:?}", snapshot.status) });
+        return Err(ApiError::BadRequest {
+            kind: "NotReady",
+            message: format!("snapshot {reference} is {:?}", snapshot.status),
+        });
     }
     let source = match &snapshot.origin {
         crate::snapshots::Origin::Template(name) => Source::Template(name.clone()),

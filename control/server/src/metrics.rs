@@ -7,7 +7,9 @@ use std::time::Duration;
 use crate::boxes::Status;
 
 /// Upper bounds of the create latency histogram's buckets, in seconds.
-const CREATE_BUCKETS: [f64; 12] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const CREATE_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -28,7 +30,8 @@ impl Metrics {
             }
         }
         self.create_count.fetch_add(1, Ordering::Relaxed);
-        self.create_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.create_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn command_started(&self) {
@@ -49,18 +52,36 @@ impl Metrics {
         out.push_str("# HELP ember_sandbox_create_seconds Time from a create request to the sandbox being ready.\n");
         out.push_str("# TYPE ember_sandbox_create_seconds histogram\n");
         for (bound, count) in CREATE_BUCKETS.iter().zip(&self.create_buckets) {
-            let _ = writeln!(out, "ember_sandbox_create_seconds_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "ember_sandbox_create_seconds_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
         }
         let count = self.create_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "ember_sandbox_create_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "ember_sandbox_create_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let sum = self.create_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "ember_sandbox_create_seconds_sum {sum}\nember_sandbox_create_seconds_count {count}");
+        let _ = writeln!(
+            out,
+            "ember_sandbox_create_seconds_sum {sum}\nember_sandbox_create_seconds_count {count}"
+        );
         out.push_str("# HELP ember_commands_started_total Commands started in sandboxes.\n# TYPE ember_commands_started_total counter\n");
-        let _ = writeln!(out, "ember_commands_started_total {}", self.commands.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "ember_commands_started_total {}",
+            self.commands.load(Ordering::Relaxed)
+        );
         out.push_str("# HELP ember_commands_running Commands running now.\n# TYPE ember_commands_running gauge\n");
         let _ = writeln!(out, "ember_commands_running {running_commands}");
         out.push_str("# HELP ember_file_operations_total File operations on sandboxes.\n# TYPE ember_file_operations_total counter\n");
-        let _ = writeln!(out, "ember_file_operations_total {}", self.file_operations.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "ember_file_operations_total {}",
+            self.file_operations.load(Ordering::Relaxed)
+        );
         out
     }
 }

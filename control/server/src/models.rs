@@ -142,13 +142,31 @@ mod tests {
 
     #[test]
     fn run_configs_layer_user_and_dir_replacing_and_env_merging() {
-        let env = |pairs: &[(&str, &str)]| Some(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
-        let base = RunConfig { user: Some("root".into()), work_dir: Some("/srv".into()), env_vars: env(&[("A", "1"), ("B", "2")]) };
-        let top = RunConfig { user: Some("1000".into()), work_dir: None, env_vars: env(&[("B", "3")]) };
+        let env = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        let base = RunConfig {
+            user: Some("root".into()),
+            work_dir: Some("/srv".into()),
+            env_vars: env(&[("A", "1"), ("B", "2")]),
+        };
+        let top = RunConfig {
+            user: Some("1000".into()),
+            work_dir: None,
+            env_vars: env(&[("B", "3")]),
+        };
         let merged = base.merged(&top);
         assert_eq!(merged.user.as_deref(), Some("1000"));
         assert_eq!(merged.work_dir.as_deref(), Some("/srv"));
         assert_eq!(merged.env_vars, env(&[("A", "1"), ("B", "3")]));
-        assert_eq!(RunConfig::default().merged(&RunConfig::default()), RunConfig::default());
+        assert_eq!(
+            RunConfig::default().merged(&RunConfig::default()),
+            RunConfig::default()
+        );
     }
 }

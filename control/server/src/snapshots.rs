@@ -48,7 +48,13 @@ pub struct SnapshotRecord {
 
 impl SnapshotRecord {
     /// A snapshot being captured from box `source` for `tenant`.
-    pub fn captured(tenant: &str, name: &str, tag: &str, source: &str, run_config: Option<RunConfig>) -> SnapshotRecord {
+    pub fn captured(
+        tenant: &str,
+        name: &str,
+        tag: &str,
+        source: &str,
+        run_config: Option<RunConfig>,
+    ) -> SnapshotRecord {
         let now = now_ms();
         SnapshotRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -67,7 +73,10 @@ impl SnapshotRecord {
 
     /// The snapshot template `t` is; its id is the same on every server.
     pub fn template(t: &Template) -> SnapshotRecord {
-        let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("ember:template:{}", t.name).as_bytes());
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_URL,
+            format!("ember:template:{}", t.name).as_bytes(),
+        );
         SnapshotRecord {
             id: id.to_string(),
             tenant: None,
@@ -116,7 +125,10 @@ impl Snapshots {
     /// Adds a captured snapshot, moving its tags from the tenant's other snapshots of its name.
     pub fn insert(&self, record: SnapshotRecord) {
         let mut all = self.captured.lock().unwrap();
-        for other in all.values_mut().filter(|o| o.tenant == record.tenant && o.name == record.name) {
+        for other in all
+            .values_mut()
+            .filter(|o| o.tenant == record.tenant && o.name == record.name)
+        {
             other.tags.retain(|t| !record.tags.contains(t));
         }
         all.insert(record.id.clone(), record);
@@ -136,16 +148,26 @@ impl Snapshots {
     /// What `tenant` sees: its own snapshots, then the templates, newest first within each.
     pub fn visible(&self, tenant: &str, templates: &[Template]) -> Vec<SnapshotRecord> {
         let all = self.captured.lock().unwrap();
-        let mut mine: Vec<SnapshotRecord> = all.values().filter(|r| r.tenant.as_deref() == Some(tenant)).cloned().collect();
+        let mut mine: Vec<SnapshotRecord> = all
+            .values()
+            .filter(|r| r.tenant.as_deref() == Some(tenant))
+            .cloned()
+            .collect();
         mine.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.id.cmp(&b.id)));
-        let mut shared: Vec<SnapshotRecord> = templates.iter().map(SnapshotRecord::template).collect();
+        let mut shared: Vec<SnapshotRecord> =
+            templates.iter().map(SnapshotRecord::template).collect();
         shared.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(a.name.cmp(&b.name)));
         mine.extend(shared);
         mine
     }
 
     /// The snapshot `reference` names for `tenant`: an id, `name:tag` or `name`.
-    pub fn resolve(&self, tenant: &str, reference: &str, templates: &[Template]) -> Result<SnapshotRecord, ApiError> {
+    pub fn resolve(
+        &self,
+        tenant: &str,
+        reference: &str,
+        templates: &[Template],
+    ) -> Result<SnapshotRecord, ApiError> {
         let visible = self.visible(tenant, templates);
         if let Some(found) = visible.iter().find(|s| s.id == reference) {
             return Ok(found.clone());
@@ -164,11 +186,18 @@ impl Snapshots {
     }
 
     /// The tags under `name` that `tenant` sees, with the snapshot each resolves to, by tag.
-    pub fn tags(&self, tenant: &str, name: &str, templates: &[Template]) -> Result<Vec<(String, String)>, ApiError> {
+    pub fn tags(
+        &self,
+        tenant: &str,
+        name: &str,
+        templates: &[Template],
+    ) -> Result<Vec<(String, String)>, ApiError> {
         let visible = self.visible(tenant, templates);
         let named: Vec<&SnapshotRecord> = visible.iter().filter(|s| s.name == name).collect();
         if named.is_empty() {
-            return Err(ApiError::NotFound(format!("Snapshot name '{name}' not found")));
+            return Err(ApiError::NotFound(format!(
+                "Snapshot name '{name}' not found"
+            )));
         }
         let mut tags: Vec<(String, String)> = Vec::new();
         for s in named {
@@ -188,11 +217,19 @@ mod tests {
     use super::*;
 
     fn template(name: &str) -> Template {
-        Template { name: name.into(), vcpus: 1, mem_bytes: 256 << 20, created: 1 }
+        Template {
+            name: name.into(),
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            created: 1,
+        }
     }
 
     fn ready(tenant: &str, name: &str, tag: &str) -> SnapshotRecord {
-        SnapshotRecord { status: SnapStatus::Ready, ..SnapshotRecord::captured(tenant, name, tag, "box", None) }
+        SnapshotRecord {
+            status: SnapStatus::Ready,
+            ..SnapshotRecord::captured(tenant, name, tag, "box", None)
+        }
     }
 
     #[test]
@@ -205,17 +242,46 @@ mod tests {
         snaps.insert(v2.clone());
         let dev = ready("alice", "app", "dev");
         snaps.insert(dev.clone());
-        assert_eq!(snaps.resolve("alice", "app", &templates).unwrap().id, v2.id, "latest moved to the newer one");
-        assert_eq!(snaps.resolve("alice", "app:latest", &templates).unwrap().id, v2.id);
-        assert_eq!(snaps.resolve("alice", "app:dev", &templates).unwrap().id, dev.id);
-        assert_eq!(snaps.resolve("alice", &v1.id, &templates).unwrap().id, v1.id, "an untagged one by its id");
-        assert!(snaps.resolve("bob", &v1.id, &templates).is_err(), "another tenant's");
+        assert_eq!(
+            snaps.resolve("alice", "app", &templates).unwrap().id,
+            v2.id,
+            "latest moved to the newer one"
+        );
+        assert_eq!(
+            snaps.resolve("alice", "app:latest", &templates).unwrap().id,
+            v2.id
+        );
+        assert_eq!(
+            snaps.resolve("alice", "app:dev", &templates).unwrap().id,
+            dev.id
+        );
+        assert_eq!(
+            snaps.resolve("alice", &v1.id, &templates).unwrap().id,
+            v1.id,
+            "an untagged one by its id"
+        );
+        assert!(
+            snaps.resolve("bob", &v1.id, &templates).is_err(),
+            "another tenant's"
+        );
         assert!(snaps.resolve("bob", "app", &templates).is_err());
         let python = snaps.resolve("bob", "python", &templates).unwrap();
-        assert_eq!((python.tenant, python.origin), (None, Origin::Template("python".into())));
-        assert_eq!(snaps.resolve("bob", &python.id, &templates).unwrap().name, "python");
+        assert_eq!(
+            (python.tenant, python.origin),
+            (None, Origin::Template("python".into()))
+        );
+        assert_eq!(
+            snaps.resolve("bob", &python.id, &templates).unwrap().name,
+            "python"
+        );
         let tags = snaps.tags("alice", "app", &templates).unwrap();
-        assert_eq!(tags, [("dev".to_string(), dev.id.clone()), ("latest".to_string(), v2.id.clone())]);
+        assert_eq!(
+            tags,
+            [
+                ("dev".to_string(), dev.id.clone()),
+                ("latest".to_string(), v2.id.clone())
+            ]
+        );
         assert!(snaps.tags("bob", "app", &templates).is_err());
     }
 

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::boxes::Boxes;
+use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::snapshots::Snapshots;
 use crate::tenants::Tenants;
-use crate::dataplane::commands::Commands;
 
 /// Bytes of output a command may have written that no client was sent yet before it is held
 /// back (see `dataplane::commands`).
@@ -70,6 +70,10 @@ impl AppState {
 }
 
 /// Runs blocking backend work on tokio's blocking pool.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("a backend call failed: {e}")))
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("a backend call failed: {e}")))
 }

@@ -86,7 +86,11 @@ impl Tenants {
             if !(16..=MAX_KEY).contains(&key.len()) {
                 return Err(KeysError::KeyLength { line: line_no });
             }
-            if tenants.keys.iter().any(|k| k.padded == pad(key.as_bytes()) && k.len == key.len() as u64) {
+            if tenants
+                .keys
+                .iter()
+                .any(|k| k.padded == pad(key.as_bytes()) && k.len == key.len() as u64)
+            {
                 return Err(KeysError::Duplicate { line: line_no });
             }
             let tenant = match tenants.tenants.iter().position(|t| t.name == name) {
@@ -97,11 +101,18 @@ impl Tenants {
                     t
                 }
                 None => {
-                    tenants.tenants.push(Tenant { name: name.to_string(), max_boxes });
+                    tenants.tenants.push(Tenant {
+                        name: name.to_string(),
+                        max_boxes,
+                    });
                     tenants.tenants.len() - 1
                 }
             };
-            tenants.keys.push(Key { tenant, padded: pad(key.as_bytes()), len: key.len() as u64 });
+            tenants.keys.push(Key {
+                tenant,
+                padded: pad(key.as_bytes()),
+                len: key.len() as u64,
+            });
         }
         if tenants.keys.is_empty() {
             return Err(KeysError::Empty);
@@ -117,7 +128,10 @@ impl Tenants {
     /// The tenant whose key `given` is (`None`: no header).
     pub fn authenticate(&self, given: Option<&[u8]>) -> Option<Tenant> {
         if !self.required() {
-            return Some(Tenant { name: OPEN_TENANT.into(), max_boxes: None });
+            return Some(Tenant {
+                name: OPEN_TENANT.into(),
+                max_boxes: None,
+            });
         }
         let given = given?;
         let padded = pad(given);
@@ -145,24 +159,46 @@ mod tests {
         let text = format!("# tenants\n\nalice {A} max_boxes=3\nbob   {B}\nalice {A}x\n");
         let t = Tenants::parse(&text).unwrap();
         assert!(t.required());
-        let alice = Tenant { name: "alice".into(), max_boxes: Some(3) };
+        let alice = Tenant {
+            name: "alice".into(),
+            max_boxes: Some(3),
+        };
         assert_eq!(t.authenticate(Some(A.as_bytes())), Some(alice.clone()));
-        assert_eq!(t.authenticate(Some(format!("{A}x").as_bytes())), Some(alice));
+        assert_eq!(
+            t.authenticate(Some(format!("{A}x").as_bytes())),
+            Some(alice)
+        );
         assert_eq!(t.authenticate(Some(B.as_bytes())).unwrap().name, "bob");
         for wrong in [&A[..A.len() - 1], "", "key-of-alice-0123456788"] {
             assert_eq!(t.authenticate(Some(wrong.as_bytes())), None, "{wrong:?}");
         }
         let long = format!("{A}{}", "\0".repeat(MAX_KEY));
-        assert_eq!(t.authenticate(Some(long.as_bytes())), None, "a key padded past the compared length");
+        assert_eq!(
+            t.authenticate(Some(long.as_bytes())),
+            None,
+            "a key padded past the compared length"
+        );
         assert_eq!(t.authenticate(None), None);
     }
 
     #[test]
     fn bad_files_are_refused_naming_the_line() {
-        assert_eq!(Tenants::parse("alice\n"), Err(KeysError::Syntax { line: 1 }));
-        assert_eq!(Tenants::parse(&format!("\nalice {A} quota\n")), Err(KeysError::Syntax { line: 2 }));
-        assert_eq!(Tenants::parse("alice short"), Err(KeysError::KeyLength { line: 1 }));
-        assert_eq!(Tenants::parse(&format!("alice {A}\nbob {A}")), Err(KeysError::Duplicate { line: 2 }));
+        assert_eq!(
+            Tenants::parse("alice\n"),
+            Err(KeysError::Syntax { line: 1 })
+        );
+        assert_eq!(
+            Tenants::parse(&format!("\nalice {A} quota\n")),
+            Err(KeysError::Syntax { line: 2 })
+        );
+        assert_eq!(
+            Tenants::parse("alice short"),
+            Err(KeysError::KeyLength { line: 1 })
+        );
+        assert_eq!(
+            Tenants::parse(&format!("alice {A}\nbob {A}")),
+            Err(KeysError::Duplicate { line: 2 })
+        );
         assert_eq!(Tenants::parse("# none\n"), Err(KeysError::Empty));
     }
 

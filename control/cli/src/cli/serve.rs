@@ -38,12 +38,16 @@ pub struct ServeArgs {
 }
 
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
-    let Some(path) = keys else { return Ok(Tenants::open()) };
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Some(path) = keys else {
+        return Ok(Tenants::open());
+    };
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         eprintln!("ember serve: warning: {} is readable by other users; its keys run code in your sandboxes (chmod 600 it)", path.display());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Tenants::parse(&text).with_context(|| format!("keys file {}", path.display()))
 }
 
@@ -52,20 +56,45 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let tenants = tenants(args.keys.as_ref())?;
     server::check_listen(&args.listen, &tenants).map_err(anyhow::Error::msg)?;
     let store = crate::store()?;
-    let boot = crate::sandbox_spec(None, None, "default", args.mem_mib, args.vcpus, None, args.ready_timeout)?;
-    let state_dir = sandbox::Store::default_root().parent().map(|p| p.join("server")).context("the state directory has no parent")?;
+    let boot = crate::sandbox_spec(
+        None,
+        None,
+        "default",
+        args.mem_mib,
+        args.vcpus,
+        None,
+        args.ready_timeout,
+    )?;
+    let state_dir = sandbox::Store::default_root()
+        .parent()
+        .map(|p| p.join("server"))
+        .context("the state directory has no parent")?;
     let events_dir = state_dir.join("events");
-    std::fs::create_dir_all(&events_dir).with_context(|| format!("cannot create {}", events_dir.display()))?;
+    std::fs::create_dir_all(&events_dir)
+        .with_context(|| format!("cannot create {}", events_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
     config.events_dir = Some(events_dir);
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
-    let state = server::AppState::new(Arc::new(SandboxBackend::new(store, boot, state_dir)), config);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the server's runtime")?;
+    let state = server::AppState::new(
+        Arc::new(SandboxBackend::new(store, boot, state_dir)),
+        config,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the server's runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
-        eprintln!("ember serve: listening on http://{}", listener.local_addr()?);
-        server::serve(listener, state, server::until_signalled()).await.context("the server failed")
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        eprintln!(
+            "ember serve: listening on http://{}",
+            listener.local_addr()?
+        );
+        server::serve(listener, state, server::until_signalled())
+            .await
+            .context("the server failed")
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -147,7 +147,9 @@ impl Command {
     fn finish(&self, ending: Ending) {
         let mut inner = self.inner.lock().unwrap();
         inner.ending = Some(match ending {
-            Ending::Exit(_) if inner.timed_out => Ending::TimedOut(self.options.timeout.unwrap_or_default()),
+            Ending::Exit(_) if inner.timed_out => {
+                Ending::TimedOut(self.options.timeout.unwrap_or_default())
+            }
             ending => ending,
         });
         inner.finished_at = Some(Instant::now());
@@ -159,9 +161,15 @@ impl Command {
     fn reap(&self, now: Instant) -> bool {
         let mut inner = self.inner.lock().unwrap();
         if let Some(at) = inner.finished_at {
-            return self.options.ttl.is_some_and(|ttl| now.duration_since(at) >= ttl);
+            return self
+                .options
+                .ttl
+                .is_some_and(|ttl| now.duration_since(at) >= ttl);
         }
-        let timed_out = self.options.timeout.is_some_and(|t| now.duration_since(self.started) >= t);
+        let timed_out = self
+            .options
+            .timeout
+            .is_some_and(|t| now.duration_since(self.started) >= t);
         let idle = match (inner.detached_since, self.options.idle_timeout) {
             (Some(since), Some(idle)) => inner.attached == 0 && now.duration_since(since) >= idle,
             _ => false,
@@ -205,7 +213,11 @@ impl OutputSink for Command {
     fn write(&self, stream: Stream, data: &[u8]) {
         let mut inner = self.inner.lock().unwrap();
         while !inner.released && inner.log.unacked() >= inner.log.capacity() as u64 {
-            inner = self.room.wait_timeout(inner, Duration::from_secs(1)).unwrap().0;
+            inner = self
+                .room
+                .wait_timeout(inner, Duration::from_secs(1))
+                .unwrap()
+                .0;
         }
         inner.log.push(stream, data);
         drop(inner);
@@ -213,23 +225,32 @@ impl OutputSink for Command {
     }
 }
 
+type StartLock = Arc<tokio::sync::Mutex<()>>;
+
 #[derive(Default)]
 pub struct Commands {
     all: Mutex<HashMap<(String, String), Arc<Command>>>,
     /// Per box and command id: held while that command starts (an execute is get-or-create).
-    starting: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    starting: Mutex<HashMap<(String, String), StartLock>>,
 }
 
 impl Commands {
     pub fn get(&self, box_id: &str, id: &str) -> Option<Arc<Command>> {
-        self.all.lock().unwrap().get(&(box_id.to_string(), id.to_string())).cloned()
+        self.all
+            .lock()
+            .unwrap()
+            .get(&(box_id.to_string(), id.to_string()))
+            .cloned()
     }
 
     /// The lock to hold while command `id` of box `box_id` is looked up and started.
-    pub fn start_lock(&self, box_id: &str, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    pub fn start_lock(&self, box_id: &str, id: &str) -> StartLock {
         let mut starting = self.starting.lock().unwrap();
         starting.retain(|_, lock| Arc::strong_count(lock) > 1);
-        starting.entry((box_id.to_string(), id.to_string())).or_default().clone()
+        starting
+            .entry((box_id.to_string(), id.to_string()))
+            .or_default()
+            .clone()
     }
 
     /// Registers a command the backend started.
@@ -268,24 +289,38 @@ impl Commands {
             room: Condvar::new(),
             changes: watch::channel(()).0,
         });
-        self.all.lock().unwrap().insert((box_id.to_string(), id.to_string()), command.clone());
+        self.all
+            .lock()
+            .unwrap()
+            .insert((box_id.to_string(), id.to_string()), command.clone());
         command
     }
 
     pub fn running(&self) -> usize {
-        self.all.lock().unwrap().values().filter(|c| c.running()).count()
+        self.all
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|c| c.running())
+            .count()
     }
 
     /// Whether any client is attached to a command of box `box_id`, or any of them runs.
     pub fn busy(&self, box_id: &str) -> bool {
         let all = self.all.lock().unwrap();
-        all.values().filter(|c| c.box_id == box_id).any(|c| c.running() || c.inner.lock().unwrap().attached > 0)
+        all.values()
+            .filter(|c| c.box_id == box_id)
+            .any(|c| c.running() || c.inner.lock().unwrap().attached > 0)
     }
 
     /// Kills and forgets every command of box `box_id` (it is being deleted or stopped).
     pub fn remove_box(&self, box_id: &str) {
         let mut all = self.all.lock().unwrap();
-        let gone: Vec<Arc<Command>> = all.values().filter(|c| c.box_id == box_id).cloned().collect();
+        let gone: Vec<Arc<Command>> = all
+            .values()
+            .filter(|c| c.box_id == box_id)
+            .cloned()
+            .collect();
         all.retain(|(b, _), _| b != box_id);
         drop(all);
         for command in gone.iter().filter(|c| c.running()) {
@@ -298,8 +333,11 @@ impl Commands {
     pub fn reap(&self) {
         let now = Instant::now();
         let commands: Vec<Arc<Command>> = self.all.lock().unwrap().values().cloned().collect();
-        let mut expired: Vec<(String, String)> =
-            commands.iter().filter(|c| c.reap(now)).map(|c| (c.box_id.clone(), c.id.clone())).collect();
+        let mut expired: Vec<(String, String)> = commands
+            .iter()
+            .filter(|c| c.reap(now))
+            .map(|c| (c.box_id.clone(), c.id.clone()))
+            .collect();
         let mut finished: HashMap<&str, Vec<(Instant, &str)>> = HashMap::new();
         for c in &commands {
             if let Some(at) = c.inner.lock().unwrap().finished_at {
@@ -309,7 +347,11 @@ impl Commands {
         for (box_id, mut ended) in finished {
             ended.sort();
             let over = ended.len().saturating_sub(MAX_FINISHED_PER_BOX);
-            expired.extend(ended[..over].iter().map(|(_, id)| (box_id.to_string(), id.to_string())));
+            expired.extend(
+                ended[..over]
+                    .iter()
+                    .map(|(_, id)| (box_id.to_string(), id.to_string())),
+            );
         }
         let mut all = self.all.lock().unwrap();
         for key in expired {
@@ -321,21 +363,25 @@ impl Commands {
 /// Pumps `running`'s output into `command` on a thread of its own until it ends, then records
 /// the ending in the box's trace.
 pub fn pump(state: Shared, command: Arc<Command>, running: Box<dyn Running>) {
-    let spawned = std::thread::Builder::new().name(format!("exec-{}", command.pid)).spawn({
-        let command = command.clone();
-        let state = state.clone();
-        move || {
-            let ending = match running.wait(&*command) {
-                Ok(Exit::Code(code)) => Ending::Exit(code),
-                Ok(Exit::Signal(signal)) => Ending::Exit(128 + signal),
-                Err(e) => Ending::Failed(e.to_string()),
-            };
-            state.events.record(&command.box_id, command.event(&ending));
-            command.finish(ending);
-        }
-    });
+    let spawned = std::thread::Builder::new()
+        .name(format!("exec-{}", command.pid))
+        .spawn({
+            let command = command.clone();
+            let state = state.clone();
+            move || {
+                let ending = match running.wait(&*command) {
+                    Ok(Exit::Code(code)) => Ending::Exit(code),
+                    Ok(Exit::Signal(signal)) => Ending::Exit(128 + signal),
+                    Err(e) => Ending::Failed(e.to_string()),
+                };
+                state.events.record(&command.box_id, command.event(&ending));
+                command.finish(ending);
+            }
+        });
     if let Err(e) = spawned {
         command.kill();
-        command.finish(Ending::Failed(format!("cannot start a thread to read the command's output: {e}")));
+        command.finish(Ending::Failed(format!(
+            "cannot start a thread to read the command's output: {e}"
+        )));
     }
 }

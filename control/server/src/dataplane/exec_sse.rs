@@ -43,18 +43,36 @@ fn event(name: &str, data: serde_json::Value) -> String {
     format!("event: {name}\ndata: {data}\n\n")
 }
 
-pub async fn start(State(state): State<Shared>, tenant: Tenant, Path(box_id): Path<String>, Body(mut request): Body<ExecuteRequest>) -> Result<Response, ApiError> {
+pub async fn start(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(box_id): Path<String>,
+    Body(mut request): Body<ExecuteRequest>,
+) -> Result<Response, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     // Over SSE a command gets no stdin.
     request.close_stdin = true;
     request.pty = false;
-    let command = get_or_start(&state, &record, &request)
-        .await
-        .map_err(|e| ApiError::BadRequest { kind: if e.kind == "InvalidRequest" { "InvalidRequest" } else { "CommandError" }, message: e.message })?;
+    let command =
+        get_or_start(&state, &record, &request)
+            .await
+            .map_err(|e| ApiError::BadRequest {
+                kind: if e.kind == "InvalidRequest" {
+                    "InvalidRequest"
+                } else {
+                    "CommandError"
+                },
+                message: e.message,
+            })?;
     Ok(stream(command, [0, 0]))
 }
 
-pub async fn resume(State(state): State<Shared>, tenant: Tenant, Path(box_id): Path<String>, Body(request): Body<ResumeRequest>) -> Result<Response, ApiError> {
+pub async fn resume(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(box_id): Path<String>,
+    Body(request): Body<ResumeRequest>,
+) -> Result<Response, ApiError> {
     let record = state.boxes.by_id(&tenant.name, &box_id)?;
     let command = state
         .commands
@@ -62,7 +80,10 @@ pub async fn resume(State(state): State<Shared>, tenant: Tenant, Path(box_id): P
         .ok_or_else(|| ApiError::NotFound(format!("Command not found: {}", request.command_id)))?;
     command.ack(Stream::Stdout, request.stdout_offset);
     command.ack(Stream::Stderr, request.stderr_offset);
-    Ok(stream(command, [request.stdout_offset, request.stderr_offset]))
+    Ok(stream(
+        command,
+        [request.stdout_offset, request.stderr_offset],
+    ))
 }
 
 /// The event stream of `command` from `cursor`.
@@ -72,38 +93,71 @@ fn stream(command: Arc<Command>, cursor: [u64; 2]) -> Response {
         let _attached = command.attach();
         let _ = follow(&command, cursor, &tx).await;
     });
-    let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok::<_, std::convert::Infallible>)));
+    let body = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|e| e.map(Ok::<_, std::convert::Infallible>))
+    });
     (
-        [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         HttpBody::from_stream(body),
     )
         .into_response()
 }
 
-async fn follow(command: &Command, mut cursor: [u64; 2], tx: &mpsc::Sender<String>) -> Result<(), mpsc::error::SendError<String>> {
+async fn follow(
+    command: &Command,
+    mut cursor: [u64; 2],
+    tx: &mpsc::Sender<String>,
+) -> Result<(), mpsc::error::SendError<String>> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    tx.send(event("started", json!({"command_id": command.id, "pid": command.pid}))).await?;
+    tx.send(event(
+        "started",
+        json!({"command_id": command.id, "pid": command.pid}),
+    ))
+    .await?;
     let mut changes = command.subscribe();
     loop {
         let read = command.read(&mut cursor, READ_AT_ONCE);
         let more = !read.pieces.is_empty();
         for piece in &read.pieces {
-            let name = if piece.stream == Stream::Stdout { "stdout" } else { "stderr" };
-            tx.send(event(name, json!({"offset": piece.offset, "data": b64.encode(&piece.data)}))).await?;
+            let name = if piece.stream == Stream::Stdout {
+                "stdout"
+            } else {
+                "stderr"
+            };
+            tx.send(event(
+                name,
+                json!({"offset": piece.offset, "data": b64.encode(&piece.data)}),
+            ))
+            .await?;
         }
         if let Some(ending) = read.ending {
             for (name, end) in [("stdout", cursor[0]), ("stderr", cursor[1])] {
-                tx.send(event("stream_end", json!({"stream": name, "offset": end}))).await?;
+                tx.send(event("stream_end", json!({"stream": name, "offset": end})))
+                    .await?;
             }
             let last = match ending {
                 Ending::Exit(code) => event("exit", json!({"exit_code": code})),
-                Ending::TimedOut(t) => event("error", json!({"error_type": "CommandTimeout", "error": format!("Command timed out after {} seconds", t.as_secs())})),
-                Ending::Failed(m) => event("error", json!({"error_type": "CommandError", "error": m})),
+                Ending::TimedOut(t) => event(
+                    "error",
+                    json!({"error_type": "CommandTimeout", "error": format!("Command timed out after {} seconds", t.as_secs())}),
+                ),
+                Ending::Failed(m) => {
+                    event("error", json!({"error_type": "CommandError", "error": m}))
+                }
             };
             return tx.send(last).await;
         }
         if !more && read.held_back {
-            return tx.send(event("ack_required", json!({"stdout_offset": cursor[0], "stderr_offset": cursor[1]}))).await;
+            return tx
+                .send(event(
+                    "ack_required",
+                    json!({"stdout_offset": cursor[0], "stderr_offset": cursor[1]}),
+                ))
+                .await;
         }
         if more {
             continue;

@@ -27,7 +27,7 @@ const READ_AT_ONCE: usize = 256 << 10;
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientMessage {
-    Execute(ExecuteRequest),
+    Execute(Box<ExecuteRequest>),
     Reconnect {
         command_id: String,
         #[serde(default)]
@@ -42,13 +42,22 @@ enum ClientMessage {
     Kill,
 }
 
-pub async fn upgrade(State(state): State<Shared>, tenant: Tenant, Path(box_id): Path<String>, ws: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn upgrade(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(box_id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     Ok(ws.on_upgrade(move |socket| session(state, record, socket)))
 }
 
 fn error_frame(kind: &str, message: &str) -> Message {
-    Message::Text(json!({"type": "error", "error_type": kind, "error": message}).to_string().into())
+    Message::Text(
+        json!({"type": "error", "error_type": kind, "error": message})
+            .to_string()
+            .into(),
+    )
 }
 
 fn stream_name(stream: Stream) -> &'static str {
@@ -61,8 +70,15 @@ fn stream_name(stream: Stream) -> &'static str {
 /// The last frame for `ending`.
 fn ending_frame(ending: &Ending) -> Message {
     match ending {
-        Ending::Exit(code) => Message::Text(json!({"type": "exit", "exit_code": code}).to_string().into()),
-        Ending::TimedOut(t) => error_frame("CommandTimeout", &format!("Command timed out after {} seconds", t.as_secs())),
+        Ending::Exit(code) => Message::Text(
+            json!({"type": "exit", "exit_code": code})
+                .to_string()
+                .into(),
+        ),
+        Ending::TimedOut(t) => error_frame(
+            "CommandTimeout",
+            &format!("Command timed out after {} seconds", t.as_secs()),
+        ),
         Ending::Failed(m) => error_frame("CommandError", m),
     }
 }
@@ -77,17 +93,32 @@ async fn session(state: Shared, record: BoxRecord, socket: WebSocket) {
         }
     };
     let opened = match serde_json::from_str::<ClientMessage>(&first) {
-        Ok(ClientMessage::Execute(request)) => get_or_start(&state, &record, &request).await.map(|c| (c, [0, 0])),
-        Ok(ClientMessage::Reconnect { command_id, stdout_offset, stderr_offset }) => match state.commands.get(&record.id, &command_id) {
+        Ok(ClientMessage::Execute(request)) => get_or_start(&state, &record, &request)
+            .await
+            .map(|c| (c, [0, 0])),
+        Ok(ClientMessage::Reconnect {
+            command_id,
+            stdout_offset,
+            stderr_offset,
+        }) => match state.commands.get(&record.id, &command_id) {
             Some(command) => {
                 command.ack(Stream::Stdout, stdout_offset);
                 command.ack(Stream::Stderr, stderr_offset);
                 Ok((command, [stdout_offset, stderr_offset]))
             }
-            None => Err(ExecError { kind: "CommandNotFound", message: format!("Command not found: {command_id}") }),
+            None => Err(ExecError {
+                kind: "CommandNotFound",
+                message: format!("Command not found: {command_id}"),
+            }),
         },
-        Ok(_) => Err(ExecError { kind: "InvalidRequest", message: "the first message must be execute or reconnect".into() }),
-        Err(e) => Err(ExecError { kind: "InvalidRequest", message: format!("cannot read the message: {e}") }),
+        Ok(_) => Err(ExecError {
+            kind: "InvalidRequest",
+            message: "the first message must be execute or reconnect".into(),
+        }),
+        Err(e) => Err(ExecError {
+            kind: "InvalidRequest",
+            message: format!("cannot read the message: {e}"),
+        }),
     };
     let (command, cursor) = match opened {
         Ok(opened) => opened,
@@ -99,7 +130,11 @@ async fn session(state: Shared, record: BoxRecord, socket: WebSocket) {
     };
     let _attached = command.attach();
     let started = json!({"type": "started", "command_id": command.id, "pid": command.pid});
-    if tx.send(Message::Text(started.to_string().into())).await.is_err() {
+    if tx
+        .send(Message::Text(started.to_string().into()))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = follow(&command, cursor, &mut tx, &mut rx).await;
@@ -122,17 +157,26 @@ async fn follow(
             let mut frames = Vec::new();
             text[piece.stream as usize].feed(piece.offset, &piece.data, &mut frames);
             for (offset, data) in frames {
-                let frame = json!({"type": stream_name(piece.stream), "data": data, "offset": offset});
+                let frame =
+                    json!({"type": stream_name(piece.stream), "data": data, "offset": offset});
                 tx.send(Message::Text(frame.to_string().into())).await?;
             }
             command.ack(piece.stream, piece.offset + piece.data.len() as u64);
         }
         if let Some(ending) = read.ending {
-            for (stream, splitter) in [Stream::Stdout, Stream::Stderr].into_iter().zip(text.iter_mut()) {
+            for (stream, splitter) in [Stream::Stdout, Stream::Stderr]
+                .into_iter()
+                .zip(text.iter_mut())
+            {
                 let mut frames = Vec::new();
                 splitter.flush(&mut frames);
                 for (offset, data) in frames {
-                    tx.send(Message::Text(json!({"type": stream_name(stream), "data": data, "offset": offset}).to_string().into())).await?;
+                    tx.send(Message::Text(
+                        json!({"type": stream_name(stream), "data": data, "offset": offset})
+                            .to_string()
+                            .into(),
+                    ))
+                    .await?;
                 }
             }
             tx.send(ending_frame(&ending)).await?;

@@ -43,7 +43,10 @@ pub struct ExecError {
 
 impl ExecError {
     fn new(kind: &'static str, message: impl Into<String>) -> ExecError {
-        ExecError { kind, message: message.into() }
+        ExecError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -59,7 +62,10 @@ fn seconds(value: Option<i64>, default: Option<u64>) -> Option<Duration> {
 /// Whether `id` can name a command: what the SDK sends (32 hex digits of a UUIDv7) and the
 /// like, never a path or a huge string.
 fn plain_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 impl ExecuteRequest {
@@ -67,12 +73,22 @@ impl ExecuteRequest {
     /// box's run config with the request's layered over it.
     pub fn spec(&self, record: &BoxRecord) -> Result<ExecSpec, ExecError> {
         if self.run_config.is_some() && (self.env.is_some() || self.cwd.is_some()) {
-            return Err(ExecError::new("InvalidRequest", "run_config cannot be combined with the deprecated env and cwd"));
+            return Err(ExecError::new(
+                "InvalidRequest",
+                "run_config cannot be combined with the deprecated env and cwd",
+            ));
         }
-        let own = self.run_config.clone().unwrap_or(RunConfig { user: None, work_dir: self.cwd.clone(), env_vars: self.env.clone() });
+        let own = self.run_config.clone().unwrap_or(RunConfig {
+            user: None,
+            work_dir: self.cwd.clone(),
+            env_vars: self.env.clone(),
+        });
         let config = record.run_config.merged(&own);
         if let Some(dir) = config.work_dir.as_deref().filter(|d| !d.starts_with('/')) {
-            return Err(ExecError::new("InvalidRequest", format!("work_dir {dir:?} is not an absolute path")));
+            return Err(ExecError::new(
+                "InvalidRequest",
+                format!("work_dir {dir:?} is not an absolute path"),
+            ));
         }
         let shell = self.shell.clone().unwrap_or_else(|| "/bin/bash".into());
         Ok(ExecSpec {
@@ -97,10 +113,19 @@ impl ExecuteRequest {
 
 /// The command `request` names in `record` (a running box whose backend name is set), started
 /// now unless its command id already runs there.
-pub async fn get_or_start(state: &Shared, record: &BoxRecord, request: &ExecuteRequest) -> Result<Arc<Command>, ExecError> {
+pub async fn get_or_start(
+    state: &Shared,
+    record: &BoxRecord,
+    request: &ExecuteRequest,
+) -> Result<Arc<Command>, ExecError> {
     let id = match request.command_id.as_deref() {
         Some(id) if plain_id(id) => id.to_string(),
-        Some(id) => return Err(ExecError::new("InvalidRequest", format!("{id:?} is not a command id"))),
+        Some(id) => {
+            return Err(ExecError::new(
+                "InvalidRequest",
+                format!("{id:?} is not a command id"),
+            ))
+        }
         None => uuid::Uuid::new_v4().simple().to_string(),
     };
     let lock = state.commands.start_lock(&record.id, &id);
@@ -109,7 +134,9 @@ pub async fn get_or_start(state: &Shared, record: &BoxRecord, request: &ExecuteR
         return Ok(command);
     }
     let spec = request.spec(record)?;
-    let backend_name = record.backend.clone().ok_or_else(|| ExecError::new("NotReady", format!("sandbox {} is not ready", record.name)))?;
+    let backend_name = record.backend.clone().ok_or_else(|| {
+        ExecError::new("NotReady", format!("sandbox {} is not ready", record.name))
+    })?;
     let backend = state.backend.clone();
     let exec_spec = spec.clone();
     let running = blocking(move || backend.exec(&backend_name, &exec_spec))
@@ -155,21 +182,56 @@ mod tests {
         };
         let spec = request.spec(&record).unwrap();
         assert_eq!(spec.argv, ["/bin/bash", "-c", "echo $A"]);
-        assert_eq!(spec.env, [("A".to_string(), "1".to_string()), ("B".to_string(), "2".to_string())]);
-        assert_eq!((spec.cwd.as_deref(), spec.user.as_deref(), spec.stdin), (Some("/srv"), Some("app"), false));
-        let both = ExecuteRequest { run_config: Some(RunConfig::default()), cwd: Some("/x".into()), ..request.clone() };
+        assert_eq!(
+            spec.env,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".to_string(), "2".to_string())
+            ]
+        );
+        assert_eq!(
+            (spec.cwd.as_deref(), spec.user.as_deref(), spec.stdin),
+            (Some("/srv"), Some("app"), false)
+        );
+        let both = ExecuteRequest {
+            run_config: Some(RunConfig::default()),
+            cwd: Some("/x".into()),
+            ..request.clone()
+        };
         assert_eq!(both.spec(&record).unwrap_err().kind, "InvalidRequest");
-        let relative = ExecuteRequest { cwd: Some("x".into()), ..request };
+        let relative = ExecuteRequest {
+            cwd: Some("x".into()),
+            ..request
+        };
         assert_eq!(relative.spec(&record).unwrap_err().kind, "InvalidRequest");
     }
 
     #[test]
     fn seconds_default_and_negative_is_never() {
-        let r = ExecuteRequest { timeout_seconds: Some(5), idle_timeout_seconds: Some(-1), ..Default::default() };
+        let r = ExecuteRequest {
+            timeout_seconds: Some(5),
+            idle_timeout_seconds: Some(-1),
+            ..Default::default()
+        };
         let o = r.options();
-        assert_eq!((o.timeout, o.idle_timeout, o.ttl), (Some(Duration::from_secs(5)), None, Some(Duration::from_secs(600))));
-        let o = ExecuteRequest { timeout_seconds: Some(0), ttl_seconds: Some(-1), ..Default::default() }.options();
-        assert_eq!((o.timeout, o.idle_timeout, o.ttl), (None, Some(Duration::from_secs(300)), None));
+        assert_eq!(
+            (o.timeout, o.idle_timeout, o.ttl),
+            (
+                Some(Duration::from_secs(5)),
+                None,
+                Some(Duration::from_secs(600))
+            )
+        );
+        let o = ExecuteRequest {
+            timeout_seconds: Some(0),
+            ttl_seconds: Some(-1),
+            ..Default::default()
+        }
+        .options();
+        assert_eq!(
+            (o.timeout, o.idle_timeout, o.ttl),
+            (None, Some(Duration::from_secs(300)), None)
+        );
         assert!(plain_id("0190abcdef") && !plain_id("../x") && !plain_id(&"a".repeat(65)));
     }
 }

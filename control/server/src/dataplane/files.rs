@@ -43,8 +43,13 @@ pub fn resolve(record: &BoxRecord, path: &str) -> Result<String, ApiError> {
 pub fn file_error(kind: &'static str, path: &str, e: BackendError) -> ApiError {
     match e {
         BackendError::NotFound(_) => ApiError::NotFound(format!("File '{path}' not found")),
-        BackendError::NotReady(m) => ApiError::BadRequest { kind: "NotReady", message: m },
-        BackendError::Invalid(m) | BackendError::Failed(m) => ApiError::BadRequest { kind, message: m },
+        BackendError::NotReady(m) => ApiError::BadRequest {
+            kind: "NotReady",
+            message: m,
+        },
+        BackendError::Invalid(m) | BackendError::Failed(m) => {
+            ApiError::BadRequest { kind, message: m }
+        }
     }
 }
 
@@ -77,7 +82,9 @@ pub async fn upload(
 ) -> Result<impl IntoResponse, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     let path = resolve(&record, &q.path)?;
-    let bad = |e: axum::extract::multipart::MultipartError| ApiError::invalid("file", format!("cannot read the upload: {e}"));
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        ApiError::invalid("file", format!("cannot read the upload: {e}"))
+    };
     let mut field = loop {
         match multipart.next_field().await.map_err(bad)? {
             Some(field) if field.name() == Some("file") => break field,
@@ -86,8 +93,22 @@ pub async fn upload(
         }
     };
     let (tx, rx) = mpsc::channel(8);
-    let (backend, name, target) = (state.backend.clone(), record.backend.clone().unwrap_or_default(), path.clone());
-    let writing = blocking(move || backend.upload(&name, &target, &mut ChunkReader { rx, chunk: Bytes::new() }, 0o644));
+    let (backend, name, target) = (
+        state.backend.clone(),
+        record.backend.clone().unwrap_or_default(),
+        path.clone(),
+    );
+    let writing = blocking(move || {
+        backend.upload(
+            &name,
+            &target,
+            &mut ChunkReader {
+                rx,
+                chunk: Bytes::new(),
+            },
+            0o644,
+        )
+    });
     let sending = async move {
         while let Some(chunk) = field.chunk().await.map_err(bad)? {
             if tx.send(chunk).await.is_err() {
@@ -100,7 +121,10 @@ pub async fn upload(
     sent?;
     let size = written?.map_err(|e| file_error("WriteError", &path, e))?;
     state.metrics.file_operation();
-    state.events.record(&record.id, json!({"kind": "file", "op": "write", "path": path, "bytes": size}));
+    state.events.record(
+        &record.id,
+        json!({"kind": "file", "op": "write", "path": path, "bytes": size}),
+    );
     Ok(axum::Json(json!({"path": path, "size": size})))
 }
 
@@ -117,14 +141,20 @@ fn last_modified(stat: &FileStat) -> String {
 /// the whole file (no header, or one this server does not take, as RFC 9110 allows), `Err`
 /// for a range that starts past the end (416).
 pub fn byte_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
-    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else { return Ok(None) };
+    let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
-    let Some((first, last)) = spec.split_once('-') else { return Ok(None) };
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(None);
+    };
     let (first, last) = (first.trim(), last.trim());
     let range = match (first.parse::<u64>().ok(), last.parse::<u64>().ok()) {
-        (None, Some(suffix)) if first.is_empty() && suffix > 0 => Some((size.saturating_sub(suffix), size.saturating_sub(1))),
+        (None, Some(suffix)) if first.is_empty() && suffix > 0 => {
+            Some((size.saturating_sub(suffix), size.saturating_sub(1)))
+        }
         (Some(start), None) if last.is_empty() => Some((start, size.saturating_sub(1))),
         (Some(start), Some(end)) if end >= start => Some((start, end.min(size.saturating_sub(1)))),
         _ => return Ok(None),
@@ -147,9 +177,13 @@ impl Write for Window {
         let skipped = self.skip.min(buf.len() as u64) as usize;
         self.skip -= skipped as u64;
         let rest = &buf[skipped..];
-        let n = rest.len().min(usize::try_from(self.take).unwrap_or(usize::MAX));
+        let n = rest
+            .len()
+            .min(usize::try_from(self.take).unwrap_or(usize::MAX));
         if n > 0 {
-            self.tx.blocking_send(Ok(Bytes::copy_from_slice(&rest[..n]))).map_err(|_| std::io::ErrorKind::BrokenPipe)?;
+            self.tx
+                .blocking_send(Ok(Bytes::copy_from_slice(&rest[..n])))
+                .map_err(|_| std::io::ErrorKind::BrokenPipe)?;
             self.take -= n as u64;
         }
         if self.take == 0 {
@@ -175,16 +209,24 @@ pub async fn download(
     let path = resolve(&record, &q.path)?;
     let name = record.backend.clone().unwrap_or_default();
     let (backend, target, sandbox) = (state.backend.clone(), path.clone(), name.clone());
-    let stat = blocking(move || backend.stat(&sandbox, &target)).await?.map_err(|e| file_error("ReadError", &path, e))?;
+    let stat = blocking(move || backend.stat(&sandbox, &target))
+        .await?
+        .map_err(|e| file_error("ReadError", &path, e))?;
     if stat.kind == FileKind::Dir {
-        return Err(ApiError::BadRequest { kind: "ReadError", message: format!("{path} is a directory") });
+        return Err(ApiError::BadRequest {
+            kind: "ReadError",
+            message: format!("{path} is a directory"),
+        });
     }
     let tag = etag(&stat);
     let mut response_headers = HeaderMap::new();
     let value = |s: &str| HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static(""));
     response_headers.insert(header::ETAG, value(&tag));
     response_headers.insert(header::LAST_MODIFIED, value(&last_modified(&stat)));
-    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let given = |h: header::HeaderName| headers.get(h).and_then(|v| v.to_str().ok()).map(str::trim);
     if given(header::IF_NONE_MATCH).is_some_and(|m| m == tag || m == "*") {
@@ -194,13 +236,19 @@ pub async fn download(
     let range = match byte_range(given(header::RANGE).filter(|_| ranged), stat.size) {
         Ok(range) => range,
         Err(()) => {
-            response_headers.insert(header::CONTENT_RANGE, value(&format!("bytes */{}", stat.size)));
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                value(&format!("bytes */{}", stat.size)),
+            );
             return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
         }
     };
     let (status, start, len) = match range {
         Some((start, end)) => {
-            response_headers.insert(header::CONTENT_RANGE, value(&format!("bytes {start}-{end}/{}", stat.size)));
+            response_headers.insert(
+                header::CONTENT_RANGE,
+                value(&format!("bytes {start}-{end}/{}", stat.size)),
+            );
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         None => (StatusCode::OK, 0, stat.size),
@@ -208,15 +256,25 @@ pub async fn download(
     response_headers.insert(header::CONTENT_LENGTH, value(&len.to_string()));
     state.metrics.file_operation();
     if method == Method::HEAD {
-        state.events.record(&record.id, json!({"kind": "file", "op": "stat", "path": path}));
+        state.events.record(
+            &record.id,
+            json!({"kind": "file", "op": "stat", "path": path}),
+        );
         return Ok((status, response_headers).into_response());
     }
-    state.events.record(&record.id, json!({"kind": "file", "op": "read", "path": path, "bytes": len}));
+    state.events.record(
+        &record.id,
+        json!({"kind": "file", "op": "read", "path": path, "bytes": len}),
+    );
     let (tx, mut rx) = mpsc::channel(8);
     let backend = state.backend.clone();
     let errors = tx.clone();
     tokio::task::spawn_blocking(move || {
-        let mut window = Window { tx, skip: start, take: len };
+        let mut window = Window {
+            tx,
+            skip: start,
+            take: len,
+        };
         let result = backend.download(&name, &path, &mut window);
         if let (Err(e), true) = (result, window.take > 0) {
             let _ = errors.blocking_send(Err(std::io::Error::other(e.to_string())));
@@ -237,7 +295,11 @@ mod tests {
         assert_eq!(byte_range(Some("bytes=2-"), 10), Ok(Some((2, 9))));
         assert_eq!(byte_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
         assert_eq!(byte_range(Some("bytes=-30"), 10), Ok(Some((0, 9))));
-        assert_eq!(byte_range(Some("bytes=8-100"), 10), Ok(Some((8, 9))), "an end past the file is clamped");
+        assert_eq!(
+            byte_range(Some("bytes=8-100"), 10),
+            Ok(Some((8, 9))),
+            "an end past the file is clamped"
+        );
         assert_eq!(byte_range(Some("bytes=10-"), 10), Err(()));
         assert_eq!(byte_range(Some("bytes=5-2"), 10), Ok(None));
         assert_eq!(byte_range(Some("bytes=0-1,4-5"), 10), Ok(None));
@@ -247,7 +309,11 @@ mod tests {
     #[test]
     fn a_window_passes_only_its_bytes_then_stops_the_copy() {
         let (tx, mut rx) = mpsc::channel(8);
-        let mut w = Window { tx, skip: 3, take: 4 };
+        let mut w = Window {
+            tx,
+            skip: 3,
+            take: 4,
+        };
         assert_eq!(w.write(b"ab").unwrap(), 2);
         assert!(w.write(b"cdefghij").is_err(), "the window is full");
         drop(w);

@@ -36,7 +36,13 @@ pub struct OutputLog {
 
 impl OutputLog {
     pub fn new(capacity: usize) -> OutputLog {
-        OutputLog { chunks: VecDeque::new(), end: [0; 2], acked: [0; 2], buffered: 0, capacity }
+        OutputLog {
+            chunks: VecDeque::new(),
+            end: [0; 2],
+            acked: [0; 2],
+            buffered: 0,
+            capacity,
+        }
     }
 
     /// Bytes written that no client has been sent.
@@ -58,13 +64,19 @@ impl OutputLog {
             return;
         }
         let s = index(stream);
-        self.chunks.push_back(Piece { stream, offset: self.end[s], data: data.to_vec() });
+        self.chunks.push_back(Piece {
+            stream,
+            offset: self.end[s],
+            data: data.to_vec(),
+        });
         self.end[s] += data.len() as u64;
         self.buffered += data.len();
         // Sent output goes first; unsent output only past twice the bound, which the writer's
         // hold-back keeps from happening unless one stream's reader lags the other's for ever.
         while self.buffered > self.capacity {
-            let Some(front) = self.chunks.front() else { break };
+            let Some(front) = self.chunks.front() else {
+                break;
+            };
             let sent = front.offset + front.data.len() as u64 <= self.acked[index(front.stream)];
             if !sent && self.buffered <= 2 * self.capacity {
                 break;
@@ -100,10 +112,17 @@ impl OutputLog {
             let take = (chunk.data.len() - skip).min(max - taken);
             let data = &chunk.data[skip..skip + take];
             match out.last_mut() {
-                Some(last) if last.stream == chunk.stream && last.offset + last.data.len() as u64 == from => {
+                Some(last)
+                    if last.stream == chunk.stream
+                        && last.offset + last.data.len() as u64 == from =>
+                {
                     last.data.extend_from_slice(data)
                 }
-                _ => out.push(Piece { stream: chunk.stream, offset: from, data: data.to_vec() }),
+                _ => out.push(Piece {
+                    stream: chunk.stream,
+                    offset: from,
+                    data: data.to_vec(),
+                }),
             }
             cursor[s] = from + take as u64;
             taken += take;
@@ -146,7 +165,11 @@ impl Utf8Splitter {
         if !self.pending.is_empty() && self.pending_offset + self.pending.len() as u64 != offset {
             self.flush(out);
         }
-        let start = if self.pending.is_empty() { offset } else { self.pending_offset };
+        let start = if self.pending.is_empty() {
+            offset
+        } else {
+            self.pending_offset
+        };
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
         // A truncated character at the end (at most 3 bytes of a valid start) waits.
@@ -190,14 +213,44 @@ mod tests {
         log.push(Stdout, b"ef");
         let mut cursor = [0; 2];
         let all = log.read(&mut cursor, 1 << 20);
-        let shown: Vec<(Stream, u64, &[u8])> = all.iter().map(|p| (p.stream, p.offset, p.data.as_slice())).collect();
-        assert_eq!(shown, [(Stdout, 0, &b"ab"[..]), (Stderr, 0, b"E1"), (Stdout, 2, b"cdef")]);
+        let shown: Vec<(Stream, u64, &[u8])> = all
+            .iter()
+            .map(|p| (p.stream, p.offset, p.data.as_slice()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (Stdout, 0, &b"ab"[..]),
+                (Stderr, 0, b"E1"),
+                (Stdout, 2, b"cdef")
+            ]
+        );
         assert_eq!(cursor, [6, 2]);
         let mut resumed = [3, 1];
         let rest = log.read(&mut resumed, 1 << 20);
-        assert_eq!(rest, [Piece { stream: Stderr, offset: 1, data: b"1".to_vec() }, Piece { stream: Stdout, offset: 3, data: b"def".to_vec() }]);
+        assert_eq!(
+            rest,
+            [
+                Piece {
+                    stream: Stderr,
+                    offset: 1,
+                    data: b"1".to_vec()
+                },
+                Piece {
+                    stream: Stdout,
+                    offset: 3,
+                    data: b"def".to_vec()
+                }
+            ]
+        );
         let mut small = [0; 2];
-        assert_eq!(log.read(&mut small, 3).iter().map(|p| p.data.len()).sum::<usize>(), 3);
+        assert_eq!(
+            log.read(&mut small, 3)
+                .iter()
+                .map(|p| p.data.len())
+                .sum::<usize>(),
+            3
+        );
         assert_eq!(small, [2, 1]);
     }
 
@@ -206,7 +259,11 @@ mod tests {
         let mut log = OutputLog::new(4);
         log.push(Stdout, b"abc");
         log.push(Stdout, b"def");
-        assert_eq!(log.unacked(), 6, "unsent output is kept past the bound (the writer holds back)");
+        assert_eq!(
+            log.unacked(),
+            6,
+            "unsent output is kept past the bound (the writer holds back)"
+        );
         let mut cursor = [0; 2];
         assert_eq!(log.read(&mut cursor, 100).len(), 1);
         log.ack(Stdout, 6);
@@ -214,7 +271,15 @@ mod tests {
         log.push(Stdout, b"g");
         let mut from_start = [0; 2];
         let kept = log.read(&mut from_start, 100);
-        assert_eq!(kept, [Piece { stream: Stdout, offset: 3, data: b"defg".to_vec() }], "resumes from the oldest kept");
+        assert_eq!(
+            kept,
+            [Piece {
+                stream: Stdout,
+                offset: 3,
+                data: b"defg".to_vec()
+            }],
+            "resumes from the oldest kept"
+        );
         log.ack(Stdout, 1000);
         assert_eq!(log.unacked(), 0, "an ack past the end counts up to the end");
     }
@@ -229,11 +294,23 @@ mod tests {
         s.feed(4, &[0xff, b'b'], &mut out);
         s.feed(6, &euro[..2], &mut out);
         s.flush(&mut out);
-        assert_eq!(out, [(0, "a".to_string()), (1, "€".to_string()), (4, "?b".to_string()), (6, "??".to_string())]);
+        assert_eq!(
+            out,
+            [
+                (0, "a".to_string()),
+                (1, "€".to_string()),
+                (4, "?b".to_string()),
+                (6, "??".to_string())
+            ]
+        );
         let mut jumped = Vec::new();
         let mut s = Utf8Splitter::default();
         s.feed(0, &euro[..1], &mut jumped);
         s.feed(10, b"x", &mut jumped);
-        assert_eq!(jumped, [(0, "?".to_string()), (10, "x".to_string())], "a jump flushes what waited");
+        assert_eq!(
+            jumped,
+            [(0, "?".to_string()), (10, "x".to_string())],
+            "a jump flushes what waited"
+        );
     }
 }

@@ -43,9 +43,16 @@ pub struct SearchRequest {
 fn segment_matches(pattern: &[char], name: &[char]) -> bool {
     match (pattern.first(), name.first()) {
         (None, None) => true,
-        (Some('*'), _) => segment_matches(&pattern[1..], name) || (!name.is_empty() && segment_matches(pattern, &name[1..])),
+        (Some('*'), _) => {
+            segment_matches(&pattern[1..], name)
+                || (!name.is_empty() && segment_matches(pattern, &name[1..]))
+        }
         (Some('?'), Some(_)) => segment_matches(&pattern[1..], &name[1..]),
-        (Some('['), Some(&c)) => match pattern.iter().position(|&p| p == ']').filter(|&end| end > 1) {
+        (Some('['), Some(&c)) => match pattern
+            .iter()
+            .position(|&p| p == ']')
+            .filter(|&end| end > 1)
+        {
             Some(end) => {
                 let (negated, set) = match pattern[1] {
                     '!' | '^' => (true, &pattern[2..end]),
@@ -75,7 +82,10 @@ fn segment_matches(pattern: &[char], name: &[char]) -> bool {
 pub fn glob_matches(pattern: &[&str], path: &[&str]) -> bool {
     match (pattern.first(), path.first()) {
         (None, None) => true,
-        (Some(&"**"), _) => glob_matches(&pattern[1..], path) || (!path.is_empty() && glob_matches(pattern, &path[1..])),
+        (Some(&"**"), _) => {
+            glob_matches(&pattern[1..], path)
+                || (!path.is_empty() && glob_matches(pattern, &path[1..]))
+        }
         (Some(p), Some(n)) => {
             let (p, n): (Vec<char>, Vec<char>) = (p.chars().collect(), n.chars().collect());
             segment_matches(&p, &n) && glob_matches(&pattern[1..], &path[1..])
@@ -94,9 +104,18 @@ struct Found {
 /// Walks `root` breadth-first, `max_depth` levels at most, calling `visit` on each entry until
 /// it returns false; returns whether the walk was cut short (by `visit`, the budget or the
 /// deadline).
-fn walk(backend: &dyn Backend, sandbox: &str, root: &str, max_depth: usize, mut visit: impl FnMut(Found) -> bool) -> Result<bool, crate::backend::BackendError> {
+fn walk(
+    backend: &dyn Backend,
+    sandbox: &str,
+    root: &str,
+    max_depth: usize,
+    mut visit: impl FnMut(Found) -> bool,
+) -> Result<bool, crate::backend::BackendError> {
     let deadline = Instant::now() + DEADLINE;
-    let mut queue = std::collections::VecDeque::from([(root.trim_end_matches('/').to_string(), Vec::<String>::new())]);
+    let mut queue = std::collections::VecDeque::from([(
+        root.trim_end_matches('/').to_string(),
+        Vec::<String>::new(),
+    )]);
     let mut listed = 0;
     while let Some((dir, relative)) = queue.pop_front() {
         if listed == WALK_BUDGET || Instant::now() > deadline {
@@ -116,7 +135,11 @@ fn walk(backend: &dyn Backend, sandbox: &str, root: &str, max_depth: usize, mut 
             if entry.stat.kind == FileKind::Dir && path.len() < max_depth {
                 queue.push_back((absolute.clone(), path.clone()));
             }
-            if !visit(Found { relative: path, absolute, entry }) {
+            if !visit(Found {
+                relative: path,
+                absolute,
+                entry,
+            }) {
                 return Ok(true);
             }
         }
@@ -124,19 +147,40 @@ fn walk(backend: &dyn Backend, sandbox: &str, root: &str, max_depth: usize, mut 
     Ok(false)
 }
 
+/// A glob pattern's segments (empty ones, from `//` or a leading `/`, dropped).
+fn segments(pattern: &str) -> Vec<String> {
+    pattern.split('/').filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
 fn limit(req: &SearchRequest) -> Result<usize, ApiError> {
     match req.limit.unwrap_or(DEFAULT_LIMIT) {
         n if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        n => Err(ApiError::invalid("limit", format!("limit {n}: give 1 to {MAX_LIMIT}"))),
+        n => Err(ApiError::invalid(
+            "limit",
+            format!("limit {n}: give 1 to {MAX_LIMIT}"),
+        )),
     }
 }
 
-pub async fn glob(State(state): State<Shared>, tenant: Tenant, Path(box_id): Path<String>, Body(req): Body<SearchRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn glob(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(box_id): Path<String>,
+    Body(req): Body<SearchRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     let (root, limit) = (resolve(&record, &req.path)?, limit(&req)?);
-    let pattern: Vec<String> = req.pattern.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
-    let depth = if pattern.iter().any(|s| s == "**") { usize::MAX } else { pattern.len() };
-    let (backend, name, walk_root) = (state.backend.clone(), record.backend.clone().unwrap_or_default(), root.clone());
+    let pattern = segments(&req.pattern);
+    let depth = if pattern.iter().any(|s| s == "**") {
+        usize::MAX
+    } else {
+        pattern.len()
+    };
+    let (backend, name, walk_root) = (
+        state.backend.clone(),
+        record.backend.clone().unwrap_or_default(),
+        root.clone(),
+    );
     let result = blocking(move || {
         let pattern: Vec<&str> = pattern.iter().map(String::as_str).collect();
         let mut matches = Vec::new();
@@ -153,19 +197,35 @@ pub async fn glob(State(state): State<Shared>, tenant: Tenant, Path(box_id): Pat
     })
     .await?
     .map_err(|e| file_error("ReadError", &root, e))?;
-    state.events.record(&record.id, json!({"kind": "file", "op": "glob", "path": root, "pattern": req.pattern}));
+    state.events.record(
+        &record.id,
+        json!({"kind": "file", "op": "glob", "path": root, "pattern": req.pattern}),
+    );
     Ok(Json(result))
 }
 
-pub async fn grep(State(state): State<Shared>, tenant: Tenant, Path(box_id): Path<String>, Body(req): Body<SearchRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn grep(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(box_id): Path<String>,
+    Body(req): Body<SearchRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     let (root, limit) = (resolve(&record, &req.path)?, limit(&req)?);
     if req.pattern.is_empty() {
         return Err(ApiError::invalid("pattern", "give the text to search for"));
     }
-    let filter: Option<Vec<String>> = req.glob.as_ref().map(|g| g.split('/').filter(|s| !s.is_empty()).map(String::from).collect());
-    let by_name = req.glob.as_ref().is_some_and(|g| !g.contains('/') && !g.contains("**"));
-    let (backend, name, walk_root, needle) = (state.backend.clone(), record.backend.clone().unwrap_or_default(), root.clone(), req.pattern.clone());
+    let filter = req.glob.as_deref().map(segments);
+    let by_name = req
+        .glob
+        .as_ref()
+        .is_some_and(|g| !g.contains('/') && !g.contains("**"));
+    let (backend, name, walk_root, needle) = (
+        state.backend.clone(),
+        record.backend.clone().unwrap_or_default(),
+        root.clone(),
+        req.pattern.clone(),
+    );
     let result = blocking(move || {
         let mut matches = Vec::new();
         let mut cut = false;
@@ -176,13 +236,21 @@ pub async fn grep(State(state): State<Shared>, tenant: Tenant, Path(box_id): Pat
             if let Some(filter) = &filter {
                 let filter: Vec<&str> = filter.iter().map(String::as_str).collect();
                 let relative: Vec<&str> = found.relative.iter().map(String::as_str).collect();
-                let subject = if by_name { &relative[relative.len() - 1..] } else { &relative[..] };
+                let subject = if by_name {
+                    &relative[relative.len() - 1..]
+                } else {
+                    &relative[..]
+                };
                 if !glob_matches(&filter, subject) {
                     return true;
                 }
             }
             let mut content = Vec::new();
-            if backend.download(&name, &found.absolute, &mut content).is_err() || content.contains(&0) {
+            if backend
+                .download(&name, &found.absolute, &mut content)
+                .is_err()
+                || content.contains(&0)
+            {
                 return true;
             }
             for (i, line) in String::from_utf8_lossy(&content).lines().enumerate() {
@@ -200,7 +268,10 @@ pub async fn grep(State(state): State<Shared>, tenant: Tenant, Path(box_id): Pat
     })
     .await?
     .map_err(|e| file_error("ReadError", &root, e))?;
-    state.events.record(&record.id, json!({"kind": "file", "op": "grep", "path": root, "pattern": req.pattern}));
+    state.events.record(
+        &record.id,
+        json!({"kind": "file", "op": "grep", "path": root, "pattern": req.pattern}),
+    );
     Ok(Json(result))
 }
 

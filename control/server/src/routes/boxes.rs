@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -28,43 +29,84 @@ fn refuse_unsupported(req: &CreateBox) -> Result<(), ApiError> {
         return refuse("mount_config", "ember sandboxes have no mounts");
     }
     if req.access_delegation.is_some() {
-        return refuse("access_delegation", "ember grants no LangSmith access to sandboxes");
+        return refuse(
+            "access_delegation",
+            "ember grants no LangSmith access to sandboxes",
+        );
     }
     if req.tag_value_ids.as_ref().is_some_and(|t| !t.is_empty()) {
         return refuse("tag_value_ids", "ember has no LangSmith tags");
     }
     if req.persistent == Some(false) {
-        return refuse("persistent", "ember sandboxes keep their disk across a stop");
+        return refuse(
+            "persistent",
+            "ember sandboxes keep their disk across a stop",
+        );
     }
     if req.restore_memory == Some(false) {
-        return refuse("restore_memory", "ember restores a snapshot with its memory");
+        return refuse(
+            "restore_memory",
+            "ember restores a snapshot with its memory",
+        );
     }
     if req.fs_capacity_bytes.is_some() {
-        return refuse("fs_capacity_bytes", "an ember sandbox's disk is its image's size");
+        return refuse(
+            "fs_capacity_bytes",
+            "an ember sandbox's disk is its image's size",
+        );
     }
     Ok(())
 }
 
-pub async fn create(State(state): State<Shared>, tenant: Tenant, Base(base): Base, Body(req): Body<CreateBox>) -> Result<impl IntoResponse, ApiError> {
+pub async fn create(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Base(base): Base,
+    Body(req): Body<CreateBox>,
+) -> Result<impl IntoResponse, ApiError> {
     refuse_unsupported(&req)?;
-    let reference = req.snapshot_id.as_deref().or(req.snapshot.as_deref()).or(req.snapshot_name.as_deref());
+    let reference = req
+        .snapshot_id
+        .as_deref()
+        .or(req.snapshot.as_deref())
+        .or(req.snapshot_name.as_deref());
     let backend = state.backend.clone();
     let templates = match reference {
-        Some(_) => blocking(move || backend.templates()).await?.map_err(|e| ApiError::from_backend("cannot list templates", e))?,
+        Some(_) => blocking(move || backend.templates())
+            .await?
+            .map_err(|e| ApiError::from_backend("cannot list templates", e))?,
         None => Vec::new(),
     };
     let (source, snapshot) = lifecycle::source_of(&state, &tenant.name, reference, &templates)?;
     if req.restore_memory == Some(true) && source == Source::Default {
-        return Err(ApiError::invalid("restore_memory", "no snapshot named to restore memory from"));
+        return Err(ApiError::invalid(
+            "restore_memory",
+            "no snapshot named to restore memory from",
+        ));
     }
     if source != Source::Default && (req.vcpus.is_some() || req.mem_bytes.is_some()) {
-        let field = if req.vcpus.is_some() { "vcpus" } else { "mem_bytes" };
-        return Err(ApiError::invalid(field, "a sandbox restored from a snapshot has the snapshot's vCPUs and memory"));
+        let field = if req.vcpus.is_some() {
+            "vcpus"
+        } else {
+            "mem_bytes"
+        };
+        return Err(ApiError::invalid(
+            field,
+            "a sandbox restored from a snapshot has the snapshot's vCPUs and memory",
+        ));
     }
-    let vcpus = req.vcpus.map(|v| u8::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| ApiError::invalid("vcpus", format!("{v} vCPUs"))));
+    let vcpus = req.vcpus.map(|v| {
+        u8::try_from(v)
+            .ok()
+            .filter(|&v| v > 0)
+            .ok_or_else(|| ApiError::invalid("vcpus", format!("{v} vCPUs")))
+    });
     let name = match &req.name {
         Some(name) => name.clone(),
-        None => format!("sandbox-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        None => format!(
+            "sandbox-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        ),
     };
     check_name(&name)?;
     let mut record = BoxRecord::new(&tenant.name, &name);
@@ -76,18 +118,39 @@ pub async fn create(State(state): State<Shared>, tenant: Tenant, Base(base): Bas
     let base_config = snapshot.and_then(|s| s.run_config).unwrap_or_default();
     record.run_config = base_config.merged(&req.run_config.clone().unwrap_or_default());
     record.proxy_config = req.proxy_config.clone();
-    let spec = CreateSpec { source, vcpus: vcpus.transpose()?, mem_bytes: req.mem_bytes, ready_timeout: state.config.ready_timeout };
-    let wait = req.wait_for_ready.then(|| Duration::from_secs(req.timeout.unwrap_or(DEFAULT_WAIT)));
+    let spec = CreateSpec {
+        source,
+        vcpus: vcpus.transpose()?,
+        mem_bytes: req.mem_bytes,
+        ready_timeout: state.config.ready_timeout,
+    };
+    let wait = req
+        .wait_for_ready
+        .then(|| Duration::from_secs(req.timeout.unwrap_or(DEFAULT_WAIT)));
     let record = lifecycle::provision(&state, &tenant, record, spec, wait).await?;
     Ok(Json(record.view(&base)))
 }
 
-pub async fn list(State(state): State<Shared>, tenant: Tenant, Base(base): Base) -> Json<serde_json::Value> {
-    let views: Vec<_> = state.boxes.list(&tenant.name).iter().map(|r| r.view(&base)).collect();
+pub async fn list(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Base(base): Base,
+) -> Json<serde_json::Value> {
+    let views: Vec<_> = state
+        .boxes
+        .list(&tenant.name)
+        .iter()
+        .map(|r| r.view(&base))
+        .collect();
     Json(json!({ "sandboxes": views }))
 }
 
-pub async fn get(State(state): State<Shared>, tenant: Tenant, Base(base): Base, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Base(base): Base,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(state.boxes.get(&tenant.name, &name)?.view(&base)))
 }
 
@@ -100,7 +163,10 @@ pub async fn update(
 ) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
     if req.proxy_config.is_some() && record.status != Status::Ready {
-        return Err(ApiError::BadRequest { kind: "InvalidRequest", message: format!("Sandbox '{name}' must be ready to change its proxy config") });
+        return Err(ApiError::BadRequest {
+            kind: "InvalidRequest",
+            message: format!("Sandbox '{name}' must be ready to change its proxy config"),
+        });
     }
     if let Some(new_name) = &req.name {
         check_name(new_name)?;
@@ -120,24 +186,46 @@ pub async fn update(
             r.proxy_config = Some(proxy.clone());
         }
     });
-    let updated = updated.ok_or_else(|| ApiError::NotFound(format!("Sandbox '{name}' not found")))?;
-    state.events.record(&record.id, json!({"kind": "lifecycle", "op": "update", "name": updated.name}));
+    let updated =
+        updated.ok_or_else(|| ApiError::NotFound(format!("Sandbox '{name}' not found")))?;
+    state.events.record(
+        &record.id,
+        json!({"kind": "lifecycle", "op": "update", "name": updated.name}),
+    );
     Ok(Json(updated.view(&base)))
 }
 
-pub async fn delete(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn delete(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
     lifecycle::delete(&state, &record.id).await?;
     Ok(ok())
 }
 
-pub async fn status(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn status(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
-    Ok(Json(json!({"status": record.status.as_str(), "status_message": record.status_message})))
+    Ok(Json(
+        json!({"status": record.status.as_str(), "status_message": record.status_message}),
+    ))
 }
 
-/// Starts a stopped box in the background (the SDK polls its status until ready).
-pub async fn start(State(state): State<Shared>, tenant: Tenant, Base(base): Base, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+/// Starts a stopped box in the background (the SDK polls its status until ready). The body
+/// the SDK sends (`{}`) is read, as in every handler that takes none: a body left unread
+/// closes the connection after the answer, which a client reusing it sees as a failure.
+pub async fn start(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Base(base): Base,
+    Path(name): Path<String>,
+    _body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
     match record.status {
         Status::Ready | Status::Provisioning => {}
@@ -150,14 +238,25 @@ pub async fn start(State(state): State<Shared>, tenant: Tenant, Base(base): Base
             });
         }
         Status::Failed => {
-            let message = format!("Sandbox '{name}' failed and cannot start: {}", record.status_message.unwrap_or_default());
-            return Err(ApiError::BadRequest { kind: "InvalidRequest", message });
+            let message = format!(
+                "Sandbox '{name}' failed and cannot start: {}",
+                record.status_message.unwrap_or_default()
+            );
+            return Err(ApiError::BadRequest {
+                kind: "InvalidRequest",
+                message,
+            });
         }
     }
     Ok(Json(record.view(&base)))
 }
 
-pub async fn stop(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn stop(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+    _body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
     lifecycle::stop(&state, &record.id).await?;
     Ok(ok())
@@ -173,26 +272,45 @@ pub async fn fork(
     Body(req): Body<Fork>,
 ) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
-    let timeout = req.timeout.map_or(state.config.ready_timeout, Duration::from_secs);
+    let timeout = req
+        .timeout
+        .map_or(state.config.ready_timeout, Duration::from_secs);
     let children = lifecycle::fork(&state, &tenant, &record.id, req.count, timeout).await?;
     let views: Vec<_> = children.iter().map(|r| r.view(&base)).collect();
     Ok(Json(json!({ "sandboxes": views })))
 }
 
 /// ember's `GET .../boxes/{name}/events`: the box's trace, JSON lines.
-pub async fn events(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<impl IntoResponse, ApiError> {
+pub async fn events(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], state.events.read(&record.id)))
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        state.events.read(&record.id),
+    ))
 }
 
-pub async fn service_url(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<(), ApiError> {
+pub async fn service_url(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+    _body: Bytes,
+) -> Result<(), ApiError> {
     state.boxes.get(&tenant.name, &name)?;
     Err(ApiError::NotImplemented(
         "service URLs are not built yet: ember serve does not forward HTTP into a sandbox's ports (ember issue 20, service URLs and tunnels)".into(),
     ))
 }
 
-pub async fn download_url(State(state): State<Shared>, tenant: Tenant, Path(name): Path<String>) -> Result<(), ApiError> {
+pub async fn download_url(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+    _body: Bytes,
+) -> Result<(), ApiError> {
     state.boxes.get(&tenant.name, &name)?;
     Err(ApiError::NotImplemented(
         "download links are not built yet: ember serve signs no tokens; read the file through the data plane's /download".into(),

@@ -15,8 +15,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use server::backend::{
-    Backend, BackendError, Control, CreateSpec, Created, DirEntry, Exit, ExecSpec, FileKind, FileStat, OutputSink, Result, Running,
-    Source, State, Stream, Template,
+    Backend, BackendError, Control, CreateSpec, Created, DirEntry, ExecSpec, Exit, FileKind,
+    FileStat, OutputSink, Result, Running, Source, State, Stream, Template,
 };
 
 pub struct FakeBackend {
@@ -52,8 +52,19 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 impl FakeBackend {
     /// A backend keeping its sandboxes under `root`, offering a template `python`.
     pub fn new(root: &Path) -> FakeBackend {
-        let templates = vec![Template { name: "python".into(), vcpus: 1, mem_bytes: 256 << 20, created: 1_700_000_000 }];
-        FakeBackend { root: root.to_path_buf(), boxes: Mutex::new(HashMap::new()), next: AtomicU64::new(1), templates, create_delay: Mutex::new(Duration::ZERO) }
+        let templates = vec![Template {
+            name: "python".into(),
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            created: 1_700_000_000,
+        }];
+        FakeBackend {
+            root: root.to_path_buf(),
+            boxes: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            templates,
+            create_delay: Mutex::new(Duration::ZERO),
+        }
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -64,15 +75,22 @@ impl FakeBackend {
         match self.boxes.lock().unwrap().get(name) {
             Some(State::Running) => Ok(self.dir(name)),
             Some(_) => Err(BackendError::NotReady(format!("{name} is not running"))),
-            None => Err(BackendError::NotFound(format!("there is no sandbox {name}"))),
+            None => Err(BackendError::NotFound(format!(
+                "there is no sandbox {name}"
+            ))),
         }
     }
 
     /// Guest path `path` of sandbox `name` on the host.
     fn host_path(&self, name: &str, path: &str) -> Result<PathBuf> {
         let dir = self.running(name)?;
-        let relative = Path::new(path).strip_prefix("/").map_err(|_| BackendError::Invalid(format!("{path} is not absolute")))?;
-        if relative.components().any(|c| !matches!(c, Component::Normal(_))) {
+        let relative = Path::new(path)
+            .strip_prefix("/")
+            .map_err(|_| BackendError::Invalid(format!("{path} is not absolute")))?;
+        if relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+        {
             return Err(BackendError::Invalid(format!("{path}: no . or .. please")));
         }
         Ok(dir.join(relative))
@@ -93,8 +111,17 @@ fn stat_of(meta: &std::fs::Metadata) -> FileStat {
     } else {
         FileKind::Other
     };
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
-    FileStat { kind, size: meta.len(), mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777, mtime_ns: mtime.as_nanos() as i64 }
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .unwrap_or_default();
+    FileStat {
+        kind,
+        size: meta.len(),
+        mode: std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+        mtime_ns: mtime.as_nanos() as i64,
+    }
 }
 
 impl Backend for FakeBackend {
@@ -103,29 +130,60 @@ impl Backend for FakeBackend {
         let name = self.new_name();
         match &spec.source {
             Source::Default => std::fs::create_dir_all(self.dir(&name)).map_err(bad)?,
-            Source::Template(t) if self.templates.iter().any(|x| &x.name == t) => std::fs::create_dir_all(self.dir(&name)).map_err(bad)?,
-            Source::Template(t) => return Err(BackendError::NotFound(format!("there is no template {t}"))),
-            Source::Snapshot(id) => copy_tree(&self.root.join("snapshots").join(id), &self.dir(&name)).map_err(bad)?,
+            Source::Template(t) if self.templates.iter().any(|x| &x.name == t) => {
+                std::fs::create_dir_all(self.dir(&name)).map_err(bad)?
+            }
+            Source::Template(t) => {
+                return Err(BackendError::NotFound(format!("there is no template {t}")))
+            }
+            Source::Snapshot(id) => {
+                copy_tree(&self.root.join("snapshots").join(id), &self.dir(&name)).map_err(bad)?
+            }
         }
         if spec.vcpus.is_some_and(|v| v > 8) {
-            return Err(BackendError::Invalid(format!("{} vCPUs are refused: give --vcpus from 1 to 8", spec.vcpus.unwrap_or(0))));
+            return Err(BackendError::Invalid(format!(
+                "{} vCPUs are refused: give --vcpus from 1 to 8",
+                spec.vcpus.unwrap_or(0)
+            )));
         }
-        self.boxes.lock().unwrap().insert(name.clone(), State::Running);
-        Ok(Created { name, vcpus: spec.vcpus.unwrap_or(1), mem_bytes: spec.mem_bytes.unwrap_or(256 << 20), disk_bytes: None })
+        self.boxes
+            .lock()
+            .unwrap()
+            .insert(name.clone(), State::Running);
+        Ok(Created {
+            name,
+            vcpus: spec.vcpus.unwrap_or(1),
+            mem_bytes: spec.mem_bytes.unwrap_or(256 << 20),
+            disk_bytes: None,
+        })
     }
 
     fn remove(&self, name: &str) -> Result<()> {
-        self.boxes.lock().unwrap().remove(name).ok_or_else(|| BackendError::NotFound(name.into()))?;
+        self.boxes
+            .lock()
+            .unwrap()
+            .remove(name)
+            .ok_or_else(|| BackendError::NotFound(name.into()))?;
         std::fs::remove_dir_all(self.dir(name)).map_err(bad)
     }
 
     fn state(&self, name: &str) -> Result<State> {
-        self.boxes.lock().unwrap().get(name).copied().ok_or_else(|| BackendError::NotFound(name.into()))
+        self.boxes
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .ok_or_else(|| BackendError::NotFound(name.into()))
     }
 
     fn stop(&self, name: &str, keep_memory: bool) -> Result<()> {
         self.running(name)?;
-        self.boxes.lock().unwrap().insert(name.into(), State::Stopped { memory: keep_memory });
+        self.boxes.lock().unwrap().insert(
+            name.into(),
+            State::Stopped {
+                memory: keep_memory,
+            },
+        );
         Ok(())
     }
 
@@ -161,8 +219,16 @@ impl Backend for FakeBackend {
             .map(|_| {
                 let child = self.new_name();
                 copy_tree(&dir, &self.dir(&child)).map_err(bad)?;
-                self.boxes.lock().unwrap().insert(child.clone(), State::Running);
-                Ok(Created { name: child, vcpus: 1, mem_bytes: 256 << 20, disk_bytes: None })
+                self.boxes
+                    .lock()
+                    .unwrap()
+                    .insert(child.clone(), State::Running);
+                Ok(Created {
+                    name: child,
+                    vcpus: 1,
+                    mem_bytes: 256 << 20,
+                    disk_bytes: None,
+                })
             })
             .collect()
     }
@@ -173,13 +239,20 @@ impl Backend for FakeBackend {
             Some(cwd) => self.host_path(name, cwd)?,
             None => dir.clone(),
         };
-        let (program, args) = spec.argv.split_first().ok_or_else(|| BackendError::Invalid("empty argv".into()))?;
+        let (program, args) = spec
+            .argv
+            .split_first()
+            .ok_or_else(|| BackendError::Invalid("empty argv".into()))?;
         let mut child = std::process::Command::new(program)
             .args(args)
             .current_dir(&cwd)
             .env("HOME", &dir)
             .envs(spec.env.iter().cloned())
-            .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
+            .stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -196,18 +269,28 @@ impl Backend for FakeBackend {
             });
             tx
         });
-        let control = Arc::new(FakeControl { pgid: child.id() as i32, stdin: Mutex::new(stdin) });
+        let control = Arc::new(FakeControl {
+            pgid: child.id() as i32,
+            stdin: Mutex::new(stdin),
+        });
         Ok(Box::new(FakeRunning { child, control }))
     }
 
-    fn upload(&self, name: &str, path: &str, data: &mut (dyn Read + Send), mode: u32) -> Result<u64> {
+    fn upload(
+        &self,
+        name: &str,
+        path: &str,
+        data: &mut (dyn Read + Send),
+        mode: u32,
+    ) -> Result<u64> {
         let target = self.host_path(name, path)?;
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(bad)?;
         }
         let mut file = std::fs::File::create(&target).map_err(bad)?;
         let n = std::io::copy(data, &mut file).map_err(bad)?;
-        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode)).map_err(bad)?;
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(bad)?;
         Ok(n)
     }
 
@@ -217,16 +300,25 @@ impl Backend for FakeBackend {
     }
 
     fn stat(&self, name: &str, path: &str) -> Result<FileStat> {
-        Ok(stat_of(&std::fs::symlink_metadata(self.host_path(name, path)?).map_err(bad)?))
+        Ok(stat_of(
+            &std::fs::symlink_metadata(self.host_path(name, path)?).map_err(bad)?,
+        ))
     }
 
     fn list_dir(&self, name: &str, path: &str) -> Result<Vec<DirEntry>> {
-        let dir = if path == "/" { self.running(name)? } else { self.host_path(name, path)? };
+        let dir = if path == "/" {
+            self.running(name)?
+        } else {
+            self.host_path(name, path)?
+        };
         let mut entries = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(bad)? {
             let entry = entry.map_err(bad)?;
             let meta = std::fs::symlink_metadata(entry.path()).map_err(bad)?;
-            entries.push(DirEntry { name: entry.file_name().to_string_lossy().into_owned(), stat: stat_of(&meta) });
+            entries.push(DirEntry {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                stat: stat_of(&meta),
+            });
         }
         Ok(entries)
     }
