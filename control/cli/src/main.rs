@@ -69,6 +69,8 @@ enum Command {
     /// Templates: snapshots of freshly booted sandboxes that new sandboxes are restored from.
     #[command(subcommand)]
     Template(cli::template::TemplateCommand),
+    /// Serve the LangSmith Sandboxes API (the `langsmith` SDK's) over this host's sandboxes.
+    Serve(cli::serve::ServeArgs),
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -551,6 +553,7 @@ fn main() -> ExitCode {
         Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
         Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
         Command::Disk(cmd) => disk(cmd),
+        Command::Serve(args) => cli::serve::serve(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e:#}");

@@ -35,6 +35,7 @@ pub mod template;
 
 pub use error::SandboxError;
 pub use limits::HostLimits;
+pub use snapshot::{MEMORY_FILE, SNAPSHOT_DISK};
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -346,6 +346,16 @@ impl Store {
         Ok(metrics.vcpu.exits)
     }
 
+    /// Stops the sandbox's VMM (if it runs) and keeps its state directory, overlay and record:
+    /// `ls` shows it `Stopped`, and its disk chain still counts as in use until `remove`.
+    pub fn stop(&self, name: &str) -> Result<(), SandboxError> {
+        let record = self.ready_record(name)?;
+        let dir = self.dir(name);
+        self.stop_vmm(&record, &dir);
+        self.remove_confinement(record.jail.as_deref(), record.cgroup);
+        Ok(())
+    }
+
     /// Stops the sandbox's VMM (if it runs) and deletes its state directory, overlay included;
     /// also a directory left without a record by a start killed at its very beginning.
     pub fn remove(&self, name: &str) -> Result<(), SandboxError> {

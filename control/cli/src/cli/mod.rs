@@ -2,6 +2,7 @@
 
 pub mod cp;
 pub mod exec;
+pub mod serve;
 pub mod template;
 mod terminal;
 

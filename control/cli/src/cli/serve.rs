@@ -1,0 +1,100 @@
+//! `ember serve`: the LangSmith Sandboxes API over this host's sandboxes (`control/server`),
+//! for the unmodified `langsmith` SDK. It runs until SIGINT or SIGTERM, and leaves the
+//! sandboxes as they are when it ends.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use server::backend::sandbox::SandboxBackend;
+use server::tenants::Tenants;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (without --keys, a loopback one only)
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// API keys, one `TENANT KEY [max_boxes=N]` a line (`#` comments); each key's tenant sees
+    /// only its own sandboxes and snapshots. Without: one tenant, no key asked
+    #[arg(long, value_name = "FILE")]
+    keys: Option<PathBuf>,
+    /// The URL clients reach this server at, for the data plane URLs it hands out
+    /// [default: http:// and the Host each request came with]
+    #[arg(long, value_name = "URL")]
+    public_url: Option<String>,
+    /// Guest memory in MiB of a sandbox from the default image whose request names none
+    #[arg(long, default_value_t = 256)]
+    mem_mib: u64,
+    /// vCPUs of a sandbox from the default image whose request names none
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    vcpus: u8,
+    /// Seconds a sandbox has to become ready when it starts, is restored or forked
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+}
+
+fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
+    let Some(path) = keys else {
+        return Ok(Tenants::open());
+    };
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!("ember serve: warning: {} is readable by other users; its keys run code in your sandboxes (chmod 600 it)", path.display());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Tenants::parse(&text).with_context(|| format!("keys file {}", path.display()))
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    vmm::vstate::kvm::check_host()?;
+    let tenants = tenants(args.keys.as_ref())?;
+    server::check_listen(&args.listen, &tenants).map_err(anyhow::Error::msg)?;
+    let store = crate::store()?;
+    let boot = crate::sandbox_spec(
+        None,
+        None,
+        "default",
+        args.mem_mib,
+        args.vcpus,
+        None,
+        args.ready_timeout,
+    )?;
+    let state_dir = sandbox::Store::default_root()
+        .parent()
+        .map(|p| p.join("server"))
+        .context("the state directory has no parent")?;
+    let events_dir = state_dir.join("events");
+    std::fs::create_dir_all(&events_dir)
+        .with_context(|| format!("cannot create {}", events_dir.display()))?;
+    let mut config = server::Config::new(tenants);
+    config.public_url = args.public_url;
+    config.events_dir = Some(events_dir);
+    config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
+    let state = server::AppState::new(
+        Arc::new(SandboxBackend::new(store, boot, state_dir)),
+        config,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the server's runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        eprintln!(
+            "ember serve: listening on http://{}",
+            listener.local_addr()?
+        );
+        server::serve(listener, state, server::until_signalled())
+            .await
+            .context("the server failed")
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,46 @@
+//! Each box's data plane, at the `dataplane_url` the control plane hands out
+//! (`/dataplane/{box id}`): commands over the WebSocket (`execute/ws`) and over SSE
+//! (`execute/stream/{start,resume}`), and files (`upload`, `download`, `glob`, `grep`).
+//! Every request carries the tenant's key like the control plane's; a box of another tenant
+//! is a 404, and a stopped box is started first.
+
+pub mod commands;
+mod exec_sse;
+mod exec_ws;
+pub mod execute;
+mod files;
+pub mod output;
+mod search;
+
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::boxes::BoxRecord;
+use crate::error::ApiError;
+use crate::lifecycle;
+use crate::state::Shared;
+use crate::tenants::Tenant;
+
+/// Tenant's box `box_id`, running.
+async fn running_box(state: &Shared, tenant: &Tenant, box_id: &str) -> Result<BoxRecord, ApiError> {
+    let record = state.boxes.by_id(&tenant.name, box_id)?;
+    lifecycle::running(state, record).await
+}
+
+async fn tunnel() -> ApiError {
+    ApiError::NotImplemented(
+        "TCP tunnels are not built yet: ember serve does not forward connections into a sandbox's ports (ember issue 20, service URLs and tunnels)".into(),
+    )
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/execute/ws", get(exec_ws::upgrade))
+        .route("/execute/stream/start", post(exec_sse::start))
+        .route("/execute/stream/resume", post(exec_sse::resume))
+        .route("/upload", post(files::upload))
+        .route("/download", get(files::download).head(files::download))
+        .route("/glob", post(search::glob))
+        .route("/grep", post(search::grep))
+        .route("/tunnel", get(tunnel))
+}

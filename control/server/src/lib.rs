@@ -1,0 +1,80 @@
+//! `ember serve`: a server that speaks the LangSmith Sandboxes API, so that the unmodified
+//! `langsmith` Python SDK (`from langsmith.sandbox import SandboxClient`) drives ember.
+//!
+//! The control plane is under `/api/v2/sandboxes` (boxes, snapshots), each box's data plane
+//! under `/dataplane/{box id}` (commands over WebSocket or SSE, files), and `/metrics` has the
+//! server in Prometheus' text format. ember adds `POST .../boxes/{name}/fork` and
+//! `GET .../boxes/{name}/events`. Sandboxes are reached only through a [`backend::Backend`]:
+//! `ember serve` uses [`backend::sandbox::SandboxBackend`], the control plane's own library.
+//! Tenancy: see [`tenants`].
+
+pub mod backend;
+pub mod boxes;
+pub mod clock;
+pub mod dataplane;
+pub mod error;
+pub mod events;
+pub mod lifecycle;
+pub mod metrics;
+pub mod models;
+pub mod routes;
+pub mod snapshots;
+pub mod state;
+pub mod tenants;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use state::{AppState, Config, Shared};
+
+/// How often commands are checked for their timeouts and expiry.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// Refuses to serve every tenant's sandboxes beyond this host without keys.
+pub fn check_listen(addr: &SocketAddr, tenants: &tenants::Tenants) -> Result<(), String> {
+    if !tenants.required() && !addr.ip().is_loopback() {
+        return Err(format!(
+            "refusing to listen on {addr} without API keys: anyone who reaches it would run code in your sandboxes; \
+             pass --keys FILE, or listen on a loopback address"
+        ));
+    }
+    Ok(())
+}
+
+/// Completes when the process is asked to end (SIGINT or SIGTERM).
+pub async fn until_signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Serves `state` on `listener` until `shutdown` completes. Sandboxes are left as they are.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Shared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let reaper_state = state.clone();
+    let reaper = tokio::spawn(async move {
+        let mut every = tokio::time::interval(REAP_EVERY);
+        loop {
+            every.tick().await;
+            reaper_state.commands.reap();
+        }
+    });
+    let served = axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    reaper.abort();
+    served
+}

@@ -1,0 +1,87 @@
+//! What the Rust tests share: the server over the fake backend, with three tenants.
+
+#![allow(dead_code)]
+
+#[path = "../fake/mod.rs"]
+pub mod fake;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use server::tenants::Tenants;
+use tower::ServiceExt;
+
+pub const ALICE: &str = "alice-key-0123456789";
+pub const BOB: &str = "bob-key-0123456789ab";
+pub const CAROL: &str = "carol-key-0123456789";
+
+pub struct App {
+    pub state: server::Shared,
+    pub backend: Arc<fake::FakeBackend>,
+    pub router: Router,
+    _root: vmm_sys_util::tempdir::TempDir,
+}
+
+pub fn app() -> App {
+    let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
+    let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
+    let tenants = Tenants::parse(&format!(
+        "alice {ALICE}\nbob {BOB}\ncarol {CAROL} max_boxes=1\n"
+    ))
+    .unwrap();
+    let state = server::AppState::new(backend.clone(), server::Config::new(tenants));
+    let router = server::routes::router(state.clone());
+    App {
+        state,
+        backend,
+        router,
+        _root: root,
+    }
+}
+
+impl App {
+    pub async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "ember.test:8080");
+        if let Some(key) = key {
+            request = request.header("x-api-key", key);
+        }
+        let body = body.map_or(Body::empty(), |b| Body::from(b.to_string()));
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value)
+    }
+
+    pub async fn create(&self, key: &str, name: &str) -> Value {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/api/v2/sandboxes/boxes",
+                Some(key),
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+}
