@@ -37,6 +37,9 @@ fail() {
 load() { # $1 = file listing module basenames
   while read -r m; do
     [ -n "$m" ] || continue
+    # A module an earlier list loaded already (the virtio core, for the NIC).
+    name=${m%.ko}
+    [ ! -d "/sys/module/$(echo "$name" | tr - _)" ] || continue
     insmod "/nested/modules/$m" 2>&3 || return 1
   done <"$1"
 }
@@ -55,6 +58,15 @@ if [ -f /nested/disk.order ]; then
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
   [ -b /dev/vda ] || fail "images disk /dev/vda did not appear"
   mount -t ext4 /dev/vda /opt/ember/images 2>&3 || fail "cannot mount the images disk"
+fi
+
+# NESTED_FORWARD: the NIC of QEMU's user network, at its usual guest address.
+if [ -f /nested/net.order ]; then
+  ip link set lo up
+  load /nested/net.order || fail "virtio-net modules failed to load"
+  i=0
+  while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 2>&3 || fail "cannot bring up eth0"
 fi
 
 cd /opt/ember/extra

@@ -50,13 +50,13 @@ def test_a_box_made_without_waiting_becomes_ready(server, client):
 
 
 def test_stop_and_start_keep_the_disk(server, client, sb):
-    sb.write("/tmp/ember-sdk-stop/kept.txt", "kept")
+    sb.write("/root/ember-sdk-stop/kept.txt", "kept")
     sb.stop()
     assert client.get_sandbox_status(sb.name).status == "stopped"
     assert client.get_sandbox(sb.name).stopped_at
     sb.start(timeout=CREATE_TIMEOUT)
     assert sb.status == "ready"
-    assert sb.read("/tmp/ember-sdk-stop/kept.txt") == b"kept"
+    assert sb.read("/root/ember-sdk-stop/kept.txt") == b"kept"
     sb.stop()
     assert sb.run("echo woke").stdout == "woke\n", "a command on a stopped box starts it"
 
