@@ -166,9 +166,12 @@ fn handshake(answer: &[u8]) {
 pub fn run(data: &[u8]) {
     let Some((which, records)) = decode_input(data) else { return };
     if which == CALLS - 1 {
-        let raw: Vec<u8> = records.iter().flat_map(|r| match r {
-            Record::Reply(_, b) | Record::Raw(b) => b.clone(),
-        }).collect();
+        let raw: Vec<u8> = records
+            .iter()
+            .flat_map(|r| match r {
+                Record::Reply(_, b) | Record::Raw(b) => b.clone(),
+            })
+            .collect();
         handshake(&raw);
         return;
     }

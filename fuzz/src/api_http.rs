@@ -42,7 +42,9 @@ fn server() -> &'static Path {
             for call in channel.calls.iter() {
                 let _ = channel.evt.read();
                 let response = match call.request {
-                    ApiRequest::GetInfo | ApiRequest::GetMachineConfig => ApiResponse::json(&serde_json::json!({"id": "fuzz"})),
+                    ApiRequest::GetInfo | ApiRequest::GetMachineConfig => {
+                        ApiResponse::json(&serde_json::json!({"id": "fuzz"}))
+                    }
                     _ => ApiResponse::no_content(),
                 };
                 let _ = call.reply.send(response);

@@ -35,7 +35,10 @@ pub fn table(index: u8) -> u64 {
 /// Where a descriptor points.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
 pub enum Addr {
-    Buf { buf: u8, off: u16 },
+    Buf {
+        buf: u8,
+        off: u16,
+    },
     /// An indirect table (for a descriptor with the INDIRECT flag).
     Table(u8),
     /// Into the rings and tables themselves.
@@ -112,16 +115,33 @@ pub const F_INDIRECT: u8 = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Arbitrary)]
 pub enum GuestOp {
     /// Writes descriptor `slot` of the queue's table (`table` 0) or of an indirect table.
-    Desc { table: u8, slot: u8, addr: Addr, len: Len, flags: u8, next: u8 },
+    Desc {
+        table: u8,
+        slot: u8,
+        addr: Addr,
+        len: Len,
+        flags: u8,
+        next: u8,
+    },
     /// Writes a 16-byte virtio-blk request header (type, reserved, sector).
-    BlkHeader { buf: u8, off: u16, kind: u32, sector: u64 },
+    BlkHeader {
+        buf: u8,
+        off: u16,
+        kind: u32,
+        sector: u64,
+    },
     /// Makes the chain at `head` available.
-    Publish { head: u8 },
+    Publish {
+        head: u8,
+    },
     /// The avail ring's flags (1: no interrupts), and `used_event` at its end.
     AvailFlags(u16),
     UsedEvent(u16),
     /// Writes 8 bytes anywhere in guest memory.
-    Poke { at: u32, value: u64 },
+    Poke {
+        at: u32,
+        value: u64,
+    },
 }
 
 impl Seed for GuestOp {
@@ -225,7 +245,14 @@ pub fn blk_request(head: u8, kind: u32, sector: u64, sectors: u8, indirect: bool
     let (t, first) = if indirect { (1, 0) } else { (0, head) };
     let mut ops = vec![
         GuestOp::BlkHeader { buf: 0, off: 0, kind, sector },
-        GuestOp::Desc { table: t, slot: first, addr: Addr::Buf { buf: 0, off: 0 }, len: Len::Bytes(16), flags: F_NEXT, next: first + 1 },
+        GuestOp::Desc {
+            table: t,
+            slot: first,
+            addr: Addr::Buf { buf: 0, off: 0 },
+            len: Len::Bytes(16),
+            flags: F_NEXT,
+            next: first + 1,
+        },
         GuestOp::Desc {
             table: t,
             slot: first + 1,
@@ -234,10 +261,24 @@ pub fn blk_request(head: u8, kind: u32, sector: u64, sectors: u8, indirect: bool
             flags: F_NEXT | data_flags,
             next: first + 2,
         },
-        GuestOp::Desc { table: t, slot: first + 2, addr: Addr::Buf { buf: 2, off: 0 }, len: Len::Bytes(1), flags: F_WRITE, next: 0 },
+        GuestOp::Desc {
+            table: t,
+            slot: first + 2,
+            addr: Addr::Buf { buf: 2, off: 0 },
+            len: Len::Bytes(1),
+            flags: F_WRITE,
+            next: 0,
+        },
     ];
     if indirect {
-        ops.push(GuestOp::Desc { table: 0, slot: head, addr: Addr::Table(0), len: Len::Descs(3), flags: F_INDIRECT, next: 0 });
+        ops.push(GuestOp::Desc {
+            table: 0,
+            slot: head,
+            addr: Addr::Table(0),
+            len: Len::Descs(3),
+            flags: F_INDIRECT,
+            next: 0,
+        });
     }
     ops.push(GuestOp::Publish { head });
     ops

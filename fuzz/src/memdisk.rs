@@ -47,9 +47,8 @@ impl DiskBackend for MemDisk {
         let store = self.store.lock().unwrap();
         let mut at = offset;
         for b in bufs {
-            let data: Vec<u8> = (at..at + b.len() as u64)
-                .map(|o| store.get(o as usize).copied().unwrap_or(o as u8))
-                .collect();
+            let data: Vec<u8> =
+                (at..at + b.len() as u64).map(|o| store.get(o as usize).copied().unwrap_or(o as u8)).collect();
             b.copy_from(&data);
             at += b.len() as u64;
         }

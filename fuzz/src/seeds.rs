@@ -2,9 +2,13 @@
 //! frames, files). `cargo test` checks that the committed files in `seeds/TARGET/` are these
 //! (`EMBER_WRITE_SEEDS=1 cargo test seeds` writes them) and that each runs through its target.
 
-use agent_protocol::{encode as frame, DirEntry, ErrorKind, ExecRequest, FileKind, FileStat, Reply, ReplyBody, Request, RequestBody, User};
+use agent_protocol::{
+    encode as frame, DirEntry, ErrorKind, ExecRequest, FileKind, FileStat, Reply, ReplyBody, Request, RequestBody, User,
+};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use vmm::devices::virtio::vsock::{OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH};
+use vmm::devices::virtio::vsock::{
+    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH,
+};
 
 use crate::agent_client::{Id, Record};
 use crate::guest::{blk_request, Addr, GuestOp, Len, F_WRITE};
@@ -67,7 +71,14 @@ pub fn blk_configs() -> Vec<(virtio_blk::Config, Vec<virtio_blk::Op>)> {
     // A read-only disk, a write, then a chain whose status byte is at the top of the address
     // space, and a reset.
     let mut hostile = g(blk_request(0, VIRTIO_BLK_T_OUT, 0, 1, false));
-    hostile.push(Op::Guest(GuestOp::Desc { table: 0, slot: 10, addr: Addr::Top(0), len: Len::Bytes(256), flags: F_WRITE, next: 0 }));
+    hostile.push(Op::Guest(GuestOp::Desc {
+        table: 0,
+        slot: 10,
+        addr: Addr::Top(0),
+        len: Len::Bytes(256),
+        flags: F_WRITE,
+        next: 0,
+    }));
     hostile.push(Op::Guest(GuestOp::Publish { head: 10 }));
     hostile.extend([Op::Notify, Op::Reset]);
     vec![
@@ -193,9 +204,15 @@ fn agent_protocol_seeds() -> Vec<SeedFile> {
     requests.extend(request(2, RequestBody::FileData { data: vec![1; 100] }));
     requests.extend(request(3, RequestBody::AddEntropy { data: vec![7; 32], entropy_bits: 256 }));
     let mut replies = vec![6u8];
-    replies.extend(reply(1, ReplyBody::Health { protocol_version: 2, agent_version: "0.1.0".into(), uptime_ms: 5, running_execs: 1 }));
+    replies.extend(reply(
+        1,
+        ReplyBody::Health { protocol_version: 2, agent_version: "0.1.0".into(), uptime_ms: 5, running_execs: 1 },
+    ));
     replies.extend(reply(1, ReplyBody::Stat(stat(FileKind::File))));
-    replies.extend(reply(1, ReplyBody::DirEntries { entries: vec![DirEntry { name: "a".into(), stat: stat(FileKind::Dir) }], last: true }));
+    replies.extend(reply(
+        1,
+        ReplyBody::DirEntries { entries: vec![DirEntry { name: "a".into(), stat: stat(FileKind::Dir) }], last: true },
+    ));
     replies.extend(reply(0, ReplyBody::Error { kind: ErrorKind::MalformedFrame, message: "bad".into() }));
     vec![seed("agent_protocol", "requests", requests), seed("agent_protocol", "replies", replies)]
 }
@@ -226,7 +243,8 @@ fn agent_server_seeds() -> Vec<SeedFile> {
 
 pub fn client_inputs() -> Vec<(&'static str, u8, Vec<Record>)> {
     let own = |b: ReplyBody| Record::Reply(Id::Own, body(b));
-    let health = ReplyBody::Health { protocol_version: 2, agent_version: "0.1.0".into(), uptime_ms: 9, running_execs: 0 };
+    let health =
+        ReplyBody::Health { protocol_version: 2, agent_version: "0.1.0".into(), uptime_ms: 9, running_execs: 0 };
     vec![
         ("health", 1, vec![Record::Reply(Id::Plus(1), body(ReplyBody::Ok)), own(health)]),
         (
@@ -245,7 +263,10 @@ pub fn client_inputs() -> Vec<(&'static str, u8, Vec<Record>)> {
             "list",
             8,
             vec![
-                own(ReplyBody::DirEntries { entries: vec![DirEntry { name: "x".into(), stat: stat(FileKind::Symlink) }], last: false }),
+                own(ReplyBody::DirEntries {
+                    entries: vec![DirEntry { name: "x".into(), stat: stat(FileKind::Symlink) }],
+                    last: false,
+                }),
                 own(ReplyBody::DirEntries { entries: Vec::new(), last: true }),
             ],
         ),
@@ -255,10 +276,20 @@ pub fn client_inputs() -> Vec<(&'static str, u8, Vec<Record>)> {
             vec![
                 own(ReplyBody::Ok),
                 Record::Reply(Id::Plus(1), body(ReplyBody::Ok)),
-                Record::Reply(Id::Plus(2), body(ReplyBody::Error { kind: ErrorKind::PermissionDenied, message: "no".into() })),
+                Record::Reply(
+                    Id::Plus(2),
+                    body(ReplyBody::Error { kind: ErrorKind::PermissionDenied, message: "no".into() }),
+                ),
             ],
         ),
-        ("upload", 5, vec![Record::Reply(Id::Connection, body(ReplyBody::Error { kind: ErrorKind::FrameTooLarge, message: "big".into() }))]),
+        (
+            "upload",
+            5,
+            vec![Record::Reply(
+                Id::Connection,
+                body(ReplyBody::Error { kind: ErrorKind::FrameTooLarge, message: "big".into() }),
+            )],
+        ),
         ("connect", agent_client::CALLS - 1, vec![Record::Raw(b"OK 1073741824\n".to_vec())]),
     ]
 }
@@ -266,7 +297,12 @@ pub fn client_inputs() -> Vec<(&'static str, u8, Vec<Record>)> {
 fn api_models_inputs() -> Vec<(&'static str, &'static str, &'static str, &'static str)> {
     vec![
         ("machine_config", "PUT", "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":1024,"smt":false}"#),
-        ("drive", "PUT", "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/r.qcow2","is_root_device":true,"is_read_only":false,"format":"qcow2"}"#),
+        (
+            "drive",
+            "PUT",
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/r.qcow2","is_root_device":true,"is_read_only":false,"format":"qcow2"}"#,
+        ),
         ("patch_drive", "PATCH", "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/new.qcow2"}"#),
         (
             "load",
@@ -292,13 +328,21 @@ fn api_http_seeds() -> Vec<SeedFile> {
     pipelined.extend(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /machine-config HTTP/1.0\r\n\r\n");
     let mut expect = vec![0u8];
     expect.extend(
-        format!("PUT /actions HTTP/1.1\r\nExpect: 100-continue\r\nConnection: keep-alive\r\nContent-Length: 31\r\n\r\n{}", r#"{"action_type":"InstanceStart"}"#)
-            .bytes(),
+        format!(
+            "PUT /actions HTTP/1.1\r\nExpect: 100-continue\r\nConnection: keep-alive\r\nContent-Length: 31\r\n\r\n{}",
+            r#"{"action_type":"InstanceStart"}"#
+        )
+        .bytes(),
     );
     expect.extend(b"PATCH /vm HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
     let mut response = vec![1u8];
-    response.extend(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"id\":\"fuzz\"}");
-    vec![seed("api_http", "pipelined", pipelined), seed("api_http", "continue", expect), seed("api_http", "response", response)]
+    response
+        .extend(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"id\":\"fuzz\"}");
+    vec![
+        seed("api_http", "pipelined", pipelined),
+        seed("api_http", "continue", expect),
+        seed("api_http", "response", response),
+    ]
 }
 
 /// A qcow2 v3 image of 1 MiB over `base.raw`, with standard L2 entries and 4 KiB clusters
@@ -413,7 +457,8 @@ mod tests {
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect();
             committed.sort();
-            let mut generated: Vec<String> = seeds.iter().filter(|s| s.target == t).map(|s| s.name.to_string()).collect();
+            let mut generated: Vec<String> =
+                seeds.iter().filter(|s| s.target == t).map(|s| s.name.to_string()).collect();
             generated.sort();
             assert_eq!(committed, generated, "seeds/{t}");
         }

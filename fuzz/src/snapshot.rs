@@ -9,7 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use kvm_bindings::{kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_irqchip, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
 use vmm::device_manager::persist::{DeviceStates, VirtioState};
 use vmm::devices::legacy::serial::{ConsoleOut, ConsoleWatch, SerialDevice, SerialSnapshot};
 use vmm::devices::legacy::EventFdTrigger;
@@ -53,7 +55,8 @@ fn restore_devices(devices: &DeviceStates) {
         // saved size: here a disk in memory of that size.
         let disk = MemDisk::new(saved.device.size, saved.device.read_only);
         let block = Block::new(drive(saved.device.read_only), Box::new(disk));
-        let _ = MmioTransport::restore(TransportArgs { device: block, mem: mem.clone(), irq: eventfd() }, &saved.transport);
+        let _ =
+            MmioTransport::restore(TransportArgs { device: block, mem: mem.clone(), irq: eventfd() }, &saved.transport);
     }
     if let Some(saved) = &devices.vsock {
         let Ok(dir) = TempDir::new_in(Path::new("/dev/shm")).or_else(|_| TempDir::new()) else { return };
@@ -144,7 +147,13 @@ pub fn sample(vcpus: u8, vsock: bool) -> SnapshotState {
                 in_buffer: b"ls\n".to_vec(),
             },
             drives: vec![VirtioState {
-                device: BlockState { id: Some("rootfs".into()), read_only: false, root: true, size: 64 << 10, format: disk::Format::Raw },
+                device: BlockState {
+                    id: Some("rootfs".into()),
+                    read_only: false,
+                    root: true,
+                    size: 64 << 10,
+                    format: disk::Format::Raw,
+                },
                 transport: transport(2, 1),
             }],
             vsock: vsock.then(|| VirtioState { device: VsockState { cid: 3 }, transport: transport(19, 3) }),

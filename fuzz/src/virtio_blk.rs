@@ -9,7 +9,9 @@ use arbitrary::{Arbitrary, Unstructured};
 use virtio_queue::{Queue, QueueT};
 use vmm::config::DriveConfig;
 use vmm::devices::virtio::block::Block;
-use vmm::devices::virtio::{Interrupt, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use vmm::devices::virtio::{
+    Interrupt, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::guest::{self, Driver, GuestOp};

@@ -32,12 +32,25 @@ pub const FEATURES: u8 = 6;
 pub enum Op {
     Guest(GuestOp),
     /// A 32-bit write of `value` to register `REGS[reg % len]`.
-    Write { reg: u8, value: u32 },
-    Read { reg: u8 },
+    Write {
+        reg: u8,
+        value: u32,
+    },
+    Read {
+        reg: u8,
+    },
     /// An access of any size anywhere in the window.
-    Access { offset: u16, len: u8, value: u64, write: bool },
+    Access {
+        offset: u16,
+        len: u8,
+        value: u64,
+        write: bool,
+    },
     /// Queue setup as Linux does it: select `queue`, size 2^(log2 % 9), the guest's rings, ready.
-    SetupQueue { queue: u8, log2: u8 },
+    SetupQueue {
+        queue: u8,
+        log2: u8,
+    },
     /// Saves the transport's state and replaces it with one restored from that state.
     SaveRestore,
 }

@@ -144,26 +144,56 @@ impl Hdr {
 pub enum Op {
     /// A tx packet: its header, then `payload` bytes in `frags % 4` descriptors (0: header
     /// and payload in one descriptor).
-    Tx { hdr: Hdr, payload: u16, frags: u8 },
+    Tx {
+        hdr: Hdr,
+        payload: u16,
+        frags: u8,
+    },
     /// `n % 8 + 1` rx buffers: the header's 44 bytes, then `data` bytes (`split`: in a
     /// descriptor of their own).
-    Rx { n: u8, data: u16, split: bool },
+    Rx {
+        n: u8,
+        data: u16,
+        split: bool,
+    },
     /// An event buffer of `len` bytes.
-    Event { len: u8 },
+    Event {
+        len: u8,
+    },
     /// A one-descriptor chain of any shape on queue `queue % 3`.
-    Chain { queue: u8, addr: Addr, len: Len, flags: u8 },
-    Notify { queue: u8 },
+    Chain {
+        queue: u8,
+        addr: Addr,
+        len: Len,
+        flags: u8,
+    },
+    Notify {
+        queue: u8,
+    },
     /// A host program connects to the device's socket and writes `CONNECT <port>\n` (with
     /// `garbage`, bytes of its own instead).
-    Connect { port: Port, garbage: Option<u64> },
+    Connect {
+        port: Port,
+        garbage: Option<u64>,
+    },
     /// A host program listens where guest connections to `port` go.
-    Listen { port: u8 },
+    Listen {
+        port: u8,
+    },
     /// The host listeners accept what is waiting.
     Accept,
-    HostWrite { stream: u8, len: u16 },
-    HostRead { stream: u8 },
+    HostWrite {
+        stream: u8,
+        len: u16,
+    },
+    HostRead {
+        stream: u8,
+    },
     /// 0: shut down reading, 1: writing, 2: both, else drop the socket.
-    HostClose { stream: u8, how: u8 },
+    HostClose {
+        stream: u8,
+        how: u8,
+    },
     HostEvents,
     TransportReset,
     ReadCid,
@@ -385,8 +415,11 @@ impl Rig {
                 }
             }
             Op::Accept => {
-                let accepted: Vec<UnixStream> =
-                    self.listeners.iter().flat_map(|l| std::iter::from_fn(|| l.accept().ok().map(|(s, _)| s))).collect();
+                let accepted: Vec<UnixStream> = self
+                    .listeners
+                    .iter()
+                    .flat_map(|l| std::iter::from_fn(|| l.accept().ok().map(|(s, _)| s)))
+                    .collect();
                 for s in accepted {
                     self.keep(s);
                 }
