@@ -10,7 +10,7 @@ impl Writer {
     /// Selects variant `index` of an enum of `count` variants: `arbitrary` maps a `u32` `v`
     /// to `(v * count) >> 32`, so the smallest `v` that maps to `index` is its ceiling.
     pub fn variant(&mut self, index: u32, count: u32) -> &mut Self {
-        let v = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+        let v = (u64::from(index) << 32).div_ceil(u64::from(count));
         self.u32(v as u32)
     }
 

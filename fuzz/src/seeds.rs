@@ -354,10 +354,10 @@ pub fn qcow2_image(extended: bool) -> Vec<u8> {
     let mut f = vec![0u8; 6 * cs as usize];
     let mut put = |at: u64, bytes: &[u8]| f[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
     let (name, format) = (b"base.raw", b"raw");
-    let name_at = 104 + 8 + 8 + 8;
+    let name_at: u64 = 104 + 8 + 8 + 8;
     put(0, b"QFI\xfb");
     put(4, &3u32.to_be_bytes());
-    put(8, &(name_at as u64).to_be_bytes());
+    put(8, &name_at.to_be_bytes());
     put(16, &(name.len() as u32).to_be_bytes());
     put(20, &bits.to_be_bytes());
     put(24, &qcow2::BASE_SIZE.to_be_bytes());
