@@ -108,6 +108,7 @@ fn to_client(data: &[u8]) {
 }
 
 pub fn run(data: &[u8]) {
+    crate::like_the_vmm();
     let Some((&mode, data)) = data.split_first() else { return };
     if mode & 1 == 0 {
         to_server(data, usize::from(mode >> 1) * 8 + 1);

@@ -23,6 +23,17 @@ pub mod vsock;
 
 use arbitrary::{Arbitrary, Unstructured};
 
+/// Sets the process up as the `ember` binary is: SIGPIPE ignored (Rust's `main` does that, and
+/// the devices rely on it to get EPIPE from a host socket whose peer left; a libFuzzer binary
+/// has no Rust `main`). Targets that write to sockets call it first.
+pub fn like_the_vmm() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to be unsound in.
+    ONCE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    });
+}
+
 /// Every operation `data` holds, in order, as far as they decode.
 pub fn ops<'a, T: Arbitrary<'a>>(data: &'a [u8]) -> Vec<T> {
     let mut u = Unstructured::new(data);

@@ -476,6 +476,7 @@ pub fn encode(event_idx: bool, ops: &[Op]) -> Vec<u8> {
 }
 
 pub fn run(data: &[u8]) {
+    crate::like_the_vmm();
     let Some((event_idx, ops)) = decode(data) else { return };
     let dir = TempDir::new_in(Path::new("/dev/shm")).or_else(|_| TempDir::new()).expect("a temporary directory");
     let Some(mut rig) = Rig::new(dir.as_path(), event_idx) else { return };
