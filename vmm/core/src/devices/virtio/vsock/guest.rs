@@ -65,7 +65,16 @@ impl Vsock {
                 break;
             }
             let Some(q) = self.queue(TXQ) else { break };
-            let Some(mut chain) = q.pop_descriptor_chain(mem) else {
+            // An avail index more than a queue's length ahead of ours is a ring the guest
+            // broke: no chain comes out of it, yet it always looks as if more were there.
+            let next = match q.iter(mem) {
+                Ok(mut avail) => avail.next(),
+                Err(e) => {
+                    tracing::warn!("virtio-vsock: tx queue broken by the guest, not served: {e}");
+                    break;
+                }
+            };
+            let Some(mut chain) = next else {
                 match q.enable_notification(mem) {
                     Ok(true) => continue,
                     _ => break,

@@ -1,0 +1,4 @@
+//! See `ember_fuzz::api_http`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ember_fuzz::api_http::run(data));
