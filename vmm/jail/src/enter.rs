@@ -364,6 +364,16 @@ mod tests {
             eprintln!("skipped: needs root (to act as another user) and user namespaces");
             return;
         }
+        // The other user runs this test binary: every directory above it must let others in.
+        let exe = std::env::current_exe().unwrap();
+        let reachable = exe.ancestors().all(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+        });
+        if !reachable {
+            eprintln!("skipped: {} is not reachable by other users", exe.display());
+            return;
+        }
         let (stdout, ro, _tmp) = jailed_child(true);
         let dev = if Path::new("/dev/kvm").exists() { "dev," } else { "" };
         let top = ro.strip_prefix("/").unwrap().iter().next().unwrap().to_string_lossy().into_owned();
