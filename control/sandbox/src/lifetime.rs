@@ -48,9 +48,10 @@ impl Store {
     pub(crate) fn end_if_expired(&self, record: &Record) -> Option<bool> {
         let lifetime = record.lifetime.filter(Lifetime::has_ended)?;
         let dir = self.dir(&record.name);
-        self.stop_vmm(record, &dir);
-        if !lifetime.keep {
-            self.teardown(&record.name, &dir);
+        // A teardown stops the VMM itself.
+        match lifetime.keep {
+            true => self.stop_vmm(record, &dir),
+            false => self.teardown(&record.name, &dir),
         }
         Some(!lifetime.keep)
     }
