@@ -52,6 +52,9 @@ pub struct BoxRecord {
     pub created_ms: u64,
     pub updated_ms: u64,
     pub stopped_ms: Option<u64>,
+    /// The last time a request of its data plane came or one of its commands ended: what its
+    /// idle time counts from.
+    pub last_active_ms: u64,
     pub snapshot_id: Option<String>,
     pub vcpus: Option<u8>,
     pub mem_bytes: Option<u64>,
@@ -79,6 +82,7 @@ impl BoxRecord {
             created_ms: now,
             updated_ms: now,
             stopped_ms: None,
+            last_active_ms: now,
             snapshot_id: None,
             vcpus: None,
             mem_bytes: None,
@@ -201,6 +205,18 @@ impl Boxes {
             .collect();
         mine.sort_by(|a, b| (a.created_ms, &a.name).cmp(&(b.created_ms, &b.name)));
         mine
+    }
+
+    /// Every box of every tenant (for the server's own rounds over them).
+    pub fn all(&self) -> Vec<BoxRecord> {
+        self.records.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Box `id` was used just now (its update time, which the API shows, stays).
+    pub fn touch(&self, id: &str) {
+        if let Some(r) = self.records.lock().unwrap().get_mut(id) {
+            r.last_active_ms = now_ms();
+        }
     }
 
     /// Changes box `id` with `f` (its update time set); its new state, if it still exists.

@@ -14,6 +14,7 @@ pub mod clock;
 pub mod dataplane;
 pub mod error;
 pub mod events;
+pub mod expiry;
 pub mod lifecycle;
 pub mod metrics;
 pub mod models;
@@ -28,7 +29,8 @@ use std::time::Duration;
 
 pub use state::{AppState, Config, Shared};
 
-/// How often commands are checked for their timeouts and expiry.
+/// How often commands are checked for their timeouts and expiry, and boxes for their idle and
+/// stopped time.
 const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Refuses to serve every tenant's sandboxes beyond this host without keys.
@@ -70,6 +72,7 @@ pub async fn serve(
         loop {
             every.tick().await;
             reaper_state.commands.reap();
+            expiry::reap(&reaper_state).await;
         }
     });
     let served = axum::serve(listener, routes::router(state))

@@ -28,6 +28,10 @@ pub struct Config {
     pub output_capacity: usize,
     /// How long a start or a fork may take when the request gives no timeout.
     pub ready_timeout: Duration,
+    /// `idle_ttl_seconds` of a box whose create names none (0: never stopped for idling).
+    pub default_idle_ttl_seconds: u64,
+    /// `delete_after_stop_seconds` of a box whose create names none.
+    pub default_delete_after_stop_seconds: Option<u64>,
 }
 
 impl Config {
@@ -38,6 +42,9 @@ impl Config {
             events_dir: None,
             output_capacity: DEFAULT_OUTPUT_CAPACITY,
             ready_timeout: Duration::from_secs(120),
+            // The SDK documents 600 s as the server's default when a create names none.
+            default_idle_ttl_seconds: 600,
+            default_delete_after_stop_seconds: None,
         }
     }
 }

@@ -35,6 +35,14 @@ pub struct ServeArgs {
     /// Seconds a sandbox has to become ready when it starts, is restored or forked
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
+    /// Seconds without use after which a sandbox whose create names no `idle_ttl_seconds` is
+    /// stopped (0: never)
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    idle_ttl: u64,
+    /// Seconds after it stopped that a sandbox whose create names no
+    /// `delete_after_stop_seconds` is deleted [default: never]
+    #[arg(long, value_name = "SECONDS")]
+    delete_after_stop: Option<u64>,
 }
 
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
@@ -76,6 +84,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.public_url = args.public_url;
     config.events_dir = Some(events_dir);
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
+    config.default_idle_ttl_seconds = args.idle_ttl;
+    config.default_delete_after_stop_seconds = args.delete_after_stop;
     let state = server::AppState::new(
         Arc::new(SandboxBackend::new(store, boot, state_dir)),
         config,
