@@ -18,6 +18,7 @@ pub mod expiry;
 pub mod lifecycle;
 pub mod metrics;
 pub mod models;
+pub mod registry;
 pub mod routes;
 pub mod snapshots;
 pub mod state;
@@ -75,9 +76,24 @@ pub async fn serve(
             expiry::reap(&reaper_state).await;
         }
     });
-    let served = axum::serve(listener, routes::router(state))
+    let saver = state.registry.is_some().then(|| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(registry::SAVE_EVERY);
+            loop {
+                every.tick().await;
+                let saving = state.clone();
+                let _ = tokio::task::spawn_blocking(move || saving.save_if_changed()).await;
+            }
+        })
+    });
+    let served = axum::serve(listener, routes::router(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();
+    if let Some(saver) = saver {
+        saver.abort();
+    }
+    state.save_if_changed();
     served
 }

@@ -2,7 +2,7 @@
 //! made, shared by every request.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -11,6 +11,7 @@ use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::registry::{self, Registry, RegistryError};
 use crate::snapshots::Snapshots;
 use crate::tenants::Tenants;
 
@@ -57,22 +58,65 @@ pub struct AppState {
     pub commands: Commands,
     pub events: Events,
     pub metrics: Metrics,
+    /// Where the records are kept across restarts, if anywhere; with the changes counts
+    /// (boxes, snapshots) last saved.
+    pub registry: Option<Registry>,
+    saved: Mutex<(u64, u64)>,
 }
 
 pub type Shared = Arc<AppState>;
 
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, config: Config) -> Shared {
+        Self::with(backend, config, Boxes::default(), Snapshots::default(), None)
+    }
+
+    /// A server whose records are kept in `registry`: the records a previous run saved there
+    /// are adopted (see [`registry::adopt`]; this asks the backend, so it blocks).
+    pub fn restore(backend: Arc<dyn Backend>, config: Config, registry: Registry) -> Result<Shared, RegistryError> {
+        let (boxes, snapshots) = registry.load()?;
+        let (boxes, snapshots) = registry::adopt(&*backend, boxes, snapshots);
+        let state = Self::with(backend, config, Boxes::with(boxes), Snapshots::with(snapshots), Some(registry));
+        // What adoption changed is saved at once.
+        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX);
+        state.save_if_changed();
+        Ok(state)
+    }
+
+    fn with(
+        backend: Arc<dyn Backend>,
+        config: Config,
+        boxes: Boxes,
+        snapshots: Snapshots,
+        registry: Option<Registry>,
+    ) -> Shared {
         let events = Events::new(config.events_dir.clone());
         Arc::new(AppState {
             backend,
             config,
-            boxes: Boxes::default(),
-            snapshots: Snapshots::default(),
+            boxes,
+            snapshots,
             commands: Commands::default(),
             events,
             metrics: Metrics::default(),
+            registry,
+            saved: Mutex::new((0, 0)),
         })
+    }
+
+    /// Writes the records to the registry if they changed since it was last written (a
+    /// failure is logged, and tried again at the next change).
+    pub fn save_if_changed(&self) {
+        let Some(registry) = &self.registry else { return };
+        let mut saved = self.saved.lock().unwrap();
+        let now = (self.boxes.changes(), self.snapshots.changes());
+        if *saved == now {
+            return;
+        }
+        match registry.save(self.boxes.all(), self.snapshots.all()) {
+            Ok(()) => *saved = now,
+            Err(e) => tracing::error!("{e}"),
+        }
     }
 }
 

@@ -80,16 +80,25 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let events_dir = state_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("cannot create {}", events_dir.display()))?;
+    // Its records and traces are its owner's alone, whatever the umask.
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", state_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
     config.events_dir = Some(events_dir);
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
     config.default_idle_ttl_seconds = args.idle_ttl;
     config.default_delete_after_stop_seconds = args.delete_after_stop;
-    let state = server::AppState::new(
+    let registry = server::registry::Registry::new(state_dir.join("registry.json"));
+    let state = server::AppState::restore(
         Arc::new(SandboxBackend::new(store, boot, state_dir)),
         config,
-    );
+        registry,
+    )?;
+    let adopted = state.boxes.all().len();
+    if adopted > 0 {
+        eprintln!("ember serve: adopted {adopted} sandboxes from the last run");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
