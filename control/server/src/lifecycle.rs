@@ -48,10 +48,20 @@ pub async fn provision(
     let (task_state, id) = (state.clone(), record.id.clone());
     tokio::spawn(async move {
         let asked = Instant::now();
-        let backend = task_state.backend.clone();
-        let created = blocking(move || backend.create(&spec))
-            .await
-            .and_then(|r| r.map_err(creation_error));
+        let pooled = task_state.pools.take(&spec);
+        let from_pool = pooled.is_some();
+        let created = match pooled {
+            Some(created) => {
+                task_state.pool_wanted.notify_one();
+                Ok(created)
+            }
+            None => {
+                let backend = task_state.backend.clone();
+                blocking(move || backend.create(&spec))
+                    .await
+                    .and_then(|r| r.map_err(creation_error))
+            }
+        };
         let outcome = match created {
             Ok(created) => {
                 task_state.metrics.created(asked.elapsed());
@@ -67,7 +77,7 @@ pub async fn provision(
                     let backend = task_state.backend.clone();
                     let _ = blocking(move || backend.remove(&created.name)).await;
                 }
-                task_state.events.record(&id, json!({"kind": "lifecycle", "op": "ready", "seconds": asked.elapsed().as_secs_f64()}));
+                task_state.events.record(&id, json!({"kind": "lifecycle", "op": "ready", "seconds": asked.elapsed().as_secs_f64(), "pooled": from_pool}));
                 updated.ok_or_else(|| {
                     ApiError::NotFound("the sandbox was deleted while it was being created".into())
                 })

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError, State};
 use crate::boxes::{BoxRecord, Status};
+use crate::pool::Member;
 use crate::snapshots::{SnapStatus, SnapshotRecord};
 
 /// How soon a change to a record reaches the file.
@@ -33,11 +34,21 @@ pub enum RegistryError {
     Write { path: PathBuf, source: std::io::Error },
 }
 
+/// What the file holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Records {
+    pub boxes: Vec<BoxRecord>,
+    pub snapshots: Vec<SnapshotRecord>,
+    /// The warm pools' sandboxes.
+    #[serde(default)]
+    pub pool: Vec<Member>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct Saved {
     format: u32,
-    boxes: Vec<BoxRecord>,
-    snapshots: Vec<SnapshotRecord>,
+    #[serde(flatten)]
+    records: Records,
 }
 
 pub struct Registry {
@@ -54,10 +65,10 @@ impl Registry {
     }
 
     /// The records a previous run saved; none if it never saved.
-    pub fn load(&self) -> Result<(Vec<BoxRecord>, Vec<SnapshotRecord>), RegistryError> {
+    pub fn load(&self) -> Result<Records, RegistryError> {
         let text = match std::fs::read(&self.path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((vec![], vec![])),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Records::default()),
             Err(source) => return Err(RegistryError::Read { path: self.path.clone(), source }),
         };
         let bad = |reason: String| RegistryError::Bad { path: self.path.clone(), reason };
@@ -65,14 +76,14 @@ impl Registry {
         if saved.format != FORMAT {
             return Err(bad(format!("format {}, expected {FORMAT}", saved.format)));
         }
-        Ok((saved.boxes, saved.snapshots))
+        Ok(saved.records)
     }
 
-    pub fn save(&self, boxes: Vec<BoxRecord>, snapshots: Vec<SnapshotRecord>) -> Result<(), RegistryError> {
+    pub fn save(&self, records: Records) -> Result<(), RegistryError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let write = |source| RegistryError::Write { path: self.path.clone(), source };
-        let text = serde_json::to_vec(&Saved { format: FORMAT, boxes, snapshots })
+        let text = serde_json::to_vec(&Saved { format: FORMAT, records })
             .map_err(|e| write(std::io::Error::other(e)))?;
         let mut temp = self.path.clone().into_os_string();
         temp.push(".tmp");
@@ -89,15 +100,11 @@ impl Registry {
     }
 }
 
-/// `boxes` and `snapshots` as a previous run of the server left them, made to match what the
-/// backend has now: a box whose sandbox runs is ready, one whose sandbox stopped is stopped,
+/// The records a previous run of the server left, made to match what the backend has now (the
+/// pool's members are checked by `Pools::new`): a box whose sandbox runs is ready, one whose sandbox stopped is stopped,
 /// one whose sandbox is gone or failed is failed, saying so; steps that were in flight failed.
-pub fn adopt(
-    backend: &dyn Backend,
-    mut boxes: Vec<BoxRecord>,
-    mut snapshots: Vec<SnapshotRecord>,
-) -> (Vec<BoxRecord>, Vec<SnapshotRecord>) {
-    for record in &mut boxes {
+pub fn adopt(backend: &dyn Backend, mut records: Records) -> Records {
+    for record in &mut records.boxes {
         let Some(name) = record.backend.clone() else {
             if record.status != Status::Failed {
                 fail(record, "the server restarted while the sandbox was being created".into());
@@ -120,13 +127,13 @@ pub fn adopt(
             Err(e) => fail(record, format!("cannot tell the state of its sandbox {name}: {e}")),
         }
     }
-    for snapshot in &mut snapshots {
+    for snapshot in &mut records.snapshots {
         if snapshot.status == SnapStatus::Building {
             snapshot.status = SnapStatus::Failed;
             snapshot.status_message = Some("the server restarted while the snapshot was being captured".into());
         }
     }
-    (boxes, snapshots)
+    records
 }
 
 fn fail(record: &mut BoxRecord, why: String) {

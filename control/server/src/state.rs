@@ -11,7 +11,8 @@ use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
-use crate::registry::{self, Registry, RegistryError};
+use crate::pool::{PoolSpec, Pools};
+use crate::registry::{self, Records, Registry, RegistryError};
 use crate::snapshots::Snapshots;
 use crate::tenants::Tenants;
 
@@ -33,6 +34,8 @@ pub struct Config {
     pub default_idle_ttl_seconds: u64,
     /// `delete_after_stop_seconds` of a box whose create names none.
     pub default_delete_after_stop_seconds: Option<u64>,
+    /// Warm pools to keep filled.
+    pub pools: Vec<PoolSpec>,
 }
 
 impl Config {
@@ -46,6 +49,7 @@ impl Config {
             // The SDK documents 600 s as the server's default when a create names none.
             default_idle_ttl_seconds: 600,
             default_delete_after_stop_seconds: None,
+            pools: Vec::new(),
         }
     }
 }
@@ -58,49 +62,48 @@ pub struct AppState {
     pub commands: Commands,
     pub events: Events,
     pub metrics: Metrics,
+    pub pools: Pools,
+    /// Woken when a create took a pool's sandbox, for the filler.
+    pub pool_wanted: tokio::sync::Notify,
     /// Where the records are kept across restarts, if anywhere; with the changes counts
     /// (boxes, snapshots) last saved.
     pub registry: Option<Registry>,
-    saved: Mutex<(u64, u64)>,
+    saved: Mutex<(u64, u64, u64)>,
 }
 
 pub type Shared = Arc<AppState>;
 
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, config: Config) -> Shared {
-        Self::with(backend, config, Boxes::default(), Snapshots::default(), None)
+        Self::with(backend, config, Records::default(), None)
     }
 
     /// A server whose records are kept in `registry`: the records a previous run saved there
     /// are adopted (see [`registry::adopt`]; this asks the backend, so it blocks).
     pub fn restore(backend: Arc<dyn Backend>, config: Config, registry: Registry) -> Result<Shared, RegistryError> {
-        let (boxes, snapshots) = registry.load()?;
-        let (boxes, snapshots) = registry::adopt(&*backend, boxes, snapshots);
-        let state = Self::with(backend, config, Boxes::with(boxes), Snapshots::with(snapshots), Some(registry));
+        let records = registry::adopt(&*backend, registry.load()?);
+        let state = Self::with(backend, config, records, Some(registry));
         // What adoption changed is saved at once.
-        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX);
+        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX, u64::MAX);
         state.save_if_changed();
         Ok(state)
     }
 
-    fn with(
-        backend: Arc<dyn Backend>,
-        config: Config,
-        boxes: Boxes,
-        snapshots: Snapshots,
-        registry: Option<Registry>,
-    ) -> Shared {
+    fn with(backend: Arc<dyn Backend>, config: Config, records: Records, registry: Option<Registry>) -> Shared {
         let events = Events::new(config.events_dir.clone());
+        let pools = Pools::new(config.pools.clone(), records.pool, &*backend);
         Arc::new(AppState {
             backend,
             config,
-            boxes,
-            snapshots,
+            boxes: Boxes::with(records.boxes),
+            snapshots: Snapshots::with(records.snapshots),
+            pools,
+            pool_wanted: tokio::sync::Notify::new(),
             commands: Commands::default(),
             events,
             metrics: Metrics::default(),
             registry,
-            saved: Mutex::new((0, 0)),
+            saved: Mutex::new((0, 0, 0)),
         })
     }
 
@@ -109,11 +112,16 @@ impl AppState {
     pub fn save_if_changed(&self) {
         let Some(registry) = &self.registry else { return };
         let mut saved = self.saved.lock().unwrap();
-        let now = (self.boxes.changes(), self.snapshots.changes());
+        let now = (self.boxes.changes(), self.snapshots.changes(), self.pools.changes());
         if *saved == now {
             return;
         }
-        match registry.save(self.boxes.all(), self.snapshots.all()) {
+        let records = Records {
+            boxes: self.boxes.all(),
+            snapshots: self.snapshots.all(),
+            pool: self.pools.members(),
+        };
+        match registry.save(records) {
             Ok(()) => *saved = now,
             Err(e) => tracing::error!("{e}"),
         }

@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// `delete_after_stop_seconds` is deleted [default: never]
     #[arg(long, value_name = "SECONDS")]
     delete_after_stop: Option<u64>,
+    /// Keep N sandboxes of SNAPSHOT (`default`, or a template's name) restored and idle, so
+    /// that a create of it takes one at once; refilled as creates take them (repeatable)
+    #[arg(long = "pool", value_name = "SNAPSHOT=N", value_parser = server::pool::PoolSpec::parse)]
+    pools: Vec<server::pool::PoolSpec>,
 }
 
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
@@ -89,6 +93,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
     config.default_idle_ttl_seconds = args.idle_ttl;
     config.default_delete_after_stop_seconds = args.delete_after_stop;
+    let templates = store.templates()?;
+    for pool in &args.pools {
+        if let server::backend::Source::Template(name) = &pool.source {
+            if !templates.iter().any(|t| &t.name == name) {
+                anyhow::bail!("--pool {name}={}: there is no template named {name} (see `ember template ls`, or use `default`)", pool.floor);
+            }
+        }
+    }
+    config.pools = args.pools;
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
     let state = server::AppState::restore(
         Arc::new(SandboxBackend::new(store, boot, state_dir)),

@@ -35,9 +35,16 @@ fn config() -> server::Config {
 }
 
 pub fn app() -> App {
+    app_configured(|_| {})
+}
+
+/// A server over a fresh fake backend whose configuration `f` changed.
+pub fn app_configured(f: impl FnOnce(&mut server::Config)) -> App {
     let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
     let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
-    let state = server::AppState::new(backend.clone(), config());
+    let mut config = config();
+    f(&mut config);
+    let state = server::AppState::new(backend.clone(), config);
     let router = server::routes::router(state.clone());
     App {
         state,
@@ -50,10 +57,17 @@ pub fn app() -> App {
 /// A server over a fresh fake backend whose records are kept in `registry.json` in the
 /// backend's directory.
 pub fn app_with_registry() -> App {
+    app_with_registry_configured(|_| {})
+}
+
+/// [`app_with_registry`] with its configuration changed by `f` (kept across restarts).
+pub fn app_with_registry_configured(f: impl FnOnce(&mut server::Config)) -> App {
     let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
     let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
     let registry = server::registry::Registry::new(root.as_path().join("registry.json"));
-    let state = server::AppState::restore(backend.clone(), config(), registry).unwrap();
+    let mut config = config();
+    f(&mut config);
+    let state = server::AppState::restore(backend.clone(), config, registry).unwrap();
     let router = server::routes::router(state.clone());
     App {
         state,
@@ -69,9 +83,11 @@ impl App {
     pub fn restarted(self) -> App {
         self.state.save_if_changed();
         let path = self.state.registry.as_ref().expect("a registry").path().to_path_buf();
+        let mut config = config();
+        config.pools = self.state.config.pools.clone();
         let state = server::AppState::restore(
             self.backend.clone(),
-            config(),
+            config,
             server::registry::Registry::new(path),
         )
         .unwrap();
