@@ -34,6 +34,10 @@ case_exec_reports_exit_codes_signals_and_keeps_streams_apart() {
   expect_in eout "hi from /tmp" || return 1
   ember exec $SB -t -- sh -c 'tty; stty size' </dev/null >eout 2>&1
   expect_status 0 && expect_in eout /dev/pts/ && expect_in eout "24 80" || return 1
+  ember exec $SB --user nobody -- sh -c 'echo $(id -un) $PYTHONUNBUFFERED' </dev/null >eout 2>&1
+  expect_status 0 && expect_in eout "nobody 1" || return 1
+  ember exec $SB --user 1234:56 -- id </dev/null >eout 2>&1
+  expect_in eout "uid=1234 gid=56" || return 1
   ember exec no-such-sandbox -- true </dev/null >/dev/null 2>eerr
   expect_status 125 && expect_in eerr "no sandbox named no-such-sandbox"
 }

@@ -28,6 +28,9 @@ pub struct ExecArgs {
     /// Working directory in the guest
     #[arg(long)]
     cwd: Option<String>,
+    /// Run as this user of the guest: a name, a uid or uid:gid [default: root]
+    #[arg(long, short = 'u', value_name = "USER")]
+    user: Option<agent_protocol::User>,
     /// Kill the command (and everything it started) after this many seconds
     #[arg(long)]
     timeout: Option<f64>,
@@ -70,6 +73,7 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         argv: args.command,
         env,
         cwd: args.cwd,
+        user: args.user,
         timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
         pty,
         ..Default::default()
