@@ -28,6 +28,9 @@ pub struct Config {
     /// Where the boxes' event traces are kept; without it, in memory.
     pub events_dir: Option<PathBuf>,
     pub output_capacity: usize,
+    /// Where a command's output past `output_capacity` goes while no client keeps up, and how
+    /// much of it per command; without, the command is held back at `output_capacity`.
+    pub spill: Option<(PathBuf, u64)>,
     /// How long a start or a fork may take when the request gives no timeout.
     pub ready_timeout: Duration,
     /// `idle_ttl_seconds` of a box whose create names none (0: never stopped for idling).
@@ -45,6 +48,7 @@ impl Config {
             public_url: None,
             events_dir: None,
             output_capacity: DEFAULT_OUTPUT_CAPACITY,
+            spill: None,
             ready_timeout: Duration::from_secs(120),
             // The SDK documents 600 s as the server's default when a create names none.
             default_idle_ttl_seconds: 600,

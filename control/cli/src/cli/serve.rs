@@ -13,6 +13,9 @@ use clap::Args;
 use server::backend::sandbox::SandboxBackend;
 use server::tenants::Tenants;
 
+/// Bytes of a command's output that may go to disk while no client reads it.
+const SPILL_PER_COMMAND: u64 = 1 << 30;
+
 #[derive(Args)]
 pub struct ServeArgs {
     /// Address to listen on (without --keys, a loopback one only)
@@ -84,12 +87,16 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let events_dir = state_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("cannot create {}", events_dir.display()))?;
+    let spill_dir = state_dir.join("spill");
+    std::fs::create_dir_all(&spill_dir)
+        .with_context(|| format!("cannot create {}", spill_dir.display()))?;
     // Its records and traces are its owner's alone, whatever the umask.
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot make {} private", state_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
     config.events_dir = Some(events_dir);
+    config.spill = Some((spill_dir, SPILL_PER_COMMAND));
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
     config.default_idle_ttl_seconds = args.idle_ttl;
     config.default_delete_after_stop_seconds = args.delete_after_stop;

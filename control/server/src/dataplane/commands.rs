@@ -116,7 +116,7 @@ impl Command {
         Read {
             pieces,
             ending: inner.ending.clone().filter(|_| all_read),
-            held_back: inner.log.unacked() >= inner.log.capacity() as u64,
+            held_back: inner.log.full(),
         }
     }
 
@@ -212,7 +212,7 @@ impl Command {
 impl OutputSink for Command {
     fn write(&self, stream: Stream, data: &[u8]) {
         let mut inner = self.inner.lock().unwrap();
-        while !inner.released && inner.log.unacked() >= inner.log.capacity() as u64 {
+        while !inner.released && inner.log.full() {
             inner = self
                 .room
                 .wait_timeout(inner, Duration::from_secs(1))
@@ -265,6 +265,7 @@ impl Commands {
         cwd: Option<String>,
         options: Options,
         capacity: usize,
+        spill: Option<super::spill::Spill>,
     ) -> Arc<Command> {
         let command = Arc::new(Command {
             id: id.to_string(),
@@ -278,7 +279,7 @@ impl Commands {
             options,
             control: running.control(),
             inner: Mutex::new(Inner {
-                log: OutputLog::new(capacity),
+                log: OutputLog::new(capacity, spill),
                 ending: None,
                 attached: 0,
                 detached_since: Some(Instant::now()),

@@ -152,6 +152,11 @@ pub async fn get_or_start(
         spec.cwd.clone(),
         request.options(),
         state.config.output_capacity,
+        state.config.spill.as_ref().and_then(|(dir, capacity)| {
+            super::spill::Spill::create(dir, *capacity)
+                .map_err(|e| tracing::warn!("cannot make a spill file in {}: {e}; the command's output is held in memory only", dir.display()))
+                .ok()
+        }),
     );
     state.metrics.command_started();
     state.events.record(

@@ -11,6 +11,7 @@ pub mod execute;
 mod files;
 pub mod output;
 mod search;
+pub mod spill;
 
 use axum::routing::{get, post};
 use axum::Router;

@@ -3,13 +3,15 @@
 //! resumes from); and [`Utf8Splitter`], which turns a stream's bytes into the text frames the
 //! WebSocket carries without moving those offsets.
 //!
-//! The log is bounded: it holds what no client has been sent yet (at most `capacity` bytes:
-//! the command is held back past that, see `commands`) and, within the same bound, what was
-//! sent, for a client that reconnects from an earlier offset. A reconnect from before what is
-//! kept resumes from the oldest byte kept.
+//! The log is bounded: it holds what no client has been sent yet (at most `capacity` bytes in
+//! memory; with a [`Spill`], older unsent output moves to disk, up to the spill's capacity; the
+//! command is held back past both, see `commands`) and, within the same bound, what was sent,
+//! for a client that reconnects from an earlier offset. A reconnect from before what is kept
+//! resumes from the oldest byte kept.
 
 use std::collections::VecDeque;
 
+use super::spill::Spill;
 use crate::backend::Stream;
 
 fn index(stream: Stream) -> usize {
@@ -32,16 +34,23 @@ pub struct OutputLog {
     acked: [u64; 2],
     buffered: usize,
     capacity: usize,
+    /// Older pieces, on disk: all before those in `chunks`.
+    spill: Option<Spill>,
+    /// Each stream's end in the spill (within one stream, what lies above its acknowledged
+    /// offset in the spill is contiguous: only acknowledged pieces are dropped in between).
+    spill_end: [u64; 2],
 }
 
 impl OutputLog {
-    pub fn new(capacity: usize) -> OutputLog {
+    pub fn new(capacity: usize, spill: Option<Spill>) -> OutputLog {
         OutputLog {
             chunks: VecDeque::new(),
             end: [0; 2],
             acked: [0; 2],
             buffered: 0,
             capacity,
+            spill,
+            spill_end: [0; 2],
         }
     }
 
@@ -50,8 +59,21 @@ impl OutputLog {
         (self.end[0] - self.acked[0]) + (self.end[1] - self.acked[1])
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    fn spill_unacked(&self) -> u64 {
+        (0..2)
+            .map(|s| self.spill_end[s].saturating_sub(self.acked[s]))
+            .sum()
+    }
+
+    /// Whether the writer must wait for clients: as much unsent output in memory as the
+    /// bound, and no room for that much more on disk.
+    pub fn full(&self) -> bool {
+        let in_memory = self.unacked() - self.spill_unacked();
+        in_memory >= self.capacity as u64
+            && self
+                .spill
+                .as_ref()
+                .is_none_or(|s| !s.has_room(self.capacity as u64))
     }
 
     /// Each stream's length so far.
@@ -77,9 +99,20 @@ impl OutputLog {
             let Some(front) = self.chunks.front() else {
                 break;
             };
-            let sent = front.offset + front.data.len() as u64 <= self.acked[index(front.stream)];
-            if !sent && self.buffered <= 2 * self.capacity {
-                break;
+            let s = index(front.stream);
+            let front_end = front.offset + front.data.len() as u64;
+            if front_end > self.acked[s] {
+                let spilled = match &mut self.spill {
+                    Some(spill) if spill.has_room(front.data.len() as u64) => {
+                        spill.put(front.stream, front.offset, &front.data).is_ok()
+                    }
+                    _ => false,
+                };
+                if spilled {
+                    self.spill_end[s] = self.spill_end[s].max(front_end);
+                } else if self.buffered <= 2 * self.capacity {
+                    break;
+                }
             }
             self.buffered -= front.data.len();
             self.chunks.pop_front();
@@ -90,6 +123,13 @@ impl OutputLog {
     pub fn ack(&mut self, stream: Stream, offset: u64) {
         let s = index(stream);
         self.acked[s] = self.acked[s].max(offset.min(self.end[s]));
+        // Clients have all the spill holds: its space is free again.
+        if self.spill_unacked() == 0 {
+            if let Some(spill) = &mut self.spill {
+                spill.clear();
+                self.spill_end = [0; 2];
+            }
+        }
     }
 
     /// What follows `cursor` (each stream's next offset), in the order it came, at most about
@@ -98,37 +138,53 @@ impl OutputLog {
     pub fn read(&self, cursor: &mut [u64; 2], max: usize) -> Vec<Piece> {
         let mut out: Vec<Piece> = Vec::new();
         let mut taken = 0;
-        for chunk in &self.chunks {
+        let on_disk = self.spill.iter().flat_map(|spill| {
+            spill
+                .pieces()
+                .map(move |p| (p.stream, p.offset, p.len as usize, Source::Disk(spill, *p)))
+        });
+        let in_memory = self.chunks.iter().map(|c| {
+            (c.stream, c.offset, c.data.len(), Source::Memory(&c.data))
+        });
+        for (stream, offset, len, source) in on_disk.chain(in_memory) {
             if taken >= max {
                 break;
             }
-            let s = index(chunk.stream);
-            let chunk_end = chunk.offset + chunk.data.len() as u64;
-            if chunk_end <= cursor[s] {
+            let s = index(stream);
+            if offset + len as u64 <= cursor[s] {
                 continue;
             }
-            let from = cursor[s].max(chunk.offset);
-            let skip = (from - chunk.offset) as usize;
-            let take = (chunk.data.len() - skip).min(max - taken);
-            let data = &chunk.data[skip..skip + take];
+            let from = cursor[s].max(offset);
+            let skip = (from - offset) as usize;
+            let take = (len - skip).min(max - taken);
+            let data = match source {
+                Source::Memory(data) => data[skip..skip + take].to_vec(),
+                Source::Disk(spill, piece) => match spill.read(&piece, skip as u64, take) {
+                    Ok(data) => data,
+                    // What cannot be read back is skipped, as output dropped past the bound is.
+                    Err(e) => {
+                        tracing::warn!("cannot read a command's spilled output back: {e}");
+                        continue;
+                    }
+                },
+            };
             match out.last_mut() {
-                Some(last)
-                    if last.stream == chunk.stream
-                        && last.offset + last.data.len() as u64 == from =>
-                {
-                    last.data.extend_from_slice(data)
+                Some(last) if last.stream == stream && last.offset + last.data.len() as u64 == from => {
+                    last.data.extend_from_slice(&data)
                 }
-                _ => out.push(Piece {
-                    stream: chunk.stream,
-                    offset: from,
-                    data: data.to_vec(),
-                }),
+                _ => out.push(Piece { stream, offset: from, data }),
             }
             cursor[s] = from + take as u64;
             taken += take;
         }
         out
     }
+}
+
+/// Where a piece's bytes are.
+enum Source<'a> {
+    Memory(&'a [u8]),
+    Disk(&'a Spill, super::spill::Spilled),
 }
 
 /// Turns one stream's bytes into UTF-8 text whose encoded length is exactly the bytes' (so
@@ -206,7 +262,7 @@ mod tests {
 
     #[test]
     fn reads_follow_arrival_order_and_resume_from_each_streams_offset() {
-        let mut log = OutputLog::new(1 << 20);
+        let mut log = OutputLog::new(1 << 20, None);
         log.push(Stdout, b"ab");
         log.push(Stderr, b"E1");
         log.push(Stdout, b"cd");
@@ -256,7 +312,7 @@ mod tests {
 
     #[test]
     fn the_log_keeps_unsent_output_and_drops_the_oldest_sent() {
-        let mut log = OutputLog::new(4);
+        let mut log = OutputLog::new(4, None);
         log.push(Stdout, b"abc");
         log.push(Stdout, b"def");
         assert_eq!(
@@ -282,6 +338,45 @@ mod tests {
         );
         log.ack(Stdout, 1000);
         assert_eq!(log.unacked(), 0, "an ack past the end counts up to the end");
+    }
+
+    #[test]
+    fn unsent_output_past_the_bound_goes_to_disk_and_comes_back_in_order() {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-spill-").unwrap();
+        let spill = Spill::create(dir.as_path(), 64).unwrap();
+        assert_eq!(std::fs::read_dir(dir.as_path()).unwrap().count(), 0, "the spill file has no name");
+        let mut log = OutputLog::new(4, Some(spill));
+        for (i, piece) in [&b"aaaa"[..], b"bbbb", b"cccc", b"dddd"].iter().enumerate() {
+            let stream = if i == 1 { Stderr } else { Stdout };
+            log.push(stream, piece);
+            assert!(!log.full(), "piece {i}: the disk has room");
+        }
+        assert_eq!(log.unacked(), 16, "nothing unsent is lost");
+        let mut cursor = [0; 2];
+        let all = log.read(&mut cursor, 100);
+        let shown: Vec<(Stream, u64, &[u8])> = all.iter().map(|p| (p.stream, p.offset, p.data.as_slice())).collect();
+        assert_eq!(
+            shown,
+            [(Stdout, 0, &b"aaaa"[..]), (Stderr, 0, b"bbbb"), (Stdout, 4, b"ccccdddd")],
+            "read back from disk and memory in the order it came"
+        );
+        let mut partly = [2, 0];
+        assert_eq!(log.read(&mut partly, 3)[0].data, b"aa", "a piece on disk read from within");
+        // Filled up: the memory bound reached and no room on disk for that much more.
+        for _ in 0..16 {
+            log.push(Stdout, b"eeee");
+        }
+        assert!(log.full(), "the writer waits once both are full");
+        log.ack(Stdout, log.end()[0]);
+        log.ack(Stderr, 4);
+        assert!(!log.full());
+        assert_eq!(log.unacked(), 0);
+        log.push(Stdout, b"ffff");
+        log.push(Stdout, b"gggg");
+        let mut next = cursor;
+        next[0] = log.end()[0] - 8;
+        let rest = log.read(&mut next, 100);
+        assert_eq!(rest[0].data, b"ffffgggg", "the emptied spill is used again");
     }
 
     #[test]
