@@ -17,6 +17,7 @@ pub mod events;
 pub mod lifecycle;
 pub mod metrics;
 pub mod models;
+pub mod ports;
 pub mod routes;
 pub mod snapshots;
 pub mod state;
