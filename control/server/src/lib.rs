@@ -19,6 +19,8 @@ pub mod metrics;
 pub mod models;
 pub mod ports;
 pub mod routes;
+pub mod service_proxy;
+pub mod service_tokens;
 pub mod snapshots;
 pub mod state;
 pub mod tenants;
@@ -73,7 +75,9 @@ pub async fn serve(
             reaper_state.commands.reap();
         }
     });
-    let served = axum::serve(listener, routes::router(state))
+    // The peer's address is what the service proxy's X-Forwarded-For says.
+    let app = routes::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();

@@ -11,6 +11,7 @@ use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::service_tokens::ServiceTokens;
 use crate::snapshots::Snapshots;
 use crate::tenants::Tenants;
 
@@ -50,6 +51,7 @@ pub struct AppState {
     pub commands: Commands,
     pub events: Events,
     pub metrics: Metrics,
+    pub service_tokens: ServiceTokens,
 }
 
 pub type Shared = Arc<AppState>;
@@ -65,6 +67,7 @@ impl AppState {
             commands: Commands::default(),
             events,
             metrics: Metrics::default(),
+            service_tokens: ServiceTokens::default(),
         })
     }
 }
