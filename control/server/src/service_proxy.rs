@@ -85,7 +85,7 @@ pub async fn proxy(State(state): State<Shared>, Path(params): Path<HashMap<Strin
 
 /// `.ember-login?token=T[&redirect=/path]`: sets the port's cookie and sends the browser on.
 fn login(state: &Shared, box_id: &str, port: u16, uri: &Uri) -> Response {
-    let query: HashMap<String, String> = uri.query().map(|q| url_pairs(q)).unwrap_or_default();
+    let query: HashMap<String, String> = uri.query().map(url_pairs).unwrap_or_default();
     let Some(token) = query.get("token") else {
         return error(StatusCode::UNAUTHORIZED, "Unauthorized", "the login URL needs its token".into());
     };
@@ -190,7 +190,7 @@ fn strip_cookie(headers: &mut HeaderMap, name: &str) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|c| c.split(';'))
         .map(str::trim)
-        .filter(|pair| !pair.split_once('=').is_some_and(|(k, _)| k == name) && !pair.is_empty())
+        .filter(|pair| pair.split_once('=').is_none_or(|(k, _)| k != name) && !pair.is_empty())
         .map(String::from)
         .collect();
     headers.remove(header::COOKIE);
