@@ -94,3 +94,73 @@ fn pump<R: Read, W: Write>(mut from: R, mut to: W, shut: impl FnOnce(&W) -> io::
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    /// A VM's vsock socket as the VMM serves it: each `CONNECT` is answered `OK` and the
+    /// connection handed to the real agent, in this process.
+    fn fake_vsock(path: &Path) {
+        let l = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let s = s.unwrap();
+                let mut line = String::new();
+                io::BufReader::new(&s).read_line(&mut line).unwrap();
+                assert_eq!(line, "CONNECT 1024\n");
+                (&s).write_all(b"OK 1\n").unwrap();
+                std::thread::spawn(move || ember_agent::server::serve(s, &ember_agent::server::Config::default()));
+            }
+        });
+    }
+
+    #[test]
+    fn a_forwarded_connection_carries_bytes_and_half_close_both_ways() {
+        let dir = std::env::temp_dir().join(format!("ember-tunnel-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsock.sock");
+        fake_vsock(&socket);
+        // The "guest" service: reads to end of file, then answers with what it read, reversed.
+        let service = TcpListener::bind("127.0.0.1:0").unwrap();
+        let remote = service.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = service.accept().unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            got.reverse();
+            s.write_all(&got).unwrap();
+        });
+        // The tunnel's local side: a connection accepted from a client.
+        let local = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(local.local_addr().unwrap()).unwrap();
+        let (accepted, _) = local.accept().unwrap();
+        let forwarding = std::thread::spawn(move || forward(accepted, &socket, 1024, remote));
+        client.write_all(b"abc").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"cba", "the service saw end of file after the bytes, and its answer came back");
+        forwarding.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_refused_port_names_it() {
+        let dir = std::env::temp_dir().join(format!("ember-tunnel-refused-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("vsock.sock");
+        fake_vsock(&socket);
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let local = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(local.local_addr().unwrap()).unwrap();
+        let (accepted, _) = local.accept().unwrap();
+        let e = forward(accepted, &socket, 1024, closed).unwrap_err();
+        assert!(format!("{e:#}").contains(&format!("cannot reach port {closed} in the sandbox")), "{e:#}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
