@@ -102,6 +102,8 @@ async fn tokens_lifecycle_forks_tenants_and_the_trace() {
     assert!(trace.contains(r#""kind":"service_url""#), "{trace}");
 }
 
+// The header callback's error type is tungstenite's (a whole HTTP response), not ours.
+#[allow(clippy::result_large_err)]
 #[tokio::test]
 async fn a_websocket_passes_through_a_service_url_with_forwarded_headers() {
     let app = app();
