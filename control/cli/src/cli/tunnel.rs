@@ -117,13 +117,19 @@ mod tests {
         });
     }
 
-    #[test]
-    fn a_forwarded_connection_carries_bytes_and_half_close_both_ways() {
-        let dir = std::env::temp_dir().join(format!("ember-tunnel-test-{}", std::process::id()));
+    /// A fresh directory with a fake vsock socket in it: (the directory, the socket).
+    fn vsock_in(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ember-tunnel-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("vsock.sock");
         fake_vsock(&socket);
+        (dir, socket)
+    }
+
+    #[test]
+    fn a_forwarded_connection_carries_bytes_and_half_close_both_ways() {
+        let (dir, socket) = vsock_in("forward");
         // The "guest" service: reads to end of file, then answers with what it read, reversed.
         let service = TcpListener::bind("127.0.0.1:0").unwrap();
         let remote = service.local_addr().unwrap().port();
@@ -150,11 +156,7 @@ mod tests {
 
     #[test]
     fn a_refused_port_names_it() {
-        let dir = std::env::temp_dir().join(format!("ember-tunnel-refused-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("vsock.sock");
-        fake_vsock(&socket);
+        let (dir, socket) = vsock_in("refused");
         let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let local = TcpListener::bind("127.0.0.1:0").unwrap();
         let _client = TcpStream::connect(local.local_addr().unwrap()).unwrap();
