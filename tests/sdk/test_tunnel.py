@@ -116,3 +116,24 @@ def test_another_tenants_key_opens_no_tunnel(server, sb):
     t = Tunnel(sb.dataplane_url, server.other_key, 8000, local_port=free_port(), max_reconnects=0)
     with pytest.raises(Exception, match="404"):
         t._start()
+
+
+def test_the_status_byte_for_a_bad_version_and_port_zero(server, sb):
+    """The connect-header protocol below the SDK's Tunnel, with its own yamux and adapter."""
+    from websockets.sync.client import connect
+
+    from langsmith.sandbox._tunnel import STATUS_PORT_NOT_ALLOWED, STATUS_UNSUPPORTED_VERSION, _WSAdapter
+    from langsmith.sandbox._yamux import YamuxSession
+
+    url = sb.dataplane_url.replace("http://", "ws://") + "/tunnel"
+    with connect(url, additional_headers={"X-Api-Key": server.key}, ping_interval=None) as ws:
+        session = YamuxSession(_WSAdapter(ws))
+        try:
+            stream = session.open_stream()
+            stream.write(bytes([9, 0x1F, 0x40]))
+            assert stream.read(1) == bytes([STATUS_UNSUPPORTED_VERSION])
+            stream = session.open_stream()
+            stream.write(bytes([1, 0, 0]))
+            assert stream.read(1) == bytes([STATUS_PORT_NOT_ALLOWED])
+        finally:
+            session.close()
