@@ -199,7 +199,10 @@ case_a_larger_disk_fills_up_in_the_guest_not_on_the_host() {
 case_a_sandbox_ends_when_its_ttl_is_over() {
   ember run --detach --name ttl-gone --ttl 15 >/dev/null 2>err && ember run --detach --name ttl-kept --ttl 15 --on-ttl keep >/dev/null 2>>err
   expect_status 0 || { cat err; return 1; }
-  ember exec ttl-gone -- true </dev/null || return 1
+  ember exec ttl-gone -- true </dev/null || {
+    for log in vmm console; do echo "    --- ttl-gone's $log.log:"; tail -n 15 "$STATE/ttl-gone/$log.log" | sed 's/^/    | /'; done
+    return 1
+  }
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/ttl-gone/sandbox.json")
   sleep 20
   # The VMM ended it on time, with no ember command running.

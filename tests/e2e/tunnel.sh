@@ -6,8 +6,6 @@
 SB=e2e-tunnel
 STATE=$HOME/.local/state/ember/sandboxes
 EXTRA_LOGS="$STATE/$SB/vmm.log $STATE/$SB/console.log"
-# The tunnels listen on the middle machine's loopback, which is down unless NESTED_FORWARD.
-ip link set lo up
 
 # A TCP echo service on 127.0.0.1:7000 in the guest: echoes until the client's end of file,
 # then says how many bytes it read and closes (so the host sees the half-close arrive).

@@ -1,6 +1,7 @@
 //! Reaching a TCP port inside a box, for the data plane's tunnels and the service URLs: the
 //! box must be running (a stopped box is not started for it: its tunnels and URLs fail with
-//! `NotReady` until the box is started again), and every dial, refused or not, goes to the
+//! `NotReady` until the box is started again), each dial counts as use of the box (its idle
+//! TTL starts again; a stream that stays open long does not by itself), and every dial, refused or not, goes to the
 //! box's event trace.
 
 use serde_json::json;
@@ -35,6 +36,8 @@ pub async fn dial(state: &Shared, box_id: &str, port: u16, via: Via) -> Result<U
         (Some(name), Status::Ready) => name.clone(),
         _ => return Err(not_ready(&record)),
     };
+    // A connection is use of the box, for its idle TTL.
+    state.boxes.touch(box_id);
     let backend = state.backend.clone();
     let dialed = blocking(move || backend.dial(&name, port)).await?;
     let event = |outcome: &str| json!({"kind": "port", "via": via.as_str(), "port": port, "outcome": outcome});

@@ -102,4 +102,6 @@ async fn forward(state: Shared, box_id: String, mut stream: yamux::Stream) {
     if let Err(e) = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut guest, BUFFER, BUFFER).await {
         tracing::debug!("tunnel to port {port} of box {box_id} ended: {e}");
     }
+    // The stream's end is use of the box too: its idle TTL counts from here.
+    state.boxes.touch(&box_id);
 }
