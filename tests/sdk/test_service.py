@@ -29,8 +29,11 @@ class H(http.server.SimpleHTTPRequestHandler):
             time.sleep(0.3)
         self.wfile.write(b"0\\r\\n\\r\\n")
 s = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+# A minute without a request ends it (on the fake backend it is a process of the host).
 s.timeout = 60
-s.serve_forever()
+s.handle_timeout = sys.exit
+while True:
+    s.handle_request()
 """
 
 
