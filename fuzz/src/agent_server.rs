@@ -60,6 +60,7 @@ impl Connection for FakeConn {
         Ok(self.clone())
     }
     fn shutdown(&self) {}
+    fn shutdown_write(&self) {}
     fn set_read_timeout(&self, _: Option<Duration>) -> io::Result<()> {
         Ok(())
     }

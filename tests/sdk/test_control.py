@@ -95,10 +95,6 @@ def test_errors_map_to_the_sdks_exceptions(server, client, sb):
         client.create_sandbox(snapshot="no-such-snapshot")
     with pytest.raises(SandboxClientError, match="issue 16"):
         client.create_snapshot("img", docker_image="python:3.12-slim", fs_capacity_bytes=1 << 30)
-    with pytest.raises(SandboxClientError, match="service URLs"):
-        sb.service(port=8000)
-    with pytest.raises(Exception, match="501"):
-        sb.tunnel(remote_port=5432, local_port=0, max_reconnects=0)
 
 
 def test_keys_and_tenants(server, client, sb):

@@ -48,6 +48,10 @@ enum Command {
     /// Copy a file into or out of a sandbox: `ember cp LOCAL NAME:PATH` or `ember cp NAME:PATH
     /// LOCAL` (`-` for stdin/stdout)
     Cp(cli::cp::CpArgs),
+    /// Forward a local TCP port to a port inside a sandbox: listens on --local (default
+    /// 127.0.0.1:REMOTE_PORT, or an ephemeral port when that is taken), prints the address it
+    /// listens on, and forwards each connection until interrupted
+    Tunnel(cli::tunnel::TunnelArgs),
     /// Snapshot a sandbox into DIR (VM state, memory, and a frozen copy of its disk); the
     /// sandbox is paused meanwhile and runs on after. Start copies with
     /// `ember run --detach --from-snapshot DIR`.
@@ -542,6 +546,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, started),
         Command::Exec(args) => store().and_then(|s| cli::exec::exec(args, &s)),
         Command::Cp(args) => store().and_then(|s| cli::cp::cp(args, &s)),
+        Command::Tunnel(args) => store().and_then(|s| cli::tunnel::tunnel(args, &s)).map(|()| ExitCode::SUCCESS),
         Command::Ls { json } => ls(json),
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),

@@ -13,6 +13,7 @@
 pub mod sandbox;
 
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 /// What went wrong, in the classes the API answers differently.
@@ -30,6 +31,21 @@ pub enum BackendError {
     /// The sandbox or its guest failed doing it.
     #[error("{0}")]
     Failed(String),
+    /// Nothing accepts connections on the port dialed in the sandbox (the message names it).
+    #[error("{0}")]
+    DialFailed(String),
+}
+
+impl From<agent_client::ClientError> for BackendError {
+    fn from(e: agent_client::ClientError) -> BackendError {
+        use agent_client::ClientError as E;
+        match e {
+            E::NotFound { .. } | E::NotADirectory { .. } => BackendError::NotFound(e.to_string()),
+            E::IsADirectory { .. } | E::PermissionDenied { .. } => BackendError::Invalid(e.to_string()),
+            E::DialFailed { .. } => BackendError::DialFailed(e.to_string()),
+            e => BackendError::Failed(e.to_string()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -203,4 +219,8 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, name: &str, path: &str, out: &mut dyn Write) -> Result<u64>;
     fn stat(&self, name: &str, path: &str) -> Result<FileStat>;
     fn list_dir(&self, name: &str, path: &str) -> Result<Vec<DirEntry>>;
+    /// Connects to TCP `port` on the running sandbox's loopback; the stream then carries that
+    /// connection's bytes both ways (shutting its write side is the service's end of file).
+    /// Nothing listening there is [`BackendError::DialFailed`].
+    fn dial(&self, name: &str, port: u16) -> Result<UnixStream>;
 }

@@ -37,6 +37,9 @@ pub enum ApiError {
     /// 501: a part of the API ember does not have yet, saying which.
     #[error("{0}")]
     NotImplemented(String),
+    /// 502: nothing accepts connections on the sandbox's port that was asked for.
+    #[error("{0}")]
+    BadGateway(String),
     /// 500: ember failed; the message says how.
     #[error("{0}")]
     Internal(String),
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -79,6 +83,7 @@ impl ApiError {
             ApiError::Timeout(_) => "Timeout",
             ApiError::Quota(_) => "QuotaExceeded",
             ApiError::NotImplemented(_) => "NotImplemented",
+            ApiError::BadGateway(_) => "DialFailed",
             ApiError::Internal(_) => "InternalError",
         };
         json!({"error": kind, "message": self.to_string()})
@@ -97,6 +102,7 @@ impl ApiError {
                 message: format!("{what}: {m}"),
             },
             BackendError::Failed(m) => ApiError::Internal(format!("{what}: {m}")),
+            BackendError::DialFailed(m) => ApiError::BadGateway(format!("{what}: {m}")),
         }
     }
 }

@@ -19,8 +19,11 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod models;
 pub mod pool;
+pub mod ports;
 pub mod registry;
 pub mod routes;
+pub mod service_proxy;
+pub mod service_tokens;
 pub mod snapshots;
 pub mod state;
 pub mod tenants;
@@ -99,7 +102,9 @@ pub async fn serve(
             let _ = tokio::time::timeout(POOL_RETRY, filler_state.pool_wanted.notified()).await;
         }
     });
-    let served = axum::serve(listener, routes::router(state.clone()))
+    // The peer's address is what the service proxy's X-Forwarded-For says.
+    let app = routes::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();

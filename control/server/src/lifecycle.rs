@@ -22,7 +22,7 @@ fn creation_error(e: BackendError) -> ApiError {
     match e {
         BackendError::NotFound(m) => ApiError::NotFound(m),
         BackendError::Invalid(m) => ApiError::invalid("body", m),
-        BackendError::NotReady(m) | BackendError::Failed(m) => ApiError::CreationFailed {
+        BackendError::NotReady(m) | BackendError::Failed(m) | BackendError::DialFailed(m) => ApiError::CreationFailed {
             kind: "SandboxStart",
             message: m,
         },
@@ -125,7 +125,7 @@ fn gone(id: &str) -> ApiError {
     ApiError::NotFound(format!("Sandbox '{id}' not found"))
 }
 
-fn not_ready(record: &BoxRecord) -> ApiError {
+pub(crate) fn not_ready(record: &BoxRecord) -> ApiError {
     let why = record
         .status_message
         .as_deref()

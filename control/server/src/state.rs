@@ -11,6 +11,7 @@ use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::service_tokens::ServiceTokens;
 use crate::pool::{PoolSpec, Pools};
 use crate::registry::{self, Records, Registry, RegistryError};
 use crate::snapshots::Snapshots;
@@ -66,6 +67,7 @@ pub struct AppState {
     pub commands: Commands,
     pub events: Events,
     pub metrics: Metrics,
+    pub service_tokens: ServiceTokens,
     pub pools: Pools,
     /// Woken when a create took a pool's sandbox, for the filler.
     pub pool_wanted: tokio::sync::Notify,
@@ -106,6 +108,7 @@ impl AppState {
             commands: Commands::default(),
             events,
             metrics: Metrics::default(),
+            service_tokens: ServiceTokens::default(),
             registry,
             saved: Mutex::new((0, 0, 0)),
         })

@@ -176,6 +176,13 @@ impl<S: Connection> Incoming<S> {
         Ok(())
     }
 
+    /// The stream, with its receive timeout cleared, and the bytes read ahead of the frames
+    /// handed out so far (a `Dial`'s first raw bytes, when the host sent them at once).
+    fn into_parts(self) -> io::Result<(S, Vec<u8>)> {
+        self.stream.set_read_timeout(None)?;
+        Ok((self.stream, self.ahead[self.start..self.end].to_vec()))
+    }
+
     fn stalled(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -293,6 +300,8 @@ pub fn serve<S: Connection>(stream: S, config: &Config) -> io::Result<()> {
     let mut writes = crate::files::Writes::default();
     let mut buf = Vec::new();
     let mut incoming = Incoming::new(stream, config.frame_timeout);
+    // Whether a `Dial` may still take the connection over: nothing else it started may write.
+    let mut may_dial = true;
     let result = loop {
         let frame = read_frame(&mut incoming, &mut buf);
         incoming.frame_done();
@@ -343,6 +352,27 @@ pub fn serve<S: Connection>(stream: S, config: &Config) -> io::Result<()> {
         if buf.capacity() > KEPT_BUFFER {
             buf = Vec::new();
         }
+        if let (RequestBody::Dial { port }, true) = (&req.body, req.id != CONNECTION_ID) {
+            if !may_dial {
+                out.error(req.id, ErrorKind::InvalidRequest, "Dial must be the first request on its connection (after Hello or Health only)");
+                continue;
+            }
+            match crate::dial::connect(*port) {
+                Ok(service) => {
+                    if !out.send(req.id, ReplyBody::Ok) {
+                        break Ok(());
+                    }
+                    drop(out);
+                    let (host, early) = incoming.into_parts()?;
+                    return crate::dial::splice(host, &early, service);
+                }
+                Err(e) => {
+                    out.error(req.id, ErrorKind::DialFailed, e.to_string());
+                    continue;
+                }
+            }
+        }
+        may_dial &= matches!(req.body, RequestBody::Hello { .. } | RequestBody::Health);
         handle(req, &out, &execs, &mut writes, config);
     };
     // The peer is gone: stop what it started.
@@ -500,6 +530,8 @@ fn handle(
         RequestBody::SetHostname { name } => {
             reply_unit(id, out, "sethostname", sys::set_hostname(&name))
         }
+        // Taken over by `serve` (it takes the connection) unless its id is the reserved one.
+        RequestBody::Dial { .. } => {}
         RequestBody::PowerOff => {
             if !config.allow_power_off {
                 out.error(

@@ -1,7 +1,7 @@
 //! The host side of the guest agent's protocol (guest-agent/PROTOCOL.md): reaching the agent
 //! through the VMM's vsock socket (`connect`, `wait_ready`), running commands with their output
 //! streamed back and stdin passed through (`exec`, `Exec`), moving files (`upload`,
-//! `download`, `stat`, ...), and the identity hooks for restored guests (`set_identity`).
+//! `download`, `stat`, ...), dialing a TCP port in the guest (`dial`), and the identity hooks for restored guests (`set_identity`).
 //!
 //! Each call takes a fresh request id, and replies for any other id are skipped: an operation
 //! that ended early (a local write failed mid-download, say) leaves frames behind that the next
@@ -9,6 +9,7 @@
 //! per-chunk acknowledgement; the only flow control is the connection's own.
 
 mod connect;
+mod dial;
 mod exec;
 mod files;
 mod identity;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use agent_protocol::{decode, read_frame, write_frame, ErrorKind, FrameError, Reply, ReplyBody, Request, RequestBody};
 
 pub use connect::{connect, health, hello, wait_ready, Health};
+pub use dial::dial;
 pub use exec::{exec, spawn_detached, Exec, ExecControl, Outcome};
 pub use files::{download, list_dir, mkdir, remove, stat, upload};
 pub use identity::{set_identity, Identity};
@@ -65,6 +67,10 @@ pub enum ClientError {
     File { path: String, kind: ErrorKind, message: String },
     #[error("{path} (in the guest): the agent sent {got} bytes but announced {announced}")]
     SizeMismatch { path: String, got: u64, announced: u64 },
+    #[error("cannot reach port {port} in the sandbox: {message}")]
+    DialFailed { port: u16, message: String },
+    #[error("the sandbox's agent is too old to dial ports (update its image)")]
+    DialUnsupported,
     #[error("local {what} failed: {source}")]
     Local { what: &'static str, source: io::Error },
 }

@@ -374,3 +374,26 @@ fn wait_ready_until_the_agent_answers() {
     assert!(t.elapsed() < Duration::from_secs(2));
     std::fs::remove_dir_all(d).unwrap();
 }
+
+#[test]
+fn dial_gives_the_service_stream_or_names_the_refused_port() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut r = s.try_clone().unwrap();
+        io::copy(&mut r, &mut s).unwrap();
+    });
+    let mut s = agent_client::dial(agent(), port).unwrap();
+    s.write_all(b"ping").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"ping");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    match agent_client::dial(agent(), closed) {
+        Err(e @ ClientError::DialFailed { .. }) => assert!(e.to_string().contains(&format!("port {closed}")), "{e}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}

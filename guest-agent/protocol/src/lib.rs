@@ -119,6 +119,13 @@ pub enum RequestBody {
     /// Set the window size of exec `id`'s pty (TIOCSWINSZ; its foreground group gets
     /// SIGWINCH). No reply unless it fails.
     Resize(PtySize),
+    /// Connect to `port` on the guest's loopback (127.0.0.1, else ::1). Answered by `Ok`, after
+    /// which the connection carries the raw bytes of that TCP connection both ways (no more
+    /// frames), or by `Error { DialFailed }` and the connection keeps serving frames. Must be
+    /// the first request on its connection other than `Hello` and `Health`.
+    Dial {
+        port: u16,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -265,6 +272,8 @@ pub enum ErrorKind {
     /// The agent serves as many connections as it will (reply id is [`CONNECTION_ID`]); the
     /// connection is closed after this reply.
     TooManyConnections,
+    /// A `Dial` found nothing accepting connections on the port (the message names it).
+    DialFailed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

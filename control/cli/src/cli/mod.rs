@@ -1,9 +1,11 @@
-//! The `ember` commands that talk to a sandbox's guest agent, and those on templates.
+//! The `ember` commands that talk to a sandbox's guest agent (exec, cp, tunnel), and those on
+//! templates.
 
 pub mod cp;
 pub mod exec;
 pub mod serve;
 pub mod template;
+pub mod tunnel;
 mod terminal;
 
 use std::os::unix::net::UnixStream;

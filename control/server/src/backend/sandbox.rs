@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use agent_client::{ClientError, Exec, ExecControl, Outcome};
+use agent_client::{Exec, ExecControl, Outcome};
 use sandbox::{SandboxError, SandboxSpec, Store};
 
 use super::{
@@ -64,7 +64,7 @@ impl SandboxBackend {
     fn agent(&self, name: &str) -> Result<UnixStream> {
         let socket = self.store.vsock_socket(name).map_err(from_sandbox)?;
         agent_client::connect(&socket, agent_protocol::DEFAULT_PORT, CONNECT_TIMEOUT)
-            .map_err(from_client)
+            .map_err(BackendError::from)
     }
 
     fn created(&self, record: sandbox::record::Record) -> Created {
@@ -139,18 +139,6 @@ fn from_sandbox(e: SandboxError) -> BackendError {
         | SandboxError::BadVcpus { .. } => BackendError::Invalid(e.to_string()),
         SandboxError::NotRunning(_) | SandboxError::Starting { .. } => {
             BackendError::NotReady(e.to_string())
-        }
-        e => BackendError::Failed(e.to_string()),
-    }
-}
-
-fn from_client(e: ClientError) -> BackendError {
-    match e {
-        ClientError::NotFound { .. } | ClientError::NotADirectory { .. } => {
-            BackendError::NotFound(e.to_string())
-        }
-        ClientError::IsADirectory { .. } | ClientError::PermissionDenied { .. } => {
-            BackendError::Invalid(e.to_string())
         }
         e => BackendError::Failed(e.to_string()),
     }
@@ -272,7 +260,7 @@ impl Backend for SandboxBackend {
                 ..Default::default()
             };
             agent_client::exec(stream, request, &mut std::io::sink(), &mut std::io::sink())
-                .map_err(from_client)
+                .map_err(BackendError::from)
         });
         if let Err(e) = synced {
             tracing::warn!("sandbox {name}: sync before the stop failed: {e}");
@@ -393,7 +381,7 @@ impl Backend for SandboxBackend {
         } else {
             (None, None)
         };
-        let exec = Exec::start(stream, request, reader).map_err(from_client)?;
+        let exec = Exec::start(stream, request, reader).map_err(BackendError::from)?;
         let control = Arc::new(AgentControl {
             exec: exec.control(),
             stdin: Mutex::new(stdin),
@@ -414,23 +402,23 @@ impl Backend for SandboxBackend {
             .filter(|p| !p.as_os_str().is_empty())
         {
             agent_client::mkdir(&mut stream, &parent.to_string_lossy(), 0o755, true)
-                .map_err(from_client)?;
+                .map_err(BackendError::from)?;
         }
-        agent_client::upload(&mut stream, data, path, mode).map_err(from_client)
+        agent_client::upload(&mut stream, data, path, mode).map_err(BackendError::from)
     }
 
     fn download(&self, name: &str, path: &str, out: &mut dyn Write) -> Result<u64> {
-        agent_client::download(&mut self.agent(name)?, path, out).map_err(from_client)
+        agent_client::download(&mut self.agent(name)?, path, out).map_err(BackendError::from)
     }
 
     fn stat(&self, name: &str, path: &str) -> Result<FileStat> {
         agent_client::stat(&mut self.agent(name)?, path)
             .map(stat_of)
-            .map_err(from_client)
+            .map_err(BackendError::from)
     }
 
     fn list_dir(&self, name: &str, path: &str) -> Result<Vec<DirEntry>> {
-        let entries = agent_client::list_dir(&mut self.agent(name)?, path).map_err(from_client)?;
+        let entries = agent_client::list_dir(&mut self.agent(name)?, path).map_err(BackendError::from)?;
         Ok(entries
             .into_iter()
             .map(|e| DirEntry {
@@ -438,6 +426,10 @@ impl Backend for SandboxBackend {
                 stat: stat_of(e.stat),
             })
             .collect())
+    }
+
+    fn dial(&self, name: &str, port: u16) -> Result<UnixStream> {
+        Ok(agent_client::dial(self.agent(name)?, port)?)
     }
 }
 
@@ -529,7 +521,7 @@ impl Running for AgentRunning {
         let outcome = self.exec.wait(&mut out, &mut err);
         // The stdin copy ends with the connection; its sender is no longer of use.
         self.control.close_stdin();
-        match outcome.map_err(from_client)? {
+        match outcome.map_err(BackendError::from)? {
             Outcome::Exit(code) => Ok(Exit::Code(code)),
             Outcome::Killed(signal) => Ok(Exit::Signal(signal)),
             Outcome::TimedOut => Ok(Exit::Signal(libc::SIGKILL)),

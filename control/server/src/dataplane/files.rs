@@ -47,7 +47,7 @@ pub fn file_error(kind: &'static str, path: &str, e: BackendError) -> ApiError {
             kind: "NotReady",
             message: m,
         },
-        BackendError::Invalid(m) | BackendError::Failed(m) => {
+        BackendError::Invalid(m) | BackendError::Failed(m) | BackendError::DialFailed(m) => {
             ApiError::BadRequest { kind, message: m }
         }
     }

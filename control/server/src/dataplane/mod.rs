@@ -1,8 +1,9 @@
 //! Each box's data plane, at the `dataplane_url` the control plane hands out
 //! (`/dataplane/{box id}`): commands over the WebSocket (`execute/ws`) and over SSE
-//! (`execute/stream/{start,resume}`), and files (`upload`, `download`, `glob`, `grep`).
+//! (`execute/stream/{start,resume}`), files (`upload`, `download`, `glob`, `grep`), and TCP
+//! tunnels into the box's ports (`tunnel`).
 //! Every request carries the tenant's key like the control plane's; a box of another tenant
-//! is a 404, and a stopped box is started first.
+//! is a 404, and a stopped box is started first (except for a tunnel: see `ports`).
 
 pub mod commands;
 mod exec_sse;
@@ -12,6 +13,8 @@ mod files;
 pub mod output;
 mod search;
 pub mod spill;
+mod tunnel;
+mod ws_io;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -29,12 +32,6 @@ async fn running_box(state: &Shared, tenant: &Tenant, box_id: &str) -> Result<Bo
     lifecycle::running(state, record).await
 }
 
-async fn tunnel() -> ApiError {
-    ApiError::NotImplemented(
-        "TCP tunnels are not built yet: ember serve does not forward connections into a sandbox's ports (ember issue 20, service URLs and tunnels)".into(),
-    )
-}
-
 pub fn router() -> Router<Shared> {
     Router::new()
         .route("/execute/ws", get(exec_ws::upgrade))
@@ -44,5 +41,5 @@ pub fn router() -> Router<Shared> {
         .route("/download", get(files::download).head(files::download))
         .route("/glob", post(search::glob))
         .route("/grep", post(search::grep))
-        .route("/tunnel", get(tunnel))
+        .route("/tunnel", get(tunnel::upgrade))
 }

@@ -1,21 +1,25 @@
 //! `/api/v2/sandboxes/boxes`: create, list, get, update, delete, status, start, stop, and
 //! ember's own `fork` and `events`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
+use serde::Deserialize;
 use serde_json::json;
 
 use super::{ok, Base, Body};
 use crate::backend::{CreateSpec, Source};
 use crate::boxes::{check_name, BoxRecord, Status};
+use crate::clock::rfc3339;
 use crate::error::ApiError;
 use crate::lifecycle;
 use crate::models::{CreateBox, Fork, UpdateBox};
+use crate::{service_proxy, service_tokens};
 use crate::state::{blocking, Shared};
 use crate::tenants::Tenant;
 
@@ -297,16 +301,63 @@ pub async fn events(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+pub struct ServiceUrlRequest {
+    port: u16,
+    #[serde(default = "default_service_ttl")]
+    expires_in_seconds: u64,
+    access: Option<String>,
+}
+
+fn default_service_ttl() -> u64 {
+    600
+}
+
+/// `POST .../boxes/{name}/service-url`: a token for one port of the box, and the URLs it opens
+/// (the SDK's `ServiceURL`): `service_url` takes the token in a header, `browser_url` sets it
+/// as a cookie. Login-gated access (`access`) is LangSmith's accounts, which ember has not.
 pub async fn service_url(
     State(state): State<Shared>,
     tenant: Tenant,
+    Base(base): Base,
     Path(name): Path<String>,
-    _body: Bytes,
-) -> Result<(), ApiError> {
-    state.boxes.get(&tenant.name, &name)?;
-    Err(ApiError::NotImplemented(
-        "service URLs are not built yet: ember serve does not forward HTTP into a sandbox's ports (ember issue 20, service URLs and tunnels)".into(),
-    ))
+    Body(req): Body<ServiceUrlRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let record = state.boxes.get(&tenant.name, &name)?;
+    if req.port == 0 {
+        return Err(ApiError::invalid("port", "a port from 1 to 65535"));
+    }
+    if !(1..=service_tokens::MAX_TTL_SECONDS).contains(&req.expires_in_seconds) {
+        return Err(ApiError::invalid("expires_in_seconds", format!("from 1 to {}", service_tokens::MAX_TTL_SECONDS)));
+    }
+    if req.access.is_some() {
+        return Err(ApiError::NotImplemented("login-gated service URLs need LangSmith accounts, which ember has not: omit access for a token URL".into()));
+    }
+    let (token, expires_ms) = state.service_tokens.mint(&record.id, req.port, req.expires_in_seconds);
+    state.events.record(&record.id, json!({"kind": "service_url", "op": "mint", "port": req.port, "expires_at": rfc3339(expires_ms)}));
+    let service = format!("{base}{}", service_proxy::prefix(&record.id, req.port));
+    Ok(Json(json!({
+        "service_url": service,
+        "browser_url": format!("{service}/{}?token={token}", service_proxy::LOGIN),
+        "token": token,
+        "expires_at": rfc3339(expires_ms),
+        "embed_url": "",
+        "embed_origins": [],
+    })))
+}
+
+/// ember's `DELETE .../boxes/{name}/service-url[?port=N]`: revokes the box's service tokens
+/// (of one port, with `port`).
+pub async fn revoke_service_urls(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, u16>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let record = state.boxes.get(&tenant.name, &name)?;
+    let revoked = state.service_tokens.revoke(&record.id, q.get("port").copied());
+    state.events.record(&record.id, json!({"kind": "service_url", "op": "revoke", "count": revoked}));
+    Ok(Json(json!({ "revoked": revoked })))
 }
 
 pub async fn download_url(

@@ -9,7 +9,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::error::ApiError;
@@ -110,7 +110,7 @@ pub fn router(state: Shared) -> Router {
         .route("/boxes/{name}/stop", post(boxes::stop))
         .route("/boxes/{name}/fork", post(boxes::fork))
         .route("/boxes/{name}/events", get(boxes::events))
-        .route("/boxes/{name}/service-url", post(boxes::service_url))
+        .route("/boxes/{name}/service-url", post(boxes::service_url).delete(boxes::revoke_service_urls))
         .route("/boxes/{name}/download-url", post(boxes::download_url))
         .route("/boxes/{name}/snapshot", post(snapshots::capture))
         .route(
@@ -125,6 +125,9 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .nest("/api/v2/sandboxes", api)
         .nest("/dataplane/{box_id}", crate::dataplane::router())
+        .route("/services/{box_id}/{port}", any(crate::service_proxy::proxy))
+        .route("/services/{box_id}/{port}/", any(crate::service_proxy::proxy))
+        .route("/services/{box_id}/{port}/{*rest}", any(crate::service_proxy::proxy))
         .route("/metrics", get(metrics))
         .fallback(unknown)
         .with_state(state)

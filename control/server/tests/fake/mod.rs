@@ -1,6 +1,7 @@
 //! A test backend: each sandbox is a directory on the host whose "guest paths" are under it,
 //! and commands are host processes run in it (their working directory mapped there, HOME set
-//! to it). Starts return a new name, as the real backend's successors do. Used by the Rust
+//! to it), and ports are the host's loopback (dialed by the real agent, in-process). Starts
+//! return a new name, as the real backend's successors do. Used by the Rust
 //! tests and by `examples/fake_serve.rs`, which the SDK tests drive.
 
 #![allow(dead_code)]
@@ -321,6 +322,15 @@ impl Backend for FakeBackend {
             });
         }
         Ok(entries)
+    }
+
+    /// The real agent, in this process, dials the host's loopback: a box's ports are this
+    /// host's, and the splice is the agent's own.
+    fn dial(&self, name: &str, port: u16) -> Result<std::os::unix::net::UnixStream> {
+        self.running(name)?;
+        let (host, agent) = std::os::unix::net::UnixStream::pair().map_err(bad)?;
+        std::thread::spawn(move || ember_agent::server::serve(agent, &ember_agent::server::Config::default()));
+        Ok(agent_client::dial(host, port)?)
     }
 }
 

@@ -38,6 +38,9 @@ impl Connection for VsockStream {
     fn shutdown(&self) {
         let _ = shutdown(&self.0, Shutdown::Both);
     }
+    fn shutdown_write(&self) {
+        let _ = shutdown(&self.0, Shutdown::Write);
+    }
     fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         Ok(rustix::net::sockopt::set_socket_timeout(&self.0, rustix::net::sockopt::Timeout::Recv, timeout)?)
     }
