@@ -45,18 +45,20 @@ async fn a_restarted_server_adopts_its_boxes_and_snapshots() {
 
     let app = app.restarted();
     let (_, list) = app.call("GET", "/api/v2/sandboxes/boxes", Some(ALICE), None).await;
-    let states: Vec<(String, String)> = list["sandboxes"]
+    let mut states: Vec<(String, String)> = list["sandboxes"]
         .as_array()
         .unwrap()
         .iter()
         .map(|b| (b["name"].as_str().unwrap().into(), b["status"].as_str().unwrap().into()))
         .collect();
+    // Listed by creation time, which may be the same millisecond for all three.
+    states.sort();
     assert_eq!(
         states,
         [
+            ("gone".to_string(), "failed".to_string()),
             ("running".to_string(), "ready".to_string()),
             ("stopped".to_string(), "stopped".to_string()),
-            ("gone".to_string(), "failed".to_string()),
         ]
     );
     let (_, failed) = app.call("GET", "/api/v2/sandboxes/boxes/gone", Some(ALICE), None).await;
