@@ -12,3 +12,11 @@ pub mod error;
 pub mod tree;
 
 pub use error::{ImageError, LayerError};
+pub mod build;
+pub mod oci;
+pub mod source;
+pub mod store;
+
+pub use build::{build, find_agent, BuildOptions, ScratchDir};
+pub use source::{from_docker_archive, from_layout, Resolved};
+pub use store::{normalize, Entry, ExecDefaults, Store};

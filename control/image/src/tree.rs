@@ -115,6 +115,47 @@ impl Tree {
     }
 }
 
+impl Tree {
+    /// Opens regular file `path` of the tree for reading, following symlinks (the last
+    /// component's too) inside the tree only.
+    pub(crate) fn open_file(&self, path: &str) -> Result<std::fs::File, LayerError> {
+        let mut comps = components(Path::new(path))?;
+        for _ in 0..MAX_LINKS {
+            let Some((name, parent)) = comps.split_last() else {
+                return Err(LayerError::NotADirectory { path: path.into(), component: "/".into() });
+            };
+            let dir = self.dir(path, parent, false)?;
+            let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            match rfs::openat(&dir, name, flags, Mode::empty()) {
+                Ok(fd) => {
+                    let file = std::fs::File::from(fd);
+                    let is_file = file.metadata().map_err(|e| LayerError::Io { path: path.into(), what: "cannot look at", source: e })?.is_file();
+                    return if is_file { Ok(file) } else { Err(LayerError::Unsupported { path: path.into(), kind: "not a regular file".into() }) };
+                }
+                Err(Errno::LOOP) => {
+                    let target = rfs::readlinkat(&dir, name, Vec::new()).map_err(io_err(path, "cannot read a symlink"))?;
+                    let target = OsStr::from_bytes(target.as_bytes());
+                    let mut next: Components = if target.as_bytes().starts_with(b"/") { Vec::new() } else { parent.to_vec() };
+                    for part in target.as_bytes().split(|&b| b == b'/') {
+                        match part {
+                            b"" | b"." => {}
+                            b".." => {
+                                if next.pop().is_none() {
+                                    return Err(LayerError::SymlinkEscape { path: path.into(), link: Path::new(target).display().to_string() });
+                                }
+                            }
+                            p => next.push(OsStr::from_bytes(p).to_os_string()),
+                        }
+                    }
+                    comps = next;
+                }
+                Err(e) => return Err(io_err(path, "cannot open")(e)),
+            }
+        }
+        Err(LayerError::SymlinkLoop { path: path.into(), max: MAX_LINKS })
+    }
+}
+
 /// What is at `name` in `dir`, not following a symlink; `None` when nothing is.
 pub(crate) fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<FileType>, Errno> {
     match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
