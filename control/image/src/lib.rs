@@ -14,9 +14,11 @@ pub mod tree;
 pub use error::{ImageError, LayerError};
 pub mod build;
 pub mod oci;
+pub mod registry;
 pub mod source;
 pub mod store;
 
 pub use build::{build, find_agent, BuildOptions, ScratchDir};
+pub use registry::{pull, PullOptions, PullStats};
 pub use source::{from_docker_archive, from_layout, Resolved};
 pub use store::{normalize, Entry, ExecDefaults, Store};

@@ -44,11 +44,12 @@ pub(crate) trait BlobReader {
     fn open(&self, digest: &Digest) -> Result<File, String>;
 }
 
+/// A directory of blobs named by their sha256 hex (a layout's `blobs/sha256`, the cache).
 pub(crate) struct DirBlobs<'a>(pub &'a Path);
 
 impl BlobReader for DirBlobs<'_> {
     fn open(&self, digest: &Digest) -> Result<File, String> {
-        let path = self.0.join("blobs/sha256").join(digest.hex());
+        let path = self.0.join(digest.hex());
         File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))
     }
 }
@@ -142,7 +143,7 @@ fn parse_config(image: &str, bytes: &[u8]) -> Result<ConfigFile, ImageError> {
 /// An OCI image layout directory; `tag` picks among several images by their ref name.
 pub fn from_layout(dir: &Path, image: &str, tag: Option<&str>) -> Result<Resolved, ImageError> {
     let bytes = std::fs::read(dir.join("index.json")).map_err(|e| bad(image, format!("not an OCI image layout (index.json: {e})")))?;
-    layout_index(image, &DirBlobs(dir), &bytes, tag)
+    layout_index(image, &DirBlobs(&dir.join("blobs/sha256")), &bytes, tag)
 }
 
 fn layout_index(image: &str, blobs: &dyn BlobReader, index: &[u8], tag: Option<&str>) -> Result<Resolved, ImageError> {

@@ -25,9 +25,13 @@ pub struct ExecArgs {
     /// Environment variables for the command
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory in the guest
+    /// Working directory in the guest [default: the image's WorkingDir, for an imported image]
     #[arg(long)]
     cwd: Option<String>,
+    /// User to run as: NAME (looked up in the guest) or UID:GID [default: the image's User,
+    /// for an imported image; else the agent's, root]
+    #[arg(long)]
+    user: Option<String>,
     /// Kill the command (and everything it started) after this many seconds
     #[arg(long)]
     timeout: Option<f64>,
@@ -46,6 +50,14 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("'{s}' is not K=V"))
 }
 
+/// `UID:GID` as ids, anything else a name for the guest to look up.
+fn user(u: &str) -> agent_protocol::User {
+    match u.split_once(':').map(|(a, b)| (a.parse(), b.parse())) {
+        Some((Ok(uid), Ok(gid))) => agent_protocol::User::Id { uid, gid },
+        _ => agent_protocol::User::Name(u.to_string()),
+    }
+}
+
 pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let fail = |message: String| {
         eprintln!("ember: error: {message}");
@@ -59,7 +71,17 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let mut env = args.env;
+    // An imported image's Env, WorkingDir and User, under what the command line says.
+    let defaults = match &args.name {
+        Some(name) if args.uds.is_none() => match store.record(name).map(|r| image::ExecDefaults::of_image(&r.image)) {
+            Ok(Ok(d)) => d.unwrap_or_default(),
+            Ok(Err(e)) => return fail(e.to_string()),
+            Err(e) => return fail(e.to_string()),
+        },
+        _ => image::ExecDefaults::default(),
+    };
+    let mut env = defaults.env;
+    env.extend(args.env);
     let pty = args
         .tty
         .then(|| terminal::size(std::io::stdout().as_raw_fd()).unwrap_or(agent_protocol::PtySize { rows: 24, cols: 80 }));
@@ -69,7 +91,8 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let request = agent_protocol::ExecRequest {
         argv: args.command,
         env,
-        cwd: args.cwd,
+        cwd: args.cwd.or(defaults.cwd),
+        user: args.user.or(defaults.user).map(|u| user(&u)),
         timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
         pty,
         ..Default::default()

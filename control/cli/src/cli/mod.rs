@@ -1,7 +1,8 @@
-//! The `ember` commands that talk to a sandbox's guest agent, and those on templates.
+//! The `ember` commands that talk to a sandbox's guest agent, and those on templates and images.
 
 pub mod cp;
 pub mod exec;
+pub mod image;
 pub mod serve;
 pub mod template;
 mod terminal;
