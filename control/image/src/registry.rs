@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
@@ -59,8 +59,12 @@ fn registry_error(image: &str, e: OciDistributionError) -> ImageError {
     match e {
         OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => ImageError::Unauthorized { image: image.into() },
         OciDistributionError::ImageManifestNotFoundError(_) => ImageError::NotInRegistry { image: image.into(), detail },
-        _ if detail.contains("MANIFEST_UNKNOWN") || detail.contains("NAME_UNKNOWN") => ImageError::NotInRegistry { image: image.into(), detail },
-        _ if detail.contains("401") || detail.contains("UNAUTHORIZED") => ImageError::Unauthorized { image: image.into() },
+        OciDistributionError::RegistryError { envelope, .. } if envelope.errors.iter().any(|e| matches!(e.code, OciErrorCode::ManifestUnknown | OciErrorCode::NameUnknown)) => {
+            ImageError::NotInRegistry { image: image.into(), detail }
+        }
+        OciDistributionError::RegistryError { envelope, .. } if envelope.errors.iter().any(|e| matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)) => {
+            ImageError::Unauthorized { image: image.into() }
+        }
         _ => ImageError::Registry { image: image.into(), detail },
     }
 }
