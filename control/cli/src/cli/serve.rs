@@ -77,7 +77,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.events_dir = Some(events_dir);
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
     let state = server::AppState::new(
-        Arc::new(SandboxBackend::new(store, boot, state_dir)),
+        Arc::new(match super::image::image_store() {
+            Ok(images) => SandboxBackend::new(store, boot, state_dir).with_images(images),
+            Err(_) => SandboxBackend::new(store, boot, state_dir),
+        }),
         config,
     );
     let runtime = tokio::runtime::Builder::new_multi_thread()
