@@ -138,7 +138,7 @@ pub fn apply(tree: &Tree, layer: impl Read) -> Result<LayerStats, LayerError> {
 }
 
 fn io<'a>(path: &'a str, what: &'static str) -> impl FnOnce(Errno) -> LayerError + 'a {
-    move |e| LayerError::Io { path: path.to_string(), what, source: e.into() }
+    move |e| LayerError::Io { path: path.to_string(), what, error: e.into() }
 }
 
 fn ts(secs: i64) -> rustix::fs::Timespec {

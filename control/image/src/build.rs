@@ -64,7 +64,7 @@ pub fn build(store: &Store, image: Resolved, opts: &BuildOptions, progress: &mut
     let n = image.layers.len();
     for (i, layer) in image.layers.into_iter().enumerate() {
         let shown = layer.digest.to_string();
-        let stats = apply_blob(&tree, layer).map_err(|source| ImageError::Layer { image: image.image.clone(), layer: shown.clone(), source })?;
+        let stats = apply_blob(&tree, layer).map_err(|error| ImageError::Layer { image: image.image.clone(), layer: shown.clone(), error })?;
         content += stats.bytes;
         progress(format!("layer {}/{n} {shown}: {} entries, {} MiB unpacked", i + 1, stats.entries, stats.bytes >> 20));
     }
@@ -144,7 +144,7 @@ impl ScratchDir {
 
 fn layer_err(image: &str, what: &str) -> impl FnOnce(LayerError) -> ImageError {
     let (image, layer) = (image.to_string(), format!("(ember's files: {what})"));
-    move |source| ImageError::Layer { image, layer, source }
+    move |error| ImageError::Layer { image, layer, error }
 }
 
 /// Adds ember's files and what a boot needs, as `rootfs/build`'s copy_overlay, install_agent
@@ -156,7 +156,7 @@ fn finish_tree(tree: &Tree, image: &str, config: &crate::oci::RunConfig, agent: 
     }
     let sbin = tree.dir("sbin/init", &["sbin".into()], true).map_err(layer_err(image, "sbin/init"))?;
     let e = |what| layer_err(image, what);
-    let errno = |what: &'static str| move |err: rustix::io::Errno| LayerError::Io { path: what.into(), what: "cannot make", source: err.into() };
+    let errno = |what: &'static str| move |err: rustix::io::Errno| LayerError::Io { path: what.into(), what: "cannot make", error: err.into() };
     tree::remove_at(sbin.as_fd(), OsStr::new("init")).map_err(errno("sbin/init")).map_err(e("sbin/init"))?;
     rfs::symlinkat("ember-init", &sbin, "init").map_err(errno("sbin/init")).map_err(e("sbin/init"))?;
     for (dir, mode) in [("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755), ("root", 0o700)] {
@@ -191,7 +191,7 @@ fn write_file(tree: &Tree, path: &str, bytes: &[u8], mode: u32) -> Result<(), La
     let comps = tree::components(Path::new(path))?;
     let (name, parent) = comps.split_last().expect("a constant path");
     let dir = tree.dir(path, parent, true)?;
-    let fail = |what| move |e: rustix::io::Errno| LayerError::Io { path: path.into(), what, source: e.into() };
+    let fail = |what| move |e: rustix::io::Errno| LayerError::Io { path: path.into(), what, error: e.into() };
     tree::remove_at(dir.as_fd(), name).map_err(fail("cannot replace"))?;
     let fd = rfs::openat(&dir, name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(mode))
         .map_err(fail("cannot create"))?;

@@ -15,8 +15,8 @@ pub enum LayerError {
     SymlinkLoop { path: String, max: usize },
     #[error("entry {path:?}: {component:?} on its way is not a directory")]
     NotADirectory { path: String, component: String },
-    #[error("entry {path:?}: {what}: {source}")]
-    Io { path: String, what: &'static str, source: std::io::Error },
+    #[error("entry {path:?}: {what}: {error}")]
+    Io { path: String, what: &'static str, error: std::io::Error },
     #[error("entry {path:?}: unsupported tar entry type {kind}")]
     Unsupported { path: String, kind: String },
     #[error("the tar stream is corrupt or truncated: {0}")]
@@ -31,8 +31,9 @@ pub enum LayerError {
 
 #[derive(Debug, Error)]
 pub enum ImageError {
-    #[error("image {image}: layer {layer}: {source}")]
-    Layer { image: String, layer: String, source: LayerError },
+    /// Not a `source`: the message carries it, and a chain printed whole would say it twice.
+    #[error("image {image}: layer {layer}: {error}")]
+    Layer { image: String, layer: String, error: LayerError },
     #[error("image {image}: {what} {digest}: {problem}")]
     Blob { image: String, what: &'static str, digest: String, problem: String },
     #[error("image {image}: no manifest for linux/amd64 (the image has: {available}); pull or build it for linux/amd64")]
@@ -51,8 +52,8 @@ pub enum ImageError {
     TooSmall { image: String, content_mib: u64, capacity_mib: u64 },
     #[error("image {image}: mkfs.ext4 failed: {output}")]
     Mkfs { image: String, output: String },
-    #[error("{what} {}: {source}", path.display())]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{what} {}: {error}", path.display())]
+    Io { what: &'static str, path: PathBuf, error: std::io::Error },
     #[error("no image named {0} (see `ember image ls`)")]
     NotFound(String),
     #[error("invalid image name {name:?}: {reason}")]
@@ -63,5 +64,5 @@ pub enum ImageError {
 
 pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ImageError {
     let path = path.into();
-    move |source| ImageError::Io { what, path, source }
+    move |error| ImageError::Io { what, path, error }
 }

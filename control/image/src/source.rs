@@ -121,7 +121,7 @@ pub(crate) fn resolve_manifest(image: &str, blobs: &dyn BlobReader, digest: Dige
     let layers = layers
         .iter()
         .map(|l| {
-            let layer_err = |source| ImageError::Layer { image: image.into(), layer: l.digest.clone(), source };
+            let layer_err = |error| ImageError::Layer { image: image.into(), layer: l.digest.clone(), error };
             let compression = Compression::of(&l.media_type).ok_or_else(|| layer_err(LayerError::MediaType(l.media_type.clone())))?;
             let digest = l.digest().ok_or_else(|| bad(image, format!("layer digest {:?} is not sha256", l.digest)))?;
             let file = blobs.open(&digest).map_err(|problem| ImageError::Blob { image: image.into(), what: "layer", digest: l.digest.clone(), problem })?;
@@ -218,7 +218,7 @@ pub fn from_docker_archive(archive: &Path, scratch: &Path, image: &str, tag: Opt
         .iter()
         .zip(&diff_ids)
         .map(|(path, diff_id)| {
-            let layer_err = |source| ImageError::Layer { image: image.into(), layer: path.clone(), source };
+            let layer_err = |error| ImageError::Layer { image: image.into(), layer: path.clone(), error };
             let digest = Digest::parse(diff_id).ok_or_else(|| bad(image, format!("diff_id {diff_id:?} is not sha256")))?;
             let file = tree.open_file(path).map_err(layer_err)?;
             Ok(LayerBlob { digest, size: None, compression: Compression::None, file })

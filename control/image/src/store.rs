@@ -49,9 +49,9 @@ impl ExecDefaults {
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
-                .map_err(|e| ImageError::Io { what: "invalid image defaults", path, source: e.into() }),
+                .map_err(|e| ImageError::Io { what: "invalid image defaults", path, error: e.into() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ImageError::Io { what: "cannot read", path, source: e }),
+            Err(e) => Err(ImageError::Io { what: "cannot read", path, error: e }),
         }
     }
 }
@@ -95,9 +95,9 @@ impl Store {
     pub fn list(&self) -> Result<Vec<Entry>, ImageError> {
         let path = self.dir.join(INDEX);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ImageError::Io { what: "invalid image index", path, source: e.into() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| ImageError::Io { what: "invalid image index", path, error: e.into() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(ImageError::Io { what: "cannot read", path, source: e }),
+            Err(e) => Err(ImageError::Io { what: "cannot read", path, error: e }),
         }
     }
 
@@ -132,7 +132,7 @@ impl Store {
                 match std::fs::remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(ImageError::Io { what: "cannot remove", path: p, source: e }),
+                    Err(e) => return Err(ImageError::Io { what: "cannot remove", path: p, error: e }),
                 }
             }
         }
@@ -143,7 +143,7 @@ impl Store {
         std::fs::create_dir_all(&self.dir).map_err(io("cannot create", &self.dir))?;
         let lock_path = self.dir.join(LOCK);
         let lock = File::create(&lock_path).map_err(io("cannot create", &lock_path))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| ImageError::Io { what: "cannot lock", path: lock_path, source: e.into() })?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| ImageError::Io { what: "cannot lock", path: lock_path, error: e.into() })?;
         let mut entries = self.list()?;
         let out = f(&mut entries)?;
         let bytes = serde_json::to_vec_pretty(&entries).expect("entries serialize");

@@ -29,7 +29,7 @@ pub struct Tree {
 }
 
 fn io_err<'a>(path: &'a str, what: &'static str) -> impl FnOnce(Errno) -> LayerError + 'a {
-    move |e| LayerError::Io { path: path.to_string(), what, source: e.into() }
+    move |e| LayerError::Io { path: path.to_string(), what, error: e.into() }
 }
 
 /// The components of an entry's path; `..` anywhere, or an absolute path, is refused.
@@ -129,7 +129,7 @@ impl Tree {
             match rfs::openat(&dir, name, flags, Mode::empty()) {
                 Ok(fd) => {
                     let file = std::fs::File::from(fd);
-                    let is_file = file.metadata().map_err(|e| LayerError::Io { path: path.into(), what: "cannot look at", source: e })?.is_file();
+                    let is_file = file.metadata().map_err(|e| LayerError::Io { path: path.into(), what: "cannot look at", error: e })?.is_file();
                     return if is_file { Ok(file) } else { Err(LayerError::Unsupported { path: path.into(), kind: "not a regular file".into() }) };
                 }
                 Err(Errno::LOOP) => {

@@ -53,7 +53,7 @@ fn a_docker_save_archive_gives_the_same_image() {
 
 fn layer_error(e: ImageError) -> (String, LayerError) {
     match e {
-        ImageError::Layer { layer, source, .. } => (layer, source),
+        ImageError::Layer { layer, error, .. } => (layer, error),
         other => panic!("not a layer error: {other}"),
     }
 }

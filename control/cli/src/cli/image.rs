@@ -22,7 +22,8 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Forget images by name; an image's file goes with its last name
+    /// Forget images by name; an image's file goes with its last name (refused while a
+    /// template or sandbox has its disk on it)
     Rm {
         #[arg(required = true)]
         names: Vec<String>,
@@ -137,7 +138,7 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Rm { names } => {
             let mut failed = false;
             for name in names {
-                if let Err(e) = store.remove(&name) {
+                if let Err(e) = in_use(&store, &name).and_then(|()| Ok(store.remove(&name)?)) {
                     eprintln!("ember: error: {e}");
                     failed = true;
                 }
@@ -145,6 +146,24 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
         }
     }
+}
+
+/// Refuses to remove the last name of an image a template or sandbox has its disk on.
+fn in_use(store: &image::Store, name: &str) -> anyhow::Result<()> {
+    let entry = store.find(name)?;
+    if store.list()?.iter().any(|e| e.file == entry.file && e.name != entry.name) {
+        return Ok(());
+    }
+    let file = store.path(&entry).canonicalize().unwrap_or_else(|_| store.path(&entry));
+    let same = |p: &Path| p.canonicalize().is_ok_and(|p| p == file);
+    let sandboxes = crate::store()?;
+    if let Some(t) = sandboxes.templates()?.into_iter().find(|t| same(&t.image)) {
+        bail!("image {} is the disk of template {}: `ember template rm {}` first", entry.name, t.name, t.name);
+    }
+    if let Some(s) = sandboxes.list()?.into_iter().find(|s| same(&s.record.image)) {
+        bail!("image {} is the disk of sandbox {}: `ember rm {}` first", entry.name, s.record.name, s.record.name);
+    }
+    Ok(())
 }
 
 /// Builds a resolved image into the store and prints its entry.
