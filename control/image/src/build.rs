@@ -284,3 +284,65 @@ pub fn find_agent(scratch: &Path) -> Result<PathBuf, ImageError> {
 pub fn file_digest(path: &Path) -> std::io::Result<Digest> {
     HashingReader::new(File::open(path)?).finish().map(|(d, _)| d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree_with(files: &[(&str, &str)]) -> (tempfile::TempDir, Tree) {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, text) in files {
+            let p = dir.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        let tree = Tree::open(dir.path()).unwrap();
+        (dir, tree)
+    }
+
+    #[test]
+    fn users_resolve_in_the_image_s_own_passwd_and_group() {
+        let (_dir, tree) = tree_with(&[
+            ("etc/passwd", "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n"),
+            ("etc/group", "root:x:0:\nstaff:x:50:\n"),
+        ]);
+        assert_eq!(resolve_user(&tree, "app").unwrap(), "app", "a name alone stays for the guest");
+        assert_eq!(resolve_user(&tree, "1000").unwrap(), "1000:1001", "a uid takes its passwd group");
+        assert_eq!(resolve_user(&tree, "4242").unwrap(), "4242:0", "a uid not in passwd: group 0, as docker");
+        assert_eq!(resolve_user(&tree, "app:staff").unwrap(), "1000:50");
+        assert_eq!(resolve_user(&tree, "7:8").unwrap(), "7:8");
+        assert!(resolve_user(&tree, "nobody:staff").unwrap_err().contains("nobody"));
+        assert!(resolve_user(&tree, "app:wheel").unwrap_err().contains("wheel"));
+    }
+
+    #[test]
+    fn zstd_and_gzip_layers_apply_and_a_wrong_digest_is_named() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("hello").unwrap();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append(&h, &b"hi"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let zstd = ruzstd::encoding::compress_to_vec(&tar[..], ruzstd::encoding::CompressionLevel::Fastest);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        for (bytes, compression) in [(zstd, Compression::Zstd), (gz, Compression::Gzip)] {
+            let (dir, tree) = tree_with(&[]);
+            let blobs = tempfile::tempdir().unwrap();
+            let blob = blobs.path().join("blob");
+            std::fs::write(&blob, &bytes).unwrap();
+            let layer = |digest| LayerBlob { digest, size: Some(bytes.len() as u64), compression, file: File::open(&blob).unwrap() };
+            let stats = apply_blob(&tree, layer(Digest::of(&bytes))).unwrap();
+            assert_eq!((stats.entries, stats.bytes), (1, 2), "{compression:?}");
+            assert_eq!(std::fs::read(dir.path().join("hello")).unwrap(), b"hi");
+            let e = apply_blob(&tree, layer(Digest::of(b"other"))).unwrap_err();
+            assert!(matches!(e, LayerError::Digest { .. }), "{e}");
+        }
+    }
+}

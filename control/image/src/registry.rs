@@ -188,7 +188,21 @@ async fn fetch(client: &Client, r: &Reference, cache: &Path, blob: &Descriptor, 
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback;
+    use super::{docker_config_auth, is_loopback};
+    use base64::Engine as _;
+
+    #[test]
+    fn docker_config_credentials_are_found_by_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode("me:pa:ss");
+        let config = serde_json::json!({"auths": {"https://reg.example:5000/": {"auth": auth}, "other.example": {"auth": "!!"}}});
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        // The only test of this binary that reads DOCKER_CONFIG.
+        std::env::set_var("DOCKER_CONFIG", dir.path());
+        assert_eq!(docker_config_auth("reg.example:5000"), Some(("me".into(), "pa:ss".into())));
+        assert_eq!(docker_config_auth("other.example"), None, "undecodable");
+        assert_eq!(docker_config_auth("third.example"), None);
+    }
 
     #[test]
     fn only_loopback_registries_are_plain_http_by_default() {
