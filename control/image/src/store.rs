@@ -43,8 +43,16 @@ pub struct ExecDefaults {
 }
 
 impl ExecDefaults {
-    /// The defaults of the image at `image`, if ember made it from an OCI image.
+    /// The defaults of the image at `image`, if ember made it from an OCI image (its name is
+    /// the store's `HEX-CAPACITY.ext4`: any other image's neighbours are not read).
     pub fn of_image(image: &Path) -> Result<Option<ExecDefaults>, ImageError> {
+        let stem = image.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".ext4")).unwrap_or("");
+        let ours = stem.split_once('-').is_some_and(|(hex, cap)| {
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) && !cap.is_empty() && cap.bytes().all(|b| b.is_ascii_digit())
+        });
+        if !ours {
+            return Ok(None);
+        }
         let path = image.with_extension("json");
         match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -171,6 +179,18 @@ mod tests {
         assert_eq!(normalize("127.0.0.1:5000/test:1").unwrap(), "127.0.0.1:5000/test:1");
         assert!(normalize("a b").is_err());
         assert!(normalize("").is_err());
+    }
+
+    #[test]
+    fn only_the_store_s_images_have_defaults_beside_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ours = tmp.path().join(format!("{}-1024.ext4", "a".repeat(64)));
+        let defaults = ExecDefaults { user: Some("1:2".into()), ..Default::default() };
+        std::fs::write(ours.with_extension("json"), serde_json::to_vec(&defaults).unwrap()).unwrap();
+        assert_eq!(ExecDefaults::of_image(&ours).unwrap(), Some(defaults));
+        let theirs = tmp.path().join("mine.ext4");
+        std::fs::write(theirs.with_extension("json"), b"not defaults").unwrap();
+        assert_eq!(ExecDefaults::of_image(&theirs).unwrap(), None);
     }
 
     #[test]
