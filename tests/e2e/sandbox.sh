@@ -34,6 +34,10 @@ case_exec_reports_exit_codes_signals_and_keeps_streams_apart() {
   expect_in eout "hi from /tmp" || return 1
   ember exec $SB -t -- sh -c 'tty; stty size' </dev/null >eout 2>&1
   expect_status 0 && expect_in eout /dev/pts/ && expect_in eout "24 80" || return 1
+  ember exec $SB --user nobody -- sh -c 'echo $(id -un) $PYTHONUNBUFFERED' </dev/null >eout 2>&1
+  expect_status 0 && expect_in eout "nobody 1" || return 1
+  ember exec $SB --user 1234:56 -- id </dev/null >eout 2>&1
+  expect_in eout "uid=1234 gid=56" || return 1
   ember exec no-such-sandbox -- true </dev/null >/dev/null 2>eerr
   expect_status 125 && expect_in eerr "no sandbox named no-such-sandbox"
 }
@@ -199,7 +203,10 @@ case_a_larger_disk_fills_up_in_the_guest_not_on_the_host() {
 case_a_sandbox_ends_when_its_ttl_is_over() {
   ember run --detach --name ttl-gone --ttl 15 >/dev/null 2>err && ember run --detach --name ttl-kept --ttl 15 --on-ttl keep >/dev/null 2>>err
   expect_status 0 || { cat err; return 1; }
-  ember exec ttl-gone -- true </dev/null || return 1
+  ember exec ttl-gone -- true </dev/null || {
+    for log in vmm console; do echo "    --- ttl-gone's $log.log:"; tail -n 15 "$STATE/ttl-gone/$log.log" | sed 's/^/    | /'; done
+    return 1
+  }
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/ttl-gone/sandbox.json")
   sleep 20
   # The VMM ended it on time, with no ember command running.

@@ -60,9 +60,10 @@ if [ -f /nested/disk.order ]; then
   mount -t ext4 /dev/vda /opt/ember/images 2>&3 || fail "cannot mount the images disk"
 fi
 
-# NESTED_FORWARD: the NIC of QEMU's user network, at its usual guest address.
+# Loopback always (scripts may serve on it, e.g. `ember serve`); with NESTED_FORWARD, the NIC
+# of QEMU's user network too, at its usual guest address.
+ip link set lo up
 if [ -f /nested/net.order ]; then
-  ip link set lo up
   load /nested/net.order || fail "virtio-net modules failed to load"
   i=0
   while ! ip link show eth0 >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done

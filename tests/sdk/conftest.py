@@ -55,7 +55,7 @@ def server():
     keys = {name: secrets.token_hex(16) for name in ("alice", "bob", "carol")}
     with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
         f.write(f"alice {keys['alice']}\nbob {keys['bob']}\ncarol {keys['carol']} max_boxes=1\n")
-    proc = subprocess.Popen([binary, "--keys", f.name], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([binary, "--keys", f.name, "--pool", "default=1"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("listening on "), f"fake_serve said {line!r}"

@@ -1,8 +1,9 @@
 # Run by tests/sdk/in-harness inside the nested harness (busybox sh): `ember serve` on port
-# 8080 with the keys file the host made (sdk.keys), over template `sdk`; prints the line the
-# host waits for once the server answers, then serves until the host ends the middle machine.
+# 8080 with the keys file the host made (sdk.keys), over template `sdk`, one sandbox of it kept
+# in a warm pool; prints the line the host waits for once the server answers, then serves until
+# the host ends the middle machine.
 ember template create sdk >/dev/null || { echo "ember template create failed"; exit 1; }
-ember serve --listen 0.0.0.0:8080 --keys /opt/ember/extra/sdk.keys >serve.log 2>&1 &
+ember serve --listen 0.0.0.0:8080 --keys /opt/ember/extra/sdk.keys --pool sdk=1 >serve.log 2>&1 &
 pid=$!
 n=0
 # Any HTTP answer (a 401: no key) says it serves.

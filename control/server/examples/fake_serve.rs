@@ -1,7 +1,7 @@
 //! Test-only: the server over the fake backend (`tests/fake`), for the SDK tests in
 //! `tests/sdk/` on a host without ember's sandboxes. Not part of the `ember` binary.
 //!
-//!     cargo run -p ember-server --example fake_serve -- [--listen ADDR] [--keys FILE]
+//!     cargo run -p ember-server --example fake_serve -- [--listen ADDR] [--keys FILE] [--pool SNAPSHOT=N]
 //!
 //! Prints `listening on http://ADDR` once it accepts connections.
 
@@ -17,6 +17,7 @@ use server::tenants::Tenants;
 async fn main() -> anyhow::Result<()> {
     let mut listen = "127.0.0.1:0".to_string();
     let mut keys = None;
+    let mut pools = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -26,6 +27,10 @@ async fn main() -> anyhow::Result<()> {
                     .ok_or_else(|| anyhow::anyhow!("--listen ADDR"))?
             }
             "--keys" => keys = Some(args.next().ok_or_else(|| anyhow::anyhow!("--keys FILE"))?),
+            "--pool" => pools.push(
+                server::pool::PoolSpec::parse(&args.next().unwrap_or_default())
+                    .map_err(anyhow::Error::msg)?,
+            ),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -37,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
     let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
     let mut config = server::Config::new(tenants);
     config.output_capacity = 1 << 20;
+    config.pools = pools;
     let state = server::AppState::new(backend, config);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     server::check_listen(&listener.local_addr()?, &state.config.tenants)

@@ -6,14 +6,18 @@
 //! Another tenant's box is never found: it is a 404, as one that does not exist.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 
 use crate::clock::{now_ms, rfc3339};
 use crate::error::ApiError;
 use crate::models::{BoxView, RunConfig};
 use crate::tenants::Tenant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Being created or started.
     Provisioning,
@@ -40,7 +44,7 @@ impl Status {
     ];
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoxRecord {
     pub id: String,
     pub tenant: String,
@@ -52,6 +56,10 @@ pub struct BoxRecord {
     pub created_ms: u64,
     pub updated_ms: u64,
     pub stopped_ms: Option<u64>,
+    /// The last time a request of its data plane came or one of its commands ended: what its
+    /// idle time counts from. Not kept across restarts: a restarted server counts from then.
+    #[serde(skip, default = "now_ms")]
+    pub last_active_ms: u64,
     pub snapshot_id: Option<String>,
     pub vcpus: Option<u8>,
     pub mem_bytes: Option<u64>,
@@ -79,6 +87,7 @@ impl BoxRecord {
             created_ms: now,
             updated_ms: now,
             stopped_ms: None,
+            last_active_ms: now,
             snapshot_id: None,
             vcpus: None,
             mem_bytes: None,
@@ -144,9 +153,28 @@ pub struct Boxes {
     /// Held while a box's lifecycle changes (create, start, stop, snapshot, fork, delete), so
     /// that those of one box happen one after the other.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Counts the changes to the records (not their use, [`Boxes::touch`]): what tells the
+    /// registry that they need saving.
+    changes: AtomicU64,
 }
 
 impl Boxes {
+    /// Boxes with `records` (a restarted server's, see `registry`).
+    pub fn with(records: Vec<BoxRecord>) -> Boxes {
+        Boxes {
+            records: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            ..Boxes::default()
+        }
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Adds `record`, unless its tenant has a box of that name or is at its quota.
     pub fn insert(&self, record: BoxRecord, tenant: &Tenant) -> Result<(), ApiError> {
         let mut all = self.records.lock().unwrap();
@@ -167,6 +195,7 @@ impl Boxes {
             )));
         }
         all.insert(record.id.clone(), record);
+        self.changed();
         Ok(())
     }
 
@@ -203,12 +232,25 @@ impl Boxes {
         mine
     }
 
+    /// Every box of every tenant (for the server's own rounds over them).
+    pub fn all(&self) -> Vec<BoxRecord> {
+        self.records.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Box `id` was used just now (its update time, which the API shows, stays).
+    pub fn touch(&self, id: &str) {
+        if let Some(r) = self.records.lock().unwrap().get_mut(id) {
+            r.last_active_ms = now_ms();
+        }
+    }
+
     /// Changes box `id` with `f` (its update time set); its new state, if it still exists.
     pub fn update(&self, id: &str, f: impl FnOnce(&mut BoxRecord)) -> Option<BoxRecord> {
         let mut all = self.records.lock().unwrap();
         let record = all.get_mut(id)?;
         f(record);
         record.updated_ms = now_ms();
+        self.changed();
         Some(record.clone())
     }
 
@@ -230,12 +272,15 @@ impl Boxes {
         let record = all.get_mut(id).ok_or_else(|| not_found(id))?;
         record.name = name.into();
         record.updated_ms = now_ms();
+        self.changed();
         Ok(record.clone())
     }
 
     pub fn remove(&self, id: &str) -> Option<BoxRecord> {
         self.locks.lock().unwrap().remove(id);
-        self.records.lock().unwrap().remove(id)
+        let removed = self.records.lock().unwrap().remove(id);
+        self.changed();
+        removed
     }
 
     pub fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -14,9 +14,12 @@ pub mod clock;
 pub mod dataplane;
 pub mod error;
 pub mod events;
+pub mod expiry;
 pub mod lifecycle;
 pub mod metrics;
 pub mod models;
+pub mod pool;
+pub mod registry;
 pub mod routes;
 pub mod snapshots;
 pub mod state;
@@ -28,8 +31,12 @@ use std::time::Duration;
 
 pub use state::{AppState, Config, Shared};
 
-/// How often commands are checked for their timeouts and expiry.
+/// How often commands are checked for their timeouts and expiry, and boxes for their idle and
+/// stopped time.
 const REAP_EVERY: Duration = Duration::from_secs(1);
+
+/// How long after a failed fill of a warm pool it is tried again.
+const POOL_RETRY: Duration = Duration::from_secs(10);
 
 /// Refuses to serve every tenant's sandboxes beyond this host without keys.
 pub fn check_listen(addr: &SocketAddr, tenants: &tenants::Tenants) -> Result<(), String> {
@@ -70,11 +77,47 @@ pub async fn serve(
         loop {
             every.tick().await;
             reaper_state.commands.reap();
+            expiry::reap(&reaper_state).await;
         }
     });
-    let served = axum::serve(listener, routes::router(state))
+    let saver = state.registry.is_some().then(|| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(registry::SAVE_EVERY);
+            loop {
+                every.tick().await;
+                let saving = state.clone();
+                let _ = tokio::task::spawn_blocking(move || saving.save_if_changed()).await;
+            }
+        })
+    });
+    let filler_state = state.clone();
+    let filler = tokio::spawn(async move {
+        loop {
+            pool::fill(&filler_state).await;
+            // A failed fill is tried again a while later.
+            let _ = tokio::time::timeout(POOL_RETRY, filler_state.pool_wanted.notified()).await;
+        }
+    });
+    let served = axum::serve(listener, routes::router(state.clone()))
         .with_graceful_shutdown(shutdown)
         .await;
     reaper.abort();
+    filler.abort();
+    if let Some(saver) = saver {
+        saver.abort();
+    }
+    // The pools' sandboxes are nobody's: they go with the server.
+    let spares = state.pools.drain();
+    let backend = state.backend.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for sandbox in spares {
+            if let Err(e) = backend.remove(&sandbox.name) {
+                tracing::warn!("cannot remove the warm pool's sandbox {}: {e}", sandbox.name);
+            }
+        }
+    })
+    .await;
+    state.save_if_changed();
     served
 }

@@ -49,16 +49,27 @@ pub async fn provision(
     let (task_state, id) = (state.clone(), record.id.clone());
     tokio::spawn(async move {
         let asked = Instant::now();
-        let backend = task_state.backend.clone();
-        let created = blocking(move || backend.create(&spec))
-            .await
-            .and_then(|r| r.map_err(creation_error));
+        let pooled = task_state.pools.take(&spec);
+        let from_pool = pooled.is_some();
+        let created = match pooled {
+            Some(created) => {
+                task_state.pool_wanted.notify_one();
+                Ok(created)
+            }
+            None => {
+                let backend = task_state.backend.clone();
+                blocking(move || backend.create(&spec))
+                    .await
+                    .and_then(|r| r.map_err(creation_error))
+            }
+        };
         let outcome = match created {
             Ok(created) => {
                 task_state.metrics.created(asked.elapsed());
                 let updated = task_state.boxes.update(&id, |r| {
                     r.backend = Some(created.name.clone());
                     r.status = Status::Ready;
+                    r.last_active_ms = now_ms();
                     r.vcpus = Some(created.vcpus);
                     r.mem_bytes = Some(created.mem_bytes);
                     r.fs_capacity_bytes = created.disk_bytes;
@@ -67,7 +78,7 @@ pub async fn provision(
                     let backend = task_state.backend.clone();
                     let _ = blocking(move || backend.remove(&created.name)).await;
                 }
-                task_state.events.record(&id, json!({"kind": "lifecycle", "op": "ready", "seconds": asked.elapsed().as_secs_f64()}));
+                task_state.events.record(&id, json!({"kind": "lifecycle", "op": "ready", "seconds": asked.elapsed().as_secs_f64(), "pooled": from_pool}));
                 updated.ok_or_else(|| {
                     ApiError::NotFound("the sandbox was deleted while it was being created".into())
                 })
@@ -167,6 +178,7 @@ pub async fn start(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
                 r.backend = Some(successor);
                 r.status = Status::Ready;
                 r.stopped_ms = None;
+                r.last_active_ms = now_ms();
             });
             state.boxes.find(id).ok_or_else(|| gone(id))
         }
@@ -186,11 +198,28 @@ pub async fn start(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
 /// Stops box `id` (keeping its memory if it was made with `preserve_memory_on_stop`); its
 /// commands are killed.
 pub async fn stop(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
+    stop_when(state, id, "request", |_| true)
+        .await?
+        .ok_or_else(|| gone(id))
+}
+
+/// Stops box `id` as [`stop`] does if, under its lifecycle lock, `still` holds of it (what made
+/// the caller decide may have changed meanwhile); `why` goes to its trace. Its new state, or
+/// `None` if `still` did not hold.
+pub async fn stop_when(
+    state: &Shared,
+    id: &str,
+    why: &'static str,
+    still: impl FnOnce(&BoxRecord) -> bool,
+) -> Result<Option<BoxRecord>, ApiError> {
     let lock = state.boxes.lock(id);
     let _held = lock.lock().await;
     let record = state.boxes.find(id).ok_or_else(|| gone(id))?;
+    if !still(&record) {
+        return Ok(None);
+    }
     let name = match (record.status, record.backend.clone()) {
-        (Status::Stopped, _) => return Ok(record),
+        (Status::Stopped, _) => return Ok(Some(record)),
         (Status::Ready, Some(name)) => name,
         _ => return Err(not_ready(&record)),
     };
@@ -201,21 +230,36 @@ pub async fn stop(state: &Shared, id: &str) -> Result<BoxRecord, ApiError> {
         .map_err(|e| ApiError::from_backend(&format!("cannot stop sandbox {}", record.name), e))?;
     state.events.record(
         id,
-        json!({"kind": "lifecycle", "op": "stop", "memory": memory}),
+        json!({"kind": "lifecycle", "op": "stop", "memory": memory, "reason": why}),
     );
     let stopped = state.boxes.update(id, |r| {
         r.status = Status::Stopped;
         r.stopped_ms = Some(now_ms());
         r.status_message = None;
     });
-    stopped.ok_or_else(|| gone(id))
+    stopped.ok_or_else(|| gone(id)).map(Some)
 }
 
 /// Deletes box `id` with its backend sandbox and commands.
 pub async fn delete(state: &Shared, id: &str) -> Result<(), ApiError> {
+    delete_when(state, id, "request", |_| true).await.map(|_| ())
+}
+
+/// Deletes box `id` as [`delete`] does if, under its lifecycle lock, `still` holds of it;
+/// `why` goes to the server's log. Whether it was deleted.
+pub async fn delete_when(
+    state: &Shared,
+    id: &str,
+    why: &'static str,
+    still: impl FnOnce(&BoxRecord) -> bool,
+) -> Result<bool, ApiError> {
     let lock = state.boxes.lock(id);
     let _held = lock.lock().await;
     let record = state.boxes.find(id).ok_or_else(|| gone(id))?;
+    if !still(&record) {
+        return Ok(false);
+    }
+    tracing::info!(sandbox = %record.name, tenant = %record.tenant, reason = why, "deleting a sandbox");
     remove_record(state, id);
     if let Some(name) = record.backend {
         let backend = state.backend.clone();
@@ -229,7 +273,7 @@ pub async fn delete(state: &Shared, id: &str) -> Result<(), ApiError> {
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Captures ready box `record` as `snapshot` in the background; returns it building.

@@ -42,8 +42,14 @@ impl Metrics {
         self.file_operations.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The text `/metrics` serves, with the boxes by status and the commands running now.
-    pub fn render(&self, boxes: &[(Status, usize)], running_commands: usize) -> String {
+    /// The text `/metrics` serves, with the boxes by status, the commands running now and the
+    /// warm pools (name, sandboxes held, floor).
+    pub fn render(
+        &self,
+        boxes: &[(Status, usize)],
+        running_commands: usize,
+        pools: &[(String, usize, usize)],
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP ember_sandboxes Sandboxes by status.\n# TYPE ember_sandboxes gauge\n");
         for (status, n) in boxes {
@@ -82,6 +88,14 @@ impl Metrics {
             "ember_file_operations_total {}",
             self.file_operations.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP ember_pool_sandboxes Ready sandboxes held by each warm pool.\n# TYPE ember_pool_sandboxes gauge\n");
+        for (name, held, _) in pools {
+            let _ = writeln!(out, "ember_pool_sandboxes{{pool=\"{name}\"}} {held}");
+        }
+        out.push_str("# HELP ember_pool_floor Sandboxes each warm pool is kept filled to.\n# TYPE ember_pool_floor gauge\n");
+        for (name, _, floor) in pools {
+            let _ = writeln!(out, "ember_pool_floor{{pool=\"{name}\"}} {floor}");
+        }
         out
     }
 }
@@ -96,7 +110,11 @@ mod tests {
         m.created(Duration::from_millis(80));
         m.created(Duration::from_secs(3));
         m.command_started();
-        let text = m.render(&[(Status::Ready, 2), (Status::Stopped, 1)], 1);
+        let text = m.render(
+            &[(Status::Ready, 2), (Status::Stopped, 1)],
+            1,
+            &[("default".into(), 1, 2)],
+        );
         for line in [
             "ember_sandboxes{status=\"ready\"} 2",
             "ember_sandboxes{status=\"stopped\"} 1",
@@ -108,6 +126,8 @@ mod tests {
             "ember_sandbox_create_seconds_count 2",
             "ember_commands_started_total 1",
             "ember_commands_running 1",
+            "ember_pool_sandboxes{pool=\"default\"} 1",
+            "ember_pool_floor{pool=\"default\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }

@@ -6,7 +6,10 @@
 //! from the snapshot that had it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
 
 use crate::backend::Template;
 use crate::clock::{now_ms, rfc3339};
@@ -15,14 +18,15 @@ use crate::models::{RunConfig, SnapshotView};
 
 pub const LATEST: &str = "latest";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SnapStatus {
     Building,
     Ready,
     Failed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Origin {
     /// The backend's template of that name.
     Template(String),
@@ -30,7 +34,7 @@ pub enum Origin {
     Captured,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
     pub id: String,
     /// Its tenant; `None` for a template, everyone's.
@@ -124,9 +128,28 @@ fn not_found(reference: &str) -> ApiError {
 #[derive(Default)]
 pub struct Snapshots {
     captured: Mutex<HashMap<String, SnapshotRecord>>,
+    /// Counts the changes, for the registry (as `Boxes::changes`).
+    changes: AtomicU64,
 }
 
 impl Snapshots {
+    /// Snapshots with `records` (a restarted server's, see `registry`).
+    pub fn with(records: Vec<SnapshotRecord>) -> Snapshots {
+        Snapshots {
+            captured: Mutex::new(records.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            changes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    /// Every captured snapshot of every tenant.
+    pub fn all(&self) -> Vec<SnapshotRecord> {
+        self.captured.lock().unwrap().values().cloned().collect()
+    }
+
     /// Adds a captured snapshot, moving its tags from the tenant's other snapshots of its name.
     pub fn insert(&self, record: SnapshotRecord) {
         let mut all = self.captured.lock().unwrap();
@@ -137,6 +160,7 @@ impl Snapshots {
             other.tags.retain(|t| !record.tags.contains(t));
         }
         all.insert(record.id.clone(), record);
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn update(&self, id: &str, f: impl FnOnce(&mut SnapshotRecord)) {
@@ -144,10 +168,12 @@ impl Snapshots {
             f(record);
             record.updated_ms = now_ms();
         }
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     pub fn remove(&self, id: &str) {
         self.captured.lock().unwrap().remove(id);
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// What `tenant` sees: its own snapshots, then the templates, newest first within each.

@@ -2,7 +2,7 @@
 //! made, shared by every request.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -11,6 +11,8 @@ use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::metrics::Metrics;
+use crate::pool::{PoolSpec, Pools};
+use crate::registry::{self, Records, Registry, RegistryError};
 use crate::snapshots::Snapshots;
 use crate::tenants::Tenants;
 
@@ -28,6 +30,12 @@ pub struct Config {
     pub output_capacity: usize,
     /// How long a start or a fork may take when the request gives no timeout.
     pub ready_timeout: Duration,
+    /// `idle_ttl_seconds` of a box whose create names none (0: never stopped for idling).
+    pub default_idle_ttl_seconds: u64,
+    /// `delete_after_stop_seconds` of a box whose create names none.
+    pub default_delete_after_stop_seconds: Option<u64>,
+    /// Warm pools to keep filled.
+    pub pools: Vec<PoolSpec>,
 }
 
 impl Config {
@@ -38,6 +46,10 @@ impl Config {
             events_dir: None,
             output_capacity: DEFAULT_OUTPUT_CAPACITY,
             ready_timeout: Duration::from_secs(120),
+            // The SDK documents 600 s as the server's default when a create names none.
+            default_idle_ttl_seconds: 600,
+            default_delete_after_stop_seconds: None,
+            pools: Vec::new(),
         }
     }
 }
@@ -50,22 +62,69 @@ pub struct AppState {
     pub commands: Commands,
     pub events: Events,
     pub metrics: Metrics,
+    pub pools: Pools,
+    /// Woken when a create took a pool's sandbox, for the filler.
+    pub pool_wanted: tokio::sync::Notify,
+    /// Where the records are kept across restarts, if anywhere; with the changes counts
+    /// (boxes, snapshots) last saved.
+    pub registry: Option<Registry>,
+    saved: Mutex<(u64, u64, u64)>,
 }
 
 pub type Shared = Arc<AppState>;
 
 impl AppState {
     pub fn new(backend: Arc<dyn Backend>, config: Config) -> Shared {
+        Self::with(backend, config, Records::default(), None)
+    }
+
+    /// A server whose records are kept in `registry`: the records a previous run saved there
+    /// are adopted (see [`registry::adopt`]; this asks the backend, so it blocks).
+    pub fn restore(backend: Arc<dyn Backend>, config: Config, registry: Registry) -> Result<Shared, RegistryError> {
+        let records = registry::adopt(&*backend, registry.load()?);
+        let state = Self::with(backend, config, records, Some(registry));
+        // What adoption changed is saved at once.
+        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX, u64::MAX);
+        state.save_if_changed();
+        Ok(state)
+    }
+
+    fn with(backend: Arc<dyn Backend>, config: Config, records: Records, registry: Option<Registry>) -> Shared {
         let events = Events::new(config.events_dir.clone());
+        let pools = Pools::new(config.pools.clone(), records.pool, &*backend);
         Arc::new(AppState {
             backend,
             config,
-            boxes: Boxes::default(),
-            snapshots: Snapshots::default(),
+            boxes: Boxes::with(records.boxes),
+            snapshots: Snapshots::with(records.snapshots),
+            pools,
+            pool_wanted: tokio::sync::Notify::new(),
             commands: Commands::default(),
             events,
             metrics: Metrics::default(),
+            registry,
+            saved: Mutex::new((0, 0, 0)),
         })
+    }
+
+    /// Writes the records to the registry if they changed since it was last written (a
+    /// failure is logged, and tried again at the next change).
+    pub fn save_if_changed(&self) {
+        let Some(registry) = &self.registry else { return };
+        let mut saved = self.saved.lock().unwrap();
+        let now = (self.boxes.changes(), self.snapshots.changes(), self.pools.changes());
+        if *saved == now {
+            return;
+        }
+        let records = Records {
+            boxes: self.boxes.all(),
+            snapshots: self.snapshots.all(),
+            pool: self.pools.members(),
+        };
+        match registry.save(records) {
+            Ok(()) => *saved = now,
+            Err(e) => tracing::error!("{e}"),
+        }
     }
 }
 

@@ -160,6 +160,23 @@ pub enum User {
     Name(String),
 }
 
+impl std::str::FromStr for User {
+    type Err = String;
+
+    /// `name`, `uid` (its group the same number) or `uid:gid`.
+    fn from_str(spec: &str) -> Result<User, String> {
+        let number = |s: &str| s.parse::<u32>().ok();
+        match spec.split_once(':') {
+            None if spec.is_empty() => Err("an empty user: give a name, a uid or uid:gid".into()),
+            None => Ok(number(spec).map_or_else(|| User::Name(spec.into()), |uid| User::Id { uid, gid: uid })),
+            Some((uid, gid)) => match (number(uid), number(gid)) {
+                (Some(uid), Some(gid)) => Ok(User::Id { uid, gid }),
+                _ => Err(format!("user '{spec}': give a name, a uid or uid:gid")),
+            },
+        }
+    }
+}
+
 /// A frame from the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
@@ -397,6 +414,16 @@ pub fn read_message<R: Read, T: for<'a> Deserialize<'a>>(r: &mut R) -> Result<T,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn users_are_names_uids_or_uid_gid_pairs() {
+        assert_eq!("ada".parse(), Ok(User::Name("ada".into())));
+        assert_eq!("1000".parse(), Ok(User::Id { uid: 1000, gid: 1000 }));
+        assert_eq!("1000:50".parse(), Ok(User::Id { uid: 1000, gid: 50 }));
+        for bad in ["", "ada:x", ":1", "1:"] {
+            assert!(bad.parse::<User>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn roundtrip() {

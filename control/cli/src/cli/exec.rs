@@ -28,10 +28,10 @@ pub struct ExecArgs {
     /// Working directory in the guest [default: the image's WorkingDir, for an imported image]
     #[arg(long)]
     cwd: Option<String>,
-    /// User to run as: NAME (looked up in the guest) or UID:GID [default: the image's User,
-    /// for an imported image; else the agent's, root]
-    #[arg(long)]
-    user: Option<String>,
+    /// Run as this user of the guest: a name, a uid or uid:gid [default: the image's User, for
+    /// an imported image; else root]
+    #[arg(long, short = 'u', value_name = "USER")]
+    user: Option<agent_protocol::User>,
     /// Kill the command (and everything it started) after this many seconds
     #[arg(long)]
     timeout: Option<f64>,
@@ -48,14 +48,6 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("'{s}' is not K=V"))
-}
-
-/// `UID:GID` as ids, anything else a name for the guest to look up.
-fn user(u: &str) -> agent_protocol::User {
-    match u.split_once(':').map(|(a, b)| (a.parse(), b.parse())) {
-        Some((Ok(uid), Ok(gid))) => agent_protocol::User::Id { uid, gid },
-        _ => agent_protocol::User::Name(u.to_string()),
-    }
 }
 
 pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
@@ -80,6 +72,10 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         },
         _ => image::ExecDefaults::default(),
     };
+    let user = match args.user.map(Ok).or_else(|| defaults.user.as_deref().map(str::parse)).transpose() {
+        Ok(u) => u,
+        Err(e) => return fail(format!("the image's user: {e}")),
+    };
     let mut env = defaults.env;
     env.extend(args.env);
     let pty = args
@@ -92,7 +88,7 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         argv: args.command,
         env,
         cwd: args.cwd.or(defaults.cwd),
-        user: args.user.or(defaults.user).map(|u| user(&u)),
+        user,
         timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
         pty,
         ..Default::default()

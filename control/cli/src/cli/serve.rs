@@ -35,6 +35,18 @@ pub struct ServeArgs {
     /// Seconds a sandbox has to become ready when it starts, is restored or forked
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
+    /// Seconds without use after which a sandbox whose create names no `idle_ttl_seconds` is
+    /// stopped (0: never)
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    idle_ttl: u64,
+    /// Seconds after it stopped that a sandbox whose create names no
+    /// `delete_after_stop_seconds` is deleted [default: never]
+    #[arg(long, value_name = "SECONDS")]
+    delete_after_stop: Option<u64>,
+    /// Keep N sandboxes of SNAPSHOT (`default`, or a template's name) restored and idle, so
+    /// that a create of it takes one at once; refilled as creates take them (repeatable)
+    #[arg(long = "pool", value_name = "SNAPSHOT=N", value_parser = server::pool::PoolSpec::parse)]
+    pools: Vec<server::pool::PoolSpec>,
 }
 
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
@@ -72,17 +84,37 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let events_dir = state_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("cannot create {}", events_dir.display()))?;
+    // Its records and traces are its owner's alone, whatever the umask.
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot make {} private", state_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
     config.events_dir = Some(events_dir);
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
-    let state = server::AppState::new(
+    config.default_idle_ttl_seconds = args.idle_ttl;
+    config.default_delete_after_stop_seconds = args.delete_after_stop;
+    let templates = store.templates()?;
+    for pool in &args.pools {
+        if let server::backend::Source::Template(name) = &pool.source {
+            if !templates.iter().any(|t| &t.name == name) {
+                anyhow::bail!("--pool {name}={}: there is no template named {name} (see `ember template ls`, or use `default`)", pool.floor);
+            }
+        }
+    }
+    config.pools = args.pools;
+    let registry = server::registry::Registry::new(state_dir.join("registry.json"));
+    let state = server::AppState::restore(
         Arc::new(match super::image::image_store() {
             Ok(images) => SandboxBackend::new(store, boot, state_dir).with_images(images),
             Err(_) => SandboxBackend::new(store, boot, state_dir),
         }),
         config,
-    );
+        registry,
+    )?;
+    let adopted = state.boxes.all().len();
+    if adopted > 0 {
+        eprintln!("ember serve: adopted {adopted} sandboxes from the last run");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -190,21 +190,8 @@ fn plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/')
 }
 
-/// `name`, `uid` (its group the same number) or `uid:gid`.
 fn user(spec: &str) -> Result<agent_protocol::User> {
-    let number = |s: &str| s.parse::<u32>().ok();
-    match spec.split_once(':') {
-        None => Ok(number(spec).map_or_else(
-            || agent_protocol::User::Name(spec.into()),
-            |uid| agent_protocol::User::Id { uid, gid: uid },
-        )),
-        Some((uid, gid)) => match (number(uid), number(gid)) {
-            (Some(uid), Some(gid)) => Ok(agent_protocol::User::Id { uid, gid }),
-            _ => Err(BackendError::Invalid(format!(
-                "user '{spec}': give a name, a uid or uid:gid"
-            ))),
-        },
-    }
+    spec.parse().map_err(BackendError::Invalid)
 }
 
 fn stat_of(s: agent_protocol::FileStat) -> FileStat {

@@ -376,6 +376,7 @@ pub fn pump(state: Shared, command: Arc<Command>, running: Box<dyn Running>) {
                 };
                 state.events.record(&command.box_id, command.event(&ending));
                 command.finish(ending);
+                state.boxes.touch(&command.box_id);
             }
         });
     if let Err(e) = spawned {

@@ -21,9 +21,10 @@ use crate::lifecycle;
 use crate::state::Shared;
 use crate::tenants::Tenant;
 
-/// Tenant's box `box_id`, running.
+/// Tenant's box `box_id`, running; its idle time starts over.
 async fn running_box(state: &Shared, tenant: &Tenant, box_id: &str) -> Result<BoxRecord, ApiError> {
     let record = state.boxes.by_id(&tenant.name, box_id)?;
+    state.boxes.touch(box_id);
     lifecycle::running(state, record).await
 }
 

@@ -111,8 +111,12 @@ pub async fn create(
     check_name(&name)?;
     let mut record = BoxRecord::new(&tenant.name, &name);
     record.snapshot_id = snapshot.as_ref().map(|s| s.id.clone());
-    record.idle_ttl_seconds = req.idle_ttl_seconds.unwrap_or(0);
-    record.delete_after_stop_seconds = req.delete_after_stop_seconds;
+    record.idle_ttl_seconds = req
+        .idle_ttl_seconds
+        .unwrap_or(state.config.default_idle_ttl_seconds);
+    record.delete_after_stop_seconds = req
+        .delete_after_stop_seconds
+        .or(state.config.default_delete_after_stop_seconds);
     record.preserve_memory_on_stop = req.preserve_memory_on_stop.unwrap_or(false);
     record.labels = req.labels.clone().unwrap_or_default();
     let base_config = snapshot.and_then(|s| s.run_config).unwrap_or_default();

@@ -85,7 +85,11 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> 
 async fn metrics(State(state): State<Shared>, _tenant: Tenant) -> impl IntoResponse {
     let text = state
         .metrics
-        .render(&state.boxes.count_by_status(), state.commands.running());
+        .render(
+            &state.boxes.count_by_status(),
+            state.commands.running(),
+            &state.pools.sizes(),
+        );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 

@@ -26,20 +26,77 @@ pub struct App {
     _root: vmm_sys_util::tempdir::TempDir,
 }
 
-pub fn app() -> App {
-    let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
-    let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
+fn config() -> server::Config {
     let tenants = Tenants::parse(&format!(
         "alice {ALICE}\nbob {BOB}\ncarol {CAROL} max_boxes=1\n"
     ))
     .unwrap();
-    let state = server::AppState::new(backend.clone(), server::Config::new(tenants));
+    server::Config::new(tenants)
+}
+
+pub fn app() -> App {
+    app_configured(|_| {})
+}
+
+/// A server over a fresh fake backend whose configuration `f` changed.
+pub fn app_configured(f: impl FnOnce(&mut server::Config)) -> App {
+    let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
+    let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
+    let mut config = config();
+    f(&mut config);
+    let state = server::AppState::new(backend.clone(), config);
     let router = server::routes::router(state.clone());
     App {
         state,
         backend,
         router,
         _root: root,
+    }
+}
+
+/// A server over a fresh fake backend whose records are kept in `registry.json` in the
+/// backend's directory.
+pub fn app_with_registry() -> App {
+    app_with_registry_configured(|_| {})
+}
+
+/// [`app_with_registry`] with its configuration changed by `f` (kept across restarts).
+pub fn app_with_registry_configured(f: impl FnOnce(&mut server::Config)) -> App {
+    let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
+    let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
+    let registry = server::registry::Registry::new(root.as_path().join("registry.json"));
+    let mut config = config();
+    f(&mut config);
+    let state = server::AppState::restore(backend.clone(), config, registry).unwrap();
+    let router = server::routes::router(state.clone());
+    App {
+        state,
+        backend,
+        router,
+        _root: root,
+    }
+}
+
+impl App {
+    /// The server started again over the same backend and registry (this one's records saved
+    /// first, as its saver would have).
+    pub fn restarted(self) -> App {
+        self.state.save_if_changed();
+        let path = self.state.registry.as_ref().expect("a registry").path().to_path_buf();
+        let mut config = config();
+        config.pools = self.state.config.pools.clone();
+        let state = server::AppState::restore(
+            self.backend.clone(),
+            config,
+            server::registry::Registry::new(path),
+        )
+        .unwrap();
+        let router = server::routes::router(state.clone());
+        App {
+            state,
+            router,
+            ..self
+        }
     }
 }
 
