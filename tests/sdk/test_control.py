@@ -10,6 +10,7 @@ import pytest
 from conftest import CREATE_TIMEOUT, FAKE
 from langsmith.sandbox import (
     QuotaExceededError,
+    ResourceCreationError,
     ResourceNameConflictError,
     ResourceNotFoundError,
     SandboxAuthenticationError,
@@ -93,8 +94,17 @@ def test_errors_map_to_the_sdks_exceptions(server, client, sb):
         client.create_sandbox(name="bad name!")
     with pytest.raises(ResourceNotFoundError):
         client.create_sandbox(snapshot="no-such-snapshot")
-    with pytest.raises(SandboxClientError, match="issue 16"):
-        client.create_snapshot("img", docker_image="python:3.12-slim", fs_capacity_bytes=1 << 30)
+    # Nothing listens on 127.0.0.1:1: the build fails, and its message names the image.
+    with pytest.raises(ResourceCreationError, match="127.0.0.1:1/none:1"):
+        client.create_snapshot(unique("img"), docker_image="127.0.0.1:1/none:1", fs_capacity_bytes=1 << 30)
+
+
+@pytest.mark.skipif(not FAKE, reason="the real server would pull the image; tests/e2e/images.sh covers it")
+def test_a_snapshot_from_a_docker_image_makes_sandboxes_with_its_env(client):
+    snap = client.create_snapshot(unique("img"), docker_image="example.org/app:2", fs_capacity_bytes=1 << 30)
+    assert snap.status == "ready"
+    with client.sandbox(snapshot=snap.id, timeout=CREATE_TIMEOUT) as sb:
+        assert sb.run("echo $EMBER_IMAGE").stdout.strip() == "example.org/app:2"
 
 
 def test_keys_and_tenants(server, client, sb):

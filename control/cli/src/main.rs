@@ -73,6 +73,9 @@ enum Command {
     /// Templates: snapshots of freshly booted sandboxes that new sandboxes are restored from.
     #[command(subcommand)]
     Template(cli::template::TemplateCommand),
+    /// Base images made from OCI and Docker images (`run --detach --image NAME` boots them).
+    #[command(subcommand)]
+    Image(cli::image::ImageCommand),
     /// Serve the LangSmith Sandboxes API (the `langsmith` SDK's) over this host's sandboxes.
     Serve(cli::serve::ServeArgs),
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
@@ -223,8 +226,9 @@ struct RunArgs {
     /// Name of the sandbox (with --detach) [default: generated]
     #[arg(long, requires = "detach")]
     name: Option<String>,
-    /// Base image of the sandbox (with --detach): `default` ($EMBER_HOME/images/default.ext4) or
-    /// a path; the sandbox writes only to its own overlay on it
+    /// Base image of the sandbox (with --detach): `default` ($EMBER_HOME/images/default.ext4),
+    /// the name of an image `ember image import` made, or a path; the sandbox writes only to its
+    /// own overlay on it
     #[arg(long, requires = "detach", default_value = "default")]
     image: String,
     /// Start the sandbox (with --detach) from a snapshot `ember snapshot` wrote into DIR,
@@ -337,7 +341,7 @@ fn mem_cap_mib() -> anyhow::Result<Option<u64>> {
         .transpose()
 }
 
-/// What to boot a sandbox from; `image` is `default` or a path.
+/// What to boot a sandbox from; `image` is `default`, an imported image's name or a path.
 fn sandbox_spec(
     name: Option<String>,
     kernel: Option<PathBuf>,
@@ -353,7 +357,7 @@ fn sandbox_spec(
     };
     let image = match image {
         "default" => ember_home("--image")?.join("images/default.ext4"),
-        path => PathBuf::from(path),
+        name_or_path => cli::image::resolve(name_or_path).unwrap_or_else(|| PathBuf::from(name_or_path)),
     };
     let ready_timeout = Duration::from_secs(ready_timeout_secs);
     Ok(sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, disk_gib: None, ready_timeout })
@@ -559,6 +563,7 @@ fn main() -> ExitCode {
         Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
         Command::Disk(cmd) => disk(cmd),
         Command::Serve(args) => cli::serve::serve(args),
+        Command::Image(cmd) => cli::image::image(cmd),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e:#}");

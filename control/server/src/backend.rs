@@ -94,6 +94,14 @@ pub enum State {
     Failed,
 }
 
+/// What an image says its commands run with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageDefaults {
+    pub user: Option<String>,
+    pub work_dir: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
 /// A template the installation offers every tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -196,6 +204,13 @@ pub trait Backend: Send + Sync + 'static {
     /// [`Source::Snapshot`] then starts sandboxes from.
     fn snapshot(&self, name: &str, id: &str) -> Result<()>;
     fn remove_snapshot(&self, id: &str) -> Result<()>;
+    /// Makes snapshot `id` from a Docker image (`REF` as `ember image pull` takes it): the image
+    /// built into a base image of `capacity` bytes (or its default), a sandbox booted from it and
+    /// snapshotted. Returns the image's Env, WorkingDir and User, the defaults of its sandboxes.
+    fn snapshot_from_image(&self, id: &str, image: &str, capacity: Option<u64>) -> Result<ImageDefaults> {
+        let _ = (id, capacity);
+        Err(BackendError::Invalid(format!("this backend cannot build snapshots from Docker images ({image})")))
+    }
     fn templates(&self) -> Result<Vec<Template>>;
     /// Forks a running sandbox into `count` children; returns them, each ready.
     fn fork(

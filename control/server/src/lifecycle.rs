@@ -13,6 +13,7 @@ use crate::backend::{BackendError, CreateSpec, Source};
 use crate::boxes::{BoxRecord, Status};
 use crate::clock::now_ms;
 use crate::error::ApiError;
+use crate::models::RunConfig;
 use crate::snapshots::{SnapStatus, SnapshotRecord};
 use crate::state::{blocking, Shared};
 use crate::tenants::Tenant;
@@ -304,6 +305,37 @@ pub async fn capture(
         });
     });
     Ok(snapshot)
+}
+
+/// Builds `snapshot` from Docker image `image` in the background; its run_config becomes the
+/// image's, with `over` layered on it.
+pub fn build_from_image(
+    state: &Shared,
+    snapshot: SnapshotRecord,
+    image: String,
+    capacity: Option<u64>,
+    over: Option<RunConfig>,
+) -> SnapshotRecord {
+    state.snapshots.insert(snapshot.clone());
+    let (task_state, id) = (state.clone(), snapshot.id.clone());
+    tokio::spawn(async move {
+        let (backend, snap_id) = (task_state.backend.clone(), id.clone());
+        let done = blocking(move || backend.snapshot_from_image(&snap_id, &image, capacity))
+            .await
+            .and_then(|r| r.map_err(|e| ApiError::from_backend("cannot build the snapshot", e)));
+        task_state.snapshots.update(&id, |s| match done {
+            Ok(d) => {
+                let own = RunConfig { user: d.user, work_dir: d.work_dir, env_vars: Some(d.env.into_iter().collect()) };
+                s.run_config = Some(own.merged(&over.unwrap_or_default()));
+                s.status = SnapStatus::Ready;
+            }
+            Err(e) => {
+                s.status = SnapStatus::Failed;
+                s.status_message = Some(e.to_string());
+            }
+        });
+    });
+    snapshot
 }
 
 /// Forks ready box `id` into `count` children, boxes of the same tenant named

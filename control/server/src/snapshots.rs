@@ -75,6 +75,11 @@ impl SnapshotRecord {
         }
     }
 
+    /// A snapshot being built from a Docker image for `tenant`.
+    pub fn from_image(tenant: &str, name: &str, tag: &str) -> SnapshotRecord {
+        SnapshotRecord { source_sandbox_id: None, ..SnapshotRecord::captured(tenant, name, tag, "", None) }
+    }
+
     /// The snapshot template `t` is; its id is the same on every server.
     pub fn template(t: &Template) -> SnapshotRecord {
         let id = uuid::Uuid::new_v5(

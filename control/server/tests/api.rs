@@ -196,21 +196,9 @@ async fn refusals_have_the_shapes_the_sdk_maps() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     let (status, body) = app
-        .call(
-            "POST",
-            "/api/v2/sandboxes/snapshots",
-            Some(ALICE),
-            Some(json!({"name": "x", "docker_image": "python"})),
-        )
+        .call("POST", "/api/v2/sandboxes/snapshots", Some(ALICE), Some(json!({"name": "x"})))
         .await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
-    assert!(
-        body["detail"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("issue 16"),
-        "{body}"
-    );
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "no docker_image: {body}");
     let (status, _) = app
         .call(
             "POST",
@@ -517,4 +505,48 @@ async fn forks_are_boxes_of_the_tenant_and_events_trace_them() {
             .contains("ember_sandboxes{status=\"ready\"} 3"),
         "{metrics}"
     );
+}
+
+/// Polls snapshot `id` until it is no longer building.
+async fn built(app: &common::App, id: &str) -> Value {
+    for _ in 0..200 {
+        let (_, got) = app.call("GET", &format!("/api/v2/sandboxes/snapshots/{id}"), Some(ALICE), None).await;
+        if got["status"] != "building" {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("snapshot {id} still building");
+}
+
+#[tokio::test]
+async fn a_snapshot_from_a_docker_image_takes_its_config_and_tag_and_makes_boxes() {
+    let app = app();
+    let (status, snap) = app
+        .call(
+            "POST",
+            "/api/v2/sandboxes/snapshots",
+            Some(ALICE),
+            Some(json!({"name": "py", "docker_image": "example.org/py:3.12", "fs_capacity_bytes": 1u64 << 30,
+                        "run_config": {"user": "0", "env_vars": {"MINE": "1"}}})),
+        )
+        .await;
+    assert_eq!((status, snap["status"].as_str()), (StatusCode::OK, Some("building")), "{snap}");
+    let got = built(&app, snap["id"].as_str().unwrap()).await;
+    assert_eq!(got["status"], "ready", "{got}");
+    assert_eq!(got["tags"], json!(["3.12"]), "the image's own tag");
+    // The image's Env and WorkingDir, the request's user and variables over them.
+    assert_eq!(got["run_config"], json!({"user": "0", "work_dir": "/", "env_vars": {"EMBER_IMAGE": "example.org/py:3.12", "MINE": "1"}}));
+    let (status, made) = app
+        .call("POST", "/api/v2/sandboxes/boxes", Some(ALICE), Some(json!({"name": "from-image", "snapshot": "py:3.12"})))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    assert_eq!(made["run_config"]["env_vars"]["EMBER_IMAGE"], "example.org/py:3.12");
+
+    let (_, snap) = app
+        .call("POST", "/api/v2/sandboxes/snapshots", Some(ALICE), Some(json!({"name": "gone", "docker_image": "127.0.0.1:1/none:1"})))
+        .await;
+    let got = built(&app, snap["id"].as_str().unwrap()).await;
+    assert_eq!(got["status"], "failed", "{got}");
+    assert!(got["status_message"].as_str().unwrap().contains("127.0.0.1:1/none:1"), "{got}");
 }

@@ -25,10 +25,11 @@ pub struct ExecArgs {
     /// Environment variables for the command
     #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory in the guest
+    /// Working directory in the guest [default: the image's WorkingDir, for an imported image]
     #[arg(long)]
     cwd: Option<String>,
-    /// Run as this user of the guest: a name, a uid or uid:gid [default: root]
+    /// Run as this user of the guest: a name, a uid or uid:gid [default: the image's User, for
+    /// an imported image; else root]
     #[arg(long, short = 'u', value_name = "USER")]
     user: Option<agent_protocol::User>,
     /// Kill the command (and everything it started) after this many seconds
@@ -62,7 +63,21 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let mut env = args.env;
+    // An imported image's Env, WorkingDir and User, under what the command line says.
+    let defaults = match &args.name {
+        Some(name) if args.uds.is_none() => match store.record(name).map(|r| image::ExecDefaults::of_image(&r.image)) {
+            Ok(Ok(d)) => d.unwrap_or_default(),
+            Ok(Err(e)) => return fail(e.to_string()),
+            Err(e) => return fail(e.to_string()),
+        },
+        _ => image::ExecDefaults::default(),
+    };
+    let user = match args.user.map(Ok).or_else(|| defaults.user.as_deref().map(str::parse)).transpose() {
+        Ok(u) => u,
+        Err(e) => return fail(format!("the image's user: {e}")),
+    };
+    let mut env = defaults.env;
+    env.extend(args.env);
     let pty = args
         .tty
         .then(|| terminal::size(std::io::stdout().as_raw_fd()).unwrap_or(agent_protocol::PtySize { rows: 24, cols: 80 }));
@@ -72,8 +87,8 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let request = agent_protocol::ExecRequest {
         argv: args.command,
         env,
-        cwd: args.cwd,
-        user: args.user,
+        cwd: args.cwd.or(defaults.cwd),
+        user,
         timeout_ms: args.timeout.map(|s| (s * 1000.0) as u64),
         pty,
         ..Default::default()

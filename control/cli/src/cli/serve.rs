@@ -111,7 +111,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.pools = args.pools;
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
     let state = server::AppState::restore(
-        Arc::new(SandboxBackend::new(store, boot, state_dir)),
+        Arc::new(match super::image::image_store() {
+            Ok(images) => SandboxBackend::new(store, boot, state_dir).with_images(images),
+            Err(_) => SandboxBackend::new(store, boot, state_dir),
+        }),
         config,
         registry,
     )?;

@@ -29,7 +29,7 @@ pub enum TemplateCommand {
 #[derive(Args)]
 pub struct CreateArgs {
     name: String,
-    /// Base image: `default` ($EMBER_HOME/images/default.ext4) or a path
+    /// Base image: `default` ($EMBER_HOME/images/default.ext4), an imported image's name, or a path
     #[arg(long, default_value = "default")]
     image: String,
     /// ELF vmlinux to boot [default: $EMBER_HOME/vmlinux]

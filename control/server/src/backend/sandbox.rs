@@ -21,8 +21,11 @@ use sandbox::{SandboxError, SandboxSpec, Store};
 
 use super::{
     Backend, BackendError, Control, CreateSpec, Created, DirEntry, ExecSpec, Exit, FileKind,
-    FileStat, OutputSink, Result, Running, Source, State, Stream, Template,
+    FileStat, ImageDefaults, OutputSink, Result, Running, Source, State, Stream, Template,
 };
+
+/// The disk of an image built for a snapshot that names no `fs_capacity_bytes` (sparse).
+const DEFAULT_IMAGE_CAPACITY: u64 = 2 << 30;
 
 /// In a successor's stopped directory: the name of the stopped sandbox it was started from.
 const PREVIOUS: &str = "previous";
@@ -32,6 +35,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct SandboxBackend {
     store: Store,
+    /// Where images from Docker images are built (`ember image`'s store), if anywhere.
+    images: Option<image::Store>,
     /// What a sandbox from the default image boots as (its name unset).
     boot: SandboxSpec,
     /// The server's own directory (`$EMBER_STATE/server`).
@@ -40,7 +45,31 @@ pub struct SandboxBackend {
 
 impl SandboxBackend {
     pub fn new(store: Store, boot: SandboxSpec, state: PathBuf) -> Self {
-        Self { store, boot, state }
+        Self { store, boot, state, images: None }
+    }
+
+    /// Snapshots from Docker images are built in `images`.
+    pub fn with_images(self, images: image::Store) -> Self {
+        Self { images: Some(images), ..self }
+    }
+
+    /// The base image for `reference`: one of that name and capacity built before, else pulled
+    /// and built now.
+    fn image_for(&self, images: &image::Store, reference: &str, capacity: Option<u64>) -> Result<PathBuf> {
+        let invalid = |e: image::ImageError| BackendError::Invalid(e.to_string());
+        let name = image::normalize(reference).map_err(invalid)?;
+        if let Ok(entry) = images.find(&name) {
+            if capacity.is_none_or(|c| c == entry.capacity) {
+                return Ok(images.path(&entry));
+            }
+        }
+        let log = &mut |line: String| tracing::info!("{line}");
+        let (resolved, _) = image::pull(images, reference, &image::PullOptions::default(), log).map_err(invalid)?;
+        let scratch = image::ScratchDir::new(images.dir()).map_err(invalid)?;
+        let agent = image::find_agent(scratch.path()).map_err(invalid)?;
+        let opts = image::BuildOptions { name, capacity: capacity.unwrap_or(DEFAULT_IMAGE_CAPACITY), agent };
+        let entry = image::build(images, resolved, &opts, log).map_err(invalid)?;
+        Ok(images.path(&entry))
     }
 
     fn snapshot_dir(&self, id: &str) -> Result<PathBuf> {
@@ -336,6 +365,21 @@ impl Backend for SandboxBackend {
         }
         std::fs::remove_dir_all(&dir)
             .map_err(|e| BackendError::Failed(format!("cannot remove {}: {e}", dir.display())))
+    }
+
+    fn snapshot_from_image(&self, id: &str, reference: &str, capacity: Option<u64>) -> Result<ImageDefaults> {
+        let images = self.images.as_ref().ok_or_else(|| BackendError::Invalid("this server has no image store: start it with EMBER_HOME set".into()))?;
+        let dir = self.snapshot_dir(id)?;
+        let path = self.image_for(images, reference, capacity)?;
+        let defaults = image::ExecDefaults::of_image(&path).map_err(|e| BackendError::Failed(e.to_string()))?.unwrap_or_default();
+        let spec = SandboxSpec { image: path, name: None, ..self.boot.clone() };
+        let record = self.store.start_auto(&spec, |_| {}).map_err(from_sandbox)?;
+        let snapshotted = self.store.snapshot(&record.name, &dir).map_err(from_sandbox);
+        if let Err(e) = self.store.remove(&record.name) {
+            tracing::warn!("cannot remove {}, the sandbox snapshot {id} was made from: {e}", record.name);
+        }
+        snapshotted?;
+        Ok(ImageDefaults { user: defaults.user, work_dir: defaults.cwd, env: defaults.env })
     }
 
     fn templates(&self) -> Result<Vec<Template>> {

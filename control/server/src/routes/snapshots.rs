@@ -1,5 +1,5 @@
-//! `/api/v2/sandboxes/snapshots`: capture from a box, get, list, tags, delete; a snapshot from
-//! a Docker image answers 501 until ember can import images.
+//! `/api/v2/sandboxes/snapshots`: build from a Docker image, capture from a box, get, list,
+//! tags, delete.
 
 use axum::extract::{Path, Query, State};
 use axum::response::IntoResponse;
@@ -27,13 +27,24 @@ async fn templates(state: &Shared) -> Result<Vec<Template>, ApiError> {
         .map_err(|e| ApiError::from_backend("cannot list templates", e))
 }
 
-pub async fn from_docker(_tenant: Tenant, _body: axum::body::Bytes) -> ApiError {
-    ApiError::NotImplemented(
-        "snapshots from Docker images need ember's image import, which is not built yet (ember issue 16: OCI/Docker images \
-         become ember base images and snapshots); capture a running sandbox with capture_snapshot, or make a template on \
-         the host with `ember template create`"
-            .into(),
-    )
+/// `POST /snapshots {name, docker_image, fs_capacity_bytes, tag?, run_config?}`: answers the
+/// snapshot while it builds (the SDK polls it); the image's own Env, WorkingDir and User are its
+/// run_config, under the request's.
+pub async fn from_docker(
+    State(state): State<Shared>,
+    tenant: Tenant,
+    Body(req): Body<CaptureSnapshot>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Some(image) = req.docker_image.clone().filter(|i| !i.is_empty()) else {
+        return Err(ApiError::invalid("docker_image", "name the Docker image to build the snapshot from"));
+    };
+    check_name(&req.name)?;
+    // The image's own tag, else latest.
+    let own_tag = image.rsplit('/').next().and_then(|last| last.split_once(':')).map(|(_, t)| t.to_string());
+    let tag = req.tag.clone().or(own_tag).unwrap_or_else(|| LATEST.into());
+    check_name(&tag).map_err(|_| ApiError::invalid("tag", format!("'{tag}' is not a valid tag")))?;
+    let snapshot = SnapshotRecord::from_image(&tenant.name, &req.name, &tag);
+    Ok(Json(lifecycle::build_from_image(&state, snapshot, image, req.fs_capacity_bytes, req.run_config).view()))
 }
 
 pub async fn capture(
@@ -44,7 +55,7 @@ pub async fn capture(
 ) -> Result<impl IntoResponse, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
     if req.docker_image.is_some() {
-        return Err(from_docker(tenant, axum::body::Bytes::new()).await);
+        return Err(ApiError::invalid("docker_image", "a snapshot from a Docker image is made with POST /snapshots"));
     }
     if req.fs_capacity_bytes.is_some() {
         return Err(ApiError::invalid(

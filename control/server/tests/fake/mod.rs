@@ -17,7 +17,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use server::backend::{
     Backend, BackendError, Control, CreateSpec, Created, DirEntry, ExecSpec, Exit, FileKind,
-    FileStat, OutputSink, Result, Running, Source, State, Stream, Template,
+    FileStat, ImageDefaults, OutputSink, Result, Running, Source, State, Stream, Template,
 };
 
 pub struct FakeBackend {
@@ -204,6 +204,16 @@ impl Backend for FakeBackend {
 
     fn snapshot(&self, name: &str, id: &str) -> Result<()> {
         copy_tree(&self.running(name)?, &self.root.join("snapshots").join(id)).map_err(bad)
+    }
+
+    /// A snapshot with nothing in it; an image from a registry on 127.0.0.1:1 (where nothing
+    /// listens) fails as an unreachable registry would. Its Env names the image.
+    fn snapshot_from_image(&self, id: &str, image: &str, _capacity: Option<u64>) -> Result<ImageDefaults> {
+        if image.starts_with("127.0.0.1:1/") {
+            return Err(BackendError::Invalid(format!("image {image}: registry: connection refused")));
+        }
+        std::fs::create_dir_all(self.root.join("snapshots").join(id)).map_err(bad)?;
+        Ok(ImageDefaults { user: None, work_dir: Some("/".into()), env: vec![("EMBER_IMAGE".into(), image.into())] })
     }
 
     fn remove_snapshot(&self, id: &str) -> Result<()> {

@@ -1,0 +1,137 @@
+# End-to-end tests of images from OCI layouts, run inside the nested harness by tests/e2e/run
+# (busybox sh): a two-layer OCI layout built here with busybox (a whiteout, an opaque
+# directory, a hard link, a setuid file, a user, a working directory and variables in its
+# config) is imported with `ember image import`, a sandbox runs from it by name, and its
+# commands run as the image's user, in its working directory, with its variables, without the
+# whited-out file; the same layers as a `docker save` archive import the same.
+#
+# Needs in the middle machine (tests/e2e/run carries them): mkfs.ext4 and e2fsck (the image is
+# made with mkfs.ext4 -d) and the static agent as /opt/ember/extra/ember-agent (EMBER_AGENT).
+. /opt/ember/extra/lib.sh
+SB=e2e-image
+# An installation of the case's own: /opt/ember/images may be read-only, and imported images
+# go into $EMBER_HOME/images/oci.
+HOME_DIR=/tmp/e2e-image-home
+STATE=$HOME/.local/state/ember/sandboxes
+EXTRA_LOGS="$STATE/$SB/vmm.log $STATE/$SB/console.log"
+export EMBER_AGENT=/opt/ember/extra/ember-agent
+
+# put_blob FILE: copies FILE into the layout's blobs; prints '"digest": ..., "size": ...'.
+put_blob() {
+  d=$(sha256sum "$1" | cut -d' ' -f1)
+  mkdir -p layout/blobs/sha256
+  cp "$1" "layout/blobs/sha256/$d"
+  printf '"digest": "sha256:%s", "size": %s' "$d" "$(wc -c <"$1")"
+}
+
+# make_layers [TEXT]: base.tar (busybox as /bin/sh and its applets, users, files to hide) and
+# top.tar (the whiteout, the opaque directory, a hard link, the user's file, and TEXT in
+# /etc/variant, which makes another image of the same layout).
+make_layers() {
+  mkdir -p base/bin base/etc base/opt/old base/usr/bin base/home/app top/etc top/opt top/home/app top/bin
+  cp /bin/busybox base/bin/busybox
+  for a in $(/bin/busybox --list); do [ -e "base/bin/$a" ] || ln -s busybox "base/bin/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n' >base/etc/passwd
+  printf 'root:x:0:\napp:x:1001:\n' >base/etc/group
+  echo secret >base/etc/secret
+  echo old >base/opt/old/file
+  echo su >base/usr/bin/su && chmod 4755 base/usr/bin/su
+  chown 1000:1001 base/home/app && chmod 750 base/home/app
+  : >top/etc/.wh.secret
+  : >top/opt/.wh..wh..opq
+  echo new >top/opt/new
+  echo data >top/home/app/data && chown -R 1000:1001 top/home/app && chmod 640 top/home/app/data
+  cp base/bin/busybox top/bin/tool && ln top/bin/tool top/bin/tool-again
+  chmod 750 top/home/app
+  echo "${1:-}" >top/etc/variant
+  (cd base && tar -cf ../base.tar .) && (cd top && tar -cf ../top.tar .) || return 1
+}
+
+config_json() {
+  printf '{"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin", "GREETING=hello there"], "WorkingDir": "/home/app", "User": "app", "Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": ["sha256:%s", "sha256:%s"]}}' \
+    "$(sha256sum base.tar | cut -d' ' -f1)" "$(sha256sum top.tar | cut -d' ' -f1)"
+}
+
+make_layout() {
+  make_layers "$@" || return 1
+  gzip -c base.tar >base.tar.gz
+  config_json >config.json
+  printf '{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": {"mediaType": "application/vnd.oci.image.config.v1+json", %s}, "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", %s}, {"mediaType": "application/vnd.oci.image.layer.v1.tar", %s}]}' \
+    "$(put_blob config.json)" "$(put_blob base.tar.gz)" "$(put_blob top.tar)" >manifest.json
+  printf '{"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", %s, "platform": {"architecture": "amd64", "os": "linux"}, "annotations": {"org.opencontainers.image.ref.name": "1"}}]}' \
+    "$(put_blob manifest.json)" >layout/index.json
+  echo '{"imageLayoutVersion": "1.0.0"}' >layout/oci-layout
+}
+
+in_home() { EMBER_HOME=$HOME_DIR "$@"; }
+
+case_tools_the_import_needs_are_here() {
+  for t in mkfs.ext4 e2fsck "$EMBER_AGENT"; do
+    command -v "$t" >/dev/null 2>&1 || [ -x "$t" ] || { echo "    $t is missing from the middle machine (tests/e2e/run must carry it)"; return 1; }
+  done
+  rm -rf "$HOME_DIR" && mkdir -p "$HOME_DIR/images" && ln -s /opt/ember/vmlinux "$HOME_DIR/vmlinux"
+}
+
+case_an_oci_layout_imports_and_a_sandbox_runs_from_it_as_its_user() {
+  make_layout || return 1
+  in_home ember image import layout --name e2e:1 --capacity 64M >out 2>err
+  expect_status 0 && expect_in out "e2e:1 sha256:" || { cat err; return 1; }
+  in_home ember image ls >ls
+  expect_in ls "e2e:1" || return 1
+  in_home ember run --detach --name $SB --image e2e:1 >name 2>err
+  expect_status 0 || { cat err; return 1; }
+  ok=1
+  [ "$(in_sb $SB id -u):$(in_sb $SB id -g)" = 1000:1001 ] || { echo "    runs as $(in_sb $SB id), not app"; ok=0; }
+  [ "$(in_sb $SB pwd)" = /home/app ] || { echo "    works in $(in_sb $SB pwd), not /home/app"; ok=0; }
+  [ "$(in_sb $SB sh -c 'echo $GREETING')" = "hello there" ] || { echo "    GREETING is not the image's"; ok=0; }
+  [ "$(in_sb $SB cat /home/app/data)" = data ] || { echo "    the user's file is not readable"; ok=0; }
+  in_sb $SB test -e /etc/secret && { echo "    the whited-out /etc/secret is there"; ok=0; }
+  [ "$(in_sb $SB ls /opt)" = new ] || { echo "    /opt holds $(in_sb $SB ls /opt), not new alone"; ok=0; }
+  [ "$(in_sb $SB stat -c %a /usr/bin/su)" = 4755 ] || { echo "    su is $(in_sb $SB stat -c %a /usr/bin/su)"; ok=0; }
+  [ "$(in_sb $SB stat -c %h /bin/tool)" = 2 ] || { echo "    /bin/tool-again is not a hard link"; ok=0; }
+  # The command line overrides the image's defaults.
+  [ "$(timeout 60 ember exec $SB --user 0:0 --cwd / --env GREETING=mine -- sh -c 'echo $(id -u) $PWD $GREETING' </dev/null)" = "0 / mine" ] ||
+    { echo "    --user/--cwd/--env did not override the image's"; ok=0; }
+  rm_sb $SB
+  [ $ok = 1 ]
+}
+
+case_a_docker_save_archive_of_the_same_layers_imports_the_same() {
+  make_layers || return 1
+  config_json >config.json
+  c=$(sha256sum config.json | cut -d' ' -f1)
+  mkdir -p saved/l1 saved/l2
+  cp config.json "saved/$c.json" && cp base.tar saved/l1/layer.tar && cp top.tar saved/l2/layer.tar
+  printf '[{"Config": "%s.json", "RepoTags": ["e2e:2"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}]' "$c" >saved/manifest.json
+  (cd saved && tar -cf ../saved.tar .) || return 1
+  in_home ember image import saved.tar --capacity 64M >out 2>err
+  expect_status 0 && expect_in out "e2e:2 sha256:$c" || { cat err; return 1; }
+  in_home ember image ls --json >ls.json
+  expect_in ls.json '"User": "app"' && expect_in ls.json '"WorkingDir": "/home/app"'
+}
+
+case_bad_layouts_are_refused_naming_the_layer_and_leave_nothing() {
+  # Another image than e2e:1: an image built before from a manifest is not built again.
+  make_layout bad || return 1
+  top=$(sha256sum top.tar | cut -d' ' -f1)
+  printf 'x' | dd of="layout/blobs/sha256/$top" bs=1 seek=700 conv=notrunc 2>/dev/null
+  in_home ember image import layout --name bad:1 --capacity 64M >out 2>err
+  expect_status 1 && expect_in err "layer sha256:$top" && expect_in err "digest mismatch" || return 1
+  left=$(ls -A "$HOME_DIR/images/oci" | grep -v -e '^index.json$' -e '^\.lock$' -e '\.ext4$' -e '\.json$')
+  [ -z "$left" ] || { echo "    left behind: $left"; return 1; }
+  in_home ember image ls >ls
+  ! grep -q bad:1 ls || { echo "    bad:1 was named"; return 1; }
+}
+
+case_image_rm_forgets_the_names_and_the_files() {
+  auto=$(ember template ls | awk '/e2e-image-home/ {print $1}')
+  [ -n "$auto" ] || { echo "    no automatic template on the image"; return 1; }
+  in_home ember image rm e2e:1 2>err
+  expect_status 1 && expect_in err "ember template rm $auto" || return 1
+  ember template rm $auto && in_home ember image rm e2e:1 e2e:2 2>err
+  expect_status 0 || return 1
+  n=$(ls "$HOME_DIR/images/oci" | grep -c '\.ext4$')
+  [ "$n" = 0 ] || { echo "    $n image files left"; return 1; }
+}
+
+run_cases "$0"
