@@ -124,7 +124,7 @@ async fn session(state: Shared, record: BoxRecord, socket: WebSocket) {
         Ok(opened) => opened,
         Err(e) => {
             let _ = tx.send(error_frame(e.kind, &e.message)).await;
-            let _ = tx.send(Message::Close(None)).await;
+            let _ = close(&mut tx, &mut rx).await;
             return;
         }
     };
@@ -138,6 +138,28 @@ async fn session(state: Shared, record: BoxRecord, socket: WebSocket) {
         return;
     }
     let _ = follow(&command, cursor, &mut tx, &mut rx).await;
+}
+
+/// How long a client has to answer the server's Close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The closing handshake: a Close, then what the client still sends read (and dropped) until
+/// its Close. A socket dropped with the client's messages unread sends a TCP reset, and a
+/// client that has not yet read the last frames may then lose them.
+async fn close(
+    tx: &mut (impl SinkExt<Message, Error = axum::Error> + Unpin),
+    rx: &mut (impl StreamExt<Item = Result<Message, axum::Error>> + Unpin),
+) -> Result<(), axum::Error> {
+    tx.send(Message::Close(None)).await?;
+    let drained = async {
+        while let Some(Ok(message)) = rx.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_WAIT, drained).await;
+    Ok(())
 }
 
 /// Sends the command's output from `cursor` as it comes, and its ending, while serving the
@@ -180,7 +202,7 @@ async fn follow(
                 }
             }
             tx.send(ending_frame(&ending)).await?;
-            return tx.send(Message::Close(None)).await;
+            return close(tx, rx).await;
         }
         tokio::select! {
             biased;
