@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -77,6 +78,9 @@ pub fn build(store: &Store, image: Resolved, opts: &BuildOptions, progress: &mut
     mkfs(&image.image, &root, &out, opts.capacity)?;
     progress(format!("{}: ext4 of {} MiB made", image.image, opts.capacity >> 20));
     write_atomic(&dest.with_extension("json"), &serde_json::to_vec_pretty(&defaults).expect("defaults serialize"))?;
+    // A base image is read by every sandbox's VMM, jailed as a uid of its own, and never
+    // written: read-only for all, as rootfs/build makes the default images.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o444)).map_err(io("cannot make read-only", &out))?;
     std::fs::rename(&out, &dest).map_err(io("cannot rename into place", &dest))?;
     store.add(entry.clone())?;
     Ok(entry)
