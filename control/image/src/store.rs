@@ -148,7 +148,7 @@ impl Store {
     }
 
     fn locked<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> Result<T, ImageError>) -> Result<T, ImageError> {
-        std::fs::create_dir_all(&self.dir).map_err(io("cannot create", &self.dir))?;
+        create_public_dir(&self.dir).map_err(io("cannot create", &self.dir))?;
         let lock_path = self.dir.join(LOCK);
         let lock = File::create(&lock_path).map_err(io("cannot create", &lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| ImageError::Io { what: "cannot lock", path: lock_path, error: e.into() })?;
@@ -158,6 +158,18 @@ impl Store {
         write_atomic(&self.dir.join(INDEX), &bytes)?;
         Ok(out)
     }
+}
+
+/// Creates `dir` and the missing directories above it, each 0755 whatever the umask (ember's
+/// is 077): the images in it are read by every sandbox's VMM, jailed as a uid of its own.
+fn create_public_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for d in missing {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 /// Writes `path` by a temp file renamed over it: a reader sees the old or the new, whole.
