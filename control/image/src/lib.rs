@@ -18,7 +18,7 @@ pub mod registry;
 pub mod source;
 pub mod store;
 
-pub use build::{build, find_agent, BuildOptions, ScratchDir};
+pub use build::{build, find_agent, BuildOptions, BuildTimes, ScratchDir};
 pub use registry::{pull, PullOptions, PullStats};
 pub use source::{from_docker_archive, from_layout, Resolved};
 pub use store::{normalize, Entry, ExecDefaults, Store};

@@ -32,6 +32,8 @@ pub struct PullStats {
     pub fetched: usize,
     pub cached: usize,
     pub bytes: u64,
+    /// Wall time of the whole pull: manifests, then every blob fetched and checked.
+    pub elapsed: std::time::Duration,
 }
 
 /// Whether `registry` (host[:port]) is on this machine's loopback.
@@ -81,6 +83,7 @@ pub fn pull(store: &Store, reference: &str, opts: &PullOptions, progress: &mut d
 
 async fn pull_async(store: &Store, reference: &str, opts: &PullOptions, progress: &mut dyn FnMut(String)) -> Result<(Resolved, PullStats), ImageError> {
     let image = reference;
+    let started = std::time::Instant::now();
     let r: Reference = reference.parse().map_err(|e| ImageError::Bad { image: image.into(), problem: format!("not an image reference: {e}") })?;
     let registry = r.resolve_registry().to_string();
     let plain = is_loopback(&registry) || opts.insecure;
@@ -128,7 +131,8 @@ async fn pull_async(store: &Store, reference: &str, opts: &PullOptions, progress
             }
         }
     }
-    progress(format!("{image}: {} blobs fetched ({} MiB), {} cached", stats.fetched, stats.bytes >> 20, stats.cached));
+    stats.elapsed = started.elapsed();
+    progress(format!("{image}: {} blobs fetched ({} MiB), {} cached, in {:.2} s", stats.fetched, stats.bytes >> 20, stats.cached, stats.elapsed.as_secs_f64()));
     let tag = r.tag().map(|t| format!("{}:{t}", r.repository().trim_start_matches("library/")));
     let resolved = resolve_manifest(image, &DirBlobs(&cache), manifest_digest, &doc, tag)?;
     Ok((resolved, stats))

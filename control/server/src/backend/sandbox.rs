@@ -68,7 +68,7 @@ impl SandboxBackend {
         let scratch = image::ScratchDir::new(images.dir()).map_err(invalid)?;
         let agent = image::find_agent(scratch.path()).map_err(invalid)?;
         let opts = image::BuildOptions { name, capacity: capacity.unwrap_or(DEFAULT_IMAGE_CAPACITY), agent };
-        let entry = image::build(images, resolved, &opts, log).map_err(invalid)?;
+        let (entry, _) = image::build(images, resolved, &opts, log).map_err(invalid)?;
         Ok(images.path(&entry))
     }
 
