@@ -13,11 +13,13 @@ pub mod tree;
 
 pub use error::{ImageError, LayerError};
 pub mod build;
+pub mod credentials;
 pub mod oci;
 pub mod registry;
 pub mod source;
 pub mod store;
 
+pub use credentials::Credentials;
 pub use build::{build, find_agent, BuildOptions, BuildTimes, ScratchDir};
 pub use registry::{pull, PullOptions, PullStats};
 pub use source::{from_docker_archive, from_layout, Resolved};

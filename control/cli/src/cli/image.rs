@@ -107,7 +107,7 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let store = image_store()?;
     match cmd {
         ImageCommand::Pull(args) => {
-            let opts = image::PullOptions { auth: args.registry_auth, insecure: args.insecure };
+            let opts = image::PullOptions { auth: args.registry_auth, insecure: args.insecure, credentials: None };
             let (resolved, stats) = image::pull(&store, &args.reference, &opts, &mut |line| eprintln!("ember: {line}"))?;
             let scratch = image::ScratchDir::new(store.dir())?;
             build(&store, resolved, args.build, scratch.path(), Some(stats))
