@@ -5,6 +5,7 @@ pub mod cp;
 pub mod exec;
 pub mod image;
 pub mod serve;
+pub mod start;
 pub mod template;
 pub mod tunnel;
 mod terminal;
