@@ -69,7 +69,7 @@ pub fn build(store: &Store, image: Resolved, opts: &BuildOptions, progress: &mut
         return Ok((entry, BuildTimes::default()));
     }
     let started = Instant::now();
-    std::fs::create_dir_all(store.dir()).map_err(io("cannot create", store.dir()))?;
+    crate::store::create_public_dir(store.dir()).map_err(io("cannot create", store.dir()))?;
     let scratch = Scratch::new(store.dir())?;
     let root = scratch.0.join("root");
     std::fs::create_dir(&root).map_err(io("cannot create", &root))?;
@@ -158,7 +158,7 @@ pub struct ScratchDir(Scratch);
 
 impl ScratchDir {
     pub fn new(beside: &Path) -> Result<ScratchDir, ImageError> {
-        std::fs::create_dir_all(beside).map_err(io("cannot create", beside))?;
+        crate::store::create_public_dir(beside).map_err(io("cannot create", beside))?;
         Scratch::new(beside).map(ScratchDir)
     }
 

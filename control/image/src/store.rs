@@ -171,7 +171,7 @@ impl Store {
 
 /// Creates `dir` and the missing directories above it, each 0755 whatever the umask (ember's
 /// is 077): the images in it are read by every sandbox's VMM, jailed as a uid of its own.
-fn create_public_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_public_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     std::fs::create_dir_all(dir)?;
