@@ -77,6 +77,7 @@ impl Store {
             vcpus: record.vcpus,
             memory: RestoreMemory::Fds(frozen.memory),
             disk: &frozen.layer,
+            image: &record.image,
             disk_format: DiskFormat::Qcow2,
             backing: backing.clone(),
             agent_ms: Some(agent_ms),

@@ -134,6 +134,7 @@ impl Store {
             vcpus: meta.vcpu_count,
             memory: RestoreMemory::File(files.memory.display().to_string()),
             disk: &disk,
+            image: base.unwrap_or(&disk),
             // The snapshot's disk is a copy of the file the drive had: in that format.
             disk_format: meta.drives.first().map_or(DiskFormat::Qcow2, |d| d.format),
             backing: self.disk_policy(&named)?,
@@ -164,7 +165,7 @@ impl Store {
         };
         overlay::create(overlay::Base { path: source.disk, format, policy: &source.backing }, &overlay_path)?;
         let shape = Shape {
-            image: source.disk.to_path_buf(),
+            image: source.image.to_path_buf(),
             backing: source.backing.clone(),
             mem_mib: source.mem_size >> 20,
             vcpus: source.vcpus,
@@ -229,6 +230,9 @@ pub(super) struct RestoreSource<'a> {
     pub vcpus: u8,
     pub memory: RestoreMemory,
     pub disk: &'a Path,
+    /// What the sandbox's record names as its image: the base image the user chose (an
+    /// imported image's exec defaults are found beside it), else `disk`.
+    pub image: &'a Path,
     pub disk_format: DiskFormat,
     /// Where the backing files of `disk`'s chain may lie.
     pub backing: disk::BackingPolicy,
