@@ -52,6 +52,14 @@ pub struct ServeArgs {
     pools: Vec<server::pool::PoolSpec>,
 }
 
+/// The server's records, traces and `local.json`: `server` beside the sandboxes' directory.
+pub fn state_dir() -> anyhow::Result<PathBuf> {
+    sandbox::Store::default_root()
+        .parent()
+        .map(|p| p.join("server"))
+        .context("the state directory has no parent")
+}
+
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
     let Some(path) = keys else {
         return Ok(Tenants::open());
@@ -80,10 +88,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None,
         args.ready_timeout,
     )?;
-    let state_dir = sandbox::Store::default_root()
-        .parent()
-        .map(|p| p.join("server"))
-        .context("the state directory has no parent")?;
+    let state_dir = state_dir()?;
     let events_dir = state_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("cannot create {}", events_dir.display()))?;
@@ -109,6 +114,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     config.pools = args.pools;
+    let local_key = server::local::new_key();
+    config.local_key = Some(local_key.clone());
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
     let state = server::AppState::restore(
         Arc::new(match super::image::image_store() {
@@ -134,9 +141,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "ember serve: listening on http://{}",
             listener.local_addr()?
         );
-        server::serve(listener, state, server::until_signalled())
-            .await
-            .context("the server failed")
+        // For `ember expose`: where this server is, and the key of its own user.
+        let access = server::local::LocalAccess { url: server::local::url_of(listener.local_addr()?), key: local_key };
+        access.write(&state_dir)?;
+        let served = server::serve(listener, state, server::until_signalled()).await;
+        access.remove_if_ours(&state_dir);
+        served.context("the server failed")
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -111,6 +111,7 @@ pub fn router(state: Shared) -> Router {
         .route("/boxes/{name}/fork", post(boxes::fork))
         .route("/boxes/{name}/events", get(boxes::events))
         .route("/boxes/{name}/service-url", post(boxes::service_url).delete(boxes::revoke_service_urls))
+        .route("/local/{name}/service-url", post(crate::host_sandboxes::expose).delete(crate::host_sandboxes::unexpose))
         .route("/boxes/{name}/download-url", post(boxes::download_url))
         .route("/boxes/{name}/snapshot", post(snapshots::capture))
         .route(
