@@ -12,8 +12,8 @@ ember template create bench >/dev/null || fail "ember template create failed"
 ember run --detach --template bench --name web >/dev/null || fail "ember run failed"
 ember exec web -- sh -c 'mkdir -p /srv/www && echo hello >/srv/www/hello.txt' </dev/null || fail "exec failed"
 ember cp /opt/ember/extra/sink.py web:/srv/sink.py || fail "cp of sink.py failed"
-ember exec web -- sh -c 'cd /srv/www && nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &
-  nohup python3 /srv/sink.py 9000 >/dev/null 2>&1 &' </dev/null || fail "the guest's services did not start"
+ember exec web -- sh -c 'cd /srv/www && setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &
+  setsid nohup python3 /srv/sink.py 9000 >/dev/null 2>&1 </dev/null &' </dev/null || fail "the guest's services did not start"
 up='import socket, sys, time
 for port in (8000, 9000):
     for _ in range(100):

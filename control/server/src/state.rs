@@ -43,6 +43,9 @@ pub struct Config {
     pub pools: Vec<PoolSpec>,
     /// The key of the server's own user (see `local`); without it, no host sandbox is exposed.
     pub local_key: Option<String>,
+    /// The domain under which `{port}-{box id}.DOMAIN` is that box's service (see
+    /// `service_proxy::route_by_host`); without it, service URLs are path prefixes only.
+    pub service_domain: Option<String>,
 }
 
 impl Config {
@@ -59,6 +62,7 @@ impl Config {
             default_delete_after_stop_seconds: None,
             pools: Vec::new(),
             local_key: None,
+            service_domain: None,
         }
     }
 }

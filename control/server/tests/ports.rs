@@ -169,3 +169,57 @@ async fn a_tunnel_into_a_stopped_box_or_another_tenants_is_refused() {
     app.call("POST", "/api/v2/sandboxes/boxes/t/stop", Some(ALICE), Some(json!({}))).await;
     assert_eq!(status(open(ALICE).await), StatusCode::BAD_REQUEST, "a stopped box is NotReady");
 }
+
+/// A request through `router` with Host `host`: (status, headers, body text).
+async fn get_at_host(app: &App, host: &str, path: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut request = Request::builder().uri(path).header("host", host);
+    if let Some(token) = token {
+        request = request.header(TOKEN, token);
+    }
+    let response = app.router.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into())
+}
+
+#[tokio::test]
+async fn with_a_service_domain_a_host_name_routes_to_its_box_and_port() {
+    let app = common::app_configured(|c| c.service_domain = Some("svc.test".into()));
+    let id = app.create(ALICE, "web").await["id"].as_str().unwrap().to_string();
+    let port = http_ok();
+    let (_, minted) = mint(&app, ALICE, "web", port).await;
+    let host = format!("{port}-{id}.svc.test:8080");
+    assert_eq!(minted["host_url"], json!(format!("http://{host}")), "{minted}");
+    let token = minted["token"].as_str().unwrap();
+
+    let (status, _, body) = get_at_host(&app, &host, "/any/path?q=1", Some(token)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(get_at_host(&app, &host.to_uppercase(), "/", Some(token)).await.0, StatusCode::OK, "host names are case-blind");
+    assert_eq!(get_at_host(&app, &host, "/", None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(get_at_host(&app, &format!("{}-{id}.svc.test", port + 1), "/", Some(token)).await.0, StatusCode::UNAUTHORIZED, "the token is its port's");
+    // Even the API's paths are the service's on its host.
+    assert_eq!(get_at_host(&app, &host, "/api/v2/sandboxes/boxes", None).await.0, StatusCode::UNAUTHORIZED);
+
+    // The login URL sets a cookie for the whole host.
+    let (status, headers, _) = get_at_host(&app, &host, &format!("/.ember-login?token={token}"), None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("Path=/;"), "{cookie}");
+    assert_eq!(headers["location"], "/");
+
+    // Other hosts are the API's.
+    let (status, listed) = app.call("GET", "/api/v2/sandboxes/boxes", Some(ALICE), None).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(get_at_host(&app, &format!("{port}-{id}.elsewhere.test"), "/", Some(token)).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn without_a_service_domain_host_names_route_nothing() {
+    let app = app();
+    let id = app.create(ALICE, "web").await["id"].as_str().unwrap().to_string();
+    let port = http_ok();
+    let (_, minted) = mint(&app, ALICE, "web", port).await;
+    assert!(minted.get("host_url").is_none(), "{minted}");
+    let (status, _, _) = get_at_host(&app, &format!("{port}-{id}.svc.test"), "/", minted["token"].as_str()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the API's unknown path");
+}

@@ -75,6 +75,9 @@ pub fn expose(args: ExposeArgs, server_dir: PathBuf) -> anyhow::Result<()> {
         text("token"),
         args.name,
     );
+    if let Some(host) = answer["host_browser_url"].as_str() {
+        eprintln!("ember: also at a host of its own: {host}");
+    }
     Ok(())
 }
 

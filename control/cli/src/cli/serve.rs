@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// [default: http:// and the Host each request came with]
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// Also serve each service URL at the root of a host of its own, `PORT-BOXID.DOMAIN`
+    /// (e.g. `localhost`, which browsers resolve to loopback; else a wildcard DNS name)
+    #[arg(long, value_name = "DOMAIN")]
+    service_domain: Option<String>,
     /// Guest memory in MiB of a sandbox from the default image whose request names none
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
@@ -100,6 +104,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot make {} private", state_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
+    if let Some(domain) = &args.service_domain {
+        let fits = !domain.is_empty()
+            && !domain.starts_with(['.', '-'])
+            && domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        anyhow::ensure!(fits, "--service-domain {domain:?} is not a DNS name (letters, digits, '-' and '.'; e.g. localhost)");
+    }
+    config.service_domain = args.service_domain;
     config.events_dir = Some(events_dir);
     config.spill = Some((spill_dir, SPILL_PER_COMMAND));
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
@@ -119,8 +130,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
     let state = server::AppState::restore(
         Arc::new(match super::image::image_store() {
-            Ok(images) => SandboxBackend::new(store, boot, state_dir).with_images(images),
-            Err(_) => SandboxBackend::new(store, boot, state_dir),
+            Ok(images) => SandboxBackend::new(store, boot, state_dir.clone()).with_images(images),
+            Err(_) => SandboxBackend::new(store, boot, state_dir.clone()),
         }),
         config,
         registry,

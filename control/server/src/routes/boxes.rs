@@ -343,7 +343,7 @@ pub fn grant(state: &AppState, base: &str, id: &str, req: &ServiceUrlRequest) ->
     }
     let (token, expires_ms) = state.service_tokens.mint(id, req.port, req.expires_in_seconds);
     let service = format!("{base}{}", service_proxy::prefix(id, req.port));
-    let answer = json!({
+    let mut answer = json!({
         "service_url": service,
         "browser_url": format!("{service}/{}?token={token}", service_proxy::LOGIN),
         "token": token,
@@ -351,6 +351,15 @@ pub fn grant(state: &AppState, base: &str, id: &str, req: &ServiceUrlRequest) ->
         "embed_url": "",
         "embed_origins": [],
     });
+    // ember's own: the same service at the root of a host of its own, for apps whose links
+    // are absolute paths.
+    if let Some(domain) = &state.config.service_domain {
+        let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+        let listen_port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+        let host = format!("{scheme}://{}-{id}.{domain}{}", req.port, listen_port.map(|p| format!(":{p}")).unwrap_or_default());
+        answer["host_url"] = json!(host);
+        answer["host_browser_url"] = json!(format!("{host}/{}?token={token}", service_proxy::LOGIN));
+    }
     Ok((answer, expires_ms))
 }
 

@@ -131,6 +131,7 @@ pub fn router(state: Shared) -> Router {
         .route("/services/{box_id}/{port}/{*rest}", any(crate::service_proxy::proxy))
         .route("/metrics", get(metrics))
         .fallback(unknown)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::service_proxy::route_by_host))
         .with_state(state)
 }
 
