@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -15,25 +13,9 @@ use serde_json::{json, Value};
 use server::local::{LocalAccess, LocalError};
 use tower::ServiceExt;
 
-use common::{app_configured, App, ALICE};
+use common::{app_configured, http_says, service_get, App, ALICE};
 
 const KEY: &str = "the-local-key-0123456789abcdef";
-
-/// An HTTP service on the host's loopback answering every request with `body`.
-fn http_says(body: &'static str) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let mut s = s.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-            let _ = s.write_all(answer.as_bytes());
-        }
-    });
-    port
-}
 
 /// `method uri` with the local key `key` (if any): (status, JSON body).
 async fn local(app: &App, method: &str, uri: &str, key: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
@@ -52,15 +34,9 @@ async fn expose(app: &App, name: &str, port: u16) -> (StatusCode, Value) {
     local(app, "POST", &format!("/api/v2/sandboxes/local/{name}/service-url"), Some(KEY), Some(json!({"port": port}))).await
 }
 
-/// GET through the service URL with its token: (status, body text).
+/// GET through the service URL `minted` with its token: (status, body text).
 async fn get(app: &App, minted: &Value) -> (StatusCode, String) {
-    let path = minted["service_url"].as_str().unwrap().strip_prefix("http://ember.test:8080").unwrap();
-    let token = minted["token"].as_str().unwrap();
-    let request = Request::builder().uri(format!("{path}/")).header("x-langsmith-sandbox-service-token", token).body(Body::empty()).unwrap();
-    let response = app.router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into())
+    service_get(app, minted["service_url"].as_str().unwrap(), minted["token"].as_str().unwrap()).await
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -22,19 +21,8 @@ use common::{app, App, ALICE, BOB};
 
 const TOKEN: &str = "x-langsmith-sandbox-service-token";
 
-/// An HTTP service on the host's loopback answering every request with `ok`.
 fn http_ok() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let mut s = s.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-        }
-    });
-    port
+    common::http_says("ok")
 }
 
 fn free_port() -> u16 {
@@ -45,14 +33,8 @@ async fn mint(app: &App, key: &str, name: &str, port: u16) -> (StatusCode, Value
     app.call("POST", &format!("/api/v2/sandboxes/boxes/{name}/service-url"), Some(key), Some(json!({"port": port}))).await
 }
 
-/// GET `url`'s path through the router with `token`: (status, body text).
 async fn get(app: &App, url: &str, token: &str) -> (StatusCode, String) {
-    let path = url.strip_prefix("http://ember.test:8080").unwrap_or(url);
-    let request = Request::builder().uri(format!("{path}/")).header(TOKEN, token).body(Body::empty()).unwrap();
-    let response = app.router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into())
+    common::service_get(app, url, token).await
 }
 
 #[tokio::test]
