@@ -101,7 +101,7 @@ client = SandboxClient(api_endpoint=f"{SERVE}/api/v2/sandboxes", api_key=KEY, ma
 with client.sandbox(snapshot="bench", name=f"ports-{uuid.uuid4().hex[:8]}", timeout=300) as sb:
     sb.write("/srv/www/hello.txt", "hello\n")
     sb.write("/srv/sink.py", (Path(__file__).parent / "sink.py").read_text())
-    sb.run("cd /srv/www && setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &")
+    sb.run("cd /srv/www && setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 </dev/null &")
     sb.run("setsid nohup python3 /srv/sink.py 9000 >/dev/null 2>&1 </dev/null &")
     svc = sb.service(port=8000, expires_in_seconds=3600)
     sdk_url = here(svc.service_url) + "/"
