@@ -3,7 +3,8 @@
 # directory, a hard link, a setuid file, a user, a working directory and variables in its
 # config) is imported with `ember image import`, a sandbox runs from it by name, and its
 # commands run as the image's user, in its working directory, with its variables, without the
-# whited-out file; the same layers as a `docker save` archive import the same.
+# whited-out file; `ember run --detach -- COMMAND` starts COMMAND in the background under the
+# image's defaults; the same layers as a `docker save` archive import the same.
 #
 # Needs in the middle machine (tests/e2e/run carries them): mkfs.ext4 and e2fsck (the image is
 # made with mkfs.ext4 -d) and the static agent as /opt/ember/extra/ember-agent (EMBER_AGENT).
@@ -93,6 +94,24 @@ case_an_oci_layout_imports_and_a_sandbox_runs_from_it_as_its_user() {
   [ "$(timeout 60 ember exec $SB --user 0:0 --cwd / --env GREETING=mine -- sh -c 'echo $(id -u) $PWD $GREETING' </dev/null)" = "0 / mine" ] ||
     { echo "    --user/--cwd/--env did not override the image's"; ok=0; }
   rm_sb $SB
+  [ $ok = 1 ]
+}
+
+case_run_detach_starts_a_command_in_the_background_under_the_image_s_defaults() {
+  # e2e:1 has no Entrypoint: the command takes the place of its Cmd, as with docker run.
+  in_home ember run --detach --name $SB-bg --image e2e:1 -- \
+    sh -c 'echo "$(id -u) $PWD $GREETING" >/tmp/started; exec sleep 600' >name 2>err
+  expect_status 0 && expect_in err 'started ["sh", "-c"' || { cat err; return 1; }
+  ok=1
+  for _ in 1 2 3 4 5 6 7 8 9 10; do in_sb $SB-bg test -s /tmp/started && break; sleep 0.5; done
+  [ "$(in_sb $SB-bg cat /tmp/started)" = "1000 /home/app hello there" ] ||
+    { echo "    the command saw '$(in_sb $SB-bg cat /tmp/started)', not the image's user, directory and variables"; ok=0; }
+  [ "$(in_sb $SB-bg sh -c 'cat /proc/[0-9]*/comm 2>/dev/null | grep -cx sleep')" = 1 ] || { echo "    the command is not running"; ok=0; }
+  rm_sb $SB-bg
+  # A command that cannot start takes its sandbox with it.
+  in_home ember run --detach --name $SB-nostart --image e2e:1 -- /no/such/program >name 2>err
+  expect_status 1 && expect_in err "sandbox $SB-nostart removed" || ok=0
+  ember ls | grep -q "^$SB-nostart " && { echo "    $SB-nostart was left running"; rm_sb $SB-nostart; ok=0; }
   [ $ok = 1 ]
 }
 

@@ -262,6 +262,14 @@ struct RunArgs {
     /// Seconds the guest agent has to answer after a detached sandbox starts
     #[arg(long, requires = "detach", default_value_t = 120)]
     ready_timeout: u64,
+    /// Once the sandbox (with --detach) is ready, start its image's Entrypoint and Cmd as a
+    /// background exec, with the image's Env, WorkingDir and User (implied by -- COMMAND)
+    #[arg(long, requires = "detach")]
+    start: bool,
+    /// With --detach: the command to start in the background, after the image's Entrypoint and
+    /// in place of its Cmd (as `docker run IMAGE COMMAND`)
+    #[arg(last = true, value_name = "COMMAND", requires = "detach")]
+    command: Vec<String>,
     /// ELF vmlinux to boot [default: $EMBER_HOME/vmlinux]
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -399,6 +407,16 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Err(e) = store.set_lifetime(&record.name, Duration::from_secs(secs), keep) {
             let _ = store.remove(&record.name);
             return Err(e.into());
+        }
+    }
+    if args.start || !args.command.is_empty() {
+        // A sandbox whose command did not start is not left running without it.
+        match cli::start::start_background(&store, &record.name, &args.command) {
+            Ok((argv, pid)) => eprintln!("ember: started {argv:?} in {} (pid {pid} in the guest)", record.name),
+            Err(e) => {
+                let _ = store.remove(&record.name);
+                return Err(e.context(format!("sandbox {} removed", record.name)));
+            }
         }
     }
     println!("{}", record.name);

@@ -40,7 +40,7 @@ pub enum ImageError {
     NoPlatform { image: String, available: String },
     #[error("image {image}: {problem}")]
     Bad { image: String, problem: String },
-    #[error("image {image}: the registry refused the credentials (401 Unauthorized): pass --registry-auth USER:PASS or log in (docker config.json)")]
+    #[error("image {image}: the registry refused the credentials (401 Unauthorized): give ember credentials for it (`ember image pull --registry-auth USER:PASS`, `ember serve --registry-auth FILE`, or the host's docker config.json)")]
     Unauthorized { image: String },
     #[error("image {image}: tag or manifest not found in the registry: {detail}")]
     NotInRegistry { image: String, detail: String },

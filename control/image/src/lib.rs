@@ -13,12 +13,14 @@ pub mod tree;
 
 pub use error::{ImageError, LayerError};
 pub mod build;
+pub mod credentials;
 pub mod oci;
 pub mod registry;
 pub mod source;
 pub mod store;
 
-pub use build::{build, find_agent, BuildOptions, ScratchDir};
+pub use credentials::Credentials;
+pub use build::{build, find_agent, BuildOptions, BuildTimes, ScratchDir};
 pub use registry::{pull, PullOptions, PullStats};
 pub use source::{from_docker_archive, from_layout, Resolved};
 pub use store::{normalize, Entry, ExecDefaults, Store};

@@ -3,15 +3,15 @@
 //! against its digest before it is renamed in, so a blob the cache has is never fetched again
 //! and a second image sharing layers fetches only its own.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use base64::Engine as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
 use crate::build::file_digest;
+use crate::credentials::Credentials;
 use crate::digest::Digest;
 use crate::error::{io, ImageError};
 use crate::oci::{Descriptor, INDEX_TYPES, MANIFEST_TYPES};
@@ -20,8 +20,10 @@ use crate::store::Store;
 
 #[derive(Debug, Default, Clone)]
 pub struct PullOptions {
-    /// `--registry-auth USER:PASS`; else the docker config.json's, else anonymous.
+    /// `--registry-auth USER:PASS`; else `credentials`', else anonymous.
     pub auth: Option<(String, String)>,
+    /// Credentials by registry [default: the host's docker config.json's].
+    pub credentials: Option<Credentials>,
     /// Plain HTTP to a registry that is not on loopback.
     pub insecure: bool,
 }
@@ -32,6 +34,8 @@ pub struct PullStats {
     pub fetched: usize,
     pub cached: usize,
     pub bytes: u64,
+    /// Wall time of the whole pull: manifests, then every blob fetched and checked.
+    pub elapsed: std::time::Duration,
 }
 
 /// Whether `registry` (host[:port]) is on this machine's loopback.
@@ -41,17 +45,6 @@ fn is_loopback(registry: &str) -> bool {
         None => registry.split(':').next().unwrap_or(""),
     };
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Credentials for `registry` in `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`.
-fn docker_config_auth(registry: &str) -> Option<(String, String)> {
-    let dir = std::env::var_os("DOCKER_CONFIG").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).ok()?).ok()?;
-    let auths = config.get("auths")?.as_object()?;
-    let auth = auths.iter().find(|(k, _)| k.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/') == registry)?.1;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(auth.get("auth")?.as_str()?).ok()?;
-    let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
-    Some((user.to_string(), pass.to_string()))
 }
 
 fn registry_error(image: &str, e: OciDistributionError) -> ImageError {
@@ -81,6 +74,7 @@ pub fn pull(store: &Store, reference: &str, opts: &PullOptions, progress: &mut d
 
 async fn pull_async(store: &Store, reference: &str, opts: &PullOptions, progress: &mut dyn FnMut(String)) -> Result<(Resolved, PullStats), ImageError> {
     let image = reference;
+    let started = std::time::Instant::now();
     let r: Reference = reference.parse().map_err(|e| ImageError::Bad { image: image.into(), problem: format!("not an image reference: {e}") })?;
     let registry = r.resolve_registry().to_string();
     let plain = is_loopback(&registry) || opts.insecure;
@@ -88,7 +82,11 @@ async fn pull_async(store: &Store, reference: &str, opts: &PullOptions, progress
     let _ = rustls::crypto::ring::default_provider().install_default();
     let protocol = if plain { ClientProtocol::HttpsExcept(vec![registry.clone()]) } else { ClientProtocol::Https };
     let client = Client::new(ClientConfig { protocol, ..Default::default() });
-    let auth = match opts.auth.clone().or_else(|| docker_config_auth(&registry)) {
+    let known = || match &opts.credentials {
+        Some(c) => c.get(&registry),
+        None => Credentials::from_host().get(&registry),
+    };
+    let auth = match opts.auth.clone().or_else(known) {
         Some((user, pass)) => RegistryAuth::Basic(user, pass),
         None => RegistryAuth::Anonymous,
     };
@@ -128,7 +126,8 @@ async fn pull_async(store: &Store, reference: &str, opts: &PullOptions, progress
             }
         }
     }
-    progress(format!("{image}: {} blobs fetched ({} MiB), {} cached", stats.fetched, stats.bytes >> 20, stats.cached));
+    stats.elapsed = started.elapsed();
+    progress(format!("{image}: {} blobs fetched ({} MiB), {} cached, in {:.2} s", stats.fetched, stats.bytes >> 20, stats.cached, stats.elapsed.as_secs_f64()));
     let tag = r.tag().map(|t| format!("{}:{t}", r.repository().trim_start_matches("library/")));
     let resolved = resolve_manifest(image, &DirBlobs(&cache), manifest_digest, &doc, tag)?;
     Ok((resolved, stats))
@@ -185,24 +184,9 @@ async fn fetch(client: &Client, r: &Reference, cache: &Path, blob: &Descriptor, 
     result.map(Some)
 }
 
-
 #[cfg(test)]
 mod tests {
-    use super::{docker_config_auth, is_loopback};
-    use base64::Engine as _;
-
-    #[test]
-    fn docker_config_credentials_are_found_by_registry() {
-        let dir = tempfile::tempdir().unwrap();
-        let auth = base64::engine::general_purpose::STANDARD.encode("me:pa:ss");
-        let config = serde_json::json!({"auths": {"https://reg.example:5000/": {"auth": auth}, "other.example": {"auth": "!!"}}});
-        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-        // The only test of this binary that reads DOCKER_CONFIG.
-        std::env::set_var("DOCKER_CONFIG", dir.path());
-        assert_eq!(docker_config_auth("reg.example:5000"), Some(("me".into(), "pa:ss".into())));
-        assert_eq!(docker_config_auth("other.example"), None, "undecodable");
-        assert_eq!(docker_config_auth("third.example"), None);
-    }
+    use super::is_loopback;
 
     #[test]
     fn only_loopback_registries_are_plain_http_by_default() {

@@ -37,7 +37,8 @@ pub struct ExecDefaults {
     pub cwd: Option<String>,
     /// `uid:gid`, or a user name for the guest to look up.
     pub user: Option<String>,
-    /// Recorded and shown; a sandbox runs ember's agent, not these.
+    /// Recorded and shown; a sandbox runs ember's agent, and these only when asked to
+    /// (`ember run --detach --start`, see `argv`).
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
 }
@@ -61,6 +62,14 @@ impl ExecDefaults {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(ImageError::Io { what: "cannot read", path, error: e }),
         }
+    }
+
+    /// The image's command as `docker run IMAGE [COMMAND...]` runs it: the Entrypoint, then
+    /// `command` if one is given, else the image's Cmd. None when that leaves nothing to run.
+    pub fn argv(&self, command: &[String]) -> Option<Vec<String>> {
+        let args = if command.is_empty() { &self.cmd } else { command };
+        let argv: Vec<String> = self.entrypoint.iter().chain(args).cloned().collect();
+        (!argv.is_empty()).then_some(argv)
     }
 }
 
@@ -148,7 +157,7 @@ impl Store {
     }
 
     fn locked<T>(&self, f: impl FnOnce(&mut Vec<Entry>) -> Result<T, ImageError>) -> Result<T, ImageError> {
-        std::fs::create_dir_all(&self.dir).map_err(io("cannot create", &self.dir))?;
+        create_public_dir(&self.dir).map_err(io("cannot create", &self.dir))?;
         let lock_path = self.dir.join(LOCK);
         let lock = File::create(&lock_path).map_err(io("cannot create", &lock_path))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| ImageError::Io { what: "cannot lock", path: lock_path, error: e.into() })?;
@@ -158,6 +167,18 @@ impl Store {
         write_atomic(&self.dir.join(INDEX), &bytes)?;
         Ok(out)
     }
+}
+
+/// Creates `dir` and the missing directories above it, each 0755 whatever the umask (ember's
+/// is 077): the images in it are read by every sandbox's VMM, jailed as a uid of its own.
+fn create_public_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for d in missing {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 /// Writes `path` by a temp file renamed over it: a reader sees the old or the new, whole.
@@ -191,6 +212,19 @@ mod tests {
         let theirs = tmp.path().join("mine.ext4");
         std::fs::write(theirs.with_extension("json"), b"not defaults").unwrap();
         assert_eq!(ExecDefaults::of_image(&theirs).unwrap(), None);
+    }
+
+    #[test]
+    fn the_command_is_the_entrypoint_then_the_given_command_else_cmd() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let both = ExecDefaults { entrypoint: v(&["/bin/app", "--serve"]), cmd: v(&["--port", "80"]), ..Default::default() };
+        assert_eq!(both.argv(&[]), Some(v(&["/bin/app", "--serve", "--port", "80"])));
+        assert_eq!(both.argv(&v(&["--port", "8080"])), Some(v(&["/bin/app", "--serve", "--port", "8080"])), "the command replaces Cmd, not the Entrypoint");
+        let cmd_only = ExecDefaults { cmd: v(&["python3", "-m", "http.server"]), ..Default::default() };
+        assert_eq!(cmd_only.argv(&[]), Some(v(&["python3", "-m", "http.server"])));
+        assert_eq!(cmd_only.argv(&v(&["sleep", "9"])), Some(v(&["sleep", "9"])));
+        assert_eq!(ExecDefaults::default().argv(&v(&["sleep", "9"])), Some(v(&["sleep", "9"])), "an image ember did not make: the command alone");
+        assert_eq!(ExecDefaults::default().argv(&[]), None);
     }
 
     #[test]

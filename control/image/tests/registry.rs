@@ -1,7 +1,8 @@
 //! Pulls from Debian's `docker-registry` (the distribution registry) on loopback, images pushed
 //! to it with `skopeo` (both installed by tests/install-deps): the image built, a second image
 //! sharing the base layer fetching only its own blobs (counted by the pull and in the
-//! registry's access log), a missing tag, and a registry that answers 401.
+//! registry's access log), a missing tag, a registry that answers 401, and where credentials
+//! come from.
 
 mod common;
 
@@ -116,14 +117,45 @@ fn a_registry_that_wants_credentials_answers_401_without_them() {
     let a = layout(&f.tmp.path().join("a"), "amd64");
     let reference = format!("127.0.0.1:{}/private:1", reg.port);
     push(&a.dir, &reference, Some("ember:s3cret"));
-    // No docker config.json of the host's: the test's own empty one.
-    std::env::set_var("DOCKER_CONFIG", f.tmp.path().join("docker"));
+    // No credentials by registry: not the host's docker config.json's either.
+    let none = Some(image::Credentials::default());
     for auth in [None, Some(("ember".to_string(), "wrong".to_string()))] {
-        let e = pull(&f, &reference, &PullOptions { auth, insecure: false }).unwrap_err();
+        let e = pull(&f, &reference, &PullOptions { auth, credentials: none.clone(), ..PullOptions::default() }).unwrap_err();
         assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
         assert!(e.to_string().contains(&reference), "{e}");
     }
     let auth = Some(("ember".to_string(), "s3cret".to_string()));
-    let (entry, _) = pull(&f, &reference, &PullOptions { auth, insecure: false }).unwrap();
+    let (entry, _) = pull(&f, &reference, &PullOptions { auth, ..PullOptions::default() }).unwrap();
+    check_image(&f, &entry);
+}
+
+/// A docker config.json with `user:pass` for `registry`, in `dir`.
+fn docker_config(dir: &Path, registry: &str, creds: &str) -> PathBuf {
+    use base64::Engine as _;
+    std::fs::create_dir_all(dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(creds);
+    std::fs::write(dir.join("config.json"), serde_json::json!({"auths": {registry: {"auth": auth}}}).to_string()).unwrap();
+    dir.join("config.json")
+}
+
+#[test]
+fn credentials_come_from_the_file_given_else_from_the_host_s_docker_config() {
+    let f = fixture();
+    let reg = registry(f.tmp.path(), Some(("ember", "s3cret")));
+    let a = layout(&f.tmp.path().join("a"), "amd64");
+    let registry = format!("127.0.0.1:{}", reg.port);
+    push(&a.dir, &format!("{registry}/private:1"), Some("ember:s3cret"));
+    // The host's (DOCKER_CONFIG's) are right; a file given replaces them, as `ember serve
+    // --registry-auth FILE` does.
+    std::env::set_var("DOCKER_CONFIG", f.tmp.path().join("host"));
+    docker_config(&f.tmp.path().join("host"), &registry, "ember:s3cret");
+    let wrong = image::Credentials::load(&docker_config(&f.tmp.path().join("given"), &registry, "ember:wrong")).unwrap();
+    let e = pull(&f, &format!("{registry}/private:1"), &PullOptions { credentials: Some(wrong), ..PullOptions::default() }).unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "the host's were used: {e}");
+    let right = image::Credentials::load(&docker_config(&f.tmp.path().join("given"), &registry, "ember:s3cret")).unwrap();
+    let (entry, _) = pull(&f, &format!("{registry}/private:1"), &PullOptions { credentials: Some(right), ..PullOptions::default() }).unwrap();
+    check_image(&f, &entry);
+    image::Store::remove(&f.store, &entry.name).unwrap();
+    let (entry, _) = pull(&f, &format!("{registry}/private:1"), &PullOptions::default()).unwrap();
     check_image(&f, &entry);
 }

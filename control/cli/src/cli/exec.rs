@@ -50,6 +50,16 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("'{s}' is not K=V"))
 }
 
+/// The exec defaults of sandbox `name`'s image; none for an image ember did not make.
+pub fn image_defaults(store: &Store, name: &str) -> anyhow::Result<image::ExecDefaults> {
+    Ok(image::ExecDefaults::of_image(&store.record(name)?.image)?.unwrap_or_default())
+}
+
+/// The image's User as the agent takes it.
+pub fn image_user(defaults: &image::ExecDefaults) -> anyhow::Result<Option<agent_protocol::User>> {
+    defaults.user.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("the image's user: {e}"))
+}
+
 pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let fail = |message: String| {
         eprintln!("ember: error: {message}");
@@ -65,16 +75,15 @@ pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     };
     // An imported image's Env, WorkingDir and User, under what the command line says.
     let defaults = match &args.name {
-        Some(name) if args.uds.is_none() => match store.record(name).map(|r| image::ExecDefaults::of_image(&r.image)) {
-            Ok(Ok(d)) => d.unwrap_or_default(),
-            Ok(Err(e)) => return fail(e.to_string()),
+        Some(name) if args.uds.is_none() => match image_defaults(store, name) {
+            Ok(d) => d,
             Err(e) => return fail(e.to_string()),
         },
         _ => image::ExecDefaults::default(),
     };
-    let user = match args.user.map(Ok).or_else(|| defaults.user.as_deref().map(str::parse)).transpose() {
+    let user = match args.user.map(Ok).or_else(|| image_user(&defaults).transpose()).transpose() {
         Ok(u) => u,
-        Err(e) => return fail(format!("the image's user: {e}")),
+        Err(e) => return fail(e.to_string()),
     };
     let mut env = defaults.env;
     env.extend(args.env);

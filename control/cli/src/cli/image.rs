@@ -107,10 +107,10 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let store = image_store()?;
     match cmd {
         ImageCommand::Pull(args) => {
-            let opts = image::PullOptions { auth: args.registry_auth, insecure: args.insecure };
-            let (resolved, _) = image::pull(&store, &args.reference, &opts, &mut |line| eprintln!("ember: {line}"))?;
+            let opts = image::PullOptions { auth: args.registry_auth, insecure: args.insecure, credentials: None };
+            let (resolved, stats) = image::pull(&store, &args.reference, &opts, &mut |line| eprintln!("ember: {line}"))?;
             let scratch = image::ScratchDir::new(store.dir())?;
-            build(&store, resolved, args.build, scratch.path())
+            build(&store, resolved, args.build, scratch.path(), Some(stats))
         }
         ImageCommand::Import(args) => {
             let shown = args.path.display().to_string();
@@ -120,7 +120,7 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
             } else {
                 image::from_docker_archive(&args.path, scratch.path(), &shown, args.tag.as_deref())?
             };
-            build(&store, resolved, args.build, scratch.path())
+            build(&store, resolved, args.build, scratch.path(), None)
         }
         ImageCommand::Ls { json } => {
             let list = store.list()?;
@@ -166,17 +166,19 @@ fn in_use(store: &image::Store, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds a resolved image into the store and prints its entry.
-pub fn build(store: &image::Store, resolved: image::Resolved, args: BuildArgs, scratch: &Path) -> anyhow::Result<ExitCode> {
+/// Builds a resolved image into the store and prints its entry; the JSON has where the time
+/// went, the pull's (`pull` given) and the build's.
+pub fn build(store: &image::Store, resolved: image::Resolved, args: BuildArgs, scratch: &Path, pull: Option<image::PullStats>) -> anyhow::Result<ExitCode> {
     let Some(name) = args.name.or_else(|| resolved.tag.clone()) else {
         bail!("{} carries no tag to name it by: pass --name NAME:TAG", resolved.image);
     };
     let agent = image::find_agent(scratch)?;
     let opts = image::BuildOptions { name: image::normalize(&name)?, capacity: args.capacity, agent };
-    let entry = image::build(store, resolved, &opts, &mut |line| eprintln!("ember: {line}"))?;
+    let (entry, times) = image::build(store, resolved, &opts, &mut |line| eprintln!("ember: {line}"))?;
     if args.json {
         let mut v = serde_json::to_value(&entry)?;
         v["path"] = serde_json::json!(store.path(&entry));
+        v["timings"] = timings(pull, times);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("{} {} {}", entry.name, entry.digest, store.path(&entry).display());
@@ -184,9 +186,24 @@ pub fn build(store: &image::Store, resolved: image::Resolved, args: BuildArgs, s
     Ok(ExitCode::SUCCESS)
 }
 
+/// Seconds of each step, for `--json`: fetch (null for an import), unpack, mkfs and fsck (0
+/// when the image was built before and only named again).
+fn timings(pull: Option<image::PullStats>, times: image::BuildTimes) -> serde_json::Value {
+    let s = |d: std::time::Duration| d.as_secs_f64();
+    serde_json::json!({
+        "fetch_s": pull.map(|p| s(p.elapsed)),
+        "blobs_fetched": pull.map(|p| p.fetched),
+        "blobs_cached": pull.map(|p| p.cached),
+        "bytes_fetched": pull.map(|p| p.bytes),
+        "unpack_s": s(times.unpack),
+        "mkfs_s": s(times.mkfs),
+        "fsck_s": s(times.fsck),
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, timings};
 
     #[test]
     fn sizes_take_binary_units() {
@@ -196,5 +213,17 @@ mod tests {
         assert_eq!(parse_size("33554432"), Ok(32 << 20));
         assert!(parse_size("1k").is_err(), "too small for a disk");
         assert!(parse_size("4xb").is_err());
+    }
+
+    #[test]
+    fn timings_name_each_step_in_seconds() {
+        use std::time::Duration;
+        let pull = image::PullStats { fetched: 2, cached: 1, bytes: 3 << 20, elapsed: Duration::from_millis(1500) };
+        let times = image::BuildTimes { unpack: Duration::from_millis(250), mkfs: Duration::from_secs(2), fsck: Duration::from_millis(500) };
+        let v = timings(Some(pull), times);
+        assert_eq!(v["fetch_s"], 1.5);
+        assert_eq!((v["blobs_fetched"].as_u64(), v["blobs_cached"].as_u64(), v["bytes_fetched"].as_u64()), (Some(2), Some(1), Some(3 << 20)));
+        assert_eq!((v["unpack_s"].as_f64(), v["mkfs_s"].as_f64(), v["fsck_s"].as_f64()), (Some(0.25), Some(2.0), Some(0.5)));
+        assert!(timings(None, times)["fetch_s"].is_null(), "an import fetched nothing");
     }
 }

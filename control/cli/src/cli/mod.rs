@@ -6,6 +6,7 @@ pub mod exec;
 pub mod expose;
 pub mod image;
 pub mod serve;
+pub mod start;
 pub mod template;
 pub mod tunnel;
 mod terminal;

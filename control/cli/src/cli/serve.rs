@@ -54,6 +54,11 @@ pub struct ServeArgs {
     /// that a create of it takes one at once; refilled as creates take them (repeatable)
     #[arg(long = "pool", value_name = "SNAPSHOT=N", value_parser = server::pool::PoolSpec::parse)]
     pools: Vec<server::pool::PoolSpec>,
+    /// Registry credentials for the snapshots built from Docker images, a docker config.json
+    /// (`{"auths": {"REGISTRY": {"auth": base64("USER:PASS")}}}`; 0600) [default: this
+    /// host's docker config.json, $DOCKER_CONFIG or ~/.docker]. Requests never carry any
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
 }
 
 /// The server's records, traces and `local.json`: `server` beside the sandboxes' directory.
@@ -78,9 +83,21 @@ fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
     Tenants::parse(&text).with_context(|| format!("keys file {}", path.display()))
 }
 
+/// The `--registry-auth` file's credentials, read whole now: a broken file is an error at
+/// start, not at a tenant's first build.
+fn registry_credentials(path: Option<&PathBuf>) -> anyhow::Result<Option<image::Credentials>> {
+    let Some(path) = path else { return Ok(None) };
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        eprintln!("ember serve: warning: {} is readable by other users; it holds registry passwords (chmod 600 it)", path.display());
+    }
+    Ok(Some(image::Credentials::load(path)?))
+}
+
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
     let tenants = tenants(args.keys.as_ref())?;
+    let credentials = registry_credentials(args.registry_auth.as_ref())?;
     server::check_listen(&args.listen, &tenants).map_err(anyhow::Error::msg)?;
     let store = crate::store()?;
     let boot = crate::sandbox_spec(
@@ -128,11 +145,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let local_key = server::local::new_key();
     config.local_key = Some(local_key.clone());
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
+    let mut backend = SandboxBackend::new(store, boot, state_dir.clone());
+    if let Ok(images) = super::image::image_store() {
+        backend = backend.with_images(images);
+    }
+    if let Some(c) = credentials {
+        backend = backend.with_registry_credentials(c);
+    }
     let state = server::AppState::restore(
-        Arc::new(match super::image::image_store() {
-            Ok(images) => SandboxBackend::new(store, boot, state_dir.clone()).with_images(images),
-            Err(_) => SandboxBackend::new(store, boot, state_dir.clone()),
-        }),
+        Arc::new(backend),
         config,
         registry,
     )?;
@@ -160,4 +181,22 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         served.context("the server failed")
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registry_credentials;
+
+    #[test]
+    fn a_broken_registry_auth_file_stops_the_start_naming_it() {
+        assert!(registry_credentials(None).unwrap().is_none(), "without: the host's docker config.json, read at each pull");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("auth.json");
+        std::fs::write(&file, r#"{"auths": {"reg.example": {"auth": "!!"}}}"#).unwrap();
+        let e = format!("{:#}", registry_credentials(Some(&file)).unwrap_err());
+        assert!(e.contains("auth.json") && e.contains("reg.example"), "{e}");
+        std::fs::write(&file, r#"{"auths": {"reg.example": {"auth": "dTpw"}}}"#).unwrap();
+        assert_eq!(registry_credentials(Some(&file)).unwrap().unwrap().get("reg.example"), Some(("u".into(), "p".into())));
+        assert!(registry_credentials(Some(&dir.path().join("none"))).is_err());
+    }
 }

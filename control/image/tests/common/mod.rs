@@ -153,7 +153,7 @@ impl Fixture {
     }
     pub fn build(&self, resolved: image::Resolved, name: &str) -> Result<image::Entry, ImageError> {
         let opts = BuildOptions { name: image::normalize(name)?, capacity: CAPACITY, agent: self.agent.clone() };
-        image::build(&self.store, resolved, &opts, &mut |line| eprintln!("{line}"))
+        image::build(&self.store, resolved, &opts, &mut |line| eprintln!("{line}")).map(|(entry, _)| entry)
     }
     /// Only the index (and its lock) may be in the store after a failed build.
     pub fn assert_nothing_left(&self) {

@@ -37,6 +37,9 @@ pub struct SandboxBackend {
     store: Store,
     /// Where images from Docker images are built (`ember image`'s store), if anywhere.
     images: Option<image::Store>,
+    /// How those images are pulled: the registry credentials are the host's (`ember serve
+    /// --registry-auth FILE`, else its docker config.json), never a request's.
+    pull: image::PullOptions,
     /// What a sandbox from the default image boots as (its name unset).
     boot: SandboxSpec,
     /// The server's own directory (`$EMBER_STATE/server`).
@@ -45,12 +48,17 @@ pub struct SandboxBackend {
 
 impl SandboxBackend {
     pub fn new(store: Store, boot: SandboxSpec, state: PathBuf) -> Self {
-        Self { store, boot, state, images: None }
+        Self { store, boot, state, images: None, pull: image::PullOptions::default() }
     }
 
     /// Snapshots from Docker images are built in `images`.
     pub fn with_images(self, images: image::Store) -> Self {
         Self { images: Some(images), ..self }
+    }
+
+    /// Registry credentials for the images' pulls, in place of the host's docker config.json.
+    pub fn with_registry_credentials(self, credentials: image::Credentials) -> Self {
+        Self { pull: image::PullOptions { credentials: Some(credentials), ..self.pull }, ..self }
     }
 
     /// The base image for `reference`: one of that name and capacity built before, else pulled
@@ -64,11 +72,11 @@ impl SandboxBackend {
             }
         }
         let log = &mut |line: String| tracing::info!("{line}");
-        let (resolved, _) = image::pull(images, reference, &image::PullOptions::default(), log).map_err(invalid)?;
+        let (resolved, _) = image::pull(images, reference, &self.pull, log).map_err(invalid)?;
         let scratch = image::ScratchDir::new(images.dir()).map_err(invalid)?;
         let agent = image::find_agent(scratch.path()).map_err(invalid)?;
         let opts = image::BuildOptions { name, capacity: capacity.unwrap_or(DEFAULT_IMAGE_CAPACITY), agent };
-        let entry = image::build(images, resolved, &opts, log).map_err(invalid)?;
+        let (entry, _) = image::build(images, resolved, &opts, log).map_err(invalid)?;
         Ok(images.path(&entry))
     }
 
