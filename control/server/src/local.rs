@@ -29,7 +29,7 @@ const MAX_ANSWER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("no `ember serve` of this user is running ({} is missing): start one, or name it with --server", .0.display())]
+    #[error("no `ember serve` of this user is running ({} is missing): start one with `ember serve`", .0.display())]
     NoServer(PathBuf),
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
