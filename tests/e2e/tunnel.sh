@@ -1,6 +1,7 @@
 # End-to-end tests of `ember tunnel` (the agent's Dial, through the VMM's vsock), run inside the
 # nested harness by tests/e2e/run (busybox sh): `python3 -m http.server` and a TCP echo service
-# in a sandbox, reached from the host through a tunnel; a port nobody listens on. The cases
+# in a sandbox, reached from the host through a tunnel; a port nobody listens on; the same
+# http.server through the URL `ember expose` prints, served by `ember serve`. The cases
 # share one sandbox, started by the first and removed by the last.
 . /opt/ember/extra/lib.sh
 SB=e2e-tunnel
@@ -99,6 +100,36 @@ case_a_port_nobody_listens_on_gives_the_clear_error() {
   kill $tunnel
   [ $got != 0 ] || { echo "    a request through the tunnel succeeded"; return 1; }
   expect_in tunnel.err "cannot reach port 9 in the sandbox"
+}
+
+# field NAME FILE: the string NAME of the one-line JSON object in FILE.
+field() { sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p" "$2"; }
+
+case_ember_expose_prints_a_url_that_serves_with_its_token_until_unexpose() {
+  command ember serve --listen 127.0.0.1:18080 >serve.out 2>serve.err &
+  serve=$!
+  for _ in $(seq 100); do
+    [ -s "$HOME/.local/state/ember/server/local.json" ] && break
+    sleep 0.1
+  done
+  ember expose $SB 8000 --ttl 60 --json >exposed 2>err
+  expect_status 0 || { kill $serve; cat serve.err; return 1; }
+  url=$(field service_url exposed) token=$(field token exposed)
+  busybox wget -q -O listing --header "X-Langsmith-Sandbox-Service-Token: $token" "$url/"
+  with=$?
+  busybox wget -q -O /dev/null "$url/" 2>/dev/null
+  without=$?
+  ember unexpose $SB 8000 2>unexposed
+  busybox wget -q -O /dev/null --header "X-Langsmith-Sandbox-Service-Token: $token" "$url/" 2>/dev/null
+  revoked=$?
+  ember expose no-such-sandbox 8000 2>nothing
+  none=$?
+  kill $serve
+  [ $with = 0 ] && expect_in listing marker.txt || { echo "    the URL with its token did not serve ($url)"; return 1; }
+  [ $without != 0 ] || { echo "    the URL served without a token"; return 1; }
+  expect_in unexposed "1 service URL" || return 1
+  [ $revoked != 0 ] || { echo "    the URL served after unexpose"; return 1; }
+  [ $none != 0 ] && expect_in nothing "no sandbox 'no-such-sandbox'"
 }
 
 case_a_tunnel_to_no_sandbox_fails_at_once() {

@@ -17,6 +17,13 @@ def test_write_then_read_back_text_and_binary(sb):
     assert seen.stdout == "hello\nworld\n", "commands see what was written"
 
 
+def test_a_file_far_larger_than_a_buffered_body_goes_up_whole(sb):
+    blob = bytes(range(256)) * (96 << 12)  # 24 MiB
+    sb.write(f"{ROOT}/large.bin", blob, timeout=300)
+    assert sb.stat(f"{ROOT}/large.bin").size_bytes == len(blob)
+    assert sb.read(f"{ROOT}/large.bin", timeout=300) == blob
+
+
 def test_a_missing_file_is_not_found(sb):
     with pytest.raises(ResourceNotFoundError):
         sb.read(f"{ROOT}/missing")

@@ -52,6 +52,11 @@ enum Command {
     /// 127.0.0.1:REMOTE_PORT, or an ephemeral port when that is taken), prints the address it
     /// listens on, and forwards each connection until interrupted
     Tunnel(cli::tunnel::TunnelArgs),
+    /// Print a service URL for PORT in the sandbox: authenticated HTTP through this user's
+    /// running `ember serve` (the URL's token expires after --ttl seconds).
+    Expose(cli::expose::ExposeArgs),
+    /// Revoke the sandbox's service URLs (of PORT only, if given).
+    Unexpose(cli::expose::UnexposeArgs),
     /// Snapshot a sandbox into DIR (VM state, memory, and a frozen copy of its disk); the
     /// sandbox is paused meanwhile and runs on after. Start copies with
     /// `ember run --detach --from-snapshot DIR`.
@@ -569,6 +574,8 @@ fn main() -> ExitCode {
         Command::Exec(args) => store().and_then(|s| cli::exec::exec(args, &s)),
         Command::Cp(args) => store().and_then(|s| cli::cp::cp(args, &s)),
         Command::Tunnel(args) => store().and_then(|s| cli::tunnel::tunnel(args, &s)).map(|()| ExitCode::SUCCESS),
+        Command::Expose(args) => cli::serve::state_dir().and_then(|d| cli::expose::expose(args, d)).map(|()| ExitCode::SUCCESS),
+        Command::Unexpose(args) => cli::serve::state_dir().and_then(|d| cli::expose::unexpose(args, d)).map(|()| ExitCode::SUCCESS),
         Command::Ls { json } => ls(json),
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),

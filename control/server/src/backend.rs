@@ -194,6 +194,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Stops it if it runs and deletes it with all it has (its stopped states included).
     fn remove(&self, name: &str) -> Result<()>;
     fn state(&self, name: &str) -> Result<State>;
+    /// What tells sandbox `name` from an earlier or later one of the same name (a removed
+    /// sandbox's name may be given again).
+    fn instance(&self, name: &str) -> Result<String>;
     /// Stops its VMM; with `keep_memory`, so that [`Backend::start`] resumes its processes,
     /// else keeping its disk only.
     fn stop(&self, name: &str, keep_memory: bool) -> Result<()>;

@@ -13,6 +13,9 @@ pub enum ApiError {
     /// 401: no key, or not one of the server's.
     #[error("a valid X-Api-Key header is required")]
     Unauthorized,
+    /// 403: a request only the server's own user may make, without that user's key.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404, also what another tenant's sandbox, snapshot or command is.
     #[error("{0}")]
     NotFound(String),
@@ -56,6 +59,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid { .. } | ApiError::CreationFailed { .. } => {
@@ -74,6 +78,7 @@ impl ApiError {
     pub fn detail(&self) -> serde_json::Value {
         let kind = match self {
             ApiError::Unauthorized => "Unauthorized",
+            ApiError::Forbidden(_) => "Forbidden",
             ApiError::NotFound(_) => "NotFound",
             ApiError::Conflict(_) => "Conflict",
             ApiError::Invalid { field, message } => {

@@ -4,7 +4,8 @@
 //! The control plane is under `/api/v2/sandboxes` (boxes, snapshots), each box's data plane
 //! under `/dataplane/{box id}` (commands over WebSocket or SSE, files), and `/metrics` has the
 //! server in Prometheus' text format. ember adds `POST .../boxes/{name}/fork` and
-//! `GET .../boxes/{name}/events`. Sandboxes are reached only through a [`backend::Backend`]:
+//! `GET .../boxes/{name}/events`, and `ember expose` its routes for this host's own sandboxes
+//! (see [`host_sandboxes`], [`local`]). Sandboxes are reached only through a [`backend::Backend`]:
 //! `ember serve` uses [`backend::sandbox::SandboxBackend`], the control plane's own library.
 //! Tenancy: see [`tenants`].
 
@@ -15,7 +16,9 @@ pub mod dataplane;
 pub mod error;
 pub mod events;
 pub mod expiry;
+pub mod host_sandboxes;
 pub mod lifecycle;
+pub mod local;
 pub mod metrics;
 pub mod models;
 pub mod pool;

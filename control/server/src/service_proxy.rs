@@ -1,5 +1,5 @@
 //! The service URLs' reverse proxy: `/services/{box id}/{port}/...` is HTTP to that port of the
-//! box, for a holder of one of its tokens (see `service_tokens`): in the SDK's header
+//! box (and, with a service domain, so is every path of host `{port}-{box id}.DOMAIN`), for a holder of one of its tokens (see `service_tokens`): in the SDK's header
 //! (`X-Langsmith-Sandbox-Service-Token`), as `Authorization: Bearer`, or in the cookie that the
 //! login URL (`.../.ember-login?token=T`) sets for that path. No token, a wrong one: 401;
 //! expired: 401 saying so; a stopped box: 503; nothing listening on the port: 502 naming it.
@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -64,19 +65,56 @@ pub async fn proxy(State(state): State<Shared>, Path(params): Path<HashMap<Strin
     let Some(port) = params.get("port").and_then(|p| p.parse::<u16>().ok()).filter(|p| *p != 0) else {
         return error(StatusCode::NOT_FOUND, "NotFound", "a service URL's port is a number from 1 to 65535".into());
     };
-    let rest = params.get("rest").map(String::as_str).unwrap_or("");
+    let rest = params.get("rest").cloned().unwrap_or_default();
+    let base = prefix(&box_id, port);
+    serve(&state, &box_id, port, &rest, &base, req).await
+}
+
+/// The box and port a request's Host names under the service domain `domain`
+/// (`{port}-{box id}.{domain}`, any port after it), if it names one.
+pub fn by_host(host: &str, domain: &str) -> Option<(u16, String)> {
+    let host = host.to_ascii_lowercase();
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host.as_str(),
+    };
+    let label = name.strip_suffix(&domain.to_ascii_lowercase())?.strip_suffix('.')?;
+    let (port, id) = label.split_once('-')?;
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    (!id.is_empty() && !id.contains('.')).then(|| (port, id.to_string()))
+}
+
+/// Routing by host name, before the routes: a request for `{port}-{box id}.{service domain}`
+/// is that box's service at its root path; any other goes on to the routes.
+pub async fn route_by_host(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let target = state.config.service_domain.as_deref().and_then(|domain| {
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok())?;
+        by_host(host, domain)
+    });
+    match target {
+        Some((port, box_id)) => {
+            let rest = req.uri().path().trim_start_matches('/').to_string();
+            serve(&state, &box_id, port, &rest, "", req).await
+        }
+        None => next.run(req).await,
+    }
+}
+
+/// Serves `rest` of `port` of box `box_id`, mounted at `base` (a path prefix, or "" at the
+/// root of a host of its own).
+async fn serve(state: &Shared, box_id: &str, port: u16, rest: &str, base: &str, req: Request) -> Response {
     if rest == LOGIN {
-        return login(&state, &box_id, port, req.uri());
+        return login(state, box_id, port, base, req.uri());
     }
     let Some(token) = token(req.headers(), port) else {
         return error(StatusCode::UNAUTHORIZED, "Unauthorized", format!("a service token is required ({TOKEN_HEADER} header, a bearer token, or the login URL's cookie)"));
     };
-    match state.service_tokens.check(&token, &box_id, port) {
+    match state.service_tokens.check(&token, box_id, port) {
         Ok(()) => {}
         Err(Refusal::Invalid) => return error(StatusCode::UNAUTHORIZED, "Unauthorized", "the service token is not valid for this URL".into()),
         Err(Refusal::Expired) => return error(StatusCode::UNAUTHORIZED, "TokenExpired", "the service token has expired: ask for a new service URL".into()),
     }
-    match forward(&state, &box_id, port, rest, req).await {
+    match forward(state, box_id, port, rest, base, req).await {
         Ok(r) => r,
         Err(ApiError::BadRequest { kind: "NotReady", message }) => error(StatusCode::SERVICE_UNAVAILABLE, "NotReady", message),
         Err(e) => e.into_response(),
@@ -84,7 +122,7 @@ pub async fn proxy(State(state): State<Shared>, Path(params): Path<HashMap<Strin
 }
 
 /// `.ember-login?token=T[&redirect=/path]`: sets the port's cookie and sends the browser on.
-fn login(state: &Shared, box_id: &str, port: u16, uri: &Uri) -> Response {
+fn login(state: &Shared, box_id: &str, port: u16, base: &str, uri: &Uri) -> Response {
     let query: HashMap<String, String> = uri.query().map(url_pairs).unwrap_or_default();
     let Some(token) = query.get("token") else {
         return error(StatusCode::UNAUTHORIZED, "Unauthorized", "the login URL needs its token".into());
@@ -93,7 +131,6 @@ fn login(state: &Shared, box_id: &str, port: u16, uri: &Uri) -> Response {
         let kind = if why == Refusal::Expired { "TokenExpired" } else { "Unauthorized" };
         return error(StatusCode::UNAUTHORIZED, kind, "the login URL's token is not valid (or has expired)".into());
     }
-    let base = prefix(box_id, port);
     let to = query.get("redirect").filter(|r| r.starts_with('/') && !r.starts_with("//")).map_or("/", String::as_str);
     let cookie = format!("{}={token}; Path={base}/; HttpOnly; SameSite=Lax", cookie_name(port));
     let mut r = StatusCode::SEE_OTHER.into_response();
@@ -124,7 +161,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::TRANSFER_ENCODING,
 ];
 
-async fn forward(state: &Shared, box_id: &str, port: u16, rest: &str, mut req: Request) -> Result<Response, ApiError> {
+async fn forward(state: &Shared, box_id: &str, port: u16, rest: &str, base: &str, mut req: Request) -> Result<Response, ApiError> {
     let upgrade = req.headers().get(header::UPGRADE).cloned();
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
@@ -164,8 +201,11 @@ async fn forward(state: &Shared, box_id: &str, port: u16, rest: &str, mut req: R
         headers.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    if let Ok(p) = HeaderValue::from_str(&prefix(box_id, port)) {
-        headers.insert(HeaderName::from_static("x-forwarded-prefix"), p);
+    match HeaderValue::from_str(base) {
+        Ok(p) if !base.is_empty() => {
+            headers.insert(HeaderName::from_static("x-forwarded-prefix"), p);
+        }
+        _ => {}
     }
     let mut response = sender.send_request(axum::http::Request::from_parts(parts, body)).await.map_err(internal)?;
 
@@ -197,6 +237,31 @@ fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
         if !kept.is_empty() {
             headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_names_a_port_and_box_only_right_under_the_domain() {
+        let id = "0b6f1c9e-5c1a-4c1e-9c1e-0b6f1c9e5c1a";
+        assert_eq!(by_host(&format!("8000-{id}.svc.test"), "svc.test"), Some((8000, id.into())));
+        assert_eq!(by_host(&format!("8000-{id}.SVC.test:8080"), "svc.test"), Some((8000, id.into())));
+        assert_eq!(by_host("8000-host-abc.localhost:8080", "localhost"), Some((8000, "host-abc".into())));
+        for other in [
+            format!("8000-{id}.other.test"),
+            format!("8000-{id}.a.svc.test"),
+            format!("x-{id}.svc.test"),
+            format!("0-{id}.svc.test"),
+            format!("70000-{id}.svc.test"),
+            "8000-.svc.test".into(),
+            "svc.test".into(),
+            format!("8000-{id}svc.test"),
+        ] {
+            assert_eq!(by_host(&other, "svc.test"), None, "{other}");
         }
     }
 }

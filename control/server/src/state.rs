@@ -10,6 +10,7 @@ use crate::boxes::Boxes;
 use crate::dataplane::commands::Commands;
 use crate::error::ApiError;
 use crate::events::Events;
+use crate::host_sandboxes::HostSandboxes;
 use crate::metrics::Metrics;
 use crate::service_tokens::ServiceTokens;
 use crate::pool::{PoolSpec, Pools};
@@ -40,6 +41,11 @@ pub struct Config {
     pub default_delete_after_stop_seconds: Option<u64>,
     /// Warm pools to keep filled.
     pub pools: Vec<PoolSpec>,
+    /// The key of the server's own user (see `local`); without it, no host sandbox is exposed.
+    pub local_key: Option<String>,
+    /// The domain under which `{port}-{box id}.DOMAIN` is that box's service (see
+    /// `service_proxy::route_by_host`); without it, service URLs are path prefixes only.
+    pub service_domain: Option<String>,
 }
 
 impl Config {
@@ -55,6 +61,8 @@ impl Config {
             default_idle_ttl_seconds: 600,
             default_delete_after_stop_seconds: None,
             pools: Vec::new(),
+            local_key: None,
+            service_domain: None,
         }
     }
 }
@@ -68,6 +76,7 @@ pub struct AppState {
     pub events: Events,
     pub metrics: Metrics,
     pub service_tokens: ServiceTokens,
+    pub host_sandboxes: HostSandboxes,
     pub pools: Pools,
     /// Woken when a create took a pool's sandbox, for the filler.
     pub pool_wanted: tokio::sync::Notify,
@@ -109,6 +118,7 @@ impl AppState {
             events,
             metrics: Metrics::default(),
             service_tokens: ServiceTokens::default(),
+            host_sandboxes: HostSandboxes::default(),
             registry,
             saved: Mutex::new((0, 0, 0)),
         })

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -22,19 +21,8 @@ use common::{app, App, ALICE, BOB};
 
 const TOKEN: &str = "x-langsmith-sandbox-service-token";
 
-/// An HTTP service on the host's loopback answering every request with `ok`.
 fn http_ok() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let mut s = s.unwrap();
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-        }
-    });
-    port
+    common::http_says("ok")
 }
 
 fn free_port() -> u16 {
@@ -45,14 +33,8 @@ async fn mint(app: &App, key: &str, name: &str, port: u16) -> (StatusCode, Value
     app.call("POST", &format!("/api/v2/sandboxes/boxes/{name}/service-url"), Some(key), Some(json!({"port": port}))).await
 }
 
-/// GET `url`'s path through the router with `token`: (status, body text).
 async fn get(app: &App, url: &str, token: &str) -> (StatusCode, String) {
-    let path = url.strip_prefix("http://ember.test:8080").unwrap_or(url);
-    let request = Request::builder().uri(format!("{path}/")).header(TOKEN, token).body(Body::empty()).unwrap();
-    let response = app.router.clone().oneshot(request).await.unwrap();
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into())
+    common::service_get(app, url, token).await
 }
 
 #[tokio::test]
@@ -168,4 +150,58 @@ async fn a_tunnel_into_a_stopped_box_or_another_tenants_is_refused() {
     assert_eq!(status(open(BOB).await), StatusCode::NOT_FOUND);
     app.call("POST", "/api/v2/sandboxes/boxes/t/stop", Some(ALICE), Some(json!({}))).await;
     assert_eq!(status(open(ALICE).await), StatusCode::BAD_REQUEST, "a stopped box is NotReady");
+}
+
+/// A request through `router` with Host `host`: (status, headers, body text).
+async fn get_at_host(app: &App, host: &str, path: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut request = Request::builder().uri(path).header("host", host);
+    if let Some(token) = token {
+        request = request.header(TOKEN, token);
+    }
+    let response = app.router.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, String::from_utf8_lossy(&body).into())
+}
+
+#[tokio::test]
+async fn with_a_service_domain_a_host_name_routes_to_its_box_and_port() {
+    let app = common::app_configured(|c| c.service_domain = Some("svc.test".into()));
+    let id = app.create(ALICE, "web").await["id"].as_str().unwrap().to_string();
+    let port = http_ok();
+    let (_, minted) = mint(&app, ALICE, "web", port).await;
+    let host = format!("{port}-{id}.svc.test:8080");
+    assert_eq!(minted["host_url"], json!(format!("http://{host}")), "{minted}");
+    let token = minted["token"].as_str().unwrap();
+
+    let (status, _, body) = get_at_host(&app, &host, "/any/path?q=1", Some(token)).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(get_at_host(&app, &host.to_uppercase(), "/", Some(token)).await.0, StatusCode::OK, "host names are case-blind");
+    assert_eq!(get_at_host(&app, &host, "/", None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(get_at_host(&app, &format!("{}-{id}.svc.test", port + 1), "/", Some(token)).await.0, StatusCode::UNAUTHORIZED, "the token is its port's");
+    // Even the API's paths are the service's on its host.
+    assert_eq!(get_at_host(&app, &host, "/api/v2/sandboxes/boxes", None).await.0, StatusCode::UNAUTHORIZED);
+
+    // The login URL sets a cookie for the whole host.
+    let (status, headers, _) = get_at_host(&app, &host, &format!("/.ember-login?token={token}"), None).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    assert!(cookie.contains("Path=/;"), "{cookie}");
+    assert_eq!(headers["location"], "/");
+
+    // Other hosts are the API's.
+    let (status, listed) = app.call("GET", "/api/v2/sandboxes/boxes", Some(ALICE), None).await;
+    assert_eq!(status, StatusCode::OK, "{listed}");
+    assert_eq!(get_at_host(&app, &format!("{port}-{id}.elsewhere.test"), "/", Some(token)).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn without_a_service_domain_host_names_route_nothing() {
+    let app = app();
+    let id = app.create(ALICE, "web").await["id"].as_str().unwrap().to_string();
+    let port = http_ok();
+    let (_, minted) = mint(&app, ALICE, "web", port).await;
+    assert!(minted.get("host_url").is_none(), "{minted}");
+    let (status, _, _) = get_at_host(&app, &format!("{port}-{id}.svc.test"), "/", minted["token"].as_str()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "the API's unknown path");
 }

@@ -1,8 +1,9 @@
-//! The `ember` commands that talk to a sandbox's guest agent (exec, cp, tunnel), and those on
+//! The `ember` commands that talk to a sandbox's guest agent (exec, cp, tunnel), `expose` (through `ember serve`), and those on
 //! templates and images.
 
 pub mod cp;
 pub mod exec;
+pub mod expose;
 pub mod image;
 pub mod serve;
 pub mod start;

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// [default: http:// and the Host each request came with]
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// Also serve each service URL at the root of a host of its own, `PORT-BOXID.DOMAIN`
+    /// (e.g. `localhost`, which browsers resolve to loopback; else a wildcard DNS name)
+    #[arg(long, value_name = "DOMAIN")]
+    service_domain: Option<String>,
     /// Guest memory in MiB of a sandbox from the default image whose request names none
     #[arg(long, default_value_t = 256)]
     mem_mib: u64,
@@ -55,6 +59,14 @@ pub struct ServeArgs {
     /// host's docker config.json, $DOCKER_CONFIG or ~/.docker]. Requests never carry any
     #[arg(long, value_name = "FILE")]
     registry_auth: Option<PathBuf>,
+}
+
+/// The server's records, traces and `local.json`: `server` beside the sandboxes' directory.
+pub fn state_dir() -> anyhow::Result<PathBuf> {
+    sandbox::Store::default_root()
+        .parent()
+        .map(|p| p.join("server"))
+        .context("the state directory has no parent")
 }
 
 fn tenants(keys: Option<&PathBuf>) -> anyhow::Result<Tenants> {
@@ -97,10 +109,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         None,
         args.ready_timeout,
     )?;
-    let state_dir = sandbox::Store::default_root()
-        .parent()
-        .map(|p| p.join("server"))
-        .context("the state directory has no parent")?;
+    let state_dir = state_dir()?;
     let events_dir = state_dir.join("events");
     std::fs::create_dir_all(&events_dir)
         .with_context(|| format!("cannot create {}", events_dir.display()))?;
@@ -112,6 +121,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot make {} private", state_dir.display()))?;
     let mut config = server::Config::new(tenants);
     config.public_url = args.public_url;
+    if let Some(domain) = &args.service_domain {
+        let fits = !domain.is_empty()
+            && !domain.starts_with(['.', '-'])
+            && domain.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        anyhow::ensure!(fits, "--service-domain {domain:?} is not a DNS name (letters, digits, '-' and '.'; e.g. localhost)");
+    }
+    config.service_domain = args.service_domain;
     config.events_dir = Some(events_dir);
     config.spill = Some((spill_dir, SPILL_PER_COMMAND));
     config.ready_timeout = std::time::Duration::from_secs(args.ready_timeout);
@@ -126,8 +142,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     config.pools = args.pools;
+    let local_key = server::local::new_key();
+    config.local_key = Some(local_key.clone());
     let registry = server::registry::Registry::new(state_dir.join("registry.json"));
-    let mut backend = SandboxBackend::new(store, boot, state_dir);
+    let mut backend = SandboxBackend::new(store, boot, state_dir.clone());
     if let Ok(images) = super::image::image_store() {
         backend = backend.with_images(images);
     }
@@ -155,9 +173,12 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             "ember serve: listening on http://{}",
             listener.local_addr()?
         );
-        server::serve(listener, state, server::until_signalled())
-            .await
-            .context("the server failed")
+        // For `ember expose`: where this server is, and the key of its own user.
+        let access = server::local::LocalAccess { url: server::local::url_of(listener.local_addr()?), key: local_key };
+        access.write(&state_dir)?;
+        let served = server::serve(listener, state, server::until_signalled()).await;
+        access.remove_if_ours(&state_dir);
+        served.context("the server failed")
     })?;
     Ok(ExitCode::SUCCESS)
 }

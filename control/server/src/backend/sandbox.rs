@@ -262,6 +262,13 @@ impl Backend for SandboxBackend {
         Ok(())
     }
 
+    /// Its creation time and its VMM's pid: a sandbox made again under the name has a VMM
+    /// of its own, and two VMMs of one pid are not alive in the same second.
+    fn instance(&self, name: &str) -> Result<String> {
+        let record = self.store.record(name).map_err(from_sandbox)?;
+        Ok(format!("{}-{}", record.created, record.pid))
+    }
+
     fn state(&self, name: &str) -> Result<State> {
         let record = self.store.record(name).map_err(from_sandbox)?;
         if let Some(state) = self.stopped_state(name) {

@@ -37,7 +37,9 @@ pub fn router() -> Router<Shared> {
         .route("/execute/ws", get(exec_ws::upgrade))
         .route("/execute/stream/start", post(exec_sse::start))
         .route("/execute/stream/resume", post(exec_sse::resume))
-        .route("/upload", post(files::upload))
+        // An upload streams to the guest in bounded chunks (see `files`): axum's 2 MiB limit on
+        // bodies it would buffer would only refuse files larger than that.
+        .route("/upload", post(files::upload).layer(axum::extract::DefaultBodyLimit::disable()))
         .route("/download", get(files::download).head(files::download))
         .route("/glob", post(search::glob))
         .route("/grep", post(search::grep))

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::lifecycle;
 use crate::models::{CreateBox, Fork, UpdateBox};
 use crate::{service_proxy, service_tokens};
-use crate::state::{blocking, Shared};
+use crate::state::{blocking, AppState, Shared};
 use crate::tenants::Tenant;
 
 /// How long a create that waits for ready waits when the request says not.
@@ -303,10 +303,10 @@ pub async fn events(
 
 #[derive(Debug, Deserialize)]
 pub struct ServiceUrlRequest {
-    port: u16,
+    pub port: u16,
     #[serde(default = "default_service_ttl")]
-    expires_in_seconds: u64,
-    access: Option<String>,
+    pub expires_in_seconds: u64,
+    pub access: Option<String>,
 }
 
 fn default_service_ttl() -> u64 {
@@ -324,6 +324,14 @@ pub async fn service_url(
     Body(req): Body<ServiceUrlRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let record = state.boxes.get(&tenant.name, &name)?;
+    let (answer, expires_ms) = grant(&state, &base, &record.id, &req)?;
+    state.events.record(&record.id, json!({"kind": "service_url", "op": "mint", "port": req.port, "expires_at": rfc3339(expires_ms)}));
+    Ok(Json(answer))
+}
+
+/// Mints a token for the port `req` names of the box (or host sandbox) `id`: the SDK's
+/// `ServiceURL` for it, and when it expires (ms since the epoch).
+pub fn grant(state: &AppState, base: &str, id: &str, req: &ServiceUrlRequest) -> Result<(serde_json::Value, u64), ApiError> {
     if req.port == 0 {
         return Err(ApiError::invalid("port", "a port from 1 to 65535"));
     }
@@ -333,17 +341,26 @@ pub async fn service_url(
     if req.access.is_some() {
         return Err(ApiError::NotImplemented("login-gated service URLs need LangSmith accounts, which ember has not: omit access for a token URL".into()));
     }
-    let (token, expires_ms) = state.service_tokens.mint(&record.id, req.port, req.expires_in_seconds);
-    state.events.record(&record.id, json!({"kind": "service_url", "op": "mint", "port": req.port, "expires_at": rfc3339(expires_ms)}));
-    let service = format!("{base}{}", service_proxy::prefix(&record.id, req.port));
-    Ok(Json(json!({
+    let (token, expires_ms) = state.service_tokens.mint(id, req.port, req.expires_in_seconds);
+    let service = format!("{base}{}", service_proxy::prefix(id, req.port));
+    let mut answer = json!({
         "service_url": service,
         "browser_url": format!("{service}/{}?token={token}", service_proxy::LOGIN),
         "token": token,
         "expires_at": rfc3339(expires_ms),
         "embed_url": "",
         "embed_origins": [],
-    })))
+    });
+    // ember's own: the same service at the root of a host of its own, for apps whose links
+    // are absolute paths.
+    if let Some(domain) = &state.config.service_domain {
+        let (scheme, authority) = base.split_once("://").unwrap_or(("http", base));
+        let listen_port = authority.rsplit_once(':').map(|(_, p)| p).filter(|p| p.bytes().all(|b| b.is_ascii_digit()));
+        let host = format!("{scheme}://{}-{id}.{domain}{}", req.port, listen_port.map(|p| format!(":{p}")).unwrap_or_default());
+        answer["host_url"] = json!(host);
+        answer["host_browser_url"] = json!(format!("{host}/{}?token={token}", service_proxy::LOGIN));
+    }
+    Ok((answer, expires_ms))
 }
 
 /// ember's `DELETE .../boxes/{name}/service-url[?port=N]`: revokes the box's service tokens

@@ -111,6 +111,7 @@ pub fn router(state: Shared) -> Router {
         .route("/boxes/{name}/fork", post(boxes::fork))
         .route("/boxes/{name}/events", get(boxes::events))
         .route("/boxes/{name}/service-url", post(boxes::service_url).delete(boxes::revoke_service_urls))
+        .route("/local/{name}/service-url", post(crate::host_sandboxes::expose).delete(crate::host_sandboxes::unexpose))
         .route("/boxes/{name}/download-url", post(boxes::download_url))
         .route("/boxes/{name}/snapshot", post(snapshots::capture))
         .route(
@@ -130,6 +131,7 @@ pub fn router(state: Shared) -> Router {
         .route("/services/{box_id}/{port}/{*rest}", any(crate::service_proxy::proxy))
         .route("/metrics", get(metrics))
         .fallback(unknown)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::service_proxy::route_by_host))
         .with_state(state)
 }
 

@@ -142,3 +142,35 @@ impl App {
         body
     }
 }
+
+/// An HTTP service on the host's loopback (a fake box's ports are the host's) answering every
+/// request with `body`; its port.
+pub fn http_says(body: &'static str) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let mut s = s.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let _ = s.write_all(answer.as_bytes());
+        }
+    });
+    port
+}
+
+/// GET of service URL `url`'s root through the router with `token`: (status, body text).
+pub async fn service_get(app: &App, url: &str, token: &str) -> (StatusCode, String) {
+    let path = url.strip_prefix("http://ember.test:8080").unwrap_or(url);
+    let request = Request::builder()
+        .uri(format!("{path}/"))
+        .header("x-langsmith-sandbox-service-token", token)
+        .body(Body::empty())
+        .unwrap();
+    let response = app.router.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into())
+}

@@ -23,6 +23,8 @@ use server::backend::{
 pub struct FakeBackend {
     root: PathBuf,
     boxes: Mutex<HashMap<String, State>>,
+    /// The sandboxes `add` made, each with a number of its own.
+    incarnations: Mutex<HashMap<String, u64>>,
     next: AtomicU64,
     templates: Vec<Template>,
     /// How long a create takes.
@@ -62,6 +64,7 @@ impl FakeBackend {
         FakeBackend {
             root: root.to_path_buf(),
             boxes: Mutex::new(HashMap::new()),
+            incarnations: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             templates,
             create_delay: Mutex::new(Duration::ZERO),
@@ -95,6 +98,14 @@ impl FakeBackend {
             return Err(BackendError::Invalid(format!("{path}: no . or .. please")));
         }
         Ok(dir.join(relative))
+    }
+
+    /// A running sandbox named `name`, as the host's CLI would make one (a removed one's name
+    /// may be given again: it is another incarnation).
+    pub fn add(&self, name: &str) {
+        std::fs::create_dir_all(self.dir(name)).unwrap();
+        self.boxes.lock().unwrap().insert(name.into(), State::Running);
+        self.incarnations.lock().unwrap().insert(name.into(), self.next.fetch_add(1, Ordering::Relaxed));
     }
 
     fn new_name(&self) -> String {
@@ -166,6 +177,11 @@ impl Backend for FakeBackend {
             .remove(name)
             .ok_or_else(|| BackendError::NotFound(name.into()))?;
         std::fs::remove_dir_all(self.dir(name)).map_err(bad)
+    }
+
+    fn instance(&self, name: &str) -> Result<String> {
+        self.state(name)?;
+        Ok(self.incarnations.lock().unwrap().get(name).map_or_else(|| name.to_string(), |n| format!("{name}-{n}")))
     }
 
     fn state(&self, name: &str) -> Result<State> {
