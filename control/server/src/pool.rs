@@ -176,17 +176,15 @@ impl Pools {
 pub async fn fill(state: &crate::state::Shared) {
     while let Some((name, spec)) = state.pools.wanting(state.config.ready_timeout) {
         let backend = state.backend.clone();
-        let made = crate::state::blocking(move || backend.create(&spec)).await;
+        let made = crate::state::blocking(move || backend.create(&spec).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
         match made {
-            Ok(Ok(created)) => {
+            Ok(created) => {
                 if let Err(extra) = state.pools.add(&name, created) {
                     let backend = state.backend.clone();
                     let _ = crate::state::blocking(move || backend.remove(&extra.name)).await;
                 }
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(pool = %name, "cannot fill the warm pool: {e}");
-                return;
             }
             Err(e) => {
                 tracing::warn!(pool = %name, "cannot fill the warm pool: {e}");

@@ -40,18 +40,7 @@ pub fn app() -> App {
 
 /// A server over a fresh fake backend whose configuration `f` changed.
 pub fn app_configured(f: impl FnOnce(&mut server::Config)) -> App {
-    let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
-    let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
-    let mut config = config();
-    f(&mut config);
-    let state = server::AppState::new(backend.clone(), config);
-    let router = server::routes::router(state.clone());
-    App {
-        state,
-        backend,
-        router,
-        _root: root,
-    }
+    made(f, false)
 }
 
 /// A server over a fresh fake backend whose records are kept in `registry.json` in the
@@ -62,12 +51,21 @@ pub fn app_with_registry() -> App {
 
 /// [`app_with_registry`] with its configuration changed by `f` (kept across restarts).
 pub fn app_with_registry_configured(f: impl FnOnce(&mut server::Config)) -> App {
+    made(f, true)
+}
+
+fn made(f: impl FnOnce(&mut server::Config), with_registry: bool) -> App {
     let root = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-server-test-").unwrap();
     let backend = Arc::new(fake::FakeBackend::new(root.as_path()));
-    let registry = server::registry::Registry::new(root.as_path().join("registry.json"));
     let mut config = config();
     f(&mut config);
-    let state = server::AppState::restore(backend.clone(), config, registry).unwrap();
+    let state = match with_registry {
+        false => server::AppState::new(backend.clone(), config),
+        true => {
+            let registry = server::registry::Registry::new(root.as_path().join("registry.json"));
+            server::AppState::restore(backend.clone(), config, registry).unwrap()
+        }
+    };
     let router = server::routes::router(state.clone());
     App {
         state,
