@@ -40,7 +40,10 @@ load() { # $1 = file listing module basenames
     # A module an earlier list loaded already (the virtio core, for the NIC).
     name=${m%.ko}
     [ ! -d "/sys/module/$(echo "$name" | tr - _)" ] || continue
-    insmod "/nested/modules/$m" 2>&3 || return 1
+    params=
+    [ "$name" != kvm-amd ] || params=$(cat /nested/kvm_amd.params 2>/dev/null)
+    # shellcheck disable=SC2086 # the parameters are words
+    insmod "/nested/modules/$m" $params 2>&3 || return 1
   done <"$1"
 }
 

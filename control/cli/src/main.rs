@@ -9,7 +9,34 @@ use clap::{Args, Parser, Subcommand};
 use vmm::config::VmConfig;
 use vmm::vstate::vcpu::GuestExit;
 
+/// `println!` for ember's own output: a reader that went away (`ember ls --json | grep -q x`)
+/// ends ember quietly, with the status a shell gives a filter that SIGPIPE killed, where
+/// `println!` panics. (Rust ignores SIGPIPE so that a write to a closed socket fails with
+/// EPIPE rather than killing ember; stdout then needs this.)
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::stdout_line(format_args!($($arg)*), true) };
+}
+
+/// `print!` to match `outln!`.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::stdout_line(format_args!($($arg)*), false) };
+}
+
 mod cli;
+
+fn stdout_line(args: std::fmt::Arguments, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| if newline { out.write_all(b"\n") } else { Ok(()) }).and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(128 + libc::SIGPIPE),
+        Err(e) => {
+            eprintln!("ember: error: cannot write to stdout: {e}");
+            std::process::exit(1)
+        }
+    }
+}
 
 /// Exit status when the guest kernel panicked (ember's own failures exit 1; a VMM that made a
 /// system call its seccomp filter forbids exits 159, `seccomp::EXIT_STATUS`).
@@ -172,7 +199,7 @@ fn disk(cmd: DiskCommand) -> anyhow::Result<ExitCode> {
         }
         DiskCommand::Info { image, json, options } => {
             let policy = command_policy(&[&image], &options.disk_dirs)?;
-            print!("{}", overlay::render_info(&overlay::info(&image, options.format_of(&image)?, &policy)?, json));
+            out!("{}", overlay::render_info(&overlay::info(&image, options.format_of(&image)?, &policy)?, json));
         }
         DiskCommand::Flatten { image, out, options } => {
             let policy = command_policy(&[&image], &options.disk_dirs)?;
@@ -419,7 +446,7 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    println!("{}", record.name);
+    outln!("{}", record.name);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -433,13 +460,13 @@ enum OnTtl {
 fn ls(json: bool) -> anyhow::Result<ExitCode> {
     let sandboxes = store()?.list()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+        outln!("{}", serde_json::to_string_pretty(&sandboxes)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<20} {:<12} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS");
+    outln!("{:<20} {:<12} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS");
     for s in sandboxes {
         let r = &s.record;
-        println!("{:<20} {:<12} {:>8} {:>8} {:>5}  {}", r.name, s.state, r.pid, r.mem_mib, r.vcpus, r.image.display());
+        outln!("{:<20} {:<12} {:>8} {:>8} {:>5}  {}", r.name, s.state, r.pid, r.mem_mib, r.vcpus, r.image.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -464,7 +491,7 @@ fn snapshot_sandbox(name: &str, dir: &std::path::Path) -> anyhow::Result<ExitCod
 fn fork(name: &str, count: u16, ready_timeout: u64) -> anyhow::Result<ExitCode> {
     let children = store()?.fork(name, count.into(), std::time::Duration::from_secs(ready_timeout))?;
     for child in children {
-        println!("{}", child.name);
+        outln!("{}", child.name);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -581,7 +608,7 @@ fn main() -> ExitCode {
         Command::Vmm(args) => vmm_process(args, started),
         Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
         Command::Stats { name } => store().and_then(|s| {
-            println!("vm exits: {}", s.vm_exits(&name)?);
+            outln!("vm exits: {}", s.vm_exits(&name)?);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::paths::OVERLAY;
-use crate::record::Record;
+use crate::record::{Origin, Record};
 use super::snapshot::{RestoreMemory, RestoreSource, SNAPSHOT_DISK};
 use crate::error::io;
 use crate::jails::View;
@@ -81,6 +81,7 @@ impl Store {
             disk_format: DiskFormat::Qcow2,
             backing: backing.clone(),
             agent_ms: Some(agent_ms),
+            origin: Origin::Fork(parent.to_string()),
         };
         let results: Vec<Result<Record, SandboxError>> = std::thread::scope(|s| {
             let handles: Vec<_> = names
@@ -235,6 +236,7 @@ mod tests {
             phase: crate::record::Phase::Ready,
             starter: None,
             lifetime: None,
+            origin: None,
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

@@ -99,6 +99,7 @@ mod tests {
             phase: crate::record::Phase::Ready,
             starter: None,
             lifetime: None,
+            origin: None,
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

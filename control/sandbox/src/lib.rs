@@ -77,6 +77,7 @@ struct Shape {
     /// was taken. The restored agent, the same process going on, answers with at least that
     /// uptime; a smaller one is some other guest state (a restarted agent, a rebooted guest).
     resumes_agent_ms: Option<u64>,
+    origin: Option<record::Origin>,
 }
 
 /// A sandbox as `ember ls` shows it.
@@ -360,6 +361,7 @@ mod tests {
                 phase: crate::record::Phase::Ready,
                 starter: None,
                 lifetime: None,
+                origin: None,
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();

@@ -93,7 +93,7 @@ impl Store {
         }
         let cid = self.reserve_cid(name)?;
         let shape =
-            Shape { image: spec.image.clone(), backing, mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None };
+            Shape { image: spec.image.clone(), backing, mem_mib: spec.mem_mib, vcpus: spec.vcpus, cid, resumes_agent_ms: None, origin: None };
         let kernel = std::path::absolute(&spec.kernel).map_err(io("cannot resolve", &spec.kernel))?;
         self.launch(name, dir, shape, spec.ready_timeout, std::slice::from_ref(&kernel), |api, view| {
             api.put(
@@ -189,6 +189,7 @@ impl Store {
             phase: Phase::Starting,
             starter: Some(Starter::this_process()?),
             lifetime: None,
+            origin: shape.origin,
         };
         record.write(dir)?;
 

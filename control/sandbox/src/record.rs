@@ -110,6 +110,18 @@ pub struct Record {
     /// When it ends (`ember run --ttl`), and what then becomes of its state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifetime: Option<crate::lifetime::Lifetime>,
+    /// What it was restored from; none when it was booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// What a restored sandbox continues: a snapshot's directory (a template's among them), or
+/// the sandbox it is a fork of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Snapshot(PathBuf),
+    Fork(String),
 }
 
 impl Record {
@@ -131,6 +143,7 @@ impl Record {
             phase: Phase::Starting,
             starter: Some(Starter::this_process()?),
             lifetime: None,
+            origin: None,
         })
     }
 
@@ -227,6 +240,7 @@ mod tests {
             phase: Phase::Ready,
             starter: None,
             lifetime: None,
+            origin: None,
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

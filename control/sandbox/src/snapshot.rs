@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::paths::{OVERLAY, VSOCK_SOCKET};
-use crate::record::Record;
+use crate::record::{Origin, Record};
 use crate::error::io;
 use crate::jails::View;
 use crate::{SandboxError, Shape, Store};
@@ -143,6 +143,7 @@ impl Store {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<GuestFacts>(&b).ok())
                 .map(|g| g.agent_uptime_ms),
+            origin: Origin::Snapshot(dir.clone()),
         };
         self.create(name, |name, sandbox_dir| {
             self.restore_into(name, sandbox_dir, &source, self.reserve_cid(name)?, ready_timeout)
@@ -171,6 +172,7 @@ impl Store {
             vcpus: source.vcpus,
             cid,
             resumes_agent_ms: source.agent_ms,
+            origin: Some(source.origin.clone()),
         };
         let mut inputs = vec![source.state.to_path_buf()];
         let (mem_backend, mem_fds) = match &source.memory {
@@ -238,6 +240,7 @@ pub(super) struct RestoreSource<'a> {
     pub backing: disk::BackingPolicy,
     /// The guest agent's uptime when the source was frozen, if known (see `Shape`).
     pub agent_ms: Option<u64>,
+    pub origin: Origin,
 }
 
 #[cfg(test)]

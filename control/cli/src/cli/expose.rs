@@ -60,12 +60,12 @@ fn path(name: &str) -> String {
 pub fn expose(args: ExposeArgs, server_dir: PathBuf) -> anyhow::Result<()> {
     let answer = mint(&args, &server_dir)?;
     if args.json {
-        println!("{answer}");
+        outln!("{answer}");
         return Ok(());
     }
     let text = |k: &str| answer[k].as_str().unwrap_or_default().to_string();
     // The browser URL works alone (it sets the token as a cookie): stdout; the rest, stderr.
-    println!("{}", text("browser_url"));
+    outln!("{}", text("browser_url"));
     eprintln!(
         "ember: port {} of sandbox {} until {}; for programs: {}/ with header X-Langsmith-Sandbox-Service-Token: {} (or a bearer token); `ember unexpose {}` ends it",
         args.port,

@@ -125,12 +125,12 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         ImageCommand::Ls { json } => {
             let list = store.list()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                outln!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<40} {:<19} {:>9}  FILE", "NAME", "DIGEST", "CAPACITY");
+                outln!("{:<40} {:<19} {:>9}  FILE", "NAME", "DIGEST", "CAPACITY");
                 for e in list {
                     let short = e.digest.get(..19).unwrap_or(&e.digest);
-                    println!("{:<40} {short:<19} {:>7}Mi  {}", e.name, e.capacity >> 20, store.path(&e).display());
+                    outln!("{:<40} {short:<19} {:>7}Mi  {}", e.name, e.capacity >> 20, store.path(&e).display());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -179,9 +179,9 @@ pub fn build(store: &image::Store, resolved: image::Resolved, args: BuildArgs, s
         let mut v = serde_json::to_value(&entry)?;
         v["path"] = serde_json::json!(store.path(&entry));
         v["timings"] = timings(pull, times);
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{} {} {}", entry.name, entry.digest, store.path(&entry).display());
+        outln!("{} {} {}", entry.name, entry.digest, store.path(&entry).display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -84,14 +84,14 @@ pub fn template(cmd: TemplateCommand, store: &Store) -> anyhow::Result<ExitCode>
 fn ls(store: &Store, json: bool) -> anyhow::Result<()> {
     let list = store.templates()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        outln!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
-    println!("{:<22} {:>8} {:>8} {:>5}  IMAGE", "NAME", "AGE", "MEM_MIB", "VCPUS");
+    outln!("{:<22} {:>8} {:>8} {:>5}  IMAGE", "NAME", "AGE", "MEM_MIB", "VCPUS");
     for t in list {
         let age = age(now.saturating_sub(t.created));
-        println!("{:<22} {:>8} {:>8} {:>5}  {}", t.name, age, t.mem_mib, t.vcpus, t.image.display());
+        outln!("{:<22} {:>8} {:>8} {:>5}  {}", t.name, age, t.mem_mib, t.vcpus, t.image.display());
     }
     Ok(())
 }

@@ -40,7 +40,7 @@ pub fn tunnel(args: TunnelArgs, store: &Store) -> anyhow::Result<()> {
     };
     let local = listener.local_addr()?;
     // The address on stdout (for scripts), the explanation on stderr.
-    println!("{local}");
+    outln!("{local}");
     io::stdout().flush()?;
     eprintln!("ember: forwarding {local} to port {} of sandbox {} (Ctrl-C stops)", args.remote_port, args.name);
     for conn in listener.incoming() {
