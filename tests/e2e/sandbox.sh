@@ -221,6 +221,15 @@ case_a_sandbox_ends_when_its_ttl_is_over() {
   ember rm ttl-kept && [ ! -e "$STATE/ttl-kept" ]
 }
 
+case_a_guest_whose_agent_never_starts_is_reported_with_its_progress() {
+  # yes(1) as init: the guest runs, writing to its console, and no agent ever answers.
+  ember run --detach --cold --name no-agent --ready-timeout 5 --cmdline "init=/usr/bin/yes" >/dev/null 2>err
+  expect_status 1 && expect_in err "did not answer within 5 s" && expect_in err "VM exits to the VMM in a second" &&
+    expect_in err "the guest runs" && expect_in err "ember_headless" || return 1
+  ember ls >ls 2>&1
+  ! grep -q "^no-agent " ls || { echo "    ls says:"; cat ls; return 1; }
+}
+
 case_rm_stops_the_sandbox_and_deletes_its_state() {
   pid=$(sed -n 's/.*"pid": *\([0-9]*\).*/\1/p' "$STATE/$SB/sandbox.json")
   [ -n "$pid" ] && [ -d /proc/$pid ] || { echo "    no running VMM recorded"; return 1; }

@@ -39,8 +39,8 @@ pub enum SandboxError {
     ForkPanicked,
     #[error("sandbox {name}: its VMM froze its memory into {said} files but passed {got} file descriptors")]
     FrozenFds { name: String, said: usize, got: usize },
-    #[error("sandbox {name}: {what} within {secs} s; the guest console's last lines:\n{console}")]
-    NotReady { name: String, what: &'static str, secs: u64, console: String },
+    #[error("sandbox {name}: {what} within {secs} s; {progress}; its VMM log says:\n{log}\nthe guest console's last lines:\n{console}")]
+    NotReady { name: String, what: &'static str, secs: u64, progress: String, log: String, console: String },
     #[error("sandbox {name}: its guest agent does not answer: {source}")]
     AgentUnreachable { name: String, source: agent_client::ClientError },
     #[error("sandbox {name} is not the continuation of its snapshot: its agent has run {found_ms} ms, the snapshot's had run {expected_ms} ms; its VMM log says:\n{log}\nthe guest console's last lines:\n{console}")]

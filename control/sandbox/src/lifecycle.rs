@@ -211,7 +211,9 @@ impl Store {
                     name: name.into(),
                     what: "the VMM's API socket did not appear",
                     secs: 10,
-                    console: tail(&dir.join(VMM_LOG), 20),
+                    progress: "no VM was started yet".into(),
+                    log: tail(&dir.join(VMM_LOG), 20),
+                    console: tail(&dir.join(CONSOLE_LOG), 20),
                 });
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -300,6 +302,8 @@ impl Store {
                         name: name.into(),
                         what: "the guest agent did not answer",
                         secs: ready_timeout.as_secs(),
+                        progress: progress(&api, &dir.join(METRICS)),
+                        log: tail(&dir.join(VMM_LOG), 20),
                         console: tail(&dir.join(CONSOLE_LOG), 20),
                     }));
                 }
@@ -338,13 +342,7 @@ impl Store {
     /// host's speed (through the API's FlushMetrics).
     pub fn vm_exits(&self, name: &str) -> Result<u64, SandboxError> {
         self.ready_record(name)?;
-        self.api(name).put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics })?;
-        let path = self.dir(name).join(METRICS);
-        let text = std::fs::read_to_string(&path).map_err(io("cannot read", &path))?;
-        let last = text.lines().last().unwrap_or_default();
-        let metrics: Metrics = serde_json::from_str(last)
-            .map_err(|e| SandboxError::BadRecord { path: path.clone(), reason: e.to_string() })?;
-        Ok(metrics.vcpu.exits)
+        vm_exits(&self.api(name), &self.dir(name).join(METRICS))
     }
 
     /// Stops the sandbox's VMM (if it runs) and keeps its state directory, overlay and record:
@@ -438,3 +436,29 @@ impl Store {
         }
     }
 }
+
+/// The VM exits a VMM has counted, by its metrics file (`path`) once it flushed them.
+fn vm_exits(api: &ApiClient, path: &Path) -> Result<u64, SandboxError> {
+    api.put("/actions", &InstanceActionInfo { action_type: ActionType::FlushMetrics })?;
+    let text = std::fs::read_to_string(path).map_err(io("cannot read", path))?;
+    let last = text.lines().last().unwrap_or_default();
+    let metrics: Metrics =
+        serde_json::from_str(last).map_err(|e| SandboxError::BadRecord { path: path.into(), reason: e.to_string() })?;
+    Ok(metrics.vcpu.exits)
+}
+
+/// Whether a guest that never became ready still runs, for the error that says so: its exits
+/// to the VMM over a second. A guest doing I/O makes some; an idle one (halted, which KVM
+/// handles itself) or a stuck one makes none.
+fn progress(api: &ApiClient, metrics: &Path) -> String {
+    let sample = || vm_exits(api, metrics);
+    match sample().and_then(|before| {
+        std::thread::sleep(Duration::from_secs(1));
+        sample().map(|after| (before, after.saturating_sub(before)))
+    }) {
+        Ok((total, 0)) => format!("its vCPUs made no VM exit to the VMM in a second ({total} in all): the guest is idle or stuck"),
+        Ok((total, n)) => format!("its vCPUs made {n} VM exits to the VMM in a second ({total} in all): the guest runs and does I/O"),
+        Err(e) => format!("its VMM gave no VM exit count ({e})"),
+    }
+}
+
