@@ -425,6 +425,9 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
         } else {
             store.start_auto(&spec, |name| {
                 eprintln!("ember: making template {name} for these settings (once)");
+                if let Some(hint) = vmm::vstate::memory::huge_page_hint() {
+                    eprintln!("ember: {hint}");
+                }
             })?
         }
     };
