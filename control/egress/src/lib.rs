@@ -11,6 +11,7 @@
 //!   interception, [`upstream`] its side towards the destinations.
 //! - [`audit`]: what the proxy records about each connection and request.
 
+pub mod ca;
 pub mod config;
 pub mod pattern;
 pub mod policy;
