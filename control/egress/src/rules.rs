@@ -66,16 +66,31 @@ impl Rules {
     /// Rewrites the headers of a request to `host:port` for `path` (no query) as the module
     /// says; returns the name of the rule whose headers were added, if one matched.
     pub fn apply(&self, host: &Host, port: u16, path: &str, headers: &mut HeaderMap) -> Option<&str> {
-        let covering: Vec<&Compiled> = self.rules.iter().filter(|r| r.covers(host, port)).collect();
-        let matched = covering.iter().find(|r| r.matches(path, headers)).copied();
-        for name in STRIPPED.iter().chain(covering.iter().flat_map(|r| r.headers.iter().map(|(n, _)| n))) {
-            headers.remove(name);
-        }
+        // Matched on the headers as the sandbox sent them: `match_headers` may name one that
+        // stripping removes.
+        let matched = self
+            .rules
+            .iter()
+            .find(|r| r.covers(host, port) && r.matches(path, headers));
+        self.strip(host, port, headers);
         let rule = matched?;
         for (name, value) in &rule.headers {
             headers.append(name.clone(), value.clone());
         }
         Some(&rule.name)
+    }
+
+    /// Removes the sandbox's own credentials from a request to `host:port`, if a rule covers
+    /// it; a request to any other host keeps them.
+    pub fn strip(&self, host: &Host, port: u16, headers: &mut HeaderMap) {
+        let covering: Vec<&Compiled> = self.rules.iter().filter(|r| r.covers(host, port)).collect();
+        if covering.is_empty() {
+            return;
+        }
+        let set_by_rules = covering.iter().flat_map(|r| r.headers.iter().map(|(name, _)| name));
+        for name in STRIPPED.iter().chain(set_by_rules) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -240,6 +255,16 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         assert_eq!(rules.apply(&h, 8443, "/", &mut headers), Some("p"));
+    }
+
+    #[test]
+    fn credentials_to_a_host_no_rule_covers_are_kept() {
+        let rules = rules(json!([{"name": "r", "match_hosts": ["h.example"]}])).unwrap();
+        let mut headers = request(&[("authorization", "Bearer mine")]);
+        rules.strip(&host("other.example"), 443, &mut headers);
+        assert_eq!(headers["authorization"], "Bearer mine");
+        rules.strip(&host("h.example"), 443, &mut headers);
+        assert!(headers.is_empty());
     }
 
     #[test]
