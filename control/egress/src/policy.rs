@@ -160,6 +160,9 @@ impl Policy {
         let Some(host) = Host::parse(host) else {
             return Decision::Deny { reason: Refusal::BadName };
         };
+        if let Access::Nothing = self.access {
+            return Decision::Deny { reason: Refusal::NoEgress };
+        }
         if !self.allow_internal && is_internal_host(&host) {
             return Decision::Deny { reason: Refusal::Internal };
         }
