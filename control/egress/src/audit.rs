@@ -72,8 +72,14 @@ pub struct JsonLines {
 
 impl JsonLines {
     pub fn open(path: &Path) -> std::io::Result<JsonLines> {
-        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
-        Ok(JsonLines { file: Mutex::new(file) })
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        Ok(JsonLines {
+            file: Mutex::new(file),
+        })
     }
 }
 
@@ -133,7 +139,10 @@ mod tests {
             mode: Mode::Denied,
         });
         let text = std::fs::read_to_string(&path).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 3);
         assert_eq!(lines[0]["at"], "2023-11-14T22:13:20.123Z");
         assert_eq!(lines[0]["path"], "/user");

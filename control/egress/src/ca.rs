@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -95,9 +95,11 @@ impl Ca {
             }
             Err(e) => return Err(io(&cert_path)(e)),
         };
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| CaError::BadCertificate {
-            path: cert_path,
-            message: e.to_string(),
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+            CaError::BadCertificate {
+                path: cert_path,
+                message: e.to_string(),
+            }
         })?;
         Ok(Ca {
             issuer: Issuer::new(params, key),
@@ -129,7 +131,11 @@ impl Ca {
         let leaf = Arc::new(self.mint(host)?);
         let mut leaves = self.leaves.lock().unwrap();
         if leaves.len() >= LEAF_CACHE && !leaves.contains_key(host) {
-            if let Some(oldest) = leaves.iter().min_by_key(|(_, (t, _))| *t).map(|(h, _)| h.clone()) {
+            if let Some(oldest) = leaves
+                .iter()
+                .min_by_key(|(_, (t, _))| *t)
+                .map(|(h, _)| h.clone())
+            {
                 leaves.remove(&oldest);
             }
         }
@@ -160,7 +166,13 @@ impl Ca {
 /// The CA's parameters, a function of its key alone (see the module).
 fn ca_params(key: &KeyPair) -> CertificateParams {
     let mut params = CertificateParams::default();
-    let id: String = key.public_key_raw().iter().skip(1).take(6).map(|b| format!("{b:02x}")).collect();
+    let id: String = key
+        .public_key_raw()
+        .iter()
+        .skip(1)
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let mut name = DistinguishedName::new();
     name.push(DnType::OrganizationName, "ember");
     name.push(DnType::CommonName, format!("ember egress CA {id}"));
@@ -209,7 +221,12 @@ fn create_key(path: &Path) -> Result<KeyPair, CaError> {
         path: path.to_path_buf(),
         source,
     };
-    match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+    match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
         Ok(mut file) => {
             file.write_all(key.serialize_pem().as_bytes()).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -295,7 +312,10 @@ mod tests {
             ca.leaf(&format!("h{i}.example")).unwrap();
         }
         assert_eq!(ca.leaves.lock().unwrap().len(), LEAF_CACHE);
-        assert!(!Arc::ptr_eq(&a, &ca.leaf("a.example").unwrap()), "the oldest went first");
+        assert!(
+            !Arc::ptr_eq(&a, &ca.leaf("a.example").unwrap()),
+            "the oldest went first"
+        );
     }
 
     #[test]
@@ -305,6 +325,9 @@ mod tests {
         let key = dir.path().join(KEY_FILE);
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = Ca::load_or_create(dir.path()).err().unwrap().to_string();
-        assert!(err.contains(&format!("chmod 600 {}", key.display())), "{err}");
+        assert!(
+            err.contains(&format!("chmod 600 {}", key.display())),
+            "{err}"
+        );
     }
 }

@@ -64,6 +64,7 @@ pub struct Rule {
     pub match_headers: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_port: Option<u16>,
+    /// ember adds headers only inside TLS, so every rule is `https` whatever this says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub match_scheme: Option<MatchScheme>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -57,7 +57,10 @@ pub(crate) async fn serve(
         Ok(tls) => tls,
         Err(e) => {
             // Most often a client that does not trust the deployment's CA.
-            tracing::debug!("intercepting {}: the sandbox's TLS failed: {e}", target.shown);
+            tracing::debug!(
+                "intercepting {}: the sandbox's TLS failed: {e}",
+                target.shown
+            );
             return;
         }
     };
@@ -72,16 +75,21 @@ pub(crate) async fn serve(
         let connection = connection.clone();
         async move { Ok::<_, std::convert::Infallible>(connection.request(req).await) }
     });
-    if let Err(e) = shared.http1_server().serve_connection(TokioIo::new(tls), service).await {
+    if let Err(e) = shared
+        .http1_server()
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
         tracing::debug!("intercepted connection: {e}");
     }
 }
 
 fn server_config(leaf: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Leaf(leaf)));
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Leaf(leaf)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -112,13 +120,18 @@ impl Connection {
             .uri
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        let mut event = self
-            .target
-            .event(parts.method.as_str(), Some(path_and_query.clone()), self.by.clone(), Mode::Intercepted);
+        let mut event = self.target.event(
+            parts.method.as_str(),
+            Some(path_and_query.clone()),
+            self.by.clone(),
+            Mode::Intercepted,
+        );
         // Inside the tunnel a request names its host in `Host`; an absolute-form one is made
         // origin-form, since it goes to the CONNECTed host whatever it says.
         if parts.uri.authority().is_some() {
-            parts.uri = path_and_query.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            parts.uri = path_and_query
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"));
         }
         remove_hop_by_hop(&mut parts.headers);
         let (host, port) = (&self.target.host, self.target.port);
@@ -136,7 +149,10 @@ impl Connection {
     }
 
     /// Sends over the upstream connection, or a new one if the upstream has closed it.
-    async fn send(&self, request: Request<Counted<Incoming>>) -> Result<Response<Incoming>, String> {
+    async fn send(
+        &self,
+        request: Request<Counted<Incoming>>,
+    ) -> Result<Response<Incoming>, String> {
         let mut slot = self.sender.lock().await;
         let mut current = slot.take();
         if let Some(sender) = current.as_mut() {
@@ -148,12 +164,18 @@ impl Connection {
             Some(sender) => slot.insert(sender),
             None => slot.insert(self.reconnect().await?),
         };
-        sender.send_request(request).await.map_err(|e| e.to_string())
+        sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn reconnect(&self) -> Result<Sender, String> {
         let upstream = &self.shared.upstream;
-        let tcp = match upstream.connect(&self.policy, &self.target.host, self.target.port).await {
+        let tcp = match upstream
+            .connect(&self.policy, &self.target.host, self.target.port)
+            .await
+        {
             Ok(tcp) => tcp,
             Err(ConnectError::Failed(message)) => return Err(message),
             Err(ConnectError::Refused(reason)) => return Err(format!("refused ({reason})")),

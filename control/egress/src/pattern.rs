@@ -128,8 +128,12 @@ impl HostPattern {
     pub fn matches(&self, host: &Host, port: u16) -> bool {
         match &self.kind {
             HostKind::Exact(name) => *name == host.name && self.port_matches(port),
-            HostKind::Glob(regex) | HostKind::Regex(regex) => regex.is_match(&host.name) && self.port_matches(port),
-            HostKind::Ip(_) | HostKind::Cidr(_) => host.ip.is_some_and(|ip| self.matches_address(ip, port)),
+            HostKind::Glob(regex) | HostKind::Regex(regex) => {
+                regex.is_match(&host.name) && self.port_matches(port)
+            }
+            HostKind::Ip(_) | HostKind::Cidr(_) => {
+                host.ip.is_some_and(|ip| self.matches_address(ip, port))
+            }
         }
     }
 
@@ -218,7 +222,9 @@ impl PathPattern {
         if rest.contains('*') {
             return Err("a wildcard in the middle of a path is not supported".to_string());
         }
-        if matches!(pattern, PathPattern::Exact(_) | PathPattern::Prefix(_)) && !entry.starts_with('/') {
+        if matches!(pattern, PathPattern::Exact(_) | PathPattern::Prefix(_))
+            && !entry.starts_with('/')
+        {
             return Err("a path starts with /".to_string());
         }
         Ok(pattern)
@@ -266,7 +272,9 @@ mod tests {
     }
 
     fn matches(entry: &str, destination: &str) -> bool {
-        HostPattern::parse(entry).unwrap().matches(&host(destination), 443)
+        HostPattern::parse(entry)
+            .unwrap()
+            .matches(&host(destination), 443)
     }
 
     #[test]
@@ -306,7 +314,9 @@ mod tests {
         let cidr = HostPattern::parse("10.0.0.0/8").unwrap();
         assert!(!cidr.matches(&host("ten.example"), 443));
         assert!(cidr.matches_address("10.9.9.9".parse().unwrap(), 443));
-        assert!(!HostPattern::parse("example.com").unwrap().matches_address("10.9.9.9".parse().unwrap(), 443));
+        assert!(!HostPattern::parse("example.com")
+            .unwrap()
+            .matches_address("10.9.9.9".parse().unwrap(), 443));
     }
 
     #[test]
@@ -322,8 +332,12 @@ mod tests {
             assert!(pattern.matches(&host(destination), 5432), "{entry}");
             assert!(!pattern.matches(&host(destination), 443), "{entry}");
         }
-        assert!(HostPattern::parse("[2001:db8::1]").unwrap().matches(&host("2001:db8::1"), 1));
-        assert!(HostPattern::parse("2001:db8::/32").unwrap().matches(&host("2001:db8::1"), 1));
+        assert!(HostPattern::parse("[2001:db8::1]")
+            .unwrap()
+            .matches(&host("2001:db8::1"), 1));
+        assert!(HostPattern::parse("2001:db8::/32")
+            .unwrap()
+            .matches(&host("2001:db8::1"), 1));
         for bad in ["a.com:0", "a.com:http", "a.com:70000", "[::1]x"] {
             assert!(HostPattern::parse(bad).is_err(), "{bad}");
         }
@@ -331,7 +345,13 @@ mod tests {
 
     #[test]
     fn an_entry_that_is_nothing_says_so() {
-        for bad in ["", "exa mple.com", "https//example.com", "a..b", "*.exa mple.com"] {
+        for bad in [
+            "",
+            "exa mple.com",
+            "https//example.com",
+            "a..b",
+            "*.exa mple.com",
+        ] {
             let err = HostPattern::parse(bad).unwrap_err();
             assert!(err.contains("not a host name"), "{bad}: {err}");
         }
@@ -344,7 +364,10 @@ mod tests {
     #[test]
     fn host_parse_refuses_what_is_not_a_name() {
         assert_eq!(Host::parse("Example.COM.").unwrap().name(), "example.com");
-        assert_eq!(Host::parse("[::1]").unwrap().ip(), Some("::1".parse().unwrap()));
+        assert_eq!(
+            Host::parse("[::1]").unwrap().ip(),
+            Some("::1".parse().unwrap())
+        );
         for bad in ["", ".", "a b", "a/b", "a..b", "host:80"] {
             assert!(Host::parse(bad).is_none(), "{bad}");
         }
@@ -359,7 +382,10 @@ mod tests {
         let prefix = PathPattern::parse("/v1/*").unwrap();
         assert_eq!(prefix, PathPattern::parse("/v1/**").unwrap());
         assert!(prefix.matches("/v1/runs"));
-        assert!(prefix.matches("/v10"), "the SDK documents /v1 matching /v10");
+        assert!(
+            prefix.matches("/v10"),
+            "the SDK documents /v1 matching /v10"
+        );
         assert!(!prefix.matches("/v2/runs"));
 
         let suffix = PathPattern::parse("*/runs").unwrap();
@@ -373,8 +399,12 @@ mod tests {
 
     #[test]
     fn path_patterns_refuse_middle_wildcards_and_relative_paths() {
-        assert!(PathPattern::parse("/v1/*/runs").unwrap_err().contains("middle"));
-        assert!(PathPattern::parse("v1/runs").unwrap_err().contains("starts with /"));
+        assert!(PathPattern::parse("/v1/*/runs")
+            .unwrap_err()
+            .contains("middle"));
+        assert!(PathPattern::parse("v1/runs")
+            .unwrap_err()
+            .contains("starts with /"));
     }
 
     #[test]

@@ -132,7 +132,11 @@ impl Policy {
         }
     }
 
-    pub fn compile(config: &ProxyConfig, secrets: &SecretStore, options: Options) -> Result<Policy, PolicyError> {
+    pub fn compile(
+        config: &ProxyConfig,
+        secrets: &SecretStore,
+        options: Options,
+    ) -> Result<Policy, PolicyError> {
         if config.callbacks.as_ref().is_some_and(|c| !c.is_empty()) {
             return Err(PolicyError::Callbacks);
         }
@@ -158,28 +162,40 @@ impl Policy {
     /// again by [`Policy::check_address`].
     pub fn decide(&self, host: &str, port: u16) -> Decision {
         let Some(host) = Host::parse(host) else {
-            return Decision::Deny { reason: Refusal::BadName };
+            return Decision::Deny {
+                reason: Refusal::BadName,
+            };
         };
         if let Access::Nothing = self.access {
-            return Decision::Deny { reason: Refusal::NoEgress };
+            return Decision::Deny {
+                reason: Refusal::NoEgress,
+            };
         }
         if !self.allow_internal && is_internal_host(&host) {
-            return Decision::Deny { reason: Refusal::Internal };
+            return Decision::Deny {
+                reason: Refusal::Internal,
+            };
         }
         match &self.access {
-            Access::Nothing => Decision::Deny { reason: Refusal::NoEgress },
+            Access::Nothing => Decision::Deny {
+                reason: Refusal::NoEgress,
+            },
             Access::Everything => Decision::Allow { by: Grant::Open },
             Access::Allow(entries) => match entries.iter().find(|e| e.matches(&host, port)) {
                 Some(e) => Decision::Allow {
                     by: Grant::AllowList(e.entry().to_string()),
                 },
-                None => Decision::Deny { reason: Refusal::NotAllowed },
+                None => Decision::Deny {
+                    reason: Refusal::NotAllowed,
+                },
             },
             Access::Deny(entries) => match entries.iter().find(|e| e.matches(&host, port)) {
                 Some(e) => Decision::Deny {
                     reason: Refusal::DenyList(e.entry().to_string()),
                 },
-                None => Decision::Allow { by: Grant::NotDenied },
+                None => Decision::Allow {
+                    by: Grant::NotDenied,
+                },
             },
         }
     }
@@ -200,12 +216,7 @@ impl Policy {
         Ok(())
     }
 
-    /// Whether connections to `host:port` are intercepted: it is allowed and a rule covers it.
-    pub fn intercepts(&self, host: &str, port: u16) -> bool {
-        matches!(self.decide(host, port), Decision::Allow { .. })
-            && Host::parse(host).is_some_and(|h| self.rules.covers(&h, port))
-    }
-
+    /// The header rules: which allowed destinations are intercepted, and how.
     pub fn rules(&self) -> &Rules {
         &self.rules
     }
@@ -270,7 +281,11 @@ mod tests {
     }
 
     fn compile(config: serde_json::Value, options: Options) -> Result<Policy, PolicyError> {
-        Policy::compile(&ProxyConfig::from_value(config).unwrap(), &SecretStore::default(), options)
+        Policy::compile(
+            &ProxyConfig::from_value(config).unwrap(),
+            &SecretStore::default(),
+            options,
+        )
     }
 
     fn allowed(policy: &Policy, host: &str) -> bool {
@@ -284,56 +299,104 @@ mod tests {
         ]}}));
         assert_eq!(
             p.decide("api.github.com", 443),
-            Decision::Allow { by: Grant::AllowList("*.github.com".into()) }
+            Decision::Allow {
+                by: Grant::AllowList("*.github.com".into())
+            }
         );
-        for host in ["pypi.org", "files.pythonhosted.org", "93.184.216.34", "198.51.100.7"] {
+        for host in [
+            "pypi.org",
+            "files.pythonhosted.org",
+            "93.184.216.34",
+            "198.51.100.7",
+        ] {
             assert!(allowed(&p, host), "{host}");
         }
         for host in ["github.com", "example.com", "93.184.216.35", "198.51.101.1"] {
-            assert_eq!(p.decide(host, 443), Decision::Deny { reason: Refusal::NotAllowed }, "{host}");
+            assert_eq!(
+                p.decide(host, 443),
+                Decision::Deny {
+                    reason: Refusal::NotAllowed
+                },
+                "{host}"
+            );
         }
     }
 
     #[test]
     fn an_entry_with_a_port_admits_that_port_only() {
         let p = policy(json!({"access_control": {"allow_list": ["echo.example:7000"]}}));
-        assert!(matches!(p.decide("echo.example", 7000), Decision::Allow { .. }));
-        assert_eq!(p.decide("echo.example", 7001), Decision::Deny { reason: Refusal::NotAllowed });
+        assert!(matches!(
+            p.decide("echo.example", 7000),
+            Decision::Allow { .. }
+        ));
+        assert_eq!(
+            p.decide("echo.example", 7001),
+            Decision::Deny {
+                reason: Refusal::NotAllowed
+            }
+        );
     }
 
     #[test]
     fn an_empty_allow_list_admits_nothing() {
-        assert!(!allowed(&policy(json!({"access_control": {"allow_list": []}})), "example.com"));
+        assert!(!allowed(
+            &policy(json!({"access_control": {"allow_list": []}})),
+            "example.com"
+        ));
     }
 
     #[test]
     fn a_deny_list_refuses_its_matches_and_admits_the_rest() {
-        let p = policy(json!({"access_control": {"deny_list": ["*.evil.com", "~.*tracker.*", "203.0.113.0/24"]}}));
+        let p = policy(
+            json!({"access_control": {"deny_list": ["*.evil.com", "~.*tracker.*", "203.0.113.0/24"]}}),
+        );
         assert_eq!(
             p.decide("x.evil.com", 443),
-            Decision::Deny { reason: Refusal::DenyList("*.evil.com".into()) }
+            Decision::Deny {
+                reason: Refusal::DenyList("*.evil.com".into())
+            }
         );
         assert!(!allowed(&p, "adtracker.net"));
         assert!(!allowed(&p, "203.0.113.9"));
-        assert_eq!(p.decide("example.com", 443), Decision::Allow { by: Grant::NotDenied });
+        assert_eq!(
+            p.decide("example.com", 443),
+            Decision::Allow {
+                by: Grant::NotDenied
+            }
+        );
         assert_eq!(
             p.check_address("203.0.113.9".parse().unwrap(), 443),
             Err(Refusal::DenyList("203.0.113.0/24".into())),
             "a name resolving into a denied block is refused"
         );
-        assert_eq!(p.check_address("198.51.100.1".parse().unwrap(), 443), Ok(()));
+        assert_eq!(
+            p.check_address("198.51.100.1".parse().unwrap(), 443),
+            Ok(())
+        );
     }
 
     #[test]
     fn no_access_control_is_open_and_no_config_is_closed() {
         let p = policy(json!({"rules": [{"name": "r", "match_hosts": ["api.example.com"]}]}));
-        assert_eq!(p.decide("anything.example", 443), Decision::Allow { by: Grant::Open });
-        assert!(p.intercepts("api.example.com", 443));
-        assert!(!p.intercepts("anything.example", 443));
-        assert_eq!(policy(json!({"access_control": {}})).decide("a.example", 80), Decision::Allow { by: Grant::Open });
+        assert_eq!(
+            p.decide("anything.example", 443),
+            Decision::Allow { by: Grant::Open }
+        );
+        assert!(p
+            .rules()
+            .covers(&Host::parse("api.example.com").unwrap(), 443));
+        assert!(!p
+            .rules()
+            .covers(&Host::parse("anything.example").unwrap(), 443));
+        assert_eq!(
+            policy(json!({"access_control": {}})).decide("a.example", 80),
+            Decision::Allow { by: Grant::Open }
+        );
         assert_eq!(
             Policy::no_egress().decide("example.com", 443),
-            Decision::Deny { reason: Refusal::NoEgress }
+            Decision::Deny {
+                reason: Refusal::NoEgress
+            }
         );
     }
 
@@ -343,31 +406,63 @@ mod tests {
             "rules": [{"name": "r", "match_hosts": ["api.example.com"]}],
             "access_control": {"allow_list": ["pypi.org"]}
         }));
-        assert!(!allowed(&p, "api.example.com"));
-        assert!(!p.intercepts("api.example.com", 443));
+        assert_eq!(
+            p.decide("api.example.com", 443),
+            Decision::Deny {
+                reason: Refusal::NotAllowed
+            }
+        );
     }
 
     #[test]
     fn internal_destinations_are_refused_whatever_the_lists_say() {
         let p = policy(json!({"access_control": {"allow_list": ["*", "0.0.0.0/0", "::/0"]}}));
         for host in [
-            "127.0.0.1", "127.9.9.9", "[::1]", "::ffff:127.0.0.1", "169.254.169.254", "10.0.0.1", "172.16.0.1",
-            "172.31.255.255", "192.168.1.1", "fc00::1", "fd00:ec2::254", "fe80::1", "0.0.0.0", "100.100.100.200",
-            "localhost", "db.localhost",
+            "127.0.0.1",
+            "127.9.9.9",
+            "[::1]",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "0.0.0.0",
+            "100.100.100.200",
+            "localhost",
+            "db.localhost",
         ] {
-            assert_eq!(p.decide(host, 443), Decision::Deny { reason: Refusal::Internal }, "{host}");
+            assert_eq!(
+                p.decide(host, 443),
+                Decision::Deny {
+                    reason: Refusal::Internal
+                },
+                "{host}"
+            );
         }
         assert!(allowed(&p, "172.32.0.1"));
         assert!(allowed(&p, "8.8.8.8"));
-        assert_eq!(p.check_address("127.0.0.1".parse().unwrap(), 443), Err(Refusal::Internal));
-        assert_eq!(p.check_address("::ffff:10.0.0.1".parse().unwrap(), 443), Err(Refusal::Internal));
+        assert_eq!(
+            p.check_address("127.0.0.1".parse().unwrap(), 443),
+            Err(Refusal::Internal)
+        );
+        assert_eq!(
+            p.check_address("::ffff:10.0.0.1".parse().unwrap(), 443),
+            Err(Refusal::Internal)
+        );
     }
 
     #[test]
     fn the_test_override_lets_loopback_through() {
-        let p = compile(json!({"access_control": {"allow_list": ["localhost", "127.0.0.1"]}}), Options {
-            allow_internal: true,
-        })
+        let p = compile(
+            json!({"access_control": {"allow_list": ["localhost", "127.0.0.1"]}}),
+            Options {
+                allow_internal: true,
+            },
+        )
         .unwrap();
         assert!(allowed(&p, "localhost"));
         assert!(allowed(&p, "127.0.0.1"));
@@ -378,26 +473,46 @@ mod tests {
     fn a_bad_name_is_refused() {
         assert_eq!(
             policy(json!({})).decide("a b", 443),
-            Decision::Deny { reason: Refusal::BadName }
+            Decision::Deny {
+                reason: Refusal::BadName
+            }
         );
     }
 
     #[test]
     fn compile_errors_say_where() {
-        let err = compile(json!({"access_control": {"allow_list": ["ok.com", "not ok"]}}), Options::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("access_control.allow_list entry \"not ok\": not a host name"), "{err}");
-        let err = compile(json!({"access_control": {"deny_list": ["~("]}}), Options::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("deny_list entry \"~(\": not a valid regular expression"), "{err}");
+        let err = compile(
+            json!({"access_control": {"allow_list": ["ok.com", "not ok"]}}),
+            Options::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("access_control.allow_list entry \"not ok\": not a host name"),
+            "{err}"
+        );
+        let err = compile(
+            json!({"access_control": {"deny_list": ["~("]}}),
+            Options::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("deny_list entry \"~(\": not a valid regular expression"),
+            "{err}"
+        );
         assert!(matches!(
-            compile(json!({"access_control": {"allow_list": [], "deny_list": []}}), Options::default()),
+            compile(
+                json!({"access_control": {"allow_list": [], "deny_list": []}}),
+                Options::default()
+            ),
             Err(PolicyError::BothLists)
         ));
         assert!(matches!(
-            compile(json!({"callbacks": [{"url": "https://x", "ttl_seconds": 60}]}), Options::default()),
+            compile(
+                json!({"callbacks": [{"url": "https://x", "ttl_seconds": 60}]}),
+                Options::default()
+            ),
             Err(PolicyError::Callbacks)
         ));
     }

@@ -104,7 +104,13 @@ pub(crate) struct Shared {
 }
 
 impl Proxy {
-    pub fn new(policy: Policy, ca: Arc<Ca>, upstream: Upstream, audit: Arc<dyn Audit>, limits: Limits) -> Proxy {
+    pub fn new(
+        policy: Policy,
+        ca: Arc<Ca>,
+        upstream: Upstream,
+        audit: Arc<dyn Audit>,
+        limits: Limits,
+    ) -> Proxy {
         Proxy {
             shared: Arc::new(Shared {
                 policy: RwLock::new(Arc::new(policy)),
@@ -126,7 +132,11 @@ impl Proxy {
     pub async fn serve<L: Listener>(&self, listener: L) -> io::Result<()> {
         let slots = Arc::new(Semaphore::new(self.shared.limits.max_connections));
         loop {
-            let permit = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let io = match listener.accept().await {
                 Ok(io) => io,
                 Err(e) if is_transient(&e) => {
@@ -147,7 +157,9 @@ impl Proxy {
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
     ) || matches!(e.raw_os_error(), Some(23 | 24)) // ENFILE, EMFILE
 }
 
@@ -170,7 +182,13 @@ impl Target {
         })
     }
 
-    pub(crate) fn event(&self, method: &str, path: Option<String>, decided_by: String, mode: Mode) -> Event {
+    pub(crate) fn event(
+        &self,
+        method: &str,
+        path: Option<String>,
+        decided_by: String,
+        mode: Mode,
+    ) -> Event {
         Event {
             at: SystemTime::now(),
             host: self.host.name().to_string(),
@@ -224,7 +242,11 @@ impl Shared {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, permit: Arc<OwnedSemaphorePermit>) -> Response<ProxyBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        permit: Arc<OwnedSemaphorePermit>,
+    ) -> Response<ProxyBody> {
         let policy = self.policy();
         if req.method() == Method::CONNECT {
             self.connect(req, policy, permit).await
@@ -252,12 +274,24 @@ impl Shared {
             Decision::Deny { reason } => return self.denied(&target, "CONNECT", None, &reason),
         };
         let intercept = policy.rules().covers(&target.host, target.port);
-        let mode = if intercept { Mode::Intercepted } else { Mode::Tunnelled };
+        let mode = if intercept {
+            Mode::Intercepted
+        } else {
+            Mode::Tunnelled
+        };
         let event = target.event("CONNECT", None, by.clone(), mode);
-        let tcp = match self.upstream.connect(&policy, &target.host, target.port).await {
+        let tcp = match self
+            .upstream
+            .connect(&policy, &target.host, target.port)
+            .await
+        {
             Ok(tcp) => tcp,
-            Err(ConnectError::Refused(reason)) => return self.denied(&target, "CONNECT", None, &reason),
-            Err(ConnectError::Failed(message)) => return self.bad_gateway(&target, event, &message),
+            Err(ConnectError::Refused(reason)) => {
+                return self.denied(&target, "CONNECT", None, &reason)
+            }
+            Err(ConnectError::Failed(message)) => {
+                return self.bad_gateway(&target, event, &message)
+            }
         };
         let upgrade = hyper::upgrade::on(&mut req);
         if intercept {
@@ -273,7 +307,9 @@ impl Shared {
             };
             tokio::spawn(async move {
                 match upgrade.await {
-                    Ok(client) => crate::intercept::serve(self, policy, target, by, client, sender).await,
+                    Ok(client) => {
+                        crate::intercept::serve(self, policy, target, by, client, sender).await
+                    }
                     Err(e) => tracing::debug!("CONNECT {}: no upgrade: {e}", target.shown),
                 }
                 drop(permit);
@@ -287,13 +323,21 @@ impl Shared {
         Response::new(empty())
     }
 
-    async fn tunnel(&self, target: Target, mut event: Event, upgrade: hyper::upgrade::OnUpgrade, mut tcp: TcpStream) {
+    async fn tunnel(
+        &self,
+        target: Target,
+        mut event: Event,
+        upgrade: hyper::upgrade::OnUpgrade,
+        mut tcp: TcpStream,
+    ) {
         event.status = StatusCode::OK.as_u16();
         match upgrade.await {
-            Ok(client) => match tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut tcp).await {
-                Ok((up, down)) => (event.bytes_up, event.bytes_down) = (up, down),
-                Err(e) => tracing::debug!("tunnel to {} ended: {e}", target.shown),
-            },
+            Ok(client) => {
+                match tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut tcp).await {
+                    Ok((up, down)) => (event.bytes_up, event.bytes_down) = (up, down),
+                    Err(e) => tracing::debug!("tunnel to {} ended: {e}", target.shown),
+                }
+            }
             Err(e) => tracing::debug!("CONNECT {}: no upgrade: {e}", target.shown),
         }
         self.audit.record(event);
@@ -301,40 +345,68 @@ impl Shared {
 
     async fn forward(&self, req: Request<Incoming>, policy: Arc<Policy>) -> Response<ProxyBody> {
         if req.uri().scheme() != Some(&http::uri::Scheme::HTTP) {
-            return text(StatusCode::BAD_REQUEST, "ember: https:// goes through CONNECT\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "ember: https:// goes through CONNECT\n",
+            );
         }
         let (mut parts, body) = req.into_parts();
         let Some(authority) = parts.uri.authority().cloned() else {
             return text(StatusCode::BAD_REQUEST, "ember: the URL has no host\n");
         };
         let Some(target) = Target::parse(&authority, Some(80)) else {
-            return text(StatusCode::BAD_REQUEST, "ember: the URL's host is not a host name\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "ember: the URL's host is not a host name\n",
+            );
         };
-        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let method = parts.method.to_string();
         let by = match policy.decide(target.host.name(), target.port) {
             Decision::Allow { by } => by.to_string(),
-            Decision::Deny { reason } => return self.denied(&target, &method, Some(path.to_string()), &reason),
+            Decision::Deny { reason } => {
+                return self.denied(&target, &method, Some(path.to_string()), &reason)
+            }
         };
         let event = target.event(&method, Some(path.to_string()), by, Mode::Forwarded);
-        let tcp = match self.upstream.connect(&policy, &target.host, target.port).await {
+        let tcp = match self
+            .upstream
+            .connect(&policy, &target.host, target.port)
+            .await
+        {
             Ok(tcp) => tcp,
             Err(ConnectError::Refused(reason)) => {
                 return self.denied(&target, &method, Some(path.to_string()), &reason)
             }
-            Err(ConnectError::Failed(message)) => return self.bad_gateway(&target, event, &message),
+            Err(ConnectError::Failed(message)) => {
+                return self.bad_gateway(&target, event, &message)
+            }
         };
         parts.uri = Uri::from(path);
         remove_hop_by_hop(&mut parts.headers);
-        policy.rules().strip(&target.host, target.port, &mut parts.headers);
+        policy
+            .rules()
+            .strip(&target.host, target.port, &mut parts.headers);
         match HeaderValue::from_str(authority.as_str()) {
             Ok(host) => parts.headers.insert(HOST, host),
-            Err(_) => return text(StatusCode::BAD_REQUEST, "ember: the URL's host is not a header value\n"),
+            Err(_) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "ember: the URL's host is not a header value\n",
+                )
+            }
         };
         let up = Arc::new(AtomicU64::new(0));
         let request = Request::from_parts(parts, Counted::new(body, up.clone()));
         let sent = match upstream::http1(tcp).await {
-            Ok(mut sender) => sender.send_request(request).await.map_err(|e| e.to_string()),
+            Ok(mut sender) => sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string()),
             Err(message) => Err(message),
         };
         match sent {
@@ -344,24 +416,46 @@ impl Shared {
     }
 
     /// The upstream's response, streamed to the sandbox; its event is written when it ends.
-    pub(crate) fn respond(&self, response: Response<Incoming>, up: Arc<AtomicU64>, mut event: Event) -> Response<ProxyBody> {
+    pub(crate) fn respond(
+        &self,
+        response: Response<Incoming>,
+        up: Arc<AtomicU64>,
+        mut event: Event,
+    ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         event.status = parts.status.as_u16();
-        Response::from_parts(parts, Audited::new(body, up, self.audit.clone(), event).boxed())
+        Response::from_parts(
+            parts,
+            Audited::new(body, up, self.audit.clone(), event).boxed(),
+        )
     }
 
-    fn denied(&self, target: &Target, method: &str, path: Option<String>, reason: &Refusal) -> Response<ProxyBody> {
+    fn denied(
+        &self,
+        target: &Target,
+        method: &str,
+        path: Option<String>,
+        reason: &Refusal,
+    ) -> Response<ProxyBody> {
         let mut event = target.event(method, path, reason.to_string(), Mode::Denied);
         event.status = StatusCode::FORBIDDEN.as_u16();
         self.audit.record(event);
         text(
             StatusCode::FORBIDDEN,
-            &format!("ember: egress to {} denied by this sandbox's policy\n", target.shown),
+            &format!(
+                "ember: egress to {} denied by this sandbox's policy\n",
+                target.shown
+            ),
         )
     }
 
-    pub(crate) fn bad_gateway(&self, target: &Target, mut event: Event, message: &str) -> Response<ProxyBody> {
+    pub(crate) fn bad_gateway(
+        &self,
+        target: &Target,
+        mut event: Event,
+        message: &str,
+    ) -> Response<ProxyBody> {
         tracing::debug!("egress to {}: {message}", target.shown);
         event.status = StatusCode::BAD_GATEWAY.as_u16();
         self.audit.record(event);
@@ -407,9 +501,10 @@ pub(crate) fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
             .boxed(),
     );
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     response
 }
 

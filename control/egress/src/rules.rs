@@ -8,7 +8,9 @@
 //! and every header a rule covering the host would set, so that no value the sandbox sent
 //! reaches a host ember holds credentials for.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION,
+};
 
 use crate::config::{HeaderKind, Rule};
 use crate::pattern::{Host, HostPattern, PathPattern};
@@ -65,7 +67,13 @@ impl Rules {
 
     /// Rewrites the headers of a request to `host:port` for `path` (no query) as the module
     /// says; returns the name of the rule whose headers were added, if one matched.
-    pub fn apply(&self, host: &Host, port: u16, path: &str, headers: &mut HeaderMap) -> Option<&str> {
+    pub fn apply(
+        &self,
+        host: &Host,
+        port: u16,
+        path: &str,
+        headers: &mut HeaderMap,
+    ) -> Option<&str> {
         // Matched on the headers as the sandbox sent them: `match_headers` may name one that
         // stripping removes.
         let matched = self
@@ -87,7 +95,9 @@ impl Rules {
         if covering.is_empty() {
             return;
         }
-        let set_by_rules = covering.iter().flat_map(|r| r.headers.iter().map(|(name, _)| name));
+        let set_by_rules = covering
+            .iter()
+            .flat_map(|r| r.headers.iter().map(|(name, _)| name));
         for name in STRIPPED.iter().chain(set_by_rules) {
             headers.remove(name);
         }
@@ -121,23 +131,31 @@ fn compile_rule(rule: &Rule, secrets: &SecretStore) -> Result<Compiled, PolicyEr
     // always name theirs.
     let hosts = rule.match_hosts.as_deref().unwrap_or_default();
     if hosts.is_empty() {
-        return Err(problem("match_hosts is empty: a header rule names its hosts".into()));
+        return Err(problem(
+            "match_hosts is empty: a header rule names its hosts".into(),
+        ));
     }
     let hosts = hosts
         .iter()
-        .map(|h| HostPattern::parse(h).map_err(|e| problem(format!("match_hosts entry {h:?}: {e}"))))
+        .map(|h| {
+            HostPattern::parse(h).map_err(|e| problem(format!("match_hosts entry {h:?}: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     let paths = rule
         .match_paths
         .iter()
         .flatten()
-        .map(|p| PathPattern::parse(p).map_err(|e| problem(format!("match_paths entry {p:?}: {e}"))))
+        .map(|p| {
+            PathPattern::parse(p).map_err(|e| problem(format!("match_paths entry {p:?}: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     let match_headers = rule
         .match_headers
         .iter()
         .flatten()
-        .map(|m| parse_match_header(m).map_err(|e| problem(format!("match_headers entry {m:?}: {e}"))))
+        .map(|m| {
+            parse_match_header(m).map_err(|e| problem(format!("match_headers entry {m:?}: {e}")))
+        })
         .collect::<Result<_, _>>()?;
     let mut headers = Vec::new();
     for header in rule.headers.iter().flatten() {
@@ -149,15 +167,23 @@ fn compile_rule(rule: &Rule, secrets: &SecretStore) -> Result<Compiled, PolicyEr
             .ok_or_else(|| problem(format!("header {} has no value", header.name)))?;
         let value = match header.kind {
             HeaderKind::Plaintext | HeaderKind::Opaque => given.to_string(),
-            HeaderKind::WorkspaceSecret => secrets.resolve(given).map_err(|source| PolicyError::Secret {
-                rule: rule.name.clone(),
-                header: header.name.clone(),
-                source,
-            })?,
+            HeaderKind::WorkspaceSecret => {
+                secrets
+                    .resolve(given)
+                    .map_err(|source| PolicyError::Secret {
+                        rule: rule.name.clone(),
+                        header: header.name.clone(),
+                        source,
+                    })?
+            }
         };
         // The value itself stays out of the message: it may be a secret.
-        let mut value = HeaderValue::from_str(&value)
-            .map_err(|_| problem(format!("the value of header {} is not a valid header value", header.name)))?;
+        let mut value = HeaderValue::from_str(&value).map_err(|_| {
+            problem(format!(
+                "the value of header {} is not a valid header value",
+                header.name
+            ))
+        })?;
         value.set_sensitive(header.kind != HeaderKind::Plaintext);
         headers.push((name, value));
     }
@@ -204,7 +230,12 @@ mod tests {
     fn request(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
             .iter()
-            .map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -221,8 +252,15 @@ mod tests {
         assert!(rules.covers(&api, 443));
         assert!(!rules.covers(&host("example.org"), 443));
 
-        let mut headers = request(&[("authorization", "Bearer mine"), ("cookie", "c=1"), ("accept", "*/*")]);
-        assert_eq!(rules.apply(&api, 443, "/v1/runs", &mut headers), Some("runs"));
+        let mut headers = request(&[
+            ("authorization", "Bearer mine"),
+            ("cookie", "c=1"),
+            ("accept", "*/*"),
+        ]);
+        assert_eq!(
+            rules.apply(&api, 443, "/v1/runs", &mut headers),
+            Some("runs")
+        );
         assert_eq!(headers["authorization"], "Bearer tok");
         assert!(headers["authorization"].is_sensitive());
         assert!(headers.get("cookie").is_none());
@@ -230,7 +268,10 @@ mod tests {
 
         let mut headers = request(&[("authorization", "Bearer mine"), ("x-key", "mine")]);
         assert_eq!(rules.apply(&api, 443, "/v2/x", &mut headers), Some("rest"));
-        assert!(headers.get("authorization").is_none(), "stripped though the rule setting it did not match");
+        assert!(
+            headers.get("authorization").is_none(),
+            "stripped though the rule setting it did not match"
+        );
         assert_eq!(headers.get_all("x-key").iter().count(), 1);
         assert_eq!(headers["x-key"], "k");
     }
@@ -269,19 +310,38 @@ mod tests {
 
     #[test]
     fn a_disabled_rule_is_left_out() {
-        let rules = rules(json!([{"name": "off", "enabled": false, "match_hosts": ["h.example"]}])).unwrap();
+        let rules = rules(json!([{"name": "off", "enabled": false, "match_hosts": ["h.example"]}]))
+            .unwrap();
         assert!(!rules.covers(&host("h.example"), 443));
     }
 
     #[test]
     fn compile_errors_name_the_rule_and_the_problem() {
         let cases = [
-            (json!([{"name": "r", "headers": []}]), "rule \"r\": match_hosts is empty"),
-            (json!([{"name": "r", "type": "aws", "match_hosts": ["a"]}]), "type \"aws\" are not supported"),
-            (json!([{"name": "r", "match_hosts": ["a"], "rewrite": {"port": 1}}]), "rewrite is not supported"),
-            (json!([{"name": "r", "match_hosts": ["a b"]}]), "match_hosts entry \"a b\""),
-            (json!([{"name": "r", "match_hosts": ["a"], "match_paths": ["/a/*/b"]}]), "middle"),
-            (json!([{"name": "r", "match_hosts": ["a"], "match_headers": ["Auth: x"]}]), "lowercase"),
+            (
+                json!([{"name": "r", "headers": []}]),
+                "rule \"r\": match_hosts is empty",
+            ),
+            (
+                json!([{"name": "r", "type": "aws", "match_hosts": ["a"]}]),
+                "type \"aws\" are not supported",
+            ),
+            (
+                json!([{"name": "r", "match_hosts": ["a"], "rewrite": {"port": 1}}]),
+                "rewrite is not supported",
+            ),
+            (
+                json!([{"name": "r", "match_hosts": ["a b"]}]),
+                "match_hosts entry \"a b\"",
+            ),
+            (
+                json!([{"name": "r", "match_hosts": ["a"], "match_paths": ["/a/*/b"]}]),
+                "middle",
+            ),
+            (
+                json!([{"name": "r", "match_hosts": ["a"], "match_headers": ["Auth: x"]}]),
+                "lowercase",
+            ),
             (
                 json!([{"name": "r", "match_hosts": ["a"], "headers": [{"name": "A", "type": "opaque", "is_set": true}]}]),
                 "header A has no value",

@@ -47,7 +47,9 @@ impl fmt::Debug for SecretStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut names: Vec<_> = self.secrets.keys().collect();
         names.sort();
-        f.debug_struct("SecretStore").field("names", &names).finish()
+        f.debug_struct("SecretStore")
+            .field("names", &names)
+            .finish()
     }
 }
 
@@ -89,7 +91,10 @@ impl SecretStore {
     }
 
     /// [`SecretStore::from_env`] over the given variables.
-    pub fn from_vars(prefix: &str, vars: impl IntoIterator<Item = (String, String)>) -> SecretStore {
+    pub fn from_vars(
+        prefix: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> SecretStore {
         let secrets = vars
             .into_iter()
             .filter_map(|(key, value)| Some((key.strip_prefix(prefix)?.to_string(), value)))
@@ -151,7 +156,10 @@ mod tests {
         let path = write(dir.path(), 0o600, r#"{"GH_TOKEN": "ghp_x", "KEY": "k"}"#);
         let store = SecretStore::from_file(&path).unwrap();
         assert_eq!(store.resolve("{GH_TOKEN}").unwrap(), "ghp_x");
-        assert_eq!(store.resolve("Bearer { GH_TOKEN }, {KEY}.").unwrap(), "Bearer ghp_x, k.");
+        assert_eq!(
+            store.resolve("Bearer { GH_TOKEN }, {KEY}.").unwrap(),
+            "Bearer ghp_x, k."
+        );
     }
 
     #[test]
@@ -160,7 +168,10 @@ mod tests {
         for mode in [0o644, 0o640, 0o604, 0o660] {
             let path = write(dir.path(), mode, r#"{"A": "b"}"#);
             let err = SecretStore::from_file(&path).unwrap_err().to_string();
-            assert!(err.contains(&format!("chmod 600 {}", path.display())), "{err}");
+            assert!(
+                err.contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
             assert!(err.contains(&format!("mode {mode:o}")), "{err}");
         }
     }
@@ -170,8 +181,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), 0o600, r#"{"A": 1}"#);
         let err = SecretStore::from_file(&path).unwrap_err().to_string();
-        assert!(err.contains("not a JSON object of names to strings"), "{err}");
-        let err = SecretStore::from_file(&dir.path().join("absent")).unwrap_err().to_string();
+        assert!(
+            err.contains("not a JSON object of names to strings"),
+            "{err}"
+        );
+        let err = SecretStore::from_file(&dir.path().join("absent"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read the secret file"), "{err}");
     }
 
@@ -186,16 +202,31 @@ mod tests {
         );
         assert_eq!(store.resolve("{GH_TOKEN}").unwrap(), "ghp_y");
         assert!(format!("{store:?}").contains("GH_TOKEN"));
-        assert!(!format!("{store:?}").contains("ghp_y"), "Debug shows no value");
+        assert!(
+            !format!("{store:?}").contains("ghp_y"),
+            "Debug shows no value"
+        );
     }
 
     #[test]
     fn an_unresolved_reference_names_the_secret() {
         let store = SecretStore::default();
-        let err = store.resolve("Bearer {OPENAI_KEY}").unwrap_err().to_string();
+        let err = store
+            .resolve("Bearer {OPENAI_KEY}")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "secret OPENAI_KEY is not in the host's secret store");
-        assert!(matches!(store.resolve("plain"), Err(SecretError::NoReference { .. })));
-        assert!(matches!(store.resolve("{open"), Err(SecretError::BadReference { .. })));
-        assert!(matches!(store.resolve("{}"), Err(SecretError::BadReference { .. })));
+        assert!(matches!(
+            store.resolve("plain"),
+            Err(SecretError::NoReference { .. })
+        ));
+        assert!(matches!(
+            store.resolve("{open"),
+            Err(SecretError::BadReference { .. })
+        ));
+        assert!(matches!(
+            store.resolve("{}"),
+            Err(SecretError::BadReference { .. })
+        ));
     }
 }

@@ -40,17 +40,21 @@ pub struct Upstream {
 
 impl Upstream {
     /// `extra_roots`: CA certificates trusted for upstreams besides Mozilla's.
-    pub fn new(extra_roots: &[CertificateDer<'static>], connect_timeout: Duration) -> Result<Upstream, rustls::Error> {
+    pub fn new(
+        extra_roots: &[CertificateDer<'static>],
+        connect_timeout: Duration,
+    ) -> Result<Upstream, rustls::Error> {
         let mut roots = RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         for cert in extra_roots {
             roots.add(cert.clone())?;
         }
-        let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
         // The proxy speaks HTTP/1.1 to intercepted hosts, so it offers nothing else.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Upstream {
@@ -61,7 +65,12 @@ impl Upstream {
 
     /// A TCP connection to `host:port`: to the address itself, or to the first address the
     /// name resolves to that the policy allows and that answers.
-    pub async fn connect(&self, policy: &Policy, host: &Host, port: u16) -> Result<TcpStream, ConnectError> {
+    pub async fn connect(
+        &self,
+        policy: &Policy,
+        host: &Host,
+        port: u16,
+    ) -> Result<TcpStream, ConnectError> {
         let addresses: Vec<SocketAddr> = match host.ip() {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None => tokio::net::lookup_host((host.name(), port))
@@ -84,7 +93,12 @@ impl Upstream {
                     return Ok(stream);
                 }
                 Ok(Err(e)) => failure = Some(format!("cannot connect to {address}: {e}")),
-                Err(_) => failure = Some(format!("no answer from {address} in {:?}", self.connect_timeout)),
+                Err(_) => {
+                    failure = Some(format!(
+                        "no answer from {address} in {:?}",
+                        self.connect_timeout
+                    ))
+                }
             }
         }
         Err(match (failure, refusal) {

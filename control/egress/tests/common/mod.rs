@@ -49,6 +49,10 @@ pub struct World {
 impl World {
     /// Everything started, the proxy with no egress until [`World::set_policy`].
     pub async fn start() -> World {
+        World::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> World {
         let dir = tempfile::tempdir().unwrap();
         let (test_ca, upstream_cert, upstream_key) = test_certificates();
         let https_port = serve_echo(Some(tls_acceptor(upstream_cert.clone(), upstream_key))).await;
@@ -59,14 +63,15 @@ impl World {
         std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
 
         let ca = Arc::new(Ca::load_or_create(&dir.path().join("ca")).unwrap());
-        let upstream = Upstream::new(std::slice::from_ref(&test_ca), Duration::from_secs(5)).unwrap();
+        let upstream =
+            Upstream::new(std::slice::from_ref(&test_ca), Duration::from_secs(5)).unwrap();
         let audit = dir.path().join("audit.jsonl");
         let proxy = Proxy::new(
             Policy::no_egress(),
             ca.clone(),
             upstream,
             Arc::new(JsonLines::open(&audit).unwrap()),
-            Limits::default(),
+            limits,
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = listener.local_addr().unwrap();
@@ -90,7 +95,14 @@ impl World {
     pub fn policy(&self, config: serde_json::Value) -> Policy {
         let config = ProxyConfig::from_value(config).unwrap();
         let secrets = SecretStore::from_file(&self.secrets).unwrap();
-        Policy::compile(&config, &secrets, Options { allow_internal: true }).unwrap()
+        Policy::compile(
+            &config,
+            &secrets,
+            Options {
+                allow_internal: true,
+            },
+        )
+        .unwrap()
     }
 
     pub fn set_policy(&self, config: serde_json::Value) {
@@ -100,7 +112,11 @@ impl World {
     /// `CONNECT authority` through the proxy: the tunnel, or the status and body it refused
     /// with.
     pub async fn connect(&self, authority: &str) -> Result<Upgraded, (StatusCode, String)> {
-        connect_over(TcpStream::connect(self.proxy_addr).await.unwrap(), authority).await
+        connect_over(
+            TcpStream::connect(self.proxy_addr).await.unwrap(),
+            authority,
+        )
+        .await
     }
 
     /// A plain-HTTP proxy request for `url`.
@@ -111,7 +127,10 @@ impl World {
     }
 
     /// The first audit line `wanted` accepts, waiting for it to be written.
-    pub async fn audit_line(&self, wanted: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub async fn audit_line(
+        &self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let text = std::fs::read_to_string(&self.audit).unwrap_or_default();
@@ -132,9 +151,13 @@ pub async fn connect_over<I>(io: I, authority: &str) -> Result<Upgraded, (Status
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
     tokio::spawn(connection.with_upgrades());
-    let request = Request::connect(authority).body(Empty::<Bytes>::new()).unwrap();
+    let request = Request::connect(authority)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     let response = sender.send_request(request).await.unwrap();
     if response.status() != StatusCode::OK {
         return Err(read(response).await);
@@ -143,17 +166,23 @@ where
 }
 
 /// TLS over `io` to `name`, trusting `root` only.
-pub async fn tls<I>(io: I, root: &CertificateDer<'static>, name: &str) -> std::io::Result<TlsStream<I>>
+pub async fn tls<I>(
+    io: I,
+    root: &CertificateDer<'static>,
+    name: &str,
+) -> std::io::Result<TlsStream<I>>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from(name.to_string()).unwrap(), io)
@@ -161,14 +190,18 @@ where
 }
 
 pub fn peer_certificate<I>(tls: &TlsStream<I>) -> CertificateDer<'static> {
-    tls.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 pub async fn client<I>(io: I) -> hyper::client::conn::http1::SendRequest<Full<Bytes>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .unwrap();
     tokio::spawn(connection);
     sender
 }
@@ -190,7 +223,10 @@ pub async fn get(
         .await
         .unwrap();
     let (status, body) = read(response).await;
-    (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
 }
 
 pub async fn read(response: Response<Incoming>) -> (StatusCode, String) {
@@ -200,14 +236,19 @@ pub async fn read(response: Response<Incoming>) -> (StatusCode, String) {
 }
 
 /// The test CA, and a certificate it signed for `localhost` and 127.0.0.1 with its key.
-fn test_certificates() -> (CertificateDer<'static>, CertificateDer<'static>, PrivateKeyDer<'static>) {
+fn test_certificates() -> (
+    CertificateDer<'static>,
+    CertificateDer<'static>,
+    PrivateKeyDer<'static>,
+) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
     (
         ca_cert.der().clone(),
@@ -216,13 +257,18 @@ fn test_certificates() -> (CertificateDer<'static>, CertificateDer<'static>, Pri
     )
 }
 
-fn tls_acceptor(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> tokio_rustls::TlsAcceptor {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
+fn tls_acceptor(
+    cert: CertificateDer<'static>,
+    key: PrivateKeyDer<'static>,
+) -> tokio_rustls::TlsAcceptor {
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
@@ -256,7 +302,12 @@ async fn echo(request: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper
     let body = body.collect().await?.to_bytes();
     let mut headers = serde_json::Map::new();
     for name in parts.headers.keys() {
-        let values: Vec<&str> = parts.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+        let values: Vec<&str> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
         headers.insert(name.to_string(), values.join(", ").into());
     }
     let answer = serde_json::json!({
