@@ -39,6 +39,10 @@ pub fn connect(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, C
             return Err(ClientError::Handshake { port, answer: answer(&line) });
         }
     }
+    // The VMM's word for a guest that never answered (vmm/core's vsock `CONNECT_TIMED_OUT`).
+    if line == b"TIMEOUT" {
+        return Err(ClientError::GuestSilent(port));
+    }
     let port_ok = line.strip_prefix(b"OK ").is_some_and(|p| !p.is_empty() && p.iter().all(u8::is_ascii_digit));
     if !port_ok {
         return Err(ClientError::Handshake { port, answer: answer(&line) });

@@ -33,6 +33,11 @@ pub enum ClientError {
     Connect { path: String, source: io::Error },
     #[error("the guest has no listener on vsock port {0} (is the agent running?)")]
     NoListener(u32),
+    #[error(
+        "the guest did not answer a connection to its vsock port {0} within the VMM's 2 s: \
+         it is stalled or starved of CPU (see the sandbox's vmm.log and console.log)"
+    )]
+    GuestSilent(u32),
     #[error("the VM's vsock socket did not answer CONNECT {port} within {timeout:?}")]
     NoAnswer { port: u32, timeout: Duration },
     #[error("the VM's vsock socket answered CONNECT {port} with {answer:?} instead of OK")]

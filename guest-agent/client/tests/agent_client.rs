@@ -277,6 +277,8 @@ enum Answer {
     Close,
     Garbage,
     Silent,
+    /// What the VMM writes when the guest did not answer within its timeout.
+    GuestSilent,
 }
 
 /// A Unix socket at `path` that behaves like the VMM's vsock socket.
@@ -297,6 +299,7 @@ fn fake_vsock(path: &Path, answer: Answer) {
                     std::thread::spawn(move || serve(s, &Config::default()));
                 }
                 Answer::Close => drop(s),
+                Answer::GuestSilent => s.write_all(b"TIMEOUT\n").unwrap(),
                 Answer::Garbage => s.write_all(b"HTTP/1.1 400 Bad Request\r\n").unwrap(),
                 Answer::Silent => std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_secs(5));
@@ -330,6 +333,12 @@ fn connect_handshake() {
         Err(ClientError::Handshake { port: 1024, answer }) => assert!(answer.starts_with("HTTP/1.1 400"), "{answer}"),
         r => panic!("{r:?}"),
     }
+
+    let stalled = d.join("stalled.sock");
+    fake_vsock(&stalled, Answer::GuestSilent);
+    let e = agent_client::connect(&stalled, 1024, timeout).unwrap_err();
+    assert!(matches!(e, ClientError::GuestSilent(1024)), "{e:?}");
+    assert!(e.to_string().contains("did not answer"), "{e}");
 
     let silent = d.join("silent.sock");
     fake_vsock(&silent, Answer::Silent);

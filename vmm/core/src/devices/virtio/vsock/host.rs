@@ -1,7 +1,7 @@
 //! The host side of the vsock bridge: the listening socket, clients' `CONNECT` lines, host
 //! connections' readiness and timeouts.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -270,7 +270,17 @@ impl Vsock {
         let late: Vec<_> =
             self.conns.iter().filter(|(_, c)| c.deadline.is_some_and(|d| d <= now)).map(|(k, _)| *k).collect();
         for key in late {
-            tracing::debug!("virtio-vsock: {key:?} timed out");
+            if let Some(c) = self.conns.get(&key).filter(|c| c.state == State::LocalInit) {
+                // Closing alone would read, to the client, like the guest's RST for a port
+                // nobody listens on; a guest that is stalled or starved is another trouble.
+                tracing::warn!(
+                    "virtio-vsock: the guest did not answer a connection to its port {} within {CONNECT_TIMEOUT:?}",
+                    key.peer_port
+                );
+                let _ = (&c.stream).write(CONNECT_TIMED_OUT);
+            } else {
+                tracing::debug!("virtio-vsock: {key:?} timed out");
+            }
             self.kill(key);
         }
     }

@@ -75,6 +75,10 @@ pub const MAX_RST_BACKLOG: usize = 256;
 pub const HOST_PORT_BASE: u32 = 1 << 30;
 /// A host client's `CONNECT` line, and the guest's answer to the REQUEST, must come this fast.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// What a host client reads instead of `OK <port>\n` when the guest did not answer its
+/// connection within [`CONNECT_TIMEOUT`] (an ember extension: Firecracker closes the socket in
+/// silence, the same as for a guest's RST).
+pub const CONNECT_TIMED_OUT: &[u8] = b"TIMEOUT\n";
 /// After the host closed and we sent SHUTDOWN both ways, the guest must answer RST this fast.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long host clients wait for a guest to take in a TRANSPORT_RESET before their
