@@ -111,9 +111,7 @@ case_256_mib_files_go_up_and_come_back_intact() {
   timeout 240 ember cp big $SB:/root/big 2>err
   status=$?
   expect_status 0 || return 1
-  guest=$(command ember exec $SB -- md5sum /root/big </dev/null | cut -d' ' -f1)
-  host=$(md5sum big | cut -d' ' -f1)
-  [ "$guest" = "$host" ] || { echo "    md5 $host on the host, $guest in the guest"; return 1; }
+  # The round trip's cmp proves both ways (a checksum in the emulated guest costs a minute).
   mkdir back
   timeout 240 ember cp $SB:/root/big back/ 2>err
   status=$?
@@ -228,7 +226,8 @@ case_a_guest_whose_agent_never_starts_is_reported_with_its_progress() {
   # yes(1) as init: the guest runs, writing to its console, and no agent ever answers.
   ember run --detach --cold --name no-agent --ready-timeout 5 --cmdline "init=/usr/bin/yes" >/dev/null 2>err
   expect_status 1 && expect_in err "did not answer within 5 s" && expect_in err "VM exits to the VMM in a second" &&
-    expect_in err "the guest runs" && expect_in err "ember_headless" || return 1
+    expect_in err "the guest runs" || return 1
+  grep -qx y err || { echo "    the console's tail (yes's output) is not in the report"; return 1; }
   ember ls >ls 2>&1
   ! grep -q "^no-agent " ls || { echo "    ls says:"; cat ls; return 1; }
 }
