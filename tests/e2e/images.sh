@@ -4,11 +4,14 @@
 # config) is imported with `ember image import`, a sandbox runs from it by name, and its
 # commands run as the image's user, in its working directory, with its variables, without the
 # whited-out file; `ember run --detach -- COMMAND` starts COMMAND in the background under the
-# image's defaults; the same layers as a `docker save` archive import the same.
+# image's defaults; the same layers as a `docker save` archive import the same; pushed to a
+# registry on the middle machine's loopback, `ember image pull` makes the same image.
 #
 # Needs in the middle machine (tests/e2e/run carries them): mkfs.ext4 and e2fsck (the image is
-# made with mkfs.ext4 -d) and the static agent as /opt/ember/extra/ember-agent (EMBER_AGENT).
+# made with mkfs.ext4 -d), docker-registry and skopeo (the registry, the push), and the static
+# agent as /opt/ember/extra/ember-agent (EMBER_AGENT).
 . /opt/ember/extra/lib.sh
+. /opt/ember/extra/oci.sh
 SB=e2e-image
 # An installation of the case's own: /opt/ember/images may be read-only, and imported images
 # go into $EMBER_HOME/images/oci.
@@ -16,53 +19,6 @@ HOME_DIR=/tmp/e2e-image-home
 STATE=$HOME/.local/state/ember/sandboxes
 EXTRA_LOGS="$STATE/$SB/vmm.log $STATE/$SB/console.log"
 export EMBER_AGENT=/opt/ember/extra/ember-agent
-
-# put_blob FILE: copies FILE into the layout's blobs; prints '"digest": ..., "size": ...'.
-put_blob() {
-  d=$(sha256sum "$1" | cut -d' ' -f1)
-  mkdir -p layout/blobs/sha256
-  cp "$1" "layout/blobs/sha256/$d"
-  printf '"digest": "sha256:%s", "size": %s' "$d" "$(wc -c <"$1")"
-}
-
-# make_layers [TEXT]: base.tar (busybox as /bin/sh and its applets, users, files to hide) and
-# top.tar (the whiteout, the opaque directory, a hard link, the user's file, and TEXT in
-# /etc/variant, which makes another image of the same layout).
-make_layers() {
-  mkdir -p base/bin base/etc base/opt/old base/usr/bin base/home/app top/etc top/opt top/home/app top/bin
-  cp /bin/busybox base/bin/busybox
-  for a in $(/bin/busybox --list); do [ -e "base/bin/$a" ] || ln -s busybox "base/bin/$a"; done
-  printf 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n' >base/etc/passwd
-  printf 'root:x:0:\napp:x:1001:\n' >base/etc/group
-  echo secret >base/etc/secret
-  echo old >base/opt/old/file
-  echo su >base/usr/bin/su && chmod 4755 base/usr/bin/su
-  chown 1000:1001 base/home/app && chmod 750 base/home/app
-  : >top/etc/.wh.secret
-  : >top/opt/.wh..wh..opq
-  echo new >top/opt/new
-  echo data >top/home/app/data && chown -R 1000:1001 top/home/app && chmod 640 top/home/app/data
-  cp base/bin/busybox top/bin/tool && ln top/bin/tool top/bin/tool-again
-  chmod 750 top/home/app
-  echo "${1:-}" >top/etc/variant
-  (cd base && tar -cf ../base.tar .) && (cd top && tar -cf ../top.tar .) || return 1
-}
-
-config_json() {
-  printf '{"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin", "GREETING=hello there"], "WorkingDir": "/home/app", "User": "app", "Cmd": ["sh"]}, "rootfs": {"type": "layers", "diff_ids": ["sha256:%s", "sha256:%s"]}}' \
-    "$(sha256sum base.tar | cut -d' ' -f1)" "$(sha256sum top.tar | cut -d' ' -f1)"
-}
-
-make_layout() {
-  make_layers "$@" || return 1
-  gzip -c base.tar >base.tar.gz
-  config_json >config.json
-  printf '{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": {"mediaType": "application/vnd.oci.image.config.v1+json", %s}, "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", %s}, {"mediaType": "application/vnd.oci.image.layer.v1.tar", %s}]}' \
-    "$(put_blob config.json)" "$(put_blob base.tar.gz)" "$(put_blob top.tar)" >manifest.json
-  printf '{"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", %s, "platform": {"architecture": "amd64", "os": "linux"}, "annotations": {"org.opencontainers.image.ref.name": "1"}}]}' \
-    "$(put_blob manifest.json)" >layout/index.json
-  echo '{"imageLayoutVersion": "1.0.0"}' >layout/oci-layout
-}
 
 in_home() { EMBER_HOME=$HOME_DIR "$@"; }
 
@@ -140,6 +96,25 @@ case_bad_layouts_are_refused_naming_the_layer_and_leave_nothing() {
   [ -z "$left" ] || { echo "    left behind: $left"; return 1; }
   in_home ember image ls >ls
   ! grep -q bad:1 ls || { echo "    bad:1 was named"; return 1; }
+}
+
+case_a_pull_from_a_loopback_registry_runs_a_sandbox_as_its_user() {
+  make_layout pulled && registry && push_layout 127.0.0.1:5000/e2e:3 || return 1
+  in_home ember image pull 127.0.0.1:5000/e2e:3 --capacity 64M >out 2>err
+  expect_status 0 && expect_in out "e2e:3 sha256:" || { cat err; return 1; }
+  kill $REGISTRY_PID
+  grep -q 'GET /v2/e2e/blobs/sha256:' reg.log || { echo "    the registry served no blob"; return 1; }
+  in_home ember run --detach --name $SB-pulled --image e2e:3 >name 2>err || { cat err; return 1; }
+  ok=1
+  [ "$(in_sb $SB-pulled cat /etc/variant)" = pulled ] || { echo "    /etc/variant is '$(in_sb $SB-pulled cat /etc/variant)'"; ok=0; }
+  [ "$(in_sb $SB-pulled id -un) $(in_sb $SB-pulled pwd)" = "app /home/app" ] || { echo "    not the image's user and directory"; ok=0; }
+  in_sb $SB-pulled test -e /etc/secret && { echo "    the whited-out /etc/secret is there"; ok=0; }
+  rm_sb $SB-pulled
+  # Its automatic template and the image go, so that the next case finds e2e:1's alone.
+  file=$(awk '{print $3}' out)
+  auto=$(ember template ls | awk -v f="$file" '$NF == f {print $1}')
+  [ -n "$auto" ] && ember template rm $auto && in_home ember image rm e2e:3 || { echo "    cannot remove e2e:3 ($auto)"; ok=0; }
+  [ $ok = 1 ]
 }
 
 case_image_rm_forgets_the_names_and_the_files() {

@@ -3,6 +3,12 @@
 # in a warm pool; prints the line the host waits for once the server answers, then serves until
 # the host ends the middle machine.
 ember template create sdk >/dev/null || { echo "ember template create failed"; exit 1; }
+# An image for create_snapshot(docker_image=127.0.0.1:5000/sdk-app:1); the server puts the
+# static agent into the images it builds.
+. /opt/ember/extra/oci.sh
+mkdir -p oci && (cd oci && make_layout sdk && registry && push_layout 127.0.0.1:5000/sdk-app:1) ||
+  { echo "the test image was not pushed"; exit 1; }
+export EMBER_AGENT=/opt/ember/extra/ember-agent
 ember serve --listen 0.0.0.0:8080 --keys /opt/ember/extra/sdk.keys --pool sdk=1 >serve.log 2>&1 &
 pid=$!
 n=0

@@ -2,6 +2,7 @@
 ember's additions (fork, events, metrics) through plain HTTP."""
 
 import json
+import os
 import time
 import uuid
 
@@ -105,6 +106,21 @@ def test_a_snapshot_from_a_docker_image_makes_sandboxes_with_its_env(client):
     assert snap.status == "ready"
     with client.sandbox(snapshot=snap.id, timeout=CREATE_TIMEOUT) as sb:
         assert sb.run("echo $EMBER_IMAGE").stdout.strip() == "example.org/app:2"
+
+
+@pytest.mark.skipif(FAKE or not os.environ.get("EMBER_SERVE_DOCKER_IMAGE"), reason="needs the real server and an image in a registry (tests/sdk/in-harness)")
+def test_a_snapshot_from_a_registry_image_boots_boxes_as_its_user_with_its_files(client):
+    # tests/e2e/oci.sh's image: user app, /home/app, GREETING, /etc/variant, /etc/secret whited out.
+    image = os.environ["EMBER_SERVE_DOCKER_IMAGE"]
+    snap = client.create_snapshot(unique("img"), docker_image=image, fs_capacity_bytes=1 << 30, timeout=CREATE_TIMEOUT)
+    try:
+        assert snap.status == "ready"
+        with client.sandbox(snapshot=snap.id, timeout=CREATE_TIMEOUT) as sb:
+            r = sb.run('echo "$(id -un) $(pwd) $GREETING"; cat /etc/variant; test -e /etc/secret || echo whited-out')
+            assert r.exit_code == 0, r.stderr
+            assert r.stdout.splitlines() == ["app /home/app hello there", "sdk", "whited-out"]
+    finally:
+        client.delete_snapshot(snap.id)
 
 
 def test_keys_and_tenants(server, client, sb):
