@@ -123,6 +123,12 @@ def test_a_snapshot_from_a_registry_image_boots_boxes_as_its_user_with_its_files
         client.delete_snapshot(snap.id)
 
 
+def test_the_registries_api_is_refused_saying_where_credentials_come_from(client):
+    with pytest.raises(Exception, match="no registries API") as e:
+        client.registries.list()
+    assert "501" in str(e.value) or getattr(e.value, "status_code", None) == 501, repr(e.value)
+
+
 def test_keys_and_tenants(server, client, sb):
     with server.client(key="wrong-key-0123456789") as wrong:
         with pytest.raises(SandboxAuthenticationError):

@@ -93,6 +93,13 @@ async fn metrics(State(state): State<Shared>, _tenant: Tenant) -> impl IntoRespo
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
+/// The SDK's `client.registries`: ember keeps registry credentials on the host, never in an API.
+async fn registries() -> ApiError {
+    ApiError::NotImplemented(
+        "ember serve has no registries API: it pulls with the host's credentials (docker's config.json of the user running ember serve, or ember image pull --registry-auth)".into(),
+    )
+}
+
 async fn unknown() -> ApiError {
     ApiError::NotFound("no such endpoint".into())
 }
@@ -122,7 +129,9 @@ pub fn router(state: Shared) -> Router {
             "/snapshots/{reference}",
             get(snapshots::get).delete(snapshots::delete),
         )
-        .route("/snapshots-by-name/{name}", get(snapshots::tags));
+        .route("/snapshots-by-name/{name}", get(snapshots::tags))
+        .route("/registries", any(registries))
+        .route("/registries/{name}", any(registries));
     Router::new()
         .nest("/api/v2/sandboxes", api)
         .nest("/dataplane/{box_id}", crate::dataplane::router())
