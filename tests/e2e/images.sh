@@ -8,7 +8,8 @@
 # registry on the middle machine's loopback, `ember image pull` makes the same image.
 #
 # Needs in the middle machine (tests/e2e/run carries them): mkfs.ext4 and e2fsck (the image is
-# made with mkfs.ext4 -d), docker-registry and skopeo (the registry, the push), and the static
+# made with mkfs.ext4 -d), docker-registry and skopeo (the registry, the push), the host's CA
+# bundle as /opt/ember/extra/ca-certificates.crt (the registry client's), and the static
 # agent as /opt/ember/extra/ember-agent (EMBER_AGENT).
 . /opt/ember/extra/lib.sh
 . /opt/ember/extra/oci.sh
@@ -100,7 +101,10 @@ case_bad_layouts_are_refused_naming_the_layer_and_leave_nothing() {
 
 case_a_pull_from_a_loopback_registry_runs_a_sandbox_as_its_user() {
   make_layout pulled && registry && push_layout 127.0.0.1:5000/e2e:3 || return 1
+  # The middle machine has no CA bundle, which the registry client needs even for plain HTTP.
   in_home ember image pull 127.0.0.1:5000/e2e:3 --capacity 64M >out 2>err
+  expect_status 1 && expect_in err "this host has no CA certificates" || return 1
+  SSL_CERT_FILE=/opt/ember/extra/ca-certificates.crt in_home ember image pull 127.0.0.1:5000/e2e:3 --capacity 64M >out 2>err
   expect_status 0 && expect_in out "e2e:3 sha256:" || { cat err; return 1; }
   kill $REGISTRY_PID
   grep -q 'GET /v2/e2e/blobs/sha256:' reg.log || { echo "    the registry served no blob"; return 1; }

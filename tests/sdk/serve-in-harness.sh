@@ -9,6 +9,7 @@ ember template create sdk >/dev/null || { echo "ember template create failed"; e
 mkdir -p oci && (cd oci && make_layout sdk && registry && push_layout 127.0.0.1:5000/sdk-app:1) ||
   { echo "the test image was not pushed"; exit 1; }
 export EMBER_AGENT=/opt/ember/extra/ember-agent
+export SSL_CERT_FILE=/opt/ember/extra/ca-certificates.crt
 ember serve --listen 0.0.0.0:8080 --keys /opt/ember/extra/sdk.keys --pool sdk=1 >serve.log 2>&1 &
 pid=$!
 n=0

@@ -60,6 +60,8 @@ pub enum ImageError {
     BadName { name: String, reason: &'static str },
     #[error("no ember-agent to put in the image: set EMBER_AGENT to the static agent, or EMBER_HOME to an installation whose images/default.ext4 carries one")]
     NoAgent,
+    #[error("this host has no CA certificates, which the registry client needs even for a plain-HTTP registry: install ca-certificates, or set SSL_CERT_FILE to a PEM bundle")]
+    NoCaCertificates,
 }
 
 pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ImageError {
