@@ -132,3 +132,12 @@ fn memory_that_is_no_multiple_of_2_mib_is_refused_before_anything_is_made() {
         assert!(!ember.state.path().join("templates").exists() && !ember.state.path().join("sandboxes").exists());
     }
 }
+
+#[test]
+fn an_image_that_is_no_name_or_file_says_what_is_accepted() {
+    let ember = Ember::new();
+    let out = ember.command(&["template", "create", "t", "--image", "python"]).env("EMBER_HOME", ember.state.path()).output().unwrap();
+    let expected = "ember: error: there is no image python: give --image default, an image's NAME:TAG \
+                    (`ember image ls` lists them) or the path of an image file\n";
+    assert_eq!(failure(&out), (expected.into(), Some(1)));
+}

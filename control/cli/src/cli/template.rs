@@ -58,12 +58,13 @@ pub struct CreateArgs {
 pub fn template(cmd: TemplateCommand, store: &Store) -> anyhow::Result<ExitCode> {
     match cmd {
         TemplateCommand::Create(args) => {
-            vmm::vstate::kvm::check_host()?;
             let (kernel, image) = (args.kernel, &args.image);
             let spec = sandbox::SandboxSpec {
                 disk_gib: args.disk_gib,
                 ..crate::sandbox_spec(None, kernel, image, args.mem_mib, args.vcpus, args.cmdline, args.ready_timeout)?
             };
+            // After the arguments: a wrong one is named on any host.
+            vmm::vstate::kvm::check_host()?;
             let made = store.create_template(&args.name, &spec)?;
             if args.json {
                 outln!("{}", serde_json::to_string_pretty(&made)?);
