@@ -66,7 +66,9 @@ enum Command {
         names: Vec<String>,
     },
     /// Be one VM's VMM process, configured and started through the Firecracker-style HTTP API
-    /// served on --api-sock (what `ember run --detach` and control planes use).
+    /// served on --api-sock (what `ember run --detach` and control planes use). Internal: not
+    /// in --help.
+    #[command(hide = true)]
     Vmm(VmmArgs),
     /// Run a command in a running VM through its guest agent, streaming its output; exits with
     /// the command's status (128+N if killed by signal N, 124 on timeout, 125 for ember's own
@@ -89,7 +91,12 @@ enum Command {
     /// `ember run --detach --from-snapshot DIR`.
     Snapshot { name: String, dir: PathBuf },
     /// Print a sandbox's VM exits so far (they measure its work whatever the host's speed).
-    Stats { name: String },
+    Stats {
+        name: String,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Fork a running sandbox into N children that go on from its exact state (memory, disk,
     /// processes) while it runs on; they share its memory and disk copy-on-write. Prints the
     /// children's names (NAME-1, NAME-2, ...).
@@ -101,6 +108,9 @@ enum Command {
         /// Seconds each child's guest agent has to answer
         #[arg(long, default_value_t = 120)]
         ready_timeout: u64,
+        /// Print the children's records as JSON instead of their names
+        #[arg(long)]
+        json: bool,
     },
     /// Templates: snapshots of freshly booted sandboxes that new sandboxes are restored from.
     #[command(subcommand)]
@@ -113,6 +123,11 @@ enum Command {
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Print a completion script for SHELL, e.g. `ember completion bash > /etc/bash_completion.d/ember`,
+    /// or `source <(ember completion bash)`
+    Completion {
+        shell: clap_complete::Shell,
+    },
 }
 
 /// How `ember disk` and `ember run` learn a file's format and where backing files may lie.
@@ -289,6 +304,9 @@ struct RunArgs {
     /// Seconds the guest agent has to answer after a detached sandbox starts
     #[arg(long, requires = "detach", default_value_t = 120)]
     ready_timeout: u64,
+    /// Print the sandbox's record as JSON instead of its name (with --detach)
+    #[arg(long, requires = "detach")]
+    json: bool,
     /// Once the sandbox (with --detach) is ready, start its image's Entrypoint and Cmd as a
     /// background exec, with the image's Env, WorkingDir and User (implied by -- COMMAND)
     #[arg(long, requires = "detach")]
@@ -307,7 +325,7 @@ struct RunArgs {
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest memory in MiB (a multiple of 2)
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = mem_mib)]
     mem_mib: u64,
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
@@ -332,6 +350,14 @@ struct RunArgs {
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
+}
+
+/// `--mem-mib`: a positive multiple of 2 MiB, checked before anything is looked at or made
+/// (the host's bound is checked when a sandbox is started).
+pub(crate) fn mem_mib(arg: &str) -> Result<u64, String> {
+    let mib: u64 = arg.parse().map_err(|_| format!("{arg} is not a number of MiB"))?;
+    sandbox::check_memory_step(mib)?;
+    Ok(mib)
 }
 
 fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
@@ -397,10 +423,22 @@ fn sandbox_spec(
     };
     let image = match image {
         "default" => ember_home("--image")?.join("images/default.ext4"),
-        name_or_path => cli::image::resolve(name_or_path).unwrap_or_else(|| PathBuf::from(name_or_path)),
+        name_or_path => image_path(name_or_path, cli::image::resolve(name_or_path))?,
     };
     let ready_timeout = Duration::from_secs(ready_timeout_secs);
     Ok(sandbox::SandboxSpec { name, kernel, image, mem_mib, vcpus, boot_args, disk_gib: None, ready_timeout })
+}
+
+/// The file `--image ARG` names: the image `ember image` made by that name (`found`), else a
+/// file at that path.
+fn image_path(arg: &str, found: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match found {
+        Some(path) => Ok(path),
+        None if std::path::Path::new(arg).exists() => Ok(PathBuf::from(arg)),
+        None => bail!(
+            "there is no image {arg}: give --image default, an image's NAME:TAG (`ember image ls` lists them) or the path of an image file"
+        ),
+    }
 }
 
 fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -449,7 +487,11 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    outln!("{}", record.name);
+    if args.json {
+        outln!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        outln!("{}", record.name);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -466,10 +508,11 @@ fn ls(json: bool) -> anyhow::Result<ExitCode> {
         outln!("{}", serde_json::to_string_pretty(&sandboxes)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!("{:<20} {:<12} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "PID", "MEM_MIB", "VCPUS");
+    outln!("{:<20} {:<12} {:>8} {:>8} {:>8} {:>5}  IMAGE", "NAME", "STATE", "AGE", "PID", "MEM_MIB", "VCPUS");
     for s in sandboxes {
         let r = &s.record;
-        outln!("{:<20} {:<12} {:>8} {:>8} {:>5}  {}", r.name, s.state, r.pid, r.mem_mib, r.vcpus, r.image.display());
+        let age = cli::age(cli::secs_since(r.created));
+        outln!("{:<20} {:<12} {:>8} {:>8} {:>8} {:>5}  {}", r.name, s.state, age, r.pid, r.mem_mib, r.vcpus, r.image.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -479,7 +522,7 @@ fn rm(names: Vec<String>) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     for name in names {
         if let Err(e) = store.remove(&name) {
-            eprintln!("ember: error: {e}");
+            eprintln!("ember: error: {}", cli::error_line(&anyhow::Error::from(e)));
             failed = true;
         }
     }
@@ -491,10 +534,24 @@ fn snapshot_sandbox(name: &str, dir: &std::path::Path) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-fn fork(name: &str, count: u16, ready_timeout: u64) -> anyhow::Result<ExitCode> {
+fn fork(name: &str, count: u16, ready_timeout: u64, json: bool) -> anyhow::Result<ExitCode> {
     let children = store()?.fork(name, count.into(), std::time::Duration::from_secs(ready_timeout))?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&children)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     for child in children {
         outln!("{}", child.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stats(name: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let exits = store()?.vm_exits(name)?;
+    if json {
+        outln!("{}", serde_json::json!({ "name": name, "vm_exits": exits }));
+    } else {
+        outln!("vm exits: {exits}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -586,7 +643,7 @@ fn main() -> ExitCode {
     // alone (0700 directories, 0600 files and sockets).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
-    let cli = Cli::parse();
+    let cli = parse();
     // A sandbox's VMM logs to its vmm.log, the one record of what its VM went through when a
     // start or a fork goes wrong: it says more by default than a command on a terminal.
     let default_level = if matches!(cli.command, Command::Vmm(_)) { "info" } else { "warn" };
@@ -610,18 +667,65 @@ fn main() -> ExitCode {
         Command::Rm { names } => rm(names),
         Command::Vmm(args) => vmm_process(args, started),
         Command::Snapshot { name, dir } => snapshot_sandbox(&name, &dir),
-        Command::Stats { name } => store().and_then(|s| {
-            outln!("vm exits: {}", s.vm_exits(&name)?);
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Fork { name, count, ready_timeout } => fork(&name, count, ready_timeout),
+        Command::Stats { name, json } => stats(&name, json),
+        Command::Fork { name, count, ready_timeout, json } => fork(&name, count, ready_timeout, json),
         Command::Template(cmd) => store().and_then(|s| cli::template::template(cmd, &s)),
         Command::Disk(cmd) => disk(cmd),
         Command::Serve(args) => cli::serve::serve(args),
         Command::Image(cmd) => cli::image::image(cmd),
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut completion_command(), "ember", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|e| {
-        eprintln!("ember: error: {e:#}");
+        eprintln!("ember: error: {}", cli::error_line(&e));
         ExitCode::FAILURE
     })
+}
+
+/// ember's command line as completions offer it: without the internal commands that --help
+/// hides (clap_complete would offer them).
+fn completion_command() -> clap::Command {
+    let full = <Cli as clap::CommandFactory>::command();
+    let shown = full.get_subcommands().filter(|c| !c.is_hide_set()).cloned();
+    clap::Command::new("ember").version(env!("CARGO_PKG_VERSION")).subcommands(shown)
+}
+
+/// The command line, or the end of ember with clap's message: a usage error exits 2, as
+/// clap's do, except in `exec` and `cp`, whose 1 and 2 could be the command's own: there it is
+/// ember's own failure, 125.
+fn parse() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let own_status = matches!(std::env::args().nth(1).as_deref(), Some("exec" | "cp"));
+        if own_status && e.use_stderr() {
+            let _ = e.print();
+            std::process::exit(cli::EXIT_EMBER_ERROR.into());
+        }
+        e.exit()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_that_is_neither_a_known_name_nor_a_file_says_what_is_accepted() {
+        let err = image_path("python", None).unwrap_err();
+        assert_eq!(
+            cli::error_line(&err),
+            "there is no image python: give --image default, an image's NAME:TAG (`ember image ls` lists them) or the path of an image file"
+        );
+        assert_eq!(image_path("/etc/hostname", None).unwrap(), PathBuf::from("/etc/hostname"));
+        let found = PathBuf::from("/images/oci/app.ext4");
+        assert_eq!(image_path("app:1", Some(found.clone())).unwrap(), found);
+    }
+
+    #[test]
+    fn mem_mib_is_a_positive_multiple_of_2() {
+        assert_eq!(mem_mib("256"), Ok(256));
+        assert_eq!(mem_mib("255").unwrap_err(), "255 is not a multiple of 2 MiB: give 254 or 256");
+        assert_eq!(mem_mib("lots").unwrap_err(), "lots is not a number of MiB");
+    }
 }

@@ -11,7 +11,7 @@ pub enum SandboxError {
     BadName(String),
     #[error("a sandbox named {0} already exists")]
     Exists(String),
-    #[error("there is no sandbox named {0}")]
+    #[error("there is no sandbox named {0} (`ember ls` lists them)")]
     NotFound(String),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
@@ -29,11 +29,13 @@ pub enum SandboxError {
     ForeignState { path: PathBuf, owner: u32 },
     #[error("cannot start the VMM {binary}: {reason}")]
     Spawn { binary: PathBuf, reason: String },
+    #[error("{0} is not a snapshot directory (it has no snapshot state): give a directory `ember snapshot` wrote")]
+    NotASnapshot(PathBuf),
     #[error("{0} already holds a snapshot")]
     SnapshotExists(PathBuf),
     #[error(transparent)]
     Snapshot(#[from] api::snapshot_meta::MetaError),
-    #[error("sandbox {0} is not running")]
+    #[error("sandbox {0} is not running: its VMM has exited (`ember rm {0}` removes what is left)")]
     NotRunning(String),
     #[error("a thread starting a forked sandbox panicked")]
     ForkPanicked,
@@ -59,7 +61,7 @@ pub enum SandboxError {
     Starting { name: String, pid: i32 },
     #[error("sandbox {name} did not finish starting: the ember process that started it ({pid}) is gone; remove it with `ember rm {name}`")]
     FailedStart { name: String, pid: i32 },
-    #[error("guest memory of {mem_mib} MiB is refused: give --mem-mib a multiple of 2 from 2 to {max_mib} ({bound})")]
+    #[error("guest memory of {mem_mib} MiB is refused: {}", crate::limits::memory_advice(*mem_mib, *max_mib, bound))]
     BadMemory { mem_mib: u64, max_mib: u64, bound: &'static str },
     #[error("{vcpus} vCPUs are refused: give --vcpus from 1 to {max} ({bound})")]
     BadVcpus { vcpus: u8, max: u32, bound: &'static str },

@@ -165,8 +165,8 @@ mod tests {
         let err = store.fix_identity("sb-1").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "sandbox sb-1: cannot give the guest its own identity: the agent could not set the clock \
-             (PermissionDenied): clock_settime: denied"
+            "sandbox sb-1: cannot give the guest its own identity: the agent could not set the clock: \
+             clock_settime: denied"
         );
         // Sent together, in one round trip; the start fails all the same. The client returns at
         // the refusal, so the fake agent may not have read the last request yet: wait for it.

@@ -34,7 +34,7 @@ mod spares;
 pub mod template;
 
 pub use error::SandboxError;
-pub use limits::HostLimits;
+pub use limits::{check_memory_step, HostLimits};
 pub use snapshot::{MEMORY_FILE, SNAPSHOT_DISK};
 
 use std::path::PathBuf;
@@ -201,8 +201,12 @@ impl Store {
 
     /// The vsock socket through which the host reaches the sandbox's guest agent.
     pub fn vsock_socket(&self, name: &str) -> Result<PathBuf, SandboxError> {
-        self.ready_record(name)?;
-        Ok(self.dir(name).join(VSOCK_SOCKET))
+        let dir = self.dir(name);
+        // A dead VMM's socket refuses connections: say what that means.
+        if !self.ready_record(name)?.vmm_alive(&dir) {
+            return Err(SandboxError::NotRunning(name.into()));
+        }
+        Ok(dir.join(VSOCK_SOCKET))
     }
 
     /// What sandbox `name`'s VMM sees of the host's files.
@@ -319,6 +323,21 @@ mod tests {
         assert!(store.list().unwrap().is_empty());
         assert!(matches!(store.remove("nope"), Err(SandboxError::NotFound(_))));
         assert!(matches!(store.vsock_socket("nope"), Err(SandboxError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_sandbox_whose_vmm_died_is_not_running_and_an_unknown_one_points_at_ls() {
+        let o = orphan("gone");
+        let record = Record { pid: i32::MAX, phase: record::Phase::Ready, starter: None, ..Record::starting("gone").unwrap() };
+        record.write(&o.store.dir("gone")).unwrap();
+        assert_eq!(
+            o.store.vsock_socket("gone").unwrap_err().to_string(),
+            "sandbox gone is not running: its VMM has exited (`ember rm gone` removes what is left)"
+        );
+        let alive = Record { pid: o.vmm.id() as i32, ..record };
+        alive.write(&o.store.dir("gone")).unwrap();
+        assert_eq!(o.store.vsock_socket("gone").unwrap(), o.store.dir("gone").join(VSOCK_SOCKET));
+        assert_eq!(o.store.vsock_socket("nosuch").unwrap_err().to_string(), "there is no sandbox named nosuch (`ember ls` lists them)");
     }
 
     #[test]

@@ -72,6 +72,34 @@ impl HostLimits {
     }
 }
 
+/// Fails unless `mem_mib` is a positive multiple of 2 MiB, whatever the host: what a command
+/// line can check before it looks at anything. The message names the nearest sizes that are.
+pub fn check_memory_step(mem_mib: u64) -> Result<(), String> {
+    if mem_mib != 0 && mem_mib % MEM_STEP_MIB == 0 {
+        return Ok(());
+    }
+    Err(step_advice(mem_mib))
+}
+
+/// `255 is not a multiple of 2 MiB: give 254 or 256`.
+fn step_advice(mem_mib: u64) -> String {
+    let below = mem_mib - mem_mib % MEM_STEP_MIB;
+    match below.checked_add(MEM_STEP_MIB) {
+        _ if below == 0 => format!("{mem_mib} is not a positive multiple of {MEM_STEP_MIB} MiB: give {MEM_STEP_MIB} or more"),
+        Some(above) => format!("{mem_mib} is not a multiple of {MEM_STEP_MIB} MiB: give {below} or {above}"),
+        None => format!("{mem_mib} is not a multiple of {MEM_STEP_MIB} MiB: give {below}"),
+    }
+}
+
+/// What to give instead of `mem_mib` MiB of guest memory when at most `max_mib` is allowed
+/// (by `bound`): the nearest multiples of the step below the bound, or the bound.
+pub(crate) fn memory_advice(mem_mib: u64, max_mib: u64, bound: &str) -> String {
+    if mem_mib > max_mib {
+        return format!("give --mem-mib at most {max_mib} ({bound})");
+    }
+    format!("--mem-mib {}", step_advice(mem_mib))
+}
+
 /// KVM_CHECK_EXTENSION of KVM_CAP_MAX_VCPUS, else of KVM_CAP_NR_VCPUS, else 4 (what the KVM
 /// API documentation says to assume); `None` without /dev/kvm.
 fn kvm_max_vcpus() -> Option<u32> {
@@ -151,17 +179,29 @@ mod tests {
     #[test]
     fn memory_is_a_positive_multiple_of_2_mib_within_the_host_ram() {
         let err = |mem| SMALL_HOST.check(mem, 1).unwrap_err().to_string();
-        let expected = "a multiple of 2 from 2 to 4094 (this host's RAM)";
-        for mem in [255, 0, 4096, 1 << 40, u64::MAX] {
-            let message = err(mem);
-            assert!(message.contains(&format!("{mem} MiB")) && message.contains(expected), "{message}");
+        assert_eq!(
+            err(255),
+            "guest memory of 255 MiB is refused: --mem-mib 255 is not a multiple of 2 MiB: give 254 or 256"
+        );
+        assert_eq!(err(0), "guest memory of 0 MiB is refused: --mem-mib 0 is not a positive multiple of 2 MiB: give 2 or more");
+        assert_eq!(err(1), "guest memory of 1 MiB is refused: --mem-mib 1 is not a positive multiple of 2 MiB: give 2 or more");
+        for mem in [4096, 4095, 1 << 40, u64::MAX] {
+            assert_eq!(err(mem), format!("guest memory of {mem} MiB is refused: give --mem-mib at most 4094 (this host's RAM)"));
         }
         SMALL_HOST.check(2, 1).unwrap();
         SMALL_HOST.check(4094, 1).unwrap();
         let capped = SMALL_HOST.with_mem_cap(1024);
-        assert!(capped.check(1026, 1).unwrap_err().to_string().contains("from 2 to 1024 (EMBER_MAX_MEM_MIB)"));
+        assert!(capped.check(1026, 1).unwrap_err().to_string().ends_with("at most 1024 (EMBER_MAX_MEM_MIB)"));
         capped.check(1024, 1).unwrap();
         assert!(SMALL_HOST.with_mem_cap(1 << 20).check(4096, 1).is_err(), "a cap above the RAM is no help");
+    }
+
+    #[test]
+    fn a_command_line_checks_the_step_alone_naming_the_nearest_sizes() {
+        assert_eq!(check_memory_step(256), Ok(()));
+        assert_eq!(check_memory_step(255).unwrap_err(), "255 is not a multiple of 2 MiB: give 254 or 256");
+        assert_eq!(check_memory_step(0).unwrap_err(), "0 is not a positive multiple of 2 MiB: give 2 or more");
+        assert_eq!(check_memory_step(u64::MAX).unwrap_err(), format!("{} is not a multiple of 2 MiB: give {}", u64::MAX, u64::MAX - 1));
     }
 
     #[test]

@@ -109,6 +109,10 @@ impl Store {
         dir: &Path,
         ready_timeout: Duration,
     ) -> Result<Record, SandboxError> {
+        // Any other file's absence is the snapshot's fault; without a state file it is none.
+        if !SnapshotFiles::in_dir(dir).state.is_file() {
+            return Err(SandboxError::NotASnapshot(dir.to_path_buf()));
+        }
         self.start_from_snapshot_over(name, dir, None, ready_timeout)
     }
 
@@ -252,6 +256,14 @@ mod tests {
         let tmp = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-store-").unwrap();
         let store = Store::new(tmp.as_path().join("sandboxes"), PathBuf::from("/nonexistent/ember"));
         let snap = tmp.as_path().join("snap");
+        for not_one in [snap.clone(), tmp.as_path().to_path_buf()] {
+            let err = store.start_from_snapshot(Some("s1".into()), &not_one, Duration::from_secs(1)).unwrap_err();
+            let shown = not_one.display();
+            assert_eq!(
+                err.to_string(),
+                format!("{shown} is not a snapshot directory (it has no snapshot state): give a directory `ember snapshot` wrote")
+            );
+        }
         std::fs::create_dir(&snap).unwrap();
         std::fs::write(snap.join(STATE_FILE), b"not a snapshot at all, longer than a header").unwrap();
         let err = store.start_from_snapshot(Some("s1".into()), &snap, Duration::from_secs(1)).unwrap_err();

@@ -10,7 +10,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::server::{spawn_thread, ExecHandle, Execs, Out, RUNNING_EXECS};
+use crate::server::{plain, spawn_thread, ExecHandle, Execs, Out, RUNNING_EXECS};
 use crate::sys::{self, Reaper};
 use agent_protocol::{ErrorKind, ExecRequest, ReplyBody, User, CHUNK};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -33,6 +33,24 @@ fn spawn_error_kind(e: &io::Error) -> ErrorKind {
         Some(Errno::PERM) => ErrorKind::PermissionDenied,
         _ => ErrorKind::Io,
     }
+}
+
+/// Why `req`'s command did not start, as a shell says it: `NAME: command not found` for a
+/// bare name found nowhere on the command's PATH, else the program and the reason.
+fn spawn_error_message(req: &ExecRequest, e: &io::Error) -> String {
+    let program = &req.argv[0];
+    if e.kind() == io::ErrorKind::NotFound && !program.contains('/') && !on_path(req, program) {
+        return format!("{program}: command not found");
+    }
+    format!("{program}: {}", plain(e))
+}
+
+/// Whether `program` is a file in a directory of the command's PATH (its request's, else the
+/// agent's): if it is, ENOENT came from elsewhere (a `#!` interpreter that is missing).
+fn on_path(req: &ExecRequest, program: &str) -> bool {
+    let inherited = if req.clear_env { None } else { std::env::var_os("PATH") };
+    let path = req.env.iter().rev().find(|(k, _)| k == "PATH").map(|(_, v)| v.into()).or(inherited);
+    path.is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
@@ -58,8 +76,12 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         }
         Some(User::Name(name)) => match sys::lookup_user(name) {
             Ok(u) => Some(u),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                out.error(id, ErrorKind::InvalidRequest, format!("no user {name} in the sandbox"));
+                return;
+            }
             Err(e) => {
-                out.error(id, ErrorKind::InvalidRequest, format!("user {name:?}: {e}"));
+                out.error(id, ErrorKind::InvalidRequest, format!("user {name}: {}", plain(&e)));
                 return;
             }
         },
@@ -68,15 +90,16 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         match std::fs::metadata(cwd) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                out.error(
-                    id,
-                    ErrorKind::InvalidRequest,
-                    format!("cwd {cwd}: not a directory"),
-                );
+                out.error(id, ErrorKind::InvalidRequest, format!("{cwd} in the sandbox is not a directory"));
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                out.error(id, ErrorKind::InvalidRequest, format!("no directory {cwd} in the sandbox"));
                 return;
             }
             Err(e) => {
-                out.error(id, ErrorKind::InvalidRequest, format!("cwd {cwd}: {e}"));
+                let message = format!("cannot use {cwd} in the sandbox as the working directory: {}", plain(&e));
+                out.error(id, ErrorKind::InvalidRequest, message);
                 return;
             }
         }
@@ -153,7 +176,7 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
         Ok(c) => c,
         Err(e) => {
             drop(guard);
-            out.error(id, spawn_error_kind(&e), format!("{}: {e}", req.argv[0]));
+            out.error(id, spawn_error_kind(&e), spawn_error_message(&req, &e));
             return;
         }
     };

@@ -261,7 +261,16 @@ impl Out {
     }
 
     pub(crate) fn io_error(&self, id: u64, what: &str, e: &io::Error) -> bool {
-        self.error(id, error_kind(e), format!("{what}: {e}"))
+        self.error(id, error_kind(e), format!("{what}: {}", plain(e)))
+    }
+}
+
+/// An I/O error as a shell words it: `Permission denied`, without Rust's `(os error 13)`.
+pub(crate) fn plain(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" (os error ") {
+        Some(at) => text[..at].to_string(),
+        None => text,
     }
 }
 

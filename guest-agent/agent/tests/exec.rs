@@ -319,41 +319,57 @@ fn pty_stdin_resize_and_eof() {
     assert_eq!(c.collect(2).2, ReplyBody::Killed { signal: 9 });
 }
 
+fn refusal(end: ReplyBody) -> (ErrorKind, String) {
+    match end {
+        ReplyBody::Error { kind, message } => (kind, message),
+        other => panic!("not a refusal: {other:?}"),
+    }
+}
+
 #[test]
-fn not_found_and_cannot_execute() {
+fn not_found_and_cannot_execute_say_so_as_a_shell_does() {
     let mut c = Client::new();
-    assert!(matches!(
-        c.exec(1, cmd(&["/nonexistent/command"])).2,
-        ReplyBody::Error {
-            kind: ErrorKind::NotFound,
-            ..
-        }
-    ));
-    assert!(matches!(
-        c.exec(2, cmd(&["no-such-command-ember"])).2,
-        ReplyBody::Error {
-            kind: ErrorKind::NotFound,
-            ..
-        }
-    ));
+    assert_eq!(
+        refusal(c.exec(1, cmd(&["/nonexistent/command"])).2),
+        (ErrorKind::NotFound, "/nonexistent/command: No such file or directory".into())
+    );
+    assert_eq!(
+        refusal(c.exec(2, cmd(&["no-such-command-ember"])).2),
+        (ErrorKind::NotFound, "no-such-command-ember: command not found".into())
+    );
     let d = tmpdir("noexec");
     let f = d.join("script");
     std::fs::write(&f, "#!/bin/sh\necho hi\n").unwrap();
-    assert!(matches!(
-        c.exec(3, cmd(&[f.to_str().unwrap()])).2,
-        ReplyBody::Error {
-            kind: ErrorKind::CannotExecute,
-            ..
-        }
-    ));
+    let shown = f.to_str().unwrap();
+    assert_eq!(
+        refusal(c.exec(3, cmd(&[shown])).2),
+        (ErrorKind::CannotExecute, format!("{shown}: Permission denied"))
+    );
+    // Found on the command's PATH, but its interpreter is missing: not "command not found".
+    std::fs::write(&f, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut r = cmd(&["script"]);
+    r.env = vec![("PATH".into(), d.to_str().unwrap().into())];
+    assert_eq!(refusal(c.exec(4, r).2), (ErrorKind::NotFound, "script: No such file or directory".into()));
     std::fs::remove_dir_all(d).unwrap();
-    assert!(matches!(
-        c.exec(4, cmd(&[])).2,
-        ReplyBody::Error {
-            kind: ErrorKind::InvalidRequest,
-            ..
-        }
-    ));
+    assert!(matches!(refusal(c.exec(5, cmd(&[])).2), (ErrorKind::InvalidRequest, _)));
+}
+
+#[test]
+fn a_working_directory_or_user_the_sandbox_lacks_is_named() {
+    let mut c = Client::new();
+    let mut r = cmd(&["true"]);
+    r.cwd = Some("/nonexistent-ember-dir".into());
+    assert_eq!(
+        refusal(c.exec(1, r).2),
+        (ErrorKind::InvalidRequest, "no directory /nonexistent-ember-dir in the sandbox".into())
+    );
+    let mut r = cmd(&["true"]);
+    r.cwd = Some("/etc/hostname".into());
+    assert_eq!(refusal(c.exec(2, r).2), (ErrorKind::InvalidRequest, "/etc/hostname in the sandbox is not a directory".into()));
+    let mut r = cmd(&["true"]);
+    r.user = Some(agent_protocol::User::Name("no-such-user-ember".into()));
+    assert_eq!(refusal(c.exec(3, r).2), (ErrorKind::InvalidRequest, "no user no-such-user-ember in the sandbox".into()));
 }
 
 #[test]

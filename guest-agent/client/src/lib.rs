@@ -52,13 +52,15 @@ pub enum ClientError {
     Frame(#[from] FrameError),
     #[error("the agent closed the connection before replying")]
     Closed,
-    #[error("the agent rejected a frame on this connection ({kind:?}): {message}")]
+    #[error("the agent rejected a frame on this connection: {message}")]
     Protocol { kind: ErrorKind, message: String },
     #[error("unexpected reply from the agent: {0}")]
     Unexpected(String),
-    #[error("the agent refused the command ({kind:?}): {message}")]
+    /// The agent's message is written for people (`no directory /x in the sandbox`); `kind`
+    /// is for programs, and not shown.
+    #[error("{message}")]
     Refused { kind: ErrorKind, message: String },
-    #[error("the agent could not {what} ({kind:?}): {message}")]
+    #[error("the agent could not {what}: {message}")]
     Failed { what: &'static str, kind: ErrorKind, message: String },
     #[error("{path} (in the guest): no such file or directory")]
     NotFound { path: String },
@@ -68,7 +70,7 @@ pub enum ClientError {
     NotADirectory { path: String },
     #[error("{path} (in the guest): permission denied")]
     PermissionDenied { path: String },
-    #[error("{path} (in the guest) ({kind:?}): {message}")]
+    #[error("{path} (in the guest): {message}")]
     File { path: String, kind: ErrorKind, message: String },
     #[error("{path} (in the guest): the agent sent {got} bytes but announced {announced}")]
     SizeMismatch { path: String, got: u64, announced: u64 },

@@ -115,7 +115,15 @@ fn exit_status_stderr_and_refusals() {
     assert_eq!(run(timed, None).2, Outcome::TimedOut);
     let (mut out, mut err) = (Vec::new(), Vec::new());
     match agent_client::exec(agent(), cmd(&["/no/such/program"]), &mut out, &mut err) {
-        Err(ClientError::Refused { kind: agent_protocol::ErrorKind::NotFound, .. }) => {}
+        Err(e @ ClientError::Refused { kind: agent_protocol::ErrorKind::NotFound, .. }) => {
+            assert_eq!(e.to_string(), "/no/such/program: No such file or directory", "the agent's words, no protocol names")
+        }
+        r => panic!("{r:?}"),
+    }
+    let mut in_nowhere = cmd(&["true"]);
+    in_nowhere.cwd = Some("/no/such/dir".into());
+    match agent_client::exec(agent(), in_nowhere, &mut out, &mut err) {
+        Err(e @ ClientError::Refused { .. }) => assert_eq!(e.to_string(), "no directory /no/such/dir in the sandbox"),
         r => panic!("{r:?}"),
     }
     let pid = agent_client::spawn_detached(agent(), cmd(&["sleep", "30"])).unwrap();

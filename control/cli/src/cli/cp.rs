@@ -43,7 +43,7 @@ pub fn cp(args: CpArgs, store: &Store) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            eprintln!("ember: error: {e:#}");
+            eprintln!("ember: error: {}", super::error_line(&e));
             Ok(ExitCode::from(EXIT_EMBER_ERROR))
         }
     }
@@ -95,20 +95,34 @@ fn copy(args: &CpArgs, store: &Store) -> anyhow::Result<u64> {
 }
 
 /// Downloads into a temporary file next to `local` and renames it into place, so a failed copy
-/// leaves no half-written file.
+/// leaves no half-written file. Errors name `local`: the temporary file is ember's business.
 fn download_to(stream: &mut std::os::unix::net::UnixStream, path: &str, local: &Path) -> anyhow::Result<u64> {
+    let parent = match local.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        bail!("cannot write {}: there is no directory {} on this host", local.display(), parent.display());
+    }
     let partial = local.with_file_name(format!(".{}.ember-partial", local.file_name().and_then(|n| n.to_str()).unwrap_or("download")));
-    let mut file = File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    let mut file = File::create(&partial).map_err(|e| write_error(local, e))?;
     let result = agent_client::download(stream, path, &mut file).map_err(|e: ClientError| anyhow::Error::new(e));
     let result = result.and_then(|n| {
-        file.sync_all().with_context(|| format!("cannot write {}", partial.display()))?;
-        std::fs::rename(&partial, local).with_context(|| format!("cannot write {}", local.display()))?;
+        file.sync_all().map_err(|e| write_error(local, e))?;
+        std::fs::rename(&partial, local).map_err(|e| write_error(local, e))?;
         Ok(n)
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
     result
+}
+
+/// `cannot write out.txt: Permission denied`.
+fn write_error(local: &Path, e: std::io::Error) -> anyhow::Error {
+    let text = e.to_string();
+    let reason = text.rfind(" (os error ").map_or(text.as_str(), |at| &text[..at]);
+    anyhow::anyhow!("cannot write {}: {reason}", local.display())
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@ use clap::Args;
 use agent_client::{ClientError, Exec, Outcome};
 use sandbox::Store;
 
-use super::{agent_socket, connect, terminal, EXIT_EMBER_ERROR};
+use super::{agent_socket, connect, error_line, terminal, EXIT_EMBER_ERROR};
 
 #[derive(Args)]
 pub struct ExecArgs {
-    /// The sandbox to run the command in
-    #[arg(required_unless_present = "uds", conflicts_with = "uds")]
+    /// The sandbox to run the command in (none with --uds)
+    #[arg(required_unless_present = "uds")]
     name: Option<String>,
     /// Instead of a sandbox name: a VM's vsock socket (the uds= of `ember run --vsock`)
     #[arg(long)]
@@ -39,8 +39,9 @@ pub struct ExecArgs {
     /// (24x80 if there is none); this terminal goes into raw mode while it runs
     #[arg(long, short = 't')]
     tty: bool,
-    /// The command and its arguments
-    #[arg(last = true, required = true)]
+    /// The command and its arguments, after NAME, with or without `--` before them (as
+    /// `docker exec` takes them): everything from the first word after NAME is the command's
+    #[arg(trailing_var_arg = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -60,30 +61,37 @@ pub fn image_user(defaults: &image::ExecDefaults) -> anyhow::Result<Option<agent
     defaults.user.as_deref().map(str::parse).transpose().map_err(|e: String| anyhow::anyhow!("the image's user: {e}"))
 }
 
-pub fn exec(args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
+pub fn exec(mut args: ExecArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let fail = |message: String| {
         eprintln!("ember: error: {message}");
         Ok(ExitCode::from(EXIT_EMBER_ERROR))
     };
+    // With --uds there is no name: the first word clap took for one is the command's.
+    if args.uds.is_some() {
+        args.command.splice(0..0, args.name.take());
+    }
+    if args.command.is_empty() {
+        return fail("no command given: put it after the sandbox's name, `ember exec NAME [--] COMMAND [ARGS...]`".into());
+    }
     let socket = match agent_socket(store, args.name.as_deref(), args.uds.as_ref()) {
         Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(error_line(&e)),
     };
     let stream = match connect(&socket, args.port) {
         Ok(s) => s,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(error_line(&e)),
     };
     // An imported image's Env, WorkingDir and User, under what the command line says.
     let defaults = match &args.name {
         Some(name) if args.uds.is_none() => match image_defaults(store, name) {
             Ok(d) => d,
-            Err(e) => return fail(e.to_string()),
+            Err(e) => return fail(error_line(&e)),
         },
         _ => image::ExecDefaults::default(),
     };
     let user = match args.user.map(Ok).or_else(|| image_user(&defaults).transpose()).transpose() {
         Ok(u) => u,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(error_line(&e)),
     };
     let mut env = defaults.env;
     env.extend(args.env);

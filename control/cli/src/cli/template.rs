@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use clap::{Args, Subcommand};
 use sandbox::Store;
@@ -39,7 +38,7 @@ pub struct CreateArgs {
     #[arg(long)]
     cmdline: Option<String>,
     /// Guest memory in MiB (a multiple of 2)
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = crate::mem_mib)]
     mem_mib: u64,
     /// Number of vCPUs
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
@@ -51,18 +50,25 @@ pub struct CreateArgs {
     /// Seconds the guest agent has to answer after the sandbox boots
     #[arg(long, default_value_t = 120)]
     ready_timeout: u64,
+    /// Print the template's entry (as `template ls --json` shows it) when it is made
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn template(cmd: TemplateCommand, store: &Store) -> anyhow::Result<ExitCode> {
     match cmd {
         TemplateCommand::Create(args) => {
-            vmm::vstate::kvm::check_host()?;
             let (kernel, image) = (args.kernel, &args.image);
             let spec = sandbox::SandboxSpec {
                 disk_gib: args.disk_gib,
                 ..crate::sandbox_spec(None, kernel, image, args.mem_mib, args.vcpus, args.cmdline, args.ready_timeout)?
             };
-            store.create_template(&args.name, &spec)?;
+            // After the arguments: a wrong one is named on any host.
+            vmm::vstate::kvm::check_host()?;
+            let made = store.create_template(&args.name, &spec)?;
+            if args.json {
+                outln!("{}", serde_json::to_string_pretty(&made)?);
+            }
         }
         TemplateCommand::Ls { json } => ls(store, json)?,
         TemplateCommand::Rm { names } => {
@@ -87,30 +93,10 @@ fn ls(store: &Store, json: bool) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     outln!("{:<22} {:>8} {:>8} {:>5}  IMAGE", "NAME", "AGE", "MEM_MIB", "VCPUS");
     for t in list {
-        let age = age(now.saturating_sub(t.created));
+        let age = super::age(super::secs_since(t.created));
         outln!("{:<22} {:>8} {:>8} {:>5}  {}", t.name, age, t.mem_mib, t.vcpus, t.image.display());
     }
     Ok(())
-}
-
-/// `42s`, `5m`, `3h`, `2d`: the largest unit that fits.
-fn age(secs: u64) -> String {
-    match secs {
-        s if s < 60 => format!("{s}s"),
-        s if s < 3600 => format!("{}m", s / 60),
-        s if s < 86400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ages_use_the_largest_unit_that_fits() {
-        let shown: Vec<String> = [0, 59, 60, 3599, 3600, 86399, 86400 * 3].into_iter().map(super::age).collect();
-        assert_eq!(shown, ["0s", "59s", "1m", "59m", "1h", "23h", "3d"]);
-    }
 }
