@@ -75,6 +75,14 @@ pub enum SandboxError {
         if *removed { " and its state removed" } else { "; `ember rm` removes its state" }
     )]
     Expired { name: String, removed: bool },
+    #[error("the egress policy (proxy_config) is refused: {0}")]
+    EgressPolicy(String),
+    #[error("cannot make or load the egress CA: {0}")]
+    EgressCa(String),
+    #[error("sandbox {name}: its egress proxy {reason}; its log says:\n{log}")]
+    EgressProxy { name: String, reason: String, log: String },
+    #[error("sandbox {name}: its guest agent did not take egress: {source}")]
+    EgressGuest { name: String, source: agent_client::ClientError },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
