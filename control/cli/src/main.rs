@@ -113,6 +113,13 @@ enum Command {
     /// Copy-on-write disk images: qcow2 overlays over a shared read-only base.
     #[command(subcommand)]
     Disk(DiskCommand),
+    /// Print a sandbox's egress audit events (JSON lines): every connection its proxy refused
+    /// or tunnelled and every request it forwarded or intercepted.
+    #[command(alias = "events")]
+    Egress(cli::egress::EgressArgs),
+    /// Be one sandbox's egress proxy (what `ember run --detach` with egress starts).
+    #[command(hide = true)]
+    EgressProxy(cli::egress_proxy::EgressProxyArgs),
 }
 
 /// How `ember disk` and `ember run` learn a file's format and where backing files may lie.
@@ -332,6 +339,8 @@ struct RunArgs {
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    egress: cli::egress::EgressFlags,
 }
 
 fn ember_home(what: &str) -> anyhow::Result<PathBuf> {
@@ -365,12 +374,26 @@ fn store() -> anyhow::Result<sandbox::Store> {
     let store = sandbox::Store::new(sandbox::Store::default_root(), exe)
         .with_spare_vmms(spares)
         .with_disk_dirs(disk_dirs)
-        .with_jail(jail);
+        .with_jail(jail)
+        .with_egress(egress_settings());
     store.check_state_dir()?;
     Ok(match mem_cap_mib()? {
         Some(cap) => store.with_mem_cap(cap),
         None => store,
     })
+}
+
+/// What sandboxes' egress proxies are given: `EMBER_EGRESS_SECRETS`, the host's secret file;
+/// `EMBER_EGRESS_UPSTREAM_CA`, PEM files (colon-separated) of CAs trusted for upstreams;
+/// `EMBER_EGRESS_ALLOW_INTERNAL=1`, internal addresses reachable (tests on loopback only).
+fn egress_settings() -> sandbox::egress::EgressSettings {
+    let paths = |var| std::env::var_os(var).map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect::<Vec<_>>());
+    sandbox::egress::EgressSettings {
+        secrets: paths("EMBER_EGRESS_SECRETS").and_then(|p| p.into_iter().next()),
+        upstream_cas: paths("EMBER_EGRESS_UPSTREAM_CA").unwrap_or_default(),
+        allow_internal: std::env::var("EMBER_EGRESS_ALLOW_INTERNAL").is_ok_and(|v| v == "1"),
+        ..Default::default()
+    }
 }
 
 /// `EMBER_MAX_MEM_MIB`: the most guest memory a VM may have, when less than the host's RAM.
@@ -406,6 +429,11 @@ fn sandbox_spec(
 fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
     let store = store()?;
+    // Checked before anything starts: a policy that cannot work fails the command at once.
+    let egress = args.egress.proxy_config()?;
+    if let Some(config) = &egress {
+        store.check_egress(config)?;
+    }
     let timeout = Duration::from_secs(args.ready_timeout);
     let record = if let Some(dir) = &args.from_snapshot {
         store.start_from_snapshot(args.name, dir, timeout)?
@@ -437,6 +465,14 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Err(e) = store.set_lifetime(&record.name, Duration::from_secs(secs), keep) {
             let _ = store.remove(&record.name);
             return Err(e.into());
+        }
+    }
+    if let Some(config) = &egress {
+        // Before its command starts, which may need it; a sandbox is not left without the
+        // egress it was asked for.
+        if let Err(e) = store.set_egress(&record.name, config) {
+            let _ = store.remove(&record.name);
+            return Err(anyhow::Error::new(e).context(format!("sandbox {} removed", record.name)));
         }
     }
     if args.start || !args.command.is_empty() {
@@ -587,9 +623,10 @@ fn main() -> ExitCode {
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
-    // A sandbox's VMM logs to its vmm.log, the one record of what its VM went through when a
-    // start or a fork goes wrong: it says more by default than a command on a terminal.
-    let default_level = if matches!(cli.command, Command::Vmm(_)) { "info" } else { "warn" };
+    // A sandbox's VMM and egress proxy log to its vmm.log and egress.log, the one record of
+    // what went on when a start or a connection goes wrong: they say more by default than a
+    // command on a terminal.
+    let default_level = if matches!(cli.command, Command::Vmm(_) | Command::EgressProxy(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| default_level.into());
@@ -619,9 +656,37 @@ fn main() -> ExitCode {
         Command::Disk(cmd) => disk(cmd),
         Command::Serve(args) => cli::serve::serve(args),
         Command::Image(cmd) => cli::image::image(cmd),
+        Command::Egress(args) => store().and_then(|s| cli::egress::show(args, &s)).map(|()| ExitCode::SUCCESS),
+        Command::EgressProxy(args) => cli::egress_proxy::egress_proxy(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {e:#}");
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        match Cli::try_parse_from(["ember", "run"].iter().chain(args))?.command {
+            Command::Run(run) => Ok(run),
+            _ => unreachable!("ember run parses as run"),
+        }
+    }
+
+    #[test]
+    fn egress_flags_go_with_detach_and_allow_net_repeats_and_splits() {
+        let run = run_args(&["--detach", "--allow-net", "pypi.org,files.pythonhosted.org", "--allow-net", "*.github.com"]).unwrap();
+        assert_eq!(run.egress.allow_net, ["pypi.org", "files.pythonhosted.org", "*.github.com"]);
+        let config = run.egress.proxy_config().unwrap().unwrap();
+        assert_eq!(config.access_control.unwrap().allow_list.unwrap().len(), 3);
+        assert!(run_args(&["--detach"]).unwrap().egress.proxy_config().unwrap().is_none(), "no flag, no egress");
+        assert!(run_args(&["--allow-net", "pypi.org"]).is_err(), "egress is for sandboxes (--detach)");
+        assert!(run_args(&["--proxy-config", "p.json"]).is_err());
+        let err = run_args(&["--detach", "--proxy-config", "/nonexistent/p.json"]).unwrap().egress.proxy_config().unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent/p.json"), "{err:#}");
+        assert!(matches!(Cli::try_parse_from(["ember", "events", "s"]).unwrap().command, Command::Egress(_)));
+    }
 }
