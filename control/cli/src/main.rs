@@ -114,7 +114,8 @@ enum Command {
     #[command(subcommand)]
     Disk(DiskCommand),
     /// Print a sandbox's egress audit events (JSON lines): every connection its proxy refused
-    /// or tunnelled and every request it forwarded or intercepted.
+    /// or tunnelled and every request it forwarded or intercepted. With --allow-net or
+    /// --proxy-config: replace its egress policy (new connections get it) or give it egress.
     #[command(alias = "events")]
     Egress(cli::egress::EgressArgs),
     /// Be one sandbox's egress proxy (what `ember run --detach` with egress starts).
@@ -586,6 +587,9 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
     if args.detach {
         return run_detached(args);
     }
+    if args.egress.given() {
+        bail!("--allow-net and --proxy-config give a sandbox egress: they go with --detach");
+    }
     vmm::vstate::kvm::check_host()?;
     // vCPUs beyond the host's CPUs are fine for a VM on this terminal (boot tests use them);
     // KVM's own limit is checked when the VM is made.
@@ -656,7 +660,7 @@ fn main() -> ExitCode {
         Command::Disk(cmd) => disk(cmd),
         Command::Serve(args) => cli::serve::serve(args),
         Command::Image(cmd) => cli::image::image(cmd),
-        Command::Egress(args) => store().and_then(|s| cli::egress::show(args, &s)).map(|()| ExitCode::SUCCESS),
+        Command::Egress(args) => store().and_then(|s| cli::egress::egress(args, &s)).map(|()| ExitCode::SUCCESS),
         Command::EgressProxy(args) => cli::egress_proxy::egress_proxy(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
@@ -683,10 +687,10 @@ mod tests {
         let config = run.egress.proxy_config().unwrap().unwrap();
         assert_eq!(config.access_control.unwrap().allow_list.unwrap().len(), 3);
         assert!(run_args(&["--detach"]).unwrap().egress.proxy_config().unwrap().is_none(), "no flag, no egress");
-        assert!(run_args(&["--allow-net", "pypi.org"]).is_err(), "egress is for sandboxes (--detach)");
-        assert!(run_args(&["--proxy-config", "p.json"]).is_err());
+        assert!(run_args(&["--allow-net", "pypi.org"]).unwrap().egress.given(), "refused by `run` without --detach");
         let err = run_args(&["--detach", "--proxy-config", "/nonexistent/p.json"]).unwrap().egress.proxy_config().unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent/p.json"), "{err:#}");
         assert!(matches!(Cli::try_parse_from(["ember", "events", "s"]).unwrap().command, Command::Egress(_)));
+        assert!(matches!(Cli::try_parse_from(["ember", "egress", "s", "--allow-net", "a.com"]).unwrap().command, Command::Egress(_)));
     }
 }

@@ -163,9 +163,12 @@ fn a_guest_request_goes_through_the_agent_and_the_proxy_under_the_policy_which_a
     let bundle = std::fs::read_to_string(w.guest.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
     assert!(bundle.contains(ca.trim()), "the CA is not in the guest's bundle");
 
-    // A new policy: the same proxy reloads it, and new connections get it.
-    let changed = w.store.set_egress("s", &allow(&["192.0.2.7"])).unwrap();
-    assert_eq!(changed.egress.unwrap().pid, proxy.pid, "the policy changed in the running proxy");
+    // A new policy, from the command line: the same proxy reloads it, and new connections
+    // get it.
+    let state = w.store.dir("s").parent().unwrap().parent().unwrap().to_path_buf();
+    let out = Command::new(env!("CARGO_BIN_EXE_ember")).args(["egress", "s", "--allow-net", "192.0.2.7"]).env("EMBER_STATE", &state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(w.proxy_pid(), proxy.pid, "the policy changed in the running proxy");
     wait_for("the new policy", || w.get(&w.upstream_url()).starts_with("HTTP/1.1 403"));
     assert_eq!(w.store.egress_policy("s").unwrap(), Some(allow(&["192.0.2.7"])));
 

@@ -1,5 +1,6 @@
 //! Egress on the command line: `ember run --detach --proxy-config FILE --allow-net HOST...`
-//! made into the sandbox's `proxy_config`, and `ember egress NAME`, its audit events.
+//! made into the sandbox's `proxy_config`; `ember egress NAME`, its audit events, and with
+//! the same flags, a new policy for it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,21 +10,26 @@ use clap::Args;
 use egress::config::{AccessControl, ProxyConfig};
 use sandbox::Store;
 
-/// `ember run --detach`'s egress flags. Without either the sandbox has no egress at all.
+/// The egress flags of `ember run --detach` and `ember egress`. Without either a sandbox has
+/// no egress at all.
 #[derive(Args, Debug, Default)]
 pub struct EgressFlags {
     /// Give the sandbox egress through a proxy on this host, under this proxy_config (JSON, the
     /// LangSmith SDK's: rules, access_control with an allow_list or a deny_list)
-    #[arg(long, value_name = "FILE.json", requires = "detach")]
+    #[arg(long, value_name = "FILE.json")]
     pub proxy_config: Option<PathBuf>,
     /// Let the sandbox reach HOST (a name, *.glob, IP, CIDR, ~regex or HOST:PORT) through its
     /// proxy: added to the proxy_config's allow_list, made one if it has none (repeatable;
     /// comma-separated lists too)
-    #[arg(long = "allow-net", value_name = "HOST", requires = "detach", num_args = 1.., value_delimiter = ',')]
+    #[arg(long = "allow-net", value_name = "HOST", num_args = 1.., value_delimiter = ',')]
     pub allow_net: Vec<String>,
 }
 
 impl EgressFlags {
+    pub fn given(&self) -> bool {
+        self.proxy_config.is_some() || !self.allow_net.is_empty()
+    }
+
     /// The sandbox's `proxy_config`, if the flags ask for egress.
     pub fn proxy_config(&self) -> anyhow::Result<Option<ProxyConfig>> {
         let file = match &self.proxy_config {
@@ -54,14 +60,25 @@ fn merge(file: Option<ProxyConfig>, allow: &[String]) -> Result<Option<ProxyConf
     Ok(Some(config))
 }
 
-/// `ember egress NAME`: the sandbox's egress audit events, as its proxy wrote them.
+/// `ember egress NAME`: the sandbox's egress audit events, as its proxy wrote them; with
+/// `--allow-net`/`--proxy-config`, its policy replaced instead (egress given if it had none).
 #[derive(Args)]
 pub struct EgressArgs {
     name: String,
+    #[command(flatten)]
+    set: EgressFlags,
 }
 
-pub fn show(args: EgressArgs, store: &Store) -> anyhow::Result<()> {
-    let path = store.egress_audit(&args.name)?;
+pub fn egress(args: EgressArgs, store: &Store) -> anyhow::Result<()> {
+    match args.set.proxy_config()? {
+        // New connections are decided by it; those under way keep the policy they began with.
+        Some(config) => Ok(store.set_egress(&args.name, &config).map(drop)?),
+        None => show(&args.name, store),
+    }
+}
+
+fn show(name: &str, store: &Store) -> anyhow::Result<()> {
+    let path = store.egress_audit(name)?;
     match std::fs::read(&path) {
         Ok(bytes) => {
             let mut out = std::io::stdout().lock();
@@ -71,8 +88,8 @@ pub fn show(args: EgressArgs, store: &Store) -> anyhow::Result<()> {
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if store.egress_policy(&args.name)?.is_none() {
-                bail!("sandbox {} has no egress (ember run --detach --allow-net HOST or --proxy-config FILE gives it some)", args.name);
+            if store.egress_policy(name)?.is_none() {
+                bail!("sandbox {name} has no egress (ember egress {name} --allow-net HOST or --proxy-config FILE gives it some)");
             }
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
