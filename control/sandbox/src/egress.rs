@@ -10,8 +10,9 @@
 //! given the jail's group when the VMM runs as another user), records the proxy's pid, and
 //! sends the agent `EnableEgress` with the deployment's CA (`$EMBER_STATE/egress-ca`, made by
 //! the first sandbox that needs it). Called again, it rewrites the policy and has the proxy
-//! reload it (SIGHUP): new connections get it. The proxy ends by itself once the sandbox's VMM
-//! is gone; `rm` and `stop` end it first.
+//! reload it (SIGHUP): new connections get it; the agent is sent `EnableEgress` again (a no-op
+//! but for an agent that restarted meanwhile), and a proxy that died is started anew. The proxy
+//! ends by itself once the sandbox's VMM is gone; `rm` and `stop` end it first.
 //!
 //! The proxy runs as this process's user, unjailed (see DESIGN.md, "Egress").
 
@@ -72,6 +73,8 @@ pub struct EgressProxy {
     /// The socket it serves, which its command line names: how it is told from a process
     /// that took its pid later.
     pub socket: PathBuf,
+    /// The guest loopback port the agent was told to forward (the store's setting then).
+    pub guest_port: u16,
 }
 
 impl Store {
@@ -101,18 +104,21 @@ impl Store {
             return Err(SandboxError::NotRunning(name.into()));
         }
         write_policy(&dir.join(EGRESS_POLICY), config)?;
+        let ca = Ca::load_or_create(&self.egress_ca_dir()).map_err(|e| SandboxError::EgressCa(e.to_string()))?;
         if let Some(proxy) = record.egress.as_ref().filter(|p| vmm_serves(p.pid, &p.socket)) {
             // SAFETY: plain kill(2) of the pid just checked to be this sandbox's proxy.
             unsafe { libc::kill(proxy.pid, libc::SIGHUP) };
+            // Idempotent in a guest that has it; an agent that restarted since gets it again.
+            self.enable_in_guest(name, &dir, proxy.guest_port, ca.cert_pem())?;
             return Ok(record);
         }
-        let ca = Ca::load_or_create(&self.egress_ca_dir()).map_err(|e| SandboxError::EgressCa(e.to_string()))?;
         let view = self.view_of(record.jail.as_deref());
         let socket = view.guest_port_socket(&dir.join(VSOCK_SOCKET), EGRESS_PORT.into());
         let enabled = self.spawn_proxy(name, &dir, &record, &socket, view.socket_group()).and_then(|pid| {
-            record.egress = Some(EgressProxy { pid, socket });
+            let guest_port = self.egress.guest_port;
+            record.egress = Some(EgressProxy { pid, socket, guest_port });
             record.write(&dir)?;
-            self.enable_in_guest(name, &dir, ca.cert_pem())
+            self.enable_in_guest(name, &dir, guest_port, ca.cert_pem())
         });
         if let Err(e) = enabled {
             // No egress rather than half of it.
@@ -230,13 +236,14 @@ impl Store {
         Ok(pid)
     }
 
-    /// Has sandbox `name`'s agent forward to the proxy and trust `ca_pem`.
-    fn enable_in_guest(&self, name: &str, dir: &Path, ca_pem: &str) -> Result<(), SandboxError> {
-        let failed = |source| SandboxError::EgressGuest { name: name.into(), source };
+    /// Has sandbox `name`'s agent forward its loopback port `guest_port` to the proxy and
+    /// trust `ca_pem`.
+    fn enable_in_guest(&self, name: &str, dir: &Path, guest_port: u16, ca_pem: &str) -> Result<(), SandboxError> {
+        let failed = |error| SandboxError::EgressGuest { name: name.into(), error };
         let mut agent = agent_client::connect(&dir.join(VSOCK_SOCKET), agent_protocol::DEFAULT_PORT, STEP_TIMEOUT).map_err(failed)?;
         agent.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|e| failed(e.into()))?;
         let config = agent_protocol::EgressConfig {
-            listen_port: self.egress.guest_port,
+            listen_port: guest_port,
             host_port: EGRESS_PORT.into(),
             ca_pem: ca_pem.to_string(),
         };
@@ -381,22 +388,23 @@ mod tests {
         // A process that took a recorded pid later is not the proxy: its command line does not
         // name the socket.
         let mut other = Command::new("sleep").arg("60").spawn().unwrap();
-        let stranger = Record { egress: Some(EgressProxy { pid: other.id() as i32, socket: socket.clone() }), ..s.store.record("s").unwrap() };
+        let proxy = |pid: u32, socket: &Path| Some(EgressProxy { pid: pid as i32, socket: socket.to_path_buf(), guest_port: EGRESS_PORT });
+        let stranger = Record { egress: proxy(other.id(), &socket), ..s.store.record("s").unwrap() };
         s.store.stop_egress(&stranger);
         assert!(other.try_wait().unwrap().is_none(), "a process that is not the proxy was stopped");
         other.kill().unwrap();
         other.wait().unwrap();
         // The proxy itself ends at SIGTERM.
-        let mut proxy = Command::new("/bin/sh").args(["-c", "sleep 60; :", "sh", "--socket"]).arg(&socket).spawn().unwrap();
+        let mut running = Command::new("/bin/sh").args(["-c", "sleep 60; :", "sh", "--socket"]).arg(&socket).spawn().unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !vmm_serves(proxy.id() as i32, &socket) {
+        while !vmm_serves(running.id() as i32, &socket) {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(5));
         }
-        let record = Record { egress: Some(EgressProxy { pid: proxy.id() as i32, socket }), ..stranger };
+        let record = Record { egress: proxy(running.id(), &socket), ..stranger };
         let start = Instant::now();
         s.store.stop_egress(&record);
-        let status = proxy.wait().unwrap();
+        let status = running.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGTERM));
         assert!(start.elapsed() < STOP_GRACE);
     }

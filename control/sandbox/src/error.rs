@@ -81,8 +81,9 @@ pub enum SandboxError {
     EgressCa(String),
     #[error("sandbox {name}: its egress proxy {reason}; its log says:\n{log}")]
     EgressProxy { name: String, reason: String, log: String },
-    #[error("sandbox {name}: its guest agent did not take egress: {source}")]
-    EgressGuest { name: String, source: agent_client::ClientError },
+    // Not a `source`: the message says it, once.
+    #[error("sandbox {name}: its guest agent did not take egress: {error}")]
+    EgressGuest { name: String, error: agent_client::ClientError },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {
