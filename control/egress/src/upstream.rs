@@ -172,7 +172,10 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "nothing here\n").unwrap();
         let err = read_certificates(&empty).unwrap_err();
-        assert!(err.contains("empty.pem") && err.contains("no PEM certificate"), "{err}");
+        assert!(
+            err.contains("empty.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
         let err = read_certificates(&dir.path().join("missing.pem")).unwrap_err();
         assert!(err.contains("missing.pem"), "{err}");
     }
