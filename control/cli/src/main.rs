@@ -128,6 +128,14 @@ enum Command {
     Completion {
         shell: clap_complete::Shell,
     },
+    /// Print a sandbox's egress audit events (JSON lines): every connection its proxy refused
+    /// or tunnelled and every request it forwarded or intercepted. With --allow-net or
+    /// --proxy-config: replace its egress policy (new connections get it) or give it egress.
+    #[command(alias = "events")]
+    Egress(cli::egress::EgressArgs),
+    /// Be one sandbox's egress proxy (what `ember run --detach` with egress starts).
+    #[command(hide = true)]
+    EgressProxy(cli::egress_proxy::EgressProxyArgs),
 }
 
 /// How `ember disk` and `ember run` learn a file's format and where backing files may lie.
@@ -350,6 +358,8 @@ struct RunArgs {
     /// On exit, print VM exits by reason and boot timings to stderr
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    egress: cli::egress::EgressFlags,
 }
 
 /// `--mem-mib`: a positive multiple of 2 MiB, checked before anything is looked at or made
@@ -391,12 +401,26 @@ fn store() -> anyhow::Result<sandbox::Store> {
     let store = sandbox::Store::new(sandbox::Store::default_root(), exe)
         .with_spare_vmms(spares)
         .with_disk_dirs(disk_dirs)
-        .with_jail(jail);
+        .with_jail(jail)
+        .with_egress(egress_settings());
     store.check_state_dir()?;
     Ok(match mem_cap_mib()? {
         Some(cap) => store.with_mem_cap(cap),
         None => store,
     })
+}
+
+/// What sandboxes' egress proxies are given: `EMBER_EGRESS_SECRETS`, the host's secret file;
+/// `EMBER_EGRESS_UPSTREAM_CA`, PEM files (colon-separated) of CAs trusted for upstreams;
+/// `EMBER_EGRESS_ALLOW_INTERNAL=1`, internal addresses reachable (tests on loopback only).
+fn egress_settings() -> sandbox::egress::EgressSettings {
+    let paths = |var| std::env::var_os(var).map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect::<Vec<_>>());
+    sandbox::egress::EgressSettings {
+        secrets: paths("EMBER_EGRESS_SECRETS").and_then(|p| p.into_iter().next()),
+        upstream_cas: paths("EMBER_EGRESS_UPSTREAM_CA").unwrap_or_default(),
+        allow_internal: std::env::var("EMBER_EGRESS_ALLOW_INTERNAL").is_ok_and(|v| v == "1"),
+        ..Default::default()
+    }
 }
 
 /// `EMBER_MAX_MEM_MIB`: the most guest memory a VM may have, when less than the host's RAM.
@@ -444,6 +468,11 @@ fn image_path(arg: &str, found: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
     vmm::vstate::kvm::check_host()?;
     let store = store()?;
+    // Checked before anything starts: a policy that cannot work fails the command at once.
+    let egress = args.egress.proxy_config()?;
+    if let Some(config) = &egress {
+        store.check_egress(config)?;
+    }
     let timeout = Duration::from_secs(args.ready_timeout);
     let record = if let Some(dir) = &args.from_snapshot {
         store.start_from_snapshot(args.name, dir, timeout)?
@@ -475,6 +504,14 @@ fn run_detached(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Err(e) = store.set_lifetime(&record.name, Duration::from_secs(secs), keep) {
             let _ = store.remove(&record.name);
             return Err(e.into());
+        }
+    }
+    if let Some(config) = &egress {
+        // Before its command starts, which may need it; a sandbox is not left without the
+        // egress it was asked for.
+        if let Err(e) = store.set_egress(&record.name, config) {
+            let _ = store.remove(&record.name);
+            return Err(anyhow::Error::new(e).context(format!("sandbox {} removed", record.name)));
         }
     }
     if args.start || !args.command.is_empty() {
@@ -607,6 +644,9 @@ fn run(args: RunArgs, started: Instant) -> anyhow::Result<ExitCode> {
     if args.detach {
         return run_detached(args);
     }
+    if args.egress.given() {
+        bail!("--allow-net and --proxy-config give a sandbox egress: they go with --detach");
+    }
     vmm::vstate::kvm::check_host()?;
     // vCPUs beyond the host's CPUs are fine for a VM on this terminal (boot tests use them);
     // KVM's own limit is checked when the VM is made.
@@ -644,9 +684,10 @@ fn main() -> ExitCode {
     // SAFETY: umask only changes this process's file creation mask.
     unsafe { libc::umask(0o077) };
     let cli = parse();
-    // A sandbox's VMM logs to its vmm.log, the one record of what its VM went through when a
-    // start or a fork goes wrong: it says more by default than a command on a terminal.
-    let default_level = if matches!(cli.command, Command::Vmm(_)) { "info" } else { "warn" };
+    // A sandbox's VMM and egress proxy log to its vmm.log and egress.log, the one record of
+    // what went on when a start or a connection goes wrong: they say more by default than a
+    // command on a terminal.
+    let default_level = if matches!(cli.command, Command::Vmm(_) | Command::EgressProxy(_)) { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| default_level.into());
@@ -677,6 +718,8 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut completion_command(), "ember", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Egress(args) => store().and_then(|s| cli::egress::egress(args, &s)).map(|()| ExitCode::SUCCESS),
+        Command::EgressProxy(args) => cli::egress_proxy::egress_proxy(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("ember: error: {}", cli::error_line(&e));
@@ -727,5 +770,26 @@ mod tests {
         assert_eq!(mem_mib("256"), Ok(256));
         assert_eq!(mem_mib("255").unwrap_err(), "255 is not a multiple of 2 MiB: give 254 or 256");
         assert_eq!(mem_mib("lots").unwrap_err(), "lots is not a number of MiB");
+    }
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        match Cli::try_parse_from(["ember", "run"].iter().chain(args))?.command {
+            Command::Run(run) => Ok(run),
+            _ => unreachable!("ember run parses as run"),
+        }
+    }
+
+    #[test]
+    fn egress_flags_go_with_detach_and_allow_net_repeats_and_splits() {
+        let run = run_args(&["--detach", "--allow-net", "pypi.org,files.pythonhosted.org", "--allow-net", "*.github.com"]).unwrap();
+        assert_eq!(run.egress.allow_net, ["pypi.org", "files.pythonhosted.org", "*.github.com"]);
+        let config = run.egress.proxy_config().unwrap().unwrap();
+        assert_eq!(config.access_control.unwrap().allow_list.unwrap().len(), 3);
+        assert!(run_args(&["--detach"]).unwrap().egress.proxy_config().unwrap().is_none(), "no flag, no egress");
+        assert!(run_args(&["--allow-net", "pypi.org"]).unwrap().egress.given(), "refused by `run` without --detach");
+        let err = run_args(&["--detach", "--proxy-config", "/nonexistent/p.json"]).unwrap().egress.proxy_config().unwrap_err();
+        assert!(format!("{err:#}").contains("/nonexistent/p.json"), "{err:#}");
+        assert!(matches!(Cli::try_parse_from(["ember", "events", "s"]).unwrap().command, Command::Egress(_)));
+        assert!(matches!(Cli::try_parse_from(["ember", "egress", "s", "--allow-net", "a.com"]).unwrap().command, Command::Egress(_)));
     }
 }

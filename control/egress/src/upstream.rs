@@ -6,6 +6,7 @@
 //! gives, such as a test's own CA.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use hyper::body::Body;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
@@ -121,6 +123,19 @@ impl Upstream {
     }
 }
 
+/// The certificates of PEM file `path`, for [`Upstream::new`]'s extra roots; a file with none
+/// is an error (it was named to be trusted).
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let shown = path.display();
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!("{shown}: no PEM certificate in it"));
+    }
+    Ok(certificates)
+}
+
 /// An HTTP/1.1 client connection over `io`, its driver spawned.
 pub async fn http1<I, B>(io: I) -> Result<SendRequest<B>, String>
 where
@@ -138,4 +153,30 @@ where
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_roots_are_read_from_pem_files_and_a_file_without_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::ca::Ca::load_or_create(&dir.path().join("ca")).unwrap();
+        let pem = dir.path().join("roots.pem");
+        std::fs::write(&pem, format!("{}{}", ca.cert_pem(), ca.cert_pem())).unwrap();
+        let roots = read_certificates(&pem).unwrap();
+        assert_eq!(roots, [ca.cert_der().clone(), ca.cert_der().clone()]);
+        Upstream::new(&roots, Duration::from_secs(1)).unwrap();
+
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "nothing here\n").unwrap();
+        let err = read_certificates(&empty).unwrap_err();
+        assert!(
+            err.contains("empty.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let err = read_certificates(&dir.path().join("missing.pem")).unwrap_err();
+        assert!(err.contains("missing.pem"), "{err}");
+    }
 }

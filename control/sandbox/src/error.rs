@@ -77,6 +77,15 @@ pub enum SandboxError {
         if *removed { " and its state removed" } else { "; `ember rm` removes its state" }
     )]
     Expired { name: String, removed: bool },
+    #[error("the egress policy (proxy_config) is refused: {0}")]
+    EgressPolicy(String),
+    #[error("cannot make or load the egress CA: {0}")]
+    EgressCa(String),
+    #[error("sandbox {name}: its egress proxy {reason}; its log says:\n{log}")]
+    EgressProxy { name: String, reason: String, log: String },
+    // Not a `source`: the message says it, once.
+    #[error("sandbox {name}: its guest agent did not take egress: {error}")]
+    EgressGuest { name: String, error: agent_client::ClientError },
 }
 
 pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SandboxError {

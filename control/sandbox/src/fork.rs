@@ -54,6 +54,7 @@ impl Store {
         if !record.vmm_alive(&dir) {
             return Err(SandboxError::NotRunning(parent.into()));
         }
+        let egress = self.egress_policy(parent)?;
         let names = self.child_names(parent, count);
         let cids = self.reserve_cids(&names.iter().map(String::as_str).collect::<Vec<_>>())?;
         // Before the pause: the children's agents must have run at least this long.
@@ -89,10 +90,18 @@ impl Store {
                 .zip(&cids)
                 .map(|(name, &cid)| {
                     let source = &source;
+                    let egress = egress.as_ref();
                     s.spawn(move || {
-                        self.create(Some(name.clone()), |name, child_dir| {
+                        let child = self.create(Some(name.clone()), |name, child_dir| {
                             self.restore_into(name, child_dir, source, cid, ready_timeout)
-                        })
+                        })?;
+                        // A child with egress under its parent's policy gets a proxy of its
+                        // own (the parent's connections were reset in the copy with the rest
+                        // of its vsock streams).
+                        match egress {
+                            Some(policy) => self.set_egress(&child.name, policy),
+                            None => Ok(child),
+                        }
                     })
                 })
                 .collect();
@@ -237,6 +246,7 @@ mod tests {
             starter: None,
             lifetime: None,
             origin: None,
+            egress: None,
         };
         std::fs::write(dir.join(crate::paths::RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let err = store.fork("dead", 1, Duration::from_secs(1)).unwrap_err();

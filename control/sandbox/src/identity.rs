@@ -100,6 +100,7 @@ mod tests {
             starter: None,
             lifetime: None,
             origin: None,
+            egress: None,
         };
         std::fs::write(dir.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
         let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).unwrap();

@@ -210,6 +210,27 @@ impl View {
         Ok(Path::new(RUN_DIR).join(name).display().to_string())
     }
 
+    /// Where on the host the VMM connects a guest's vsock connection to host port `port`:
+    /// `<uds_path>_PORT`, its vsock socket being the sandbox's `vsock` (in its jail's `/run`
+    /// when it is jailed).
+    pub fn guest_port_socket(&self, vsock: &Path, port: u32) -> PathBuf {
+        let name = format!("{}_{port}", vsock.file_name().expect("a file name").to_string_lossy());
+        match self {
+            View::Host => vsock.with_file_name(name),
+            View::Jailed(jail) => jail.root.join(&RUN_DIR[1..]).join(name),
+        }
+    }
+
+    /// The group that a socket the VMM is to connect to must have (writable by the group),
+    /// when the VMM runs as another user than this process: the jail's.
+    pub fn socket_group(&self) -> Option<u32> {
+        match self {
+            // SAFETY: geteuid has no preconditions.
+            View::Jailed(jail) if jail.uid != unsafe { libc::geteuid() } => Some(jail.gid),
+            _ => None,
+        }
+    }
+
     /// The path the VMM is to write snapshot file `host_path` at: `/out/NAME` in a jail.
     pub fn out_path(&self, host_path: &Path) -> String {
         match self {

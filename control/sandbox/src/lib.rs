@@ -16,8 +16,12 @@
 //!
 //! A sandbox may have a lifetime (see `lifetime`): its VMM ends it on time, and the next
 //! command that meets it removes its state (or `ls` shows it as `Expired`, if it is kept).
+//!
+//! A sandbox has no network. Given an egress policy (see `egress`), it reaches what the
+//! policy allows through a proxy process of its own on the host.
 
 mod cids;
+pub mod egress;
 mod error;
 mod fork;
 mod identity;
@@ -109,11 +113,22 @@ pub struct Store {
     limits: Option<HostLimits>,
     /// A bound on sandboxes' memory below the host's RAM.
     mem_cap_mib: Option<u64>,
+    /// What the sandboxes' egress proxies are given (see `egress`).
+    egress: egress::EgressSettings,
 }
 
 impl Store {
     pub fn new(root: PathBuf, vmm_binary: PathBuf) -> Self {
-        Self { root, vmm_binary, spare_vmms: 0, jail: None, disk_dirs: Vec::new(), limits: None, mem_cap_mib: None }
+        Self {
+            root,
+            vmm_binary,
+            spare_vmms: 0,
+            jail: None,
+            disk_dirs: Vec::new(),
+            limits: None,
+            mem_cap_mib: None,
+            egress: egress::EgressSettings::default(),
+        }
     }
 
     /// Jails the VMMs this store starts as `settings` say.
@@ -381,6 +396,7 @@ mod tests {
                 starter: None,
                 lifetime: None,
                 origin: None,
+                egress: None,
             };
             std::fs::create_dir_all(store.dir(name)).unwrap();
             std::fs::write(store.dir(name).join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();

@@ -190,6 +190,7 @@ impl Store {
             starter: Some(Starter::this_process()?),
             lifetime: None,
             origin: shape.origin,
+            egress: None,
         };
         record.write(dir)?;
 
@@ -350,6 +351,7 @@ impl Store {
     pub fn stop(&self, name: &str) -> Result<(), SandboxError> {
         let record = self.ready_record(name)?;
         let dir = self.dir(name);
+        self.stop_egress(&record);
         self.stop_vmm(&record, &dir);
         self.remove_confinement(record.jail.as_deref(), record.cgroup);
         Ok(())
@@ -374,6 +376,7 @@ impl Store {
     pub(crate) fn teardown(&self, name: &str, dir: &Path) {
         if let Ok(record) = self.record(name) {
             self.release_cid(name, record.cid);
+            self.stop_egress(&record);
             self.stop_vmm(&record, dir);
             self.remove_confinement(record.jail.as_deref(), record.cgroup);
         }

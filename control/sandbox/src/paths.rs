@@ -1,6 +1,6 @@
 //! Where everything of the control plane lives under `$EMBER_STATE`: one directory per
-//! sandbox (its files named here), and beside them the CID reservations, spare VMMs, templates
-//! and the frozen layers of forks.
+//! sandbox (its files named here), and beside them the CID reservations, spare VMMs, templates,
+//! the frozen layers of forks and the egress CA.
 
 use std::path::PathBuf;
 
@@ -19,6 +19,12 @@ pub const OVERLAY: &str = "disk.qcow2";
 pub const CONSOLE_LOG: &str = "console.log";
 pub const VMM_LOG: &str = "vmm.log";
 pub const METRICS: &str = "metrics.json";
+/// The sandbox's egress policy (its `proxy_config`), which its proxy reads.
+pub const EGRESS_POLICY: &str = "egress.json";
+/// The egress proxy's audit events, one JSON object a line.
+pub const EGRESS_AUDIT: &str = "egress.jsonl";
+/// The egress proxy's own log (its stderr).
+pub const EGRESS_LOG: &str = "egress.log";
 
 impl Store {
     /// `$EMBER_STATE/sandboxes`, else `$XDG_STATE_HOME/ember/sandboxes`, else
@@ -75,6 +81,12 @@ impl Store {
 
     pub fn template_dir(&self, name: &str) -> PathBuf {
         self.templates_dir().join(name)
+    }
+
+    /// The egress proxies' CA (`$EMBER_STATE/egress-ca`), made by the first sandbox with
+    /// egress.
+    pub fn egress_ca_dir(&self) -> PathBuf {
+        self.root.with_file_name("egress-ca")
     }
 
     /// Frozen disk layers of forked sandboxes: `$EMBER_STATE/layers`, beside the sandboxes.

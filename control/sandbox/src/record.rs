@@ -113,6 +113,9 @@ pub struct Record {
     /// What it was restored from; none when it was booted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Its egress proxy, once it was given egress (see `egress`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::egress::EgressProxy>,
 }
 
 /// What a restored sandbox continues: a snapshot's directory (a template's among them), or
@@ -144,6 +147,7 @@ impl Record {
             starter: Some(Starter::this_process()?),
             lifetime: None,
             origin: None,
+            egress: None,
         })
     }
 
@@ -241,6 +245,7 @@ mod tests {
             starter: None,
             lifetime: None,
             origin: None,
+            egress: None,
         };
         assert!(record.vmm_alive(dir), "recognised by the sandbox's own socket");
         let adopted = Record { vmm_socket: Some(socket.clone()), ..record.clone() };

@@ -5,13 +5,14 @@
 //! still names the base image as its backing file). The snapshotted sandbox runs on, on its
 //! own overlay. A sandbox started from the snapshot gets a fresh overlay on the frozen disk,
 //! its own vsock socket and CID (load overrides), and is ready when its guest agent answers
-//! again after the vsock transport reset a restore sends.
+//! again after the vsock transport reset a restore sends. A snapshot of a sandbox with egress
+//! keeps its policy (`egress.json`), and the sandboxes started from it get egress under it.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::paths::{OVERLAY, VSOCK_SOCKET};
+use crate::paths::{EGRESS_POLICY, OVERLAY, VSOCK_SOCKET};
 use crate::record::{Origin, Record};
 use crate::error::io;
 use crate::jails::View;
@@ -73,6 +74,10 @@ impl Store {
             let path = dir.join(GUEST_FILE);
             let json = serde_json::to_vec(&GuestFacts { agent_uptime_ms }).expect("plain numbers serialize");
             std::fs::write(&path, json).map_err(io("cannot write", &path))?;
+        }
+        // Its copies go on with its egress (their guests forward to a proxy already).
+        if let Some(policy) = self.egress_policy(name)? {
+            crate::egress::write_policy(&dir.join(EGRESS_POLICY), &policy)?;
         }
         Ok(())
     }
@@ -149,9 +154,11 @@ impl Store {
                 .map(|g| g.agent_uptime_ms),
             origin: Origin::Snapshot(dir.clone()),
         };
-        self.create(name, |name, sandbox_dir| {
+        let egress = crate::egress::read_policy(&dir.join(EGRESS_POLICY))?;
+        let record = self.create(name, |name, sandbox_dir| {
             self.restore_into(name, sandbox_dir, &source, self.reserve_cid(name)?, ready_timeout)
-        })
+        })?;
+        self.carry_egress(record, egress)
     }
 
     /// Restores `source` as sandbox `name` in `sandbox_dir`, on a new overlay over its disk.

@@ -10,6 +10,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::egress::ExecEnv;
 use crate::server::{plain, spawn_thread, ExecHandle, Execs, Out, RUNNING_EXECS};
 use crate::sys::{self, Reaper};
 use agent_protocol::{ErrorKind, ExecRequest, ReplyBody, User, CHUNK};
@@ -53,7 +54,8 @@ fn on_path(req: &ExecRequest, program: &str) -> bool {
     path.is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
-pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
+/// Starts exec `id`; `egress` is what egress adds to its environment (under its own `env`).
+pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs, egress: &ExecEnv) {
     if req.argv.is_empty() {
         out.error(id, ErrorKind::InvalidRequest, "empty argv");
         return;
@@ -121,6 +123,8 @@ pub(crate) fn start(id: u64, req: ExecRequest, out: &Arc<Out>, execs: &Execs) {
     if req.clear_env {
         cmd.env_clear();
     }
+    // Even with `clear_env`: the way out is the proxy whatever else an exec drops.
+    egress.apply(&mut cmd, &req.env);
     cmd.envs(req.env.iter().map(|(k, v)| (k, v)));
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);

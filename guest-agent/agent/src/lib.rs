@@ -1,13 +1,16 @@
-//! ember's guest agent: serves exec, files, identity and dial requests from the host over vsock.
+//! ember's guest agent: serves exec, files, identity and dial requests from the host over vsock,
+//! and forwards the guest's egress to the host's proxy once the host enables it.
 //!
 //! The protocol it speaks is the `agent_protocol` crate (`guest-agent/PROTOCOL.md`); this
 //! crate is the server ([`server`]) and the system calls it needs ([`sys`]).
 
 mod dial;
+pub mod egress;
 mod exec;
 mod files;
 pub mod server;
 pub mod sys;
+pub mod trust;
 pub mod workers;
 
 use std::io::{self, Read, Write};

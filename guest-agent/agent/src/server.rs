@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
+use crate::egress::Egress;
 use crate::sys::{self, error_kind};
 use crate::workers::{Full, Workers};
 use crate::Connection;
@@ -68,11 +69,13 @@ pub struct Config {
     pub max_connections: usize,
     /// How long a frame whose first byte arrived may take to be complete.
     pub frame_timeout: Duration,
+    /// The guest's egress, which every connection may enable and every exec gets.
+    pub egress: Egress,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { allow_power_off: false, max_connections: MAX_CONNECTIONS, frame_timeout: FRAME_TIMEOUT }
+        Config { allow_power_off: false, max_connections: MAX_CONNECTIONS, frame_timeout: FRAME_TIMEOUT, egress: Egress::default() }
     }
 }
 
@@ -434,7 +437,7 @@ fn handle(
                 },
             );
         }
-        RequestBody::Exec(e) => crate::exec::start(id, e, out, execs),
+        RequestBody::Exec(e) => crate::exec::start(id, e, out, execs, &config.egress.exec_env()),
         RequestBody::Stdin { data } => {
             let tx = execs.lock().unwrap().get(&id).map(|h| h.stdin.clone());
             match tx {
@@ -541,6 +544,14 @@ fn handle(
         }
         // Taken over by `serve` (it takes the connection) unless its id is the reserved one.
         RequestBody::Dial { .. } => {}
+        RequestBody::EnableEgress(egress) => match config.egress.enable(&egress) {
+            Ok(()) => {
+                out.send(id, ReplyBody::Ok);
+            }
+            Err((kind, message)) => {
+                out.error(id, kind, message);
+            }
+        },
         RequestBody::PowerOff => {
             if !config.allow_power_off {
                 out.error(

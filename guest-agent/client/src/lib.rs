@@ -1,7 +1,8 @@
 //! The host side of the guest agent's protocol (guest-agent/PROTOCOL.md): reaching the agent
 //! through the VMM's vsock socket (`connect`, `wait_ready`), running commands with their output
 //! streamed back and stdin passed through (`exec`, `Exec`), moving files (`upload`,
-//! `download`, `stat`, ...), dialing a TCP port in the guest (`dial`), and the identity hooks for restored guests (`set_identity`).
+//! `download`, `stat`, ...), dialing a TCP port in the guest (`dial`), the identity hooks for restored guests (`set_identity`),
+//! and the guest's egress (`enable_egress`).
 //!
 //! Each call takes a fresh request id, and replies for any other id are skipped: an operation
 //! that ended early (a local write failed mid-download, say) leaves frames behind that the next
@@ -10,6 +11,7 @@
 
 mod connect;
 mod dial;
+mod egress;
 mod exec;
 mod files;
 mod identity;
@@ -23,6 +25,7 @@ use agent_protocol::{decode, read_frame, write_frame, ErrorKind, FrameError, Rep
 
 pub use connect::{connect, health, hello, wait_ready, Health};
 pub use dial::dial;
+pub use egress::enable_egress;
 pub use exec::{exec, spawn_detached, Exec, ExecControl, Outcome};
 pub use files::{download, list_dir, mkdir, remove, stat, upload};
 pub use identity::{set_identity, Identity};
@@ -78,6 +81,8 @@ pub enum ClientError {
     DialFailed { port: u16, message: String },
     #[error("the sandbox's agent is too old to dial ports (update its image)")]
     DialUnsupported,
+    #[error("the sandbox's agent is too old for egress (update its image)")]
+    EgressUnsupported,
     #[error("local {what} failed: {source}")]
     Local { what: &'static str, source: io::Error },
 }

@@ -414,3 +414,35 @@ fn dial_gives_the_service_stream_or_names_the_refused_port() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn enable_egress_is_ok_refused_with_the_agents_reason_or_unsupported_by_an_old_agent() {
+    use agent_protocol::{decode, read_frame, write_frame, EgressConfig, ErrorKind, Reply, ReplyBody, Request};
+    use ember_agent::egress::{Egress, HostEnd};
+    use ember_agent::trust::TrustStore;
+    let d = tmpdir("egress");
+    let egress = Egress::new(HostEnd::Unix(d.join("vsock.sock")), TrustStore::under(d.join("root")), 4);
+    let (mut a, b) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || serve(b, &Config { egress, ..Config::default() }));
+    let listen_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ca_pem = "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".to_string();
+    let config = EgressConfig { listen_port, host_port: 3128, ca_pem };
+    agent_client::enable_egress(&mut a, &config).unwrap();
+    let bad = EgressConfig { ca_pem: "not a certificate".into(), ..config.clone() };
+    match agent_client::enable_egress(&mut a, &bad) {
+        Err(e @ ClientError::Failed { .. }) => assert!(e.to_string().contains("not a PEM certificate"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+
+    // An agent from before EnableEgress: the request is an unknown variant, answered under its id.
+    let (mut old, mut peer) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        read_frame(&mut peer, &mut buf).unwrap();
+        let id = decode::<Request>(&buf).unwrap().id;
+        let body = ReplyBody::Error { kind: ErrorKind::MalformedFrame, message: "unknown variant".into() };
+        write_frame(&mut peer, &Reply { id, body }).unwrap();
+    });
+    assert!(matches!(agent_client::enable_egress(&mut old, &config), Err(ClientError::EgressUnsupported)));
+    std::fs::remove_dir_all(d).unwrap();
+}

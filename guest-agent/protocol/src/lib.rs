@@ -126,6 +126,23 @@ pub enum RequestBody {
     Dial {
         port: u16,
     },
+    /// Give the guest egress through the sandbox's proxy on the host: the agent listens on
+    /// `127.0.0.1:listen_port` and splices each connection, bytes only, into a vsock stream
+    /// to the host's port `host_port`; installs `ca_pem` in the guest's trust store; and
+    /// gives every later exec the proxy variables. Idempotent (a restored copy of a guest
+    /// that had it already listens: only the CA is installed again). Answered by `Ok`.
+    EnableEgress(EgressConfig),
+}
+
+/// What [`RequestBody::EnableEgress`] sets up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressConfig {
+    /// The port on the guest's loopback the proxy variables name.
+    pub listen_port: u16,
+    /// The vsock port on the host (CID 2) each connection goes to.
+    pub host_port: u32,
+    /// The certificate (PEM) of the CA the proxy intercepts TLS with.
+    pub ca_pem: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -451,6 +468,27 @@ mod tests {
         );
         let back: Request = read_message(&mut &frame[..]).unwrap();
         assert_eq!(back, req);
+    }
+
+    #[test]
+    fn an_egress_request_round_trips_behind_the_older_variants() {
+        let req = Request {
+            id: 9,
+            body: RequestBody::EnableEgress(EgressConfig {
+                listen_port: 3128,
+                host_port: 3128,
+                ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            }),
+        };
+        let frame = encode(&req).unwrap();
+        assert_eq!(read_message::<_, Request>(&mut &frame[..]).unwrap(), req);
+        // Appended: every older request keeps its variant index (Dial is 19), so an agent
+        // from before it reads the new one as an unknown variant under its own id.
+        let payload = &frame[4..];
+        assert_eq!(leading_id(payload), Some(9));
+        assert_eq!(payload[1], 20, "EnableEgress is variant 20");
+        let dial = encode(&Request { id: 9, body: RequestBody::Dial { port: 1 } }).unwrap();
+        assert_eq!(dial[5], 19);
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! The `ember` commands that talk to a sandbox's guest agent (exec, cp, tunnel), `expose` (through `ember serve`), and those on
-//! templates and images.
+//! The `ember` commands that talk to a sandbox's guest agent (exec, cp, tunnel), `expose` (through `ember serve`), those on
+//! templates and images, and egress (the run flags, `ember egress`, the proxy process).
 
 pub mod cp;
+pub mod egress;
+pub mod egress_proxy;
 pub mod exec;
 pub mod expose;
 pub mod image;

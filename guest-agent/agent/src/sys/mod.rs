@@ -1,5 +1,5 @@
 //! The Linux calls the agent needs: the process reaper, ptys, users, identity hooks, init
-//! mode, growing the root file system and the AF_VSOCK listener. Through rustix wherever it
+//! mode, growing the root file system and AF_VSOCK sockets. Through rustix wherever it
 //! has the call; libc is left for what it lacks (the passwd/group databases, `waitid`'s pid,
 //! signals by raw number, the ext4 resize and random-device ioctls, the vsock address).
 
@@ -22,7 +22,7 @@ pub use init::{init_mounts, set_subreaper};
 pub use pty::{eof_char, make_controlling_tty, open_pty, set_pty_size};
 pub use reaper::{kill, pidfd_open, Reaper, SpawnGuard};
 pub use user::lookup_user;
-pub use vsock::{VsockListener, VsockStream};
+pub use vsock::{VsockListener, VsockStream, HOST_CID};
 
 /// Maps an I/O error to the protocol's error kind.
 pub fn error_kind(e: &io::Error) -> ErrorKind {

@@ -1,4 +1,5 @@
-//! The AF_VSOCK listener the host connects to, and its streams.
+//! The AF_VSOCK listener the host connects to, its streams, and the streams the guest opens
+//! to the host (egress).
 
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -6,14 +7,32 @@ use std::os::fd::OwnedFd;
 use rustix::io::Errno;
 use rustix::net::addr::{SocketAddrArg, SocketAddrLen, SocketAddrOpaque};
 use rustix::net::{
-    accept_with, bind, listen, send, shutdown, socket_with, AddressFamily, SendFlags, Shutdown,
-    SocketFlags, SocketType,
+    accept_with, bind, connect, listen, send, shutdown, socket_with, AddressFamily, SendFlags,
+    Shutdown, SocketFlags, SocketType,
 };
 
 use crate::Connection;
 
 /// A connected AF_VSOCK stream.
 pub struct VsockStream(OwnedFd);
+
+/// The host's CID, the one every VM reaches its host at.
+pub const HOST_CID: u32 = libc::VMADDR_CID_HOST;
+
+impl VsockStream {
+    /// A stream to `port` of `cid` (the host: [`HOST_CID`]). The kernel bounds the wait for
+    /// the peer's answer (2 s by default); a port nobody serves is refused at once.
+    pub fn connect(cid: u32, port: u32) -> io::Result<Self> {
+        let fd = socket_with(AddressFamily::VSOCK, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+        loop {
+            match connect(&fd, &VsockAddr::new(cid, port)) {
+                Ok(()) => return Ok(VsockStream(fd)),
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
 
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -60,7 +79,7 @@ impl VsockListener {
             SocketFlags::CLOEXEC,
             None,
         )?;
-        bind(&fd, &VsockAddr::any_cid(port))?;
+        bind(&fd, &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         listen(&fd, 64)?;
         Ok(VsockListener(fd))
     }
@@ -80,12 +99,12 @@ impl VsockListener {
 struct VsockAddr(libc::sockaddr_vm);
 
 impl VsockAddr {
-    fn any_cid(port: u32) -> Self {
+    fn new(cid: u32, port: u32) -> Self {
         // SAFETY: sockaddr_vm is plain integers (and padding), for which all zeroes is valid.
         let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
         addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
         addr.svm_port = port;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
+        addr.svm_cid = cid;
         VsockAddr(addr)
     }
 }
