@@ -77,6 +77,16 @@ async fn a_link_serves_its_file_with_no_key_with_ranges_head_and_its_headers() {
     assert_eq!(headers["content-type"], "application/octet-stream");
     assert!(headers.get("content-disposition").is_none());
 
+    // A name that is not URL-safe is percent-encoded, and found again.
+    let id = app.state.boxes.get("alice", "web").unwrap().id;
+    let sandbox = app.state.boxes.find(&id).unwrap().backend.unwrap();
+    app.backend.upload(&sandbox, "/dir/a bü.txt", &mut std::io::Cursor::new(b"odd"), 0o644).unwrap();
+    let (_, odd) = mint(&app, ALICE, "web", json!({"path": "/dir/a bü.txt", "content_disposition": "inline"})).await;
+    assert!(url(&odd).ends_with("/a%20b%C3%BC.txt"), "{odd}");
+    let (status, headers, body) = fetch(&app, "GET", &url(&odd), None).await;
+    assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"odd"[..]));
+    assert_eq!(headers["content-disposition"], "inline; filename=\"a b_.txt\"; filename*=UTF-8''a%20b%C3%BC.txt");
+
     // A missing file is the data plane's 404.
     let (_, missing) = mint(&app, ALICE, "web", json!({"path": "/nothing"})).await;
     assert_eq!(fetch(&app, "GET", &url(&missing), None).await.0, StatusCode::NOT_FOUND);
