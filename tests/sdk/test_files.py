@@ -1,6 +1,7 @@
-"""Files through the unmodified SDK: write, read, ranges, stat, ls, glob, grep."""
+"""Files through the unmodified SDK: write, read, ranges, stat, ls, glob, grep, download links."""
 
 import pytest
+import requests
 from langsmith.sandbox import ResourceNotFoundError, SandboxOperationError
 
 ROOT = "/tmp/ember-sdk-files"
@@ -62,3 +63,36 @@ def test_ls_glob_and_grep(sb):
     assert sorted(m.text for m in only_py) == ["needle deep", "print('needle here')"]
     capped = sb.grep("needle", f"{ROOT}/s", limit=1)
     assert len(capped) == 1 and capped.truncated
+
+
+def test_a_download_link_serves_its_file_to_anyone_without_a_key(sb):
+    sb.write(f"{ROOT}/report.txt", "0123456789")
+    link = sb.generate_download_url(f"{ROOT}/report.txt", content_type="text/plain", content_disposition="attachment")
+    assert link.token in link.download_url and link.expires_at is None
+    r = requests.get(link.download_url, timeout=30)
+    assert (r.status_code, r.content) == (200, b"0123456789")
+    assert r.headers["content-type"] == "text/plain"
+    assert r.headers["content-disposition"].startswith('attachment; filename="report.txt"')
+    part = requests.get(link.download_url, headers={"Range": "bytes=2-4"}, timeout=30)
+    assert (part.status_code, part.content, part.headers["content-range"]) == (206, b"234", "bytes 2-4/10")
+    head = requests.head(link.download_url, timeout=30)
+    assert (head.status_code, head.headers["content-length"], head.content) == (200, "10", b"")
+
+
+def test_a_download_link_with_a_tampered_token_or_past_its_expiry_is_refused(sb):
+    sb.write(f"{ROOT}/t.txt", "secret")
+    link = sb.generate_download_url(f"{ROOT}/t.txt", expires_in_seconds=600)
+    assert link.expires_at
+    last = link.token[-1]
+    tampered = link.download_url.replace(link.token, link.token[:-1] + ("0" if last != "0" else "1"))
+    r = requests.get(tampered, timeout=30)
+    assert r.status_code == 401 and b"secret" not in r.content
+    assert requests.get(link.download_url.rsplit("/", 1)[0] + "/other.txt", timeout=30).status_code == 401
+    with pytest.raises(ValueError):
+        sb.generate_download_url(f"{ROOT}/t.txt", expires_in_seconds=0)
+
+
+def test_another_tenant_mints_no_download_link(server, sb):
+    with server.client(server.other_key) as other:
+        with pytest.raises(ResourceNotFoundError):
+            other.generate_download_url(sb.name, "/etc/hostname")

@@ -118,6 +118,8 @@ pub async fn provision(
 
 fn remove_record(state: &Shared, id: &str) {
     state.commands.remove_box(id);
+    state.download_links.revoke_box(id);
+    state.service_tokens.revoke(id, None);
     state.boxes.remove(id);
     state.events.forget(id);
 }

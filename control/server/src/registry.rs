@@ -4,7 +4,7 @@
 //! rewritten whole (a temporary file renamed over it) within [`SAVE_EVERY`] of any change to a
 //! record; it is the server's own, mode 0600, in a directory only its owner reaches.
 //!
-//! What a restart cannot keep: commands (their processes run on in the guests, but their
+//! Download links are kept with them (see `download_links`). What a restart cannot keep: commands (their processes run on in the guests, but their
 //! output and ids were the old server's) and a create, start or capture in flight, which
 //! are failed with that said.
 
@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, BackendError, State};
 use crate::boxes::{BoxRecord, Status};
+use crate::download_links::Link;
+use crate::grants::Held;
 use crate::pool::Member;
 use crate::snapshots::{SnapStatus, SnapshotRecord};
 
@@ -42,6 +44,8 @@ pub struct Records {
     /// The warm pools' sandboxes.
     #[serde(default)]
     pub pool: Vec<Member>,
+    #[serde(default)]
+    pub download_links: Vec<Held<Link>>,
 }
 
 #[derive(Serialize, Deserialize)]

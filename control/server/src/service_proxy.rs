@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::ports::{dial, Via};
-use crate::service_tokens::Refusal;
+use crate::grants::Refusal;
 use crate::state::Shared;
 
 /// The SDK's header for a service token.
@@ -40,7 +40,8 @@ pub fn prefix(box_id: &str, port: u16) -> String {
     format!("/services/{box_id}/{port}")
 }
 
-fn error(status: StatusCode, kind: &str, message: String) -> Response {
+/// An error in the API's shape with a status `ApiError` has not (503) or a kind of its own.
+pub(crate) fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (status, axum::Json(json!({"detail": {"error": kind, "message": message}}))).into_response()
 }
 

@@ -1,16 +1,10 @@
 //! The tokens of service URLs: each grants HTTP access to one port of one box until it
-//! expires or is revoked. A token is `ID.SECRET`: the id (public, a map key) finds its grant,
-//! and the secret (from the OS's random source, 244 bits) is compared with the grant's in
-//! constant time, so that timing tells nothing of it. Tokens live in the server's memory only:
-//! a restarted server, a deleted box, or a revocation ends them, and a box forked or restored
-//! from another is a box of its own, with none of its parent's.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use subtle::ConstantTimeEq;
+//! expires or is revoked (tokens as `grants` makes them). They live in the server's memory
+//! only: a restarted server, a deleted box, or a revocation ends them, and a box forked or
+//! restored from another is a box of its own, with none of its parent's.
 
 use crate::clock::now_ms;
+use crate::grants::{Grants, Refusal};
 
 /// The longest a token may live (the SDK's own bound).
 pub const MAX_TTL_SECONDS: u64 = 86_400;
@@ -19,25 +13,12 @@ pub const MAX_TTL_SECONDS: u64 = 86_400;
 struct Grant {
     box_id: String,
     port: u16,
-    secret: String,
     expires_ms: u64,
-}
-
-/// Why a token does not open a box's port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// No token, a token of another box or port, or a wrong secret.
-    Invalid,
-    Expired,
 }
 
 #[derive(Default)]
 pub struct ServiceTokens {
-    grants: Mutex<HashMap<String, Grant>>,
-}
-
-fn random_hex() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    grants: Grants<Grant>,
 }
 
 impl ServiceTokens {
@@ -46,19 +27,14 @@ impl ServiceTokens {
     pub fn mint(&self, box_id: &str, port: u16, ttl_seconds: u64) -> (String, u64) {
         let now = now_ms();
         let expires_ms = now + ttl_seconds.min(MAX_TTL_SECONDS) * 1000;
-        let (id, secret) = (random_hex(), format!("{}{}", random_hex(), random_hex()));
-        let mut grants = self.grants.lock().unwrap();
-        grants.retain(|_, g| g.expires_ms > now);
-        grants.insert(id.clone(), Grant { box_id: box_id.into(), port, secret: secret.clone(), expires_ms });
-        (format!("{id}.{secret}"), expires_ms)
+        self.grants.retain(|g| g.expires_ms > now);
+        (self.grants.mint(Grant { box_id: box_id.into(), port, expires_ms }), expires_ms)
     }
 
     /// Whether `token` opens `port` of box `box_id` now.
     pub fn check(&self, token: &str, box_id: &str, port: u16) -> Result<(), Refusal> {
-        let (id, secret) = token.split_once('.').ok_or(Refusal::Invalid)?;
-        let grant = self.grants.lock().unwrap().get(id).cloned().ok_or(Refusal::Invalid)?;
-        let right: bool = grant.secret.as_bytes().ct_eq(secret.as_bytes()).into();
-        if !right || grant.box_id != box_id || grant.port != port {
+        let grant = self.grants.check(token).ok_or(Refusal::Invalid)?;
+        if grant.box_id != box_id || grant.port != port {
             return Err(Refusal::Invalid);
         }
         if now_ms() >= grant.expires_ms {
@@ -69,10 +45,7 @@ impl ServiceTokens {
 
     /// Ends every token of box `box_id` (of its `port` only, if given); returns how many.
     pub fn revoke(&self, box_id: &str, port: Option<u16>) -> usize {
-        let mut grants = self.grants.lock().unwrap();
-        let before = grants.len();
-        grants.retain(|_, g| g.box_id != box_id || port.is_some_and(|p| p != g.port));
-        before - grants.len()
+        self.grants.retain(|g| g.box_id != box_id || port.is_some_and(|p| p != g.port))
     }
 }
 

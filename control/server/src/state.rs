@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::backend::Backend;
 use crate::boxes::Boxes;
 use crate::dataplane::commands::Commands;
+use crate::download_links::DownloadLinks;
 use crate::error::ApiError;
 use crate::events::Events;
 use crate::host_sandboxes::HostSandboxes;
@@ -76,14 +77,15 @@ pub struct AppState {
     pub events: Events,
     pub metrics: Metrics,
     pub service_tokens: ServiceTokens,
+    pub download_links: DownloadLinks,
     pub host_sandboxes: HostSandboxes,
     pub pools: Pools,
     /// Woken when a create took a pool's sandbox, for the filler.
     pub pool_wanted: tokio::sync::Notify,
     /// Where the records are kept across restarts, if anywhere; with the changes counts
-    /// (boxes, snapshots) last saved.
+    /// (boxes, snapshots, pools, download links) last saved.
     pub registry: Option<Registry>,
-    saved: Mutex<(u64, u64, u64)>,
+    saved: Mutex<(u64, u64, u64, u64)>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -99,12 +101,15 @@ impl AppState {
         let records = registry::adopt(&*backend, registry.load()?);
         let state = Self::with(backend, config, records, Some(registry));
         // What adoption changed is saved at once.
-        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX, u64::MAX);
+        *state.saved.lock().unwrap() = (u64::MAX, u64::MAX, u64::MAX, u64::MAX);
         state.save_if_changed();
         Ok(state)
     }
 
-    fn with(backend: Arc<dyn Backend>, config: Config, records: Records, registry: Option<Registry>) -> Shared {
+    fn with(backend: Arc<dyn Backend>, config: Config, mut records: Records, registry: Option<Registry>) -> Shared {
+        // A link whose box the records no longer have ended with it.
+        let boxes = &records.boxes;
+        records.download_links.retain(|l| boxes.iter().any(|b| b.id == l.grant.box_id));
         let events = Events::new(config.events_dir.clone());
         let pools = Pools::new(config.pools.clone(), records.pool, &*backend);
         Arc::new(AppState {
@@ -118,9 +123,10 @@ impl AppState {
             events,
             metrics: Metrics::default(),
             service_tokens: ServiceTokens::default(),
+            download_links: DownloadLinks::with(records.download_links),
             host_sandboxes: HostSandboxes::default(),
             registry,
-            saved: Mutex::new((0, 0, 0)),
+            saved: Mutex::new((0, 0, 0, 0)),
         })
     }
 
@@ -129,7 +135,7 @@ impl AppState {
     pub fn save_if_changed(&self) {
         let Some(registry) = &self.registry else { return };
         let mut saved = self.saved.lock().unwrap();
-        let now = (self.boxes.changes(), self.snapshots.changes(), self.pools.changes());
+        let now = (self.boxes.changes(), self.snapshots.changes(), self.pools.changes(), self.download_links.changes());
         if *saved == now {
             return;
         }
@@ -137,6 +143,7 @@ impl AppState {
             boxes: self.boxes.all(),
             snapshots: self.snapshots.all(),
             pool: self.pools.members(),
+            download_links: self.download_links.all(),
         };
         match registry.save(records) {
             Ok(()) => *saved = now,

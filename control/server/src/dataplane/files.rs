@@ -1,7 +1,8 @@
 //! Files: `POST .../upload?path=P` (multipart, field `file`), `GET .../download?path=P` with
 //! ranges (`Range`, `If-Range`) and `If-None-Match`, `HEAD` for a file's size and validators,
-//! as `Sandbox.write`, `read`, `read_range` and `stat` call them. Data streams through in
-//! chunks both ways; nothing holds a whole file.
+//! as `Sandbox.write`, `read`, `read_range` and `stat` call them (and a download link's
+//! fetch, `routes::downloads`). Data streams through in chunks both ways; nothing holds a
+//! whole file.
 //!
 //! The `ETag` is the file's size and modification time (ember keeps no content hashes), so a
 //! rewrite of the same size within the file system's time resolution is not seen.
@@ -207,6 +208,19 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let record = super::running_box(&state, &tenant, &box_id).await?;
     let path = resolve(&record, &q.path)?;
+    send(&state, &record, path, &method, &headers, None).await
+}
+
+/// File `path` (absolute) of running box `record` as `GET` or `HEAD` with `headers` asks for
+/// it (ranges, validators); `via` names what other than the data plane asked, for the trace.
+pub async fn send(
+    state: &Shared,
+    record: &BoxRecord,
+    path: String,
+    method: &Method,
+    headers: &HeaderMap,
+    via: Option<&'static str>,
+) -> Result<Response, ApiError> {
     let name = record.backend.clone().unwrap_or_default();
     let (backend, target, sandbox) = (state.backend.clone(), path.clone(), name.clone());
     let stat = blocking(move || backend.stat(&sandbox, &target))
@@ -255,17 +269,17 @@ pub async fn download(
     };
     response_headers.insert(header::CONTENT_LENGTH, value(&len.to_string()));
     state.metrics.file_operation();
+    let traced = |mut event: serde_json::Value| {
+        if let Some(via) = via {
+            event["via"] = json!(via);
+        }
+        state.events.record(&record.id, event);
+    };
     if method == Method::HEAD {
-        state.events.record(
-            &record.id,
-            json!({"kind": "file", "op": "stat", "path": path}),
-        );
+        traced(json!({"kind": "file", "op": "stat", "path": path}));
         return Ok((status, response_headers).into_response());
     }
-    state.events.record(
-        &record.id,
-        json!({"kind": "file", "op": "read", "path": path, "bytes": len}),
-    );
+    traced(json!({"kind": "file", "op": "read", "path": path, "bytes": len}));
     let (tx, mut rx) = mpsc::channel(8);
     let backend = state.backend.clone();
     let errors = tx.clone();

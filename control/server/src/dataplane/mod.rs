@@ -9,7 +9,7 @@ pub mod commands;
 mod exec_sse;
 mod exec_ws;
 pub mod execute;
-mod files;
+pub(crate) mod files;
 pub mod output;
 mod search;
 pub mod spill;

@@ -376,15 +376,3 @@ pub async fn revoke_service_urls(
     state.events.record(&record.id, json!({"kind": "service_url", "op": "revoke", "count": revoked}));
     Ok(Json(json!({ "revoked": revoked })))
 }
-
-pub async fn download_url(
-    State(state): State<Shared>,
-    tenant: Tenant,
-    Path(name): Path<String>,
-    _body: Bytes,
-) -> Result<(), ApiError> {
-    state.boxes.get(&tenant.name, &name)?;
-    Err(ApiError::NotImplemented(
-        "download links are not built yet: ember serve signs no tokens; read the file through the data plane's /download".into(),
-    ))
-}

@@ -3,6 +3,7 @@
 //! `dataplane_url` the SDK is handed), and `/metrics`.
 
 pub mod boxes;
+pub mod downloads;
 pub mod snapshots;
 
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -119,7 +120,7 @@ pub fn router(state: Shared) -> Router {
         .route("/boxes/{name}/events", get(boxes::events))
         .route("/boxes/{name}/service-url", post(boxes::service_url).delete(boxes::revoke_service_urls))
         .route("/local/{name}/service-url", post(crate::host_sandboxes::expose).delete(crate::host_sandboxes::unexpose))
-        .route("/boxes/{name}/download-url", post(boxes::download_url))
+        .route("/boxes/{name}/download-url", post(downloads::mint))
         .route("/boxes/{name}/snapshot", post(snapshots::capture))
         .route(
             "/snapshots",
@@ -135,6 +136,7 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .nest("/api/v2/sandboxes", api)
         .nest("/dataplane/{box_id}", crate::dataplane::router())
+        .route("/downloads/{token}/{name}", get(downloads::fetch).head(downloads::fetch))
         .route("/services/{box_id}/{port}", any(crate::service_proxy::proxy))
         .route("/services/{box_id}/{port}/", any(crate::service_proxy::proxy))
         .route("/services/{box_id}/{port}/{*rest}", any(crate::service_proxy::proxy))
