@@ -303,7 +303,7 @@ impl Store {
                         name: name.into(),
                         what: "the guest agent did not answer",
                         secs: ready_timeout.as_secs(),
-                        progress: progress(&api, &dir.join(METRICS)),
+                        progress: progress(&api, &dir.join(METRICS), vmm.pid()),
                         log: tail(&dir.join(VMM_LOG), 20),
                         console: tail(&dir.join(CONSOLE_LOG), 20),
                     }));
@@ -453,15 +453,69 @@ fn vm_exits(api: &ApiClient, path: &Path) -> Result<u64, SandboxError> {
 /// Whether a guest that never became ready still runs, for the error that says so: its exits
 /// to the VMM over a second. A guest doing I/O makes some; an idle one (halted, which KVM
 /// handles itself) or a stuck one makes none.
-fn progress(api: &ApiClient, metrics: &Path) -> String {
+/// Where the VMM's vCPU threads are, from /proc: in the kernel's KVM_RUN (the guest, or the
+/// host's KVM, holds them) or somewhere in the VMM (its own doing).
+fn vcpu_threads(pid: i32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "its threads cannot be read".into() };
+    let mut seen: Vec<String> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).ok();
+            let comm = read("comm")?.trim().to_string();
+            if !comm.starts_with("ember-vcpu") {
+                return None;
+            }
+            // The state follows the parenthesised name, which may hold spaces.
+            let stat = read("stat")?;
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string();
+            let wchan = read("wchan").filter(|w| !w.is_empty() && w != "0").unwrap_or_else(|| "running".into());
+            Some(format!("{comm} {state} in {wchan}"))
+        })
+        .collect();
+    seen.sort();
+    if seen.is_empty() {
+        return "no vCPU thread".into();
+    }
+    format!("vCPU threads: {}", seen.join(", "))
+}
+
+fn progress(api: &ApiClient, metrics: &Path, pid: i32) -> String {
     let sample = || vm_exits(api, metrics);
     match sample().and_then(|before| {
         std::thread::sleep(Duration::from_secs(1));
         sample().map(|after| (before, after.saturating_sub(before)))
     }) {
-        Ok((total, 0)) => format!("its vCPUs made no VM exit to the VMM in a second ({total} in all): the guest is idle or stuck"),
+        Ok((total, 0)) => format!(
+            "its vCPUs made no VM exit to the VMM in a second ({total} in all): the guest is idle or stuck ({})",
+            vcpu_threads(pid)
+        ),
         Ok((total, n)) => format!("its vCPUs made {n} VM exits to the VMM in a second ({total} in all): the guest runs and does I/O"),
         Err(e) => format!("its VMM gave no VM exit count ({e})"),
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::vcpu_threads;
+
+    #[test]
+    fn a_stuck_guest_s_report_says_where_each_vcpu_thread_is() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new().name("ember-vcpu7".into()).spawn(move || rx.recv()).unwrap();
+        // SAFETY: getpid(2) has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let mut seen = vcpu_threads(me);
+        for _ in 0..100 {
+            if seen.contains("ember-vcpu7 S in ") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            seen = vcpu_threads(me);
+        }
+        assert!(seen.starts_with("vCPU threads: ember-vcpu7 S in "), "{seen}");
+        drop(tx);
+        t.join().unwrap().unwrap_err();
+        assert_eq!(vcpu_threads(i32::MAX), "its threads cannot be read");
+    }
+}
