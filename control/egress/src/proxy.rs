@@ -269,9 +269,9 @@ impl Shared {
         let Some(target) = req.uri().authority().and_then(|a| Target::parse(a, None)) else {
             return text(StatusCode::BAD_REQUEST, "ember: CONNECT takes HOST:PORT\n");
         };
-        let by = match policy.decide(target.host.name(), target.port) {
-            Decision::Allow { by } => by.to_string(),
-            Decision::Deny { reason } => return self.denied(&target, "CONNECT", None, &reason),
+        let by = match self.decide(&policy, &target, "CONNECT", None) {
+            Ok(by) => by,
+            Err(refused) => return *refused,
         };
         let intercept = policy.rules().covers(&target.host, target.port);
         let mode = if intercept {
@@ -280,18 +280,9 @@ impl Shared {
             Mode::Tunnelled
         };
         let event = target.event("CONNECT", None, by.clone(), mode);
-        let tcp = match self
-            .upstream
-            .connect(&policy, &target.host, target.port)
-            .await
-        {
+        let tcp = match self.dial(&policy, &target, &event).await {
             Ok(tcp) => tcp,
-            Err(ConnectError::Refused(reason)) => {
-                return self.denied(&target, "CONNECT", None, &reason)
-            }
-            Err(ConnectError::Failed(message)) => {
-                return self.bad_gateway(&target, event, &message)
-            }
+            Err(answer) => return *answer,
         };
         let upgrade = hyper::upgrade::on(&mut req);
         if intercept {
@@ -366,25 +357,14 @@ impl Shared {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let method = parts.method.to_string();
-        let by = match policy.decide(target.host.name(), target.port) {
-            Decision::Allow { by } => by.to_string(),
-            Decision::Deny { reason } => {
-                return self.denied(&target, &method, Some(path.to_string()), &reason)
-            }
+        let by = match self.decide(&policy, &target, &method, Some(path.to_string())) {
+            Ok(by) => by,
+            Err(refused) => return *refused,
         };
         let event = target.event(&method, Some(path.to_string()), by, Mode::Forwarded);
-        let tcp = match self
-            .upstream
-            .connect(&policy, &target.host, target.port)
-            .await
-        {
+        let tcp = match self.dial(&policy, &target, &event).await {
             Ok(tcp) => tcp,
-            Err(ConnectError::Refused(reason)) => {
-                return self.denied(&target, &method, Some(path.to_string()), &reason)
-            }
-            Err(ConnectError::Failed(message)) => {
-                return self.bad_gateway(&target, event, &message)
-            }
+            Err(answer) => return *answer,
         };
         parts.uri = Uri::from(path);
         remove_hop_by_hop(&mut parts.headers);
@@ -429,6 +409,46 @@ impl Shared {
             parts,
             Audited::new(body, up, self.audit.clone(), event).boxed(),
         )
+    }
+
+    /// The list entry that allows `target`, or the 403 its refusal gets (audited).
+    fn decide(
+        &self,
+        policy: &Policy,
+        target: &Target,
+        method: &str,
+        path: Option<String>,
+    ) -> Result<String, Box<Response<ProxyBody>>> {
+        match policy.decide(target.host.name(), target.port) {
+            Decision::Allow { by } => Ok(by.to_string()),
+            Decision::Deny { reason } => Err(Box::new(self.denied(target, method, path, &reason))),
+        }
+    }
+
+    /// The upstream connection for `event`'s request, or its answer (audited): a 403 for an
+    /// address the policy refuses once resolved, a 502 for one that cannot be reached.
+    async fn dial(
+        &self,
+        policy: &Policy,
+        target: &Target,
+        event: &Event,
+    ) -> Result<TcpStream, Box<Response<ProxyBody>>> {
+        match self
+            .upstream
+            .connect(policy, &target.host, target.port)
+            .await
+        {
+            Ok(tcp) => Ok(tcp),
+            Err(ConnectError::Refused(reason)) => Err(Box::new(self.denied(
+                target,
+                &event.method,
+                event.path.clone(),
+                &reason,
+            ))),
+            Err(ConnectError::Failed(message)) => {
+                Err(Box::new(self.bad_gateway(target, event.clone(), &message)))
+            }
+        }
     }
 
     fn denied(
