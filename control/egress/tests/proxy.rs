@@ -20,13 +20,7 @@ async fn an_allowed_host_without_rules_is_tunnelled_with_its_own_certificate() {
         .await
         .unwrap();
     // The client trusts the test CA only: the upstream's own certificate came through.
-    let tls = tls(
-        hyper_util::rt::TokioIo::new(tunnel),
-        &world.test_ca,
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let tls = tls(tunnel, &world.test_ca).await.unwrap();
     assert_eq!(peer_certificate(&tls), world.upstream_cert);
     let mut sender = client(tls).await;
     let (status, seen) = get(
@@ -123,19 +117,11 @@ async fn an_intercepted_connect_presents_an_ember_leaf_and_injects_the_rules_hea
 
     // A client that trusts only the test CA refuses the proxy's leaf: it is intercepted.
     let tunnel = world.connect(&authority).await.unwrap();
-    assert!(tls(
-        hyper_util::rt::TokioIo::new(tunnel),
-        &world.test_ca,
-        "localhost"
-    )
-    .await
-    .is_err());
+    assert!(tls(tunnel, &world.test_ca).await.is_err());
 
     let tunnel = world.connect(&authority).await.unwrap();
     let ember_ca = world.ca.cert_der().clone();
-    let tls = tls(hyper_util::rt::TokioIo::new(tunnel), &ember_ca, "localhost")
-        .await
-        .unwrap();
+    let tls = tls(tunnel, &ember_ca).await.unwrap();
     assert_ne!(peer_certificate(&tls), world.upstream_cert);
     let mut sender = client(tls).await;
     let (status, seen) = get(
@@ -190,13 +176,7 @@ async fn the_sandboxs_own_authorization_to_a_rules_host_is_stripped() {
         .connect(&format!("localhost:{}", world.https_port))
         .await
         .unwrap();
-    let tls = tls(
-        hyper_util::rt::TokioIo::new(tunnel),
-        world.ca.cert_der(),
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let tls = tls(tunnel, world.ca.cert_der()).await.unwrap();
     let mut sender = client(tls).await;
     let (status, seen) = get(
         &mut sender,
@@ -256,13 +236,7 @@ async fn a_policy_swap_applies_to_the_next_connection() {
     assert_eq!(line["decided_by"], "deny_list entry localhost");
 
     // The tunnel made before the swap goes on under the policy it started with.
-    let tls = tls(
-        hyper_util::rt::TokioIo::new(tunnel),
-        &world.test_ca,
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let tls = tls(tunnel, &world.test_ca).await.unwrap();
     let (status, _) = get(&mut client(tls).await, "localhost", "/", &[]).await;
     assert_eq!(status, StatusCode::OK);
 }
@@ -384,13 +358,7 @@ async fn the_proxy_serves_a_unix_listener() {
     let tunnel = connect_over(stream, &format!("localhost:{}", world.https_port))
         .await
         .unwrap();
-    let tls = tls(
-        hyper_util::rt::TokioIo::new(tunnel),
-        &world.test_ca,
-        "localhost",
-    )
-    .await
-    .unwrap();
+    let tls = tls(tunnel, &world.test_ca).await.unwrap();
     let (status, _) = get(&mut client(tls).await, "localhost", "/", &[]).await;
     assert_eq!(status, StatusCode::OK);
 }

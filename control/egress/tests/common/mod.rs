@@ -165,15 +165,11 @@ where
     Ok(hyper::upgrade::on(response).await.unwrap())
 }
 
-/// TLS over `io` to `name`, trusting `root` only.
-pub async fn tls<I>(
-    io: I,
+/// TLS through a proxy's `tunnel` to the upstream `localhost`, trusting `root` only.
+pub async fn tls(
+    tunnel: Upgraded,
     root: &CertificateDer<'static>,
-    name: &str,
-) -> std::io::Result<TlsStream<I>>
-where
-    I: AsyncRead + AsyncWrite + Unpin,
-{
+) -> std::io::Result<TlsStream<TokioIo<Upgraded>>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.clone()).unwrap();
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -185,7 +181,10 @@ where
     .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from(name.to_string()).unwrap(), io)
+        .connect(
+            ServerName::try_from("localhost").unwrap(),
+            TokioIo::new(tunnel),
+        )
         .await
 }
 
